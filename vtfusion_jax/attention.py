@@ -1,0 +1,280 @@
+"""Scaled dot-product attention, Softmax(QK^T / sqrt(d_k)) V, for self- and cross-attention.
+
+Layout is jax's: q ``[B, Lq, H, Dh]``, k/v ``[B, Lk, Hkv, Dh]`` with ``H`` a multiple of ``Hkv`` (grouped-query
+attention). A boolean ``mask`` broadcastable to ``[B, H, Lq, Lk]`` says which keys a query may attend to
+(True = may attend); an additive ``bias`` broadcastable to the same shape is added to the logits. Softmax always runs
+in float32. A query row whose mask is all False returns zeros (never NaN) in every implementation: such rows occur for
+padding queries, and for the empty image/text side of a batch with missing inputs.
+
+Implementations:
+  * ``"reference"``: our own einsum code (also used when attention weights must be returned or attention dropout is
+    active, because ``jax.nn.dot_product_attention`` supports neither).
+  * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``.
+  * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; needs a CUDA GPU and bf16/fp16 inputs and
+    raises a ValueError that says why otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+
+
+def _as_4d(x: jax.Array | None, name: str) -> jax.Array | None:
+    """Left-pads a mask/bias with singleton dims so that it has rank 4 ([B, H, Lq, Lk])."""
+    if x is None:
+        return None
+    if x.ndim > 4:
+        raise ValueError(f"{name} must broadcast to [B, H, Lq, Lk]; got rank {x.ndim} shape {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _row_has_key(mask: jax.Array | None, shape: tuple[int, int, int, int]) -> jax.Array | None:
+    """[B, Lq, H, 1] float: 1 where the query row may attend to at least one key, else 0."""
+    if mask is None:
+        return None
+    any_key = jnp.any(jnp.broadcast_to(mask, shape), axis=-1)  # [B, H, Lq]
+    return jnp.transpose(any_key, (0, 2, 1))[..., None]  # [B, Lq, H, 1]
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, L, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def attention_weights(
+    q: jax.Array, k: jax.Array, *, mask: jax.Array | None = None, bias: jax.Array | None = None
+) -> jax.Array:
+    """Attention probabilities of the reference implementation.
+
+    Args:
+      q: ``[B, Lq, H, Dh]`` queries.
+      k: ``[B, Lk, Hkv, Dh]`` keys.
+      mask: optional boolean mask broadcastable to ``[B, H, Lq, Lk]``, True = may attend.
+      bias: optional additive logit bias broadcastable to ``[B, H, Lq, Lk]``.
+
+    Returns:
+      float32 ``[B, H, Lq, Lk]`` probabilities; rows with no valid key are all zero.
+    """
+    b, lq, h, dh = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, lq, hkv, g, dh)
+    # Products accumulate in float32 even for bf16 inputs; the scale is applied in float32 too.
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, h, lq, lk) * jnp.float32(dh**-0.5)
+    if bias is not None:
+        logits = logits + _as_4d(bias, "bias").astype(jnp.float32)
+    mask = _as_4d(mask, "mask")
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        # A fully masked row would otherwise be uniform over the (invalid) keys.
+        probs = jnp.where(jnp.any(jnp.broadcast_to(mask, probs.shape), -1, keepdims=True), probs, 0.0)
+    return probs
+
+
+def _reference(q, k, v, mask, bias, dropout_fn):
+    b, lq, h, dh = q.shape
+    hkv = k.shape[2]
+    probs = attention_weights(q, k, mask=mask, bias=bias)
+    if dropout_fn is not None:
+        probs = dropout_fn(probs)
+    pg = probs.astype(v.dtype).reshape(b, hkv, h // hkv, lq, -1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", pg, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, h, dh).astype(q.dtype), probs
+
+
+def check_cudnn_available(dtype: Any) -> None:
+    """Raises ValueError explaining why cuDNN attention cannot run here (no-op when it can)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(
+            f"attention implementation 'cudnn' needs a CUDA GPU, but jax's default backend is {backend!r}; "
+            "use implementation='xla' (or 'reference')."
+        )
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"attention implementation 'cudnn' needs bfloat16 or float16 inputs, got {jnp.dtype(dtype)}; "
+            "set dtype='bfloat16' or use implementation='xla'."
+        )
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    implementation: str = "xla",
+    dropout_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Softmax(Q K^T / sqrt(d_k)) V.
+
+    Args:
+      q: ``[B, Lq, H, Dh]`` queries.
+      k: ``[B, Lk, Hkv, Dh]`` keys, ``H % Hkv == 0``.
+      v: ``[B, Lk, Hkv, Dh]`` values.
+      mask: optional boolean mask broadcastable to ``[B, H, Lq, Lk]``; True = may attend.
+      bias: optional additive logit bias broadcastable to ``[B, H, Lq, Lk]``.
+      implementation: ``"reference"``, ``"xla"`` or ``"cudnn"``.
+      dropout_fn: optional function applied to the probabilities (attention dropout). It forces the reference path.
+
+    Returns:
+      ``[B, Lq, H, Dh]`` in q's dtype; query rows with no valid key are exactly zero.
+    """
+    _check_shapes(q, k, v)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
+    if implementation == "reference" or dropout_fn is not None:
+        return _reference(q, k, v, mask, bias, dropout_fn)[0]
+    if implementation == "cudnn":
+        check_cudnn_available(q.dtype)
+    b, lq, h, _ = q.shape
+    full = (b, h, lq, k.shape[1])
+    mask4 = _as_4d(mask, "mask")
+    bias4 = _as_4d(bias, "bias")
+    # jax.nn.dot_product_attention wants masks/biases with full batch/head dims on some backends.
+    if mask4 is not None:
+        mask4 = jnp.broadcast_to(mask4, full)
+    if bias4 is not None:
+        bias4 = jnp.broadcast_to(bias4, full).astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask4, implementation=implementation)
+    row_ok = _row_has_key(mask4, full)
+    if row_ok is not None:
+        out = out * row_ok.astype(out.dtype)
+    return out
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (grouped-query) attention with separate query and key/value inputs.
+
+    ``inputs_kv=None`` gives self-attention; passing the other modality's tokens gives cross-attention.
+    Parameters carry logical axis names (embed, heads, kv) for sharding.
+
+    Attributes:
+      num_heads: query heads H.
+      num_kv_heads: key/value heads (None = num_heads); H must be a multiple.
+      head_dim: per-head width (None = query feature dim // num_heads).
+      out_features: output width (None = query feature dim).
+      qk_layernorm: LayerNorm on q and k per head (stabilises training; ViT-22B).
+      dropout_rate: dropout on the attention probabilities.
+      implementation: see ``dot_product_attention``.
+      sow_weights: store the probabilities ``[B, H, Lq, Lk]`` in the ``intermediates`` collection under
+        ``attention_weights`` when that collection is mutable (for attention maps).
+      dtype: compute dtype; parameters are ``param_dtype``.
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    out_features: int | None = None
+    qk_layernorm: bool = False
+    dropout_rate: float = 0.0
+    implementation: str = "xla"
+    sow_weights: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Attends from ``inputs_q`` [B, Lq, Dq] to ``inputs_kv`` [B, Lk, Dkv] (default: inputs_q).
+
+        Args:
+          inputs_q: ``[B, Lq, Dq]`` query tokens.
+          inputs_kv: ``[B, Lk, Dkv]`` key/value tokens; None for self-attention.
+          mask: boolean, broadcastable to ``[B, H, Lq, Lk]``; True = may attend.
+          bias: additive logit bias, broadcastable to ``[B, H, Lq, Lk]``.
+          deterministic: disables attention dropout.
+
+        Returns:
+          ``[B, Lq, out_features]``.
+        """
+        if inputs_kv is None:
+            inputs_kv = inputs_q
+        dq = inputs_q.shape[-1]
+        h = self.num_heads
+        hkv = self.num_kv_heads or h
+        dh = self.head_dim or dq // h
+        out_features = self.out_features or dq
+        dense = functools.partial(
+            nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype, axis=-1, use_bias=True
+        )
+        q = dense(
+            features=(h, dh),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+            name="query",
+        )(inputs_q)  # [B, Lq, H, Dh]
+        kv_dense = functools.partial(
+            dense,
+            features=(hkv, dh),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+        )
+        k = kv_dense(name="key")(inputs_kv)  # [B, Lk, Hkv, Dh]
+        v = kv_dense(name="value")(inputs_kv)  # [B, Lk, Hkv, Dh]
+        if self.qk_layernorm:
+            # float32 LayerNorm over head_dim, as everywhere in this codebase.
+            norm = functools.partial(nn.LayerNorm, dtype=jnp.float32, param_dtype=jnp.float32)
+            q = norm(name="query_norm")(q.astype(jnp.float32)).astype(self.dtype)
+            k = norm(name="key_norm")(k.astype(jnp.float32)).astype(self.dtype)
+        q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "kv")), "qkv_proj")
+        k = checkpoint_name(nn.with_logical_constraint(k, ("batch", "length", "heads", "kv")), "qkv_proj")
+        v = checkpoint_name(nn.with_logical_constraint(v, ("batch", "length", "heads", "kv")), "qkv_proj")
+
+        dropout_fn = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_fn = nn.Dropout(self.dropout_rate, deterministic=False)
+        want_weights = self.sow_weights and self.is_mutable_collection("intermediates")
+        if want_weights or dropout_fn is not None:
+            out, probs = _reference(q, k, v, mask, bias, dropout_fn)
+            if want_weights:
+                self.sow("intermediates", "attention_weights", probs)
+        else:
+            out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
+        out = dense(
+            features=out_features,
+            axis=(-2, -1),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            name="out",
+        )(out)  # [B, Lq, out_features]
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return checkpoint_name(out, "attn_out")
+
+
+def attention_flops(lq: int, lk: int, d_q: int, d_kv: int, num_heads: int, head_dim: int, num_kv_heads: int) -> int:
+    """Forward matmul FLOPs of one MultiHeadAttention call for one example (2 FLOPs per multiply-add).
+
+    Counts the q/k/v/out projections and the score (QK^T) and value (PV) products.
+    """
+    hd = num_heads * head_dim
+    kvd = num_kv_heads * head_dim
+    proj = 2 * lq * d_q * hd + 2 * 2 * lk * d_kv * kvd + 2 * lq * hd * d_q
+    scores_values = 2 * 2 * lq * lk * hd
+    return proj + scores_values

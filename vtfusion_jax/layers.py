@@ -1,0 +1,302 @@
+"""Shared building blocks: float32 LayerNorm, MLP, Transformer blocks and the scan/remat layer stack.
+
+Logical axis names used on parameters and activations (mapped to mesh axes by one rules table in sharding.py):
+  batch, length, embed, heads, kv, mlp, vocab   (+ "layers" for the stacked axis of scanned parameters).
+
+Blocks share one calling convention so that one ``Repeated`` wrapper can scan, remat or unroll any of them:
+``block(carry, aux, deterministic) -> (carry, None)`` where ``carry`` holds the activations that flow from layer to
+layer (an array or a tuple of arrays) and ``aux`` holds what every layer sees unchanged (masks, the other modality).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from vtfusion_jax.attention import MultiHeadAttention, attention_flops
+
+REMAT_POLICIES = ("none", "minimal", "full")
+
+# Activation names tagged with jax.ad_checkpoint.checkpoint_name; "minimal" remat keeps only these.
+MINIMAL_SAVE_NAMES = ("qkv_proj", "attn_out", "mlp_out")
+
+
+def dense(features: int, in_axis: str, out_axis: str, *, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (in_axis, out_axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the input dtype (returns float32; callers cast back)."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises the last axis. x: [..., D] -> float32 [..., D]."""
+        return nn.LayerNorm(
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            name="ln",
+        )(x.astype(jnp.float32))
+
+
+class MLP(nn.Module):
+    """Dense(mlp_dim) -> GELU -> dropout -> Dense(D). x: [B, L, D] -> [B, L, D]."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        d = x.shape[-1]
+        h = dense(self.mlp_dim, "embed", "mlp", dtype=self.dtype, name="fc1")(x)  # [B, L, M]
+        # Exact (erf) GELU, as BERT and ViT use it, so imported checkpoints compute what they were trained with.
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        out = dense(d, "mlp", "embed", dtype=self.dtype, name="fc2")(h)  # [B, L, D]
+        return checkpoint_name(out, "mlp_out")
+
+
+def mlp_flops(length: int, d: int, mlp_dim: int) -> int:
+    """Forward matmul FLOPs of one MLP on one example."""
+    return 2 * 2 * length * d * mlp_dim
+
+
+def key_mask(kv_mask: jax.Array | None) -> jax.Array | None:
+    """Attention mask for MultiHeadAttention from a fusion-level mask.
+
+    [B, Lk] (key padding) -> [B, 1, 1, Lk]; [B, Lq, Lk] (full pattern, e.g. block-diagonal) -> [B, 1, Lq, Lk].
+    """
+    if kv_mask is None:
+        return None
+    if kv_mask.ndim == 2:
+        return kv_mask[:, None, None, :]
+    if kv_mask.ndim == 3:
+        return kv_mask[:, None, :, :]
+    raise ValueError(f"mask must be [B, Lk] or [B, Lq, Lk], got shape {kv_mask.shape}")
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean over valid tokens. x: [B, L, D], mask: [B, L] bool -> [B, D] (zeros if no token is valid)."""
+    if mask is None:
+        return jnp.mean(x, axis=1)
+    m = mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(x.astype(jnp.float32) * m, axis=1)
+    return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention (+ optional cross-attention) + MLP, pre-LN (default) or post-LN (BERT).
+
+    carry: x [B, L, D]. aux: (mask [B, L] or [B, L, L] or None, kv [B, Lk, Dkv] or None, kv_mask [B, Lk] or None).
+    With ``cross_attention=True`` the order is self-attention, cross-attention to ``kv``, MLP
+    (``cross_first=True``: cross-attention, self-attention, MLP).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    num_kv_heads: int | None = None
+    cross_attention: bool = False
+    cross_first: bool = False
+    post_ln: bool = False
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    qk_layernorm: bool = False
+    attention_impl: str = "xla"
+    ln_epsilon: float = 1e-6
+    sow_weights: bool = False
+    dtype: Any = jnp.float32
+
+    def _residual(self, x, sublayer, name, deterministic):
+        """x + Dropout(sublayer(LN(x))) (pre-LN) or LN(x + Dropout(sublayer(x))) (post-LN)."""
+        if self.post_ln:
+            y = nn.Dropout(self.dropout_rate)(sublayer(x), deterministic=deterministic)
+            return LayerNorm(self.ln_epsilon, name=f"{name}_ln")(x + y).astype(self.dtype)
+        y = sublayer(LayerNorm(self.ln_epsilon, name=f"{name}_ln")(x).astype(self.dtype))
+        return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, aux: tuple, deterministic: bool) -> tuple[jax.Array, None]:
+        mask, kv, kv_mask = aux
+        mha = functools.partial(
+            MultiHeadAttention,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            qk_layernorm=self.qk_layernorm,
+            dropout_rate=self.attention_dropout_rate,
+            implementation=self.attention_impl,
+            sow_weights=self.sow_weights,
+            dtype=self.dtype,
+        )
+        x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
+        self_attn = mha(name="self_attn")
+
+        def do_self(x):
+            return self._residual(
+                x,
+                lambda y: self_attn(y, mask=key_mask(mask), deterministic=deterministic),
+                "self_attn",
+                deterministic,
+            )
+
+        def do_cross(x):
+            cross_attn = mha(name="cross_attn")
+            return self._residual(
+                x,
+                lambda y: cross_attn(y, kv, mask=key_mask(kv_mask), deterministic=deterministic),
+                "cross_attn",
+                deterministic,
+            )
+
+        if self.cross_attention and self.cross_first:
+            x = do_self(do_cross(x))
+        elif self.cross_attention:
+            x = do_cross(do_self(x))
+        else:
+            x = do_self(x)
+        mlp = MLP(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
+        x = self._residual(x, lambda y: mlp(y, deterministic), "mlp", deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+def transformer_block_flops(
+    length: int, d: int, mlp_dim: int, num_heads: int, kv_length: int = 0, d_kv: int = 0, cross: bool = False
+) -> int:
+    """Forward FLOPs of one TransformerBlock on one example (head_dim = d // num_heads, full kv heads)."""
+    hd = d // num_heads
+    f = attention_flops(length, length, d, d, num_heads, hd, num_heads) + mlp_flops(length, d, mlp_dim)
+    if cross:
+        f += attention_flops(length, kv_length, d, d_kv, num_heads, hd, num_heads)
+    return f
+
+
+def remat_policy(name: str):
+    """Maps a config name to a jax checkpoint policy (None = rematerialise everything)."""
+    if name == "minimal":
+        return jax.checkpoint_policies.save_only_these_names(*MINIMAL_SAVE_NAMES)
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"unknown remat_policy {name!r}; valid: {REMAT_POLICIES}")
+
+
+class Repeated(nn.Module):
+    """``num_layers`` copies of ``block_cls(**block_kwargs)``, scanned (nn.scan) or unrolled, optionally remat'ed.
+
+    Scanned parameters are stacked on a leading "layers" axis under ``layers``; unrolled ones live under
+    ``layers_0 .. layers_{n-1}``. ``scanned_to_unrolled`` converts the former into the latter.
+    """
+
+    block_cls: Any
+    block_kwargs: Any
+    num_layers: int
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, carry: Any, aux: Any, deterministic: bool) -> Any:
+        """Runs the stack. carry: activations flowing through layers; aux: per-layer constants."""
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; valid: {REMAT_POLICIES}")
+        cls = self.block_cls
+        if self.remat_policy != "none":
+            # static_argnums counts `self` as 0: deterministic is argument 3.
+            cls = nn.remat(
+                cls,
+                policy=remat_policy(self.remat_policy),
+                prevent_cse=not self.scan_layers,
+                static_argnums=(3,),
+            )
+        kwargs = dict(self.block_kwargs)
+        if self.num_layers == 0:
+            return carry
+        if self.scan_layers:
+            scanned = nn.scan(
+                cls,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            carry, _ = scanned(**kwargs, name="layers")(carry, aux, deterministic)
+            return carry
+        for i in range(self.num_layers):
+            carry, _ = cls(**kwargs, name=f"layers_{i}")(carry, aux, deterministic)
+        return carry
+
+
+def scanned_to_unrolled(tree: Any, num_layers: int) -> Any:
+    """Converts params of scanned ``Repeated`` stacks (key ``layers``, stacked axis 0) to unrolled layout.
+
+    Works on nested dicts; every subtree under a key named ``layers`` is split into ``layers_0..layers_{n-1}``.
+    """
+    if not isinstance(tree, dict) and not hasattr(tree, "items"):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "layers":
+            for i in range(num_layers):
+                out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], unbox(value))
+        else:
+            out[key] = scanned_to_unrolled(value, num_layers)
+    return out
+
+
+def unbox(tree: Any) -> Any:
+    """Strips flax Partitioned boxes (logical-axis metadata) from a param tree."""
+    return nn.meta.unbox(tree)
+
+
+def sincos_2d(h: int, w: int, d: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding (MoCo v3 / big_vision). Returns [h*w, d] float32."""
+    if d % 4:
+        raise ValueError(f"sincos_2d needs width divisible by 4, got {d}")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(d // 4) / (d // 4 - 1 if d > 4 else 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class PositionEmbedding2D(nn.Module):
+    """Adds a 2-D position embedding to a [B, h*w, D] token grid: learned ("learn") or fixed ("sincos2d")."""
+
+    kind: str = "learn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+        h, w = hw
+        d = x.shape[-1]
+        if self.kind == "learn":
+            pe = self.param(
+                "pos_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                (h * w, d),
+                jnp.float32,
+            )
+        elif self.kind == "sincos2d":
+            pe = jnp.asarray(sincos_2d(h, w, d))
+        elif self.kind == "none":
+            return x
+        else:
+            raise ValueError(f"unknown position embedding {self.kind!r}; valid: ('learn', 'sincos2d', 'none')")
+        return x + pe[None].astype(x.dtype)

@@ -1,0 +1,468 @@
+"""The fusion zoo: how text tokens and image tokens see each other.
+
+One interface for every variant::
+
+    text_out, image_out, pooled = fusion(text [B, L, Dt], text_mask [B, L], image [B, N, Di], image_mask [B, N],
+                                         deterministic=True)
+    # text_out [B, L, D], image_out [B, N, D], pooled [B, P]  (P = D or 2D, see each variant)
+
+Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``);
+equal widths pass through untouched. Masks are True on real tokens. "LN" below is a float32 LayerNorm; all blocks
+are pre-LN residual blocks (x + f(LN(x))). Who attends to whom, per variant:
+
+  concat        text -> nothing, image -> nothing. pooled = [mean(text); mean(image)].  (the method's baseline)
+  merged        one stream: [text + e_text ; image + e_image] -> joint self-attention, everyone sees everyone.
+  cross         text -> image (cross-attention), then text -> text (self-attention), MLP. Image unchanged.
+  co_attention  per layer: text -> text and image -> image (self), then text -> image and image -> text (cross).
+  gated_cross   text -> image through tanh(alpha)-gated cross-attention and gated MLP, alpha = 0 at init.
+  bottleneck    [text ; z] and [image ; z] self-attend separately; z (n shared tokens) is averaged between them,
+                so the modalities exchange information only through z (n = 0: no exchange at all).
+  query         n learned queries q: q -> q (self), q -> image, q -> text (cross), MLP; finally text -> q.
+
+Each variant also has ``flops_per_example(text_len, image_len)`` (forward matmul FLOPs, input projections
+excluded) and ``param_count`` below gives its parameters at a given size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtfusion_jax import layers
+from vtfusion_jax.attention import MultiHeadAttention, attention_flops
+
+FusionOutput = tuple[jax.Array, jax.Array, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Sizes a fusion hands to its per-layer blocks (a plain value: flax would adopt a Module attribute)."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float
+    attention_impl: str
+    sow_weights: bool
+    dtype: Any
+
+    def block_kwargs(self, **extra) -> dict:
+        """Keyword arguments for a layers.TransformerBlock of this size."""
+        return dict(dataclasses.asdict(self), **extra)
+
+
+class FusionBase(nn.Module):
+    """Fields shared by every variant (the only base class: it holds configuration, not behaviour)."""
+
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 512
+    dropout_rate: float = 0.0
+    attention_impl: str = "xla"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    sow_weights: bool = False
+    dtype: Any = jnp.float32
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_impl, self.sow_weights, self.dtype
+        )
+
+    def block_kwargs(self, **extra) -> dict:
+        """Keyword arguments for a TransformerBlock of this fusion's size."""
+        return self.block_config().block_kwargs(**extra)
+
+    def stack(self, block_cls: Any, name: str, **block_kwargs) -> layers.Repeated:
+        """``num_layers`` blocks, scanned / remat'ed as configured."""
+        return layers.Repeated(
+            block_cls,
+            block_kwargs,
+            num_layers=self.num_layers,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            name=name,
+        )
+
+    def project(self, x: jax.Array, name: str) -> jax.Array:
+        """[B, L, Din] -> [B, L, width]; identity when Din == width."""
+        x = x.astype(self.dtype)
+        if x.shape[-1] == self.width:
+            return x
+        return layers.dense(self.width, "embed", "embed", dtype=self.dtype, name=name)(x)
+
+    def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
+        norm = layers.LayerNorm(name=name)
+        return lambda x: norm(x).astype(self.dtype)
+
+    def mha(self, name: str) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            num_heads=self.num_heads,
+            implementation=self.attention_impl,
+            sow_weights=self.sow_weights,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    # --- analytic FLOPs helpers (one example, forward) ---
+    def _attn(self, lq: int, lk: int) -> int:
+        return attention_flops(
+            lq, lk, self.width, self.width, self.num_heads, self.width // self.num_heads, self.num_heads
+        )
+
+    def _mlp(self, length: int) -> int:
+        return layers.mlp_flops(length, self.width, self.mlp_dim)
+
+
+class ConcatFusion(FusionBase):
+    """No cross-modal interaction: pool each modality and concatenate (the method's baseline; Santoro et al.'s
+    CNN+MLP when followed by an MLP head). pooled = [masked_mean(text); masked_mean(image)], P = 2D."""
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")  # [B, L, D]
+        i = self.project(image, "image_proj")  # [B, N, D]
+        pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
+        return t, i, pooled
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        return 0
+
+
+class MergedFusion(FusionBase):
+    """Merged attention, single stream (ViLT, Kim et al. 2021; VisualBERT, Li et al. 2019).
+
+    Text and image tokens, each plus a learned modality embedding, are concatenated and go through joint
+    self-attention: every token attends to every real token of both modalities. ``block_diagonal=True`` forbids
+    cross-modal attention (an ablation; then the result equals running each stream alone, see ``run_separately``).
+    pooled = [masked_mean(text_out); masked_mean(image_out)], P = 2D.
+    """
+
+    block_diagonal: bool = False
+
+    def setup(self):
+        self.text_proj_fn = layers.dense(self.width, "embed", "embed", dtype=self.dtype, name="text_proj")
+        self.image_proj_fn = layers.dense(self.width, "embed", "embed", dtype=self.dtype, name="image_proj")
+        self.modality_embedding = self.param(
+            "modality_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (2, self.width),
+            jnp.float32,
+        )
+        self.blocks = self.stack(layers.TransformerBlock, "layers", **self.block_kwargs())
+        self.final_ln = layers.LayerNorm(name="final_ln")
+
+    def _inputs(self, text, image):
+        t = text.astype(self.dtype) if text.shape[-1] == self.width else self.text_proj_fn(text.astype(self.dtype))
+        i = image.astype(self.dtype) if image.shape[-1] == self.width else self.image_proj_fn(image.astype(self.dtype))
+        e = self.modality_embedding.astype(self.dtype)
+        return t + e[0], i + e[1]
+
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t, i = self._inputs(text, image)
+        lt = t.shape[1]
+        x = jnp.concatenate([t, i], axis=1)  # [B, L+N, D]
+        mask = jnp.concatenate([text_mask, image_mask], axis=1)  # [B, L+N]
+        if self.block_diagonal:
+            modality = jnp.arange(x.shape[1]) >= lt  # False = text, True = image
+            same = modality[:, None] == modality[None, :]  # [L+N, L+N]
+            mask = mask[:, None, :] & same[None]  # [B, L+N, L+N]
+        x = self.final_ln(self.blocks(x, (mask, None, None), deterministic)).astype(self.dtype)
+        t_out, i_out = x[:, :lt], x[:, lt:]
+        pooled = jnp.concatenate([layers.masked_mean(t_out, text_mask), layers.masked_mean(i_out, image_mask)], -1)
+        return t_out, i_out, pooled
+
+    def run_separately(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        """The same layers applied to each modality on its own (reference for the block-diagonal ablation)."""
+        t, i = self._inputs(text, image)
+        t_out = self.final_ln(self.blocks(t, (text_mask, None, None), deterministic)).astype(self.dtype)
+        i_out = self.final_ln(self.blocks(i, (image_mask, None, None), deterministic)).astype(self.dtype)
+        pooled = jnp.concatenate([layers.masked_mean(t_out, text_mask), layers.masked_mean(i_out, image_mask)], -1)
+        return t_out, i_out, pooled
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        n = text_len + image_len
+        return self.num_layers * (self._attn(n, n) + self._mlp(n))
+
+
+class CrossFusion(FusionBase):
+    """One-way cross-attention (the text-to-image half of ViLBERT/LXMERT; the "cross" model of the method).
+
+    Per layer: text queries attend to the (LayerNorm'ed) image tokens, then text self-attention, then MLP.
+    Image tokens are returned unchanged (after projection). pooled = masked_mean(text_out), P = D.
+    """
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")
+        i = self.project(image, "image_proj")
+        kv = self.ln("image_kv_ln")(i)
+        t = self.stack(layers.TransformerBlock, "layers", **self.block_kwargs(cross_attention=True, cross_first=True))(
+            t, (text_mask, kv, image_mask), deterministic
+        )
+        t = self.ln("final_ln")(t)
+        return t, i, layers.masked_mean(t, text_mask)
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        per_layer = self._attn(text_len, image_len) + self._attn(text_len, text_len) + self._mlp(text_len)
+        return self.num_layers * per_layer
+
+
+class CoAttentionBlock(nn.Module):
+    """One co-attention layer (METER's order): self-attention per stream, then each stream cross-attends to the
+    other stream's post-self-attention tokens, then an MLP per stream. carry = (text, image)."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, carry, aux, deterministic: bool):
+        t, i = carry
+        text_mask, image_mask = aux
+        c = self.cfg
+        norm = lambda name: lambda x: layers.LayerNorm(name=name)(x).astype(c.dtype)  # noqa: E731
+        mha = lambda name: MultiHeadAttention(  # noqa: E731
+            num_heads=c.num_heads,
+            implementation=c.attention_impl,
+            sow_weights=c.sow_weights,
+            dtype=c.dtype,
+            name=name,
+        )
+        drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
+        y = norm("text_self_ln")(t)
+        t = t + drop(mha("text_self_attn")(y, mask=layers.key_mask(text_mask), deterministic=deterministic))
+        y = norm("image_self_ln")(i)
+        i = i + drop(mha("image_self_attn")(y, mask=layers.key_mask(image_mask), deterministic=deterministic))
+        tq, iq = norm("text_cross_ln")(t), norm("image_cross_ln")(i)
+        t_new = t + drop(mha("text_to_image")(tq, iq, mask=layers.key_mask(image_mask), deterministic=deterministic))
+        i_new = i + drop(mha("image_to_text")(iq, tq, mask=layers.key_mask(text_mask), deterministic=deterministic))
+        t = t_new + drop(
+            layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="text_mlp")(norm("text_mlp_ln")(t_new), deterministic)
+        )
+        i = i_new + drop(
+            layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="image_mlp")(norm("image_mlp_ln")(i_new), deterministic)
+        )
+        return (t, i), None
+
+
+class CoAttentionFusion(FusionBase):
+    """Co-attention, two streams exchanging cross-attention both ways every layer
+    (ViLBERT, Lu et al. 2019; LXMERT, Tan & Bansal 2019; METER, Dou et al. 2022).
+
+    text -> text, image -> image, then text -> image and image -> text. pooled = [mean(text); mean(image)], P = 2D.
+    """
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")
+        i = self.project(image, "image_proj")
+        t, i = self.stack(CoAttentionBlock, "layers", cfg=self.block_config())(
+            (t, i), (text_mask, image_mask), deterministic
+        )
+        t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
+        pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
+        return t, i, pooled
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        lt, li = text_len, image_len
+        per_layer = (
+            self._attn(lt, lt)
+            + self._attn(li, li)
+            + self._attn(lt, li)
+            + self._attn(li, lt)
+            + self._mlp(lt)
+            + self._mlp(li)
+        )
+        return self.num_layers * per_layer
+
+
+class GatedCrossBlock(nn.Module):
+    """Flamingo's GATED XATTN-DENSE: t += tanh(a_attn) * xattn(LN(t), image); t += tanh(a_mlp) * MLP(LN(t))."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, t, aux, deterministic: bool):
+        kv, kv_mask = aux
+        c = self.cfg
+        gate = lambda name: jnp.tanh(  # noqa: E731
+            self.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), (), jnp.float32)
+        ).astype(c.dtype)
+        y = layers.LayerNorm(name="cross_ln")(t).astype(c.dtype)
+        attn = MultiHeadAttention(
+            num_heads=c.num_heads,
+            implementation=c.attention_impl,
+            sow_weights=c.sow_weights,
+            dtype=c.dtype,
+            name="cross_attn",
+        )(y, kv, mask=layers.key_mask(kv_mask), deterministic=deterministic)
+        t = t + gate("attn_gate") * nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
+        y = layers.LayerNorm(name="mlp_ln")(t).astype(c.dtype)
+        y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(y, deterministic)
+        t = t + gate("mlp_gate") * nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+        return t, None
+
+
+class GatedCrossFusion(FusionBase):
+    """Tanh-gated cross-attention (Flamingo, Alayrac et al. 2022): text -> image, gates initialised to 0 so that at
+    initialisation the text tokens leave the fusion exactly as the text encoder produced them (no final LayerNorm,
+    for the same reason). Image unchanged. pooled = masked_mean(text_out), P = D."""
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")
+        i = self.project(image, "image_proj")
+        kv = self.ln("image_kv_ln")(i)
+        t = self.stack(GatedCrossBlock, "layers", cfg=self.block_config())(t, (kv, image_mask), deterministic)
+        return t, i, layers.masked_mean(t, text_mask)
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        return self.num_layers * (self._attn(text_len, image_len) + self._mlp(text_len))
+
+
+class BottleneckBlock(nn.Module):
+    """One MBT layer: [text; z] and [image; z] each through their own Transformer block; z_new = mean of the two."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, carry, aux, deterministic: bool):
+        t, i, z = carry
+        text_mask, image_mask = aux
+        c = self.cfg
+        n, lt, li = z.shape[1], t.shape[1], i.shape[1]
+        z_mask = jnp.ones((z.shape[0], n), dtype=bool)
+        block = lambda name: layers.TransformerBlock(**c.block_kwargs(), name=name)  # noqa: E731
+        xt, _ = block("text_block")(
+            jnp.concatenate([t, z], 1), (jnp.concatenate([text_mask, z_mask], 1), None, None), deterministic
+        )
+        xi, _ = block("image_block")(
+            jnp.concatenate([i, z], 1), (jnp.concatenate([image_mask, z_mask], 1), None, None), deterministic
+        )
+        z = (xt[:, lt:] + xi[:, li:]) / 2
+        return (xt[:, :lt], xi[:, :li], z), None
+
+
+class BottleneckFusion(FusionBase):
+    """Attention bottlenecks (MBT, Nagrani et al. 2021): the modalities exchange information only through
+    ``num_bottleneck`` shared tokens z. Each stream self-attends over itself plus z; z is then averaged over the two
+    streams. With 0 bottleneck tokens the streams never interact. pooled = [mean(text); mean(image)], P = 2D."""
+
+    num_bottleneck: int = 4
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")
+        i = self.project(image, "image_proj")
+        z0 = self.param(
+            "bottleneck",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (self.num_bottleneck, self.width),
+            jnp.float32,
+        )
+        z = jnp.broadcast_to(z0.astype(self.dtype)[None], (t.shape[0], *z0.shape))  # [B, n, D]
+        t, i, _ = self.stack(BottleneckBlock, "layers", cfg=self.block_config())(
+            (t, i, z), (text_mask, image_mask), deterministic
+        )
+        t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
+        pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
+        return t, i, pooled
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        lt, li = text_len + self.num_bottleneck, image_len + self.num_bottleneck
+        return self.num_layers * (self._attn(lt, lt) + self._mlp(lt) + self._attn(li, li) + self._mlp(li))
+
+
+class QueryBlock(nn.Module):
+    """One query layer: q -> q (self), q -> image (cross), q -> text (cross), MLP."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, q, aux, deterministic: bool):
+        image, image_mask, text, text_mask = aux
+        c = self.cfg
+        drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
+        mha = lambda name: MultiHeadAttention(  # noqa: E731
+            num_heads=c.num_heads,
+            implementation=c.attention_impl,
+            sow_weights=c.sow_weights,
+            dtype=c.dtype,
+            name=name,
+        )
+        norm = lambda name, x: layers.LayerNorm(name=name)(x).astype(c.dtype)  # noqa: E731
+        q = q + drop(mha("self_attn")(norm("self_ln", q), deterministic=deterministic))
+        q = q + drop(
+            mha("image_attn")(norm("image_ln", q), image, mask=layers.key_mask(image_mask), deterministic=deterministic)
+        )
+        q = q + drop(
+            mha("text_attn")(norm("text_ln", q), text, mask=layers.key_mask(text_mask), deterministic=deterministic)
+        )
+        q = q + drop(layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(norm("mlp_ln", q), deterministic))
+        return q, None
+
+
+class QueryFusion(FusionBase):
+    """Learned queries (Q-Former, BLIP-2, Li et al. 2023; Perceiver resampler, Jaegle et al. 2021 / Flamingo).
+
+    ``num_queries`` learned tokens self-attend, cross-attend to the image tokens, then to the text tokens, each layer.
+    Finally the text tokens read the queries with one cross-attention (text -> q), so the text-side output carries
+    the fused information while keeping its [B, L, D] shape. Image unchanged. pooled = mean(queries), P = D.
+    """
+
+    num_queries: int = 8
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")
+        i = self.project(image, "image_proj")
+        q0 = self.param(
+            "queries",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (self.num_queries, self.width),
+            jnp.float32,
+        )
+        q = jnp.broadcast_to(q0.astype(self.dtype)[None], (t.shape[0], *q0.shape))  # [B, Q, D]
+        t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
+        q = self.stack(QueryBlock, "layers", cfg=self.block_config())(
+            q, (i_kv, image_mask, t_kv, text_mask), deterministic
+        )
+        q = self.ln("query_final_ln")(q)
+        t = t + self.mha("text_readout")(t_kv, q, deterministic=deterministic)
+        t = self.ln("text_final_ln")(t)
+        return t, i, jnp.mean(q, axis=1)
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        nq = self.num_queries
+        per_layer = self._attn(nq, nq) + self._attn(nq, image_len) + self._attn(nq, text_len) + self._mlp(nq)
+        return self.num_layers * per_layer + self._attn(text_len, nq)
+
+
+FUSIONS: dict[str, type[FusionBase]] = {
+    "concat": ConcatFusion,
+    "merged": MergedFusion,
+    "cross": CrossFusion,
+    "co_attention": CoAttentionFusion,
+    "gated_cross": GatedCrossFusion,
+    "bottleneck": BottleneckFusion,
+    "query": QueryFusion,
+}
+
+
+def param_count(
+    fusion: FusionBase,
+    text_len: int,
+    image_len: int,
+    text_dim: int | None = None,
+    image_dim: int | None = None,
+) -> int:
+    """Number of parameters of ``fusion`` for inputs [1, text_len, text_dim] and [1, image_len, image_dim]."""
+    t = jnp.zeros((1, text_len, text_dim or fusion.width))
+    i = jnp.zeros((1, image_len, image_dim or fusion.width))
+    m_t, m_i = jnp.ones((1, text_len), bool), jnp.ones((1, image_len), bool)
+    shapes = jax.eval_shape(lambda: fusion.init(jax.random.key(0), t, m_t, i, m_i))
+    return sum(x.size for x in jax.tree.leaves(layers.unbox(shapes["params"])))

@@ -1,0 +1,147 @@
+"""Text encoders: BERT-style Transformer and a (bidirectional) GRU.
+
+Both map ``text_ids`` int32 ``[B, L]`` and ``text_mask`` bool ``[B, L]`` (True = real token, padding on the right) to
+``(tokens [B, L, D], mask [B, L])``. Padding is respected: outputs at real positions do not depend on what sits in the
+padded positions or on how much padding there is, and padded outputs are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtfusion_jax import layers
+
+
+def _embed(num: int, width: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
+    return nn.Embed(
+        num,
+        width,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class BertEncoder(nn.Module):
+    """BERT (Devlin et al. 2019): token + position + type embeddings, embedding LayerNorm, Transformer blocks.
+
+    ``post_ln=True`` is BERT's layout (LayerNorm after each residual; importable from HF checkpoints);
+    ``post_ln=False`` gives pre-LN blocks plus a final LayerNorm (more stable from scratch).
+
+    Attributes:
+      vocab_size: WordPiece vocabulary size (30522 for BERT / MiniLM uncased).
+      width, depth, num_heads, mlp_dim: Transformer size.
+      max_len: number of learned positions.
+      type_vocab_size: segment (token type) embeddings.
+    """
+
+    vocab_size: int = 30522
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 512
+    max_len: int = 512
+    type_vocab_size: int = 2
+    post_ln: bool = True
+    dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-12
+    attention_impl: str = "xla"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        text_ids: jax.Array,
+        text_mask: jax.Array,
+        deterministic: bool = True,
+        token_type_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L])."""
+        b, seq = text_ids.shape
+        if seq > self.max_len:
+            raise ValueError(f"text length {seq} exceeds BertEncoder.max_len={self.max_len}")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(text_ids)
+        x = _embed(self.vocab_size, self.width, ("vocab", "embed"), "word_embeddings")(text_ids)
+        x = x + _embed(self.max_len, self.width, (None, "embed"), "position_embeddings")(jnp.arange(seq))[None]
+        x = x + _embed(self.type_vocab_size, self.width, (None, "embed"), "token_type_embeddings")(token_type_ids)
+        if self.post_ln:
+            x = layers.LayerNorm(self.ln_epsilon, name="embeddings_ln")(x)
+        x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)  # [B, L, D]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = layers.Repeated(
+            layers.TransformerBlock,
+            dict(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                post_ln=self.post_ln,
+                dropout_rate=self.dropout_rate,
+                attention_impl=self.attention_impl,
+                ln_epsilon=self.ln_epsilon,
+                dtype=self.dtype,
+            ),
+            num_layers=self.depth,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            name="encoder",
+        )(x, (text_mask, None, None), deterministic)
+        if not self.post_ln:
+            x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
+        x = x * text_mask[..., None].astype(x.dtype)
+        return x, text_mask
+
+
+class GRUEncoder(nn.Module):
+    """Embedding + (bi)directional GRU (Cho et al. 2014), the recurrent route for the text tower.
+
+    Sequence lengths come from the mask, so the backward direction starts at each sentence's last real token.
+    The per-token outputs (both directions concatenated) are projected to ``width``.
+    """
+
+    vocab_size: int = 30522
+    width: int = 128
+    hidden: int = 128
+    bidirectional: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, text_ids: jax.Array, text_mask: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L])."""
+        x = _embed(self.vocab_size, self.hidden, ("vocab", "embed"), "word_embeddings")(text_ids)
+        lengths = jnp.sum(text_mask.astype(jnp.int32), axis=-1)  # [B]
+
+        def cell(name):
+            return nn.GRUCell(
+                self.hidden,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                recurrent_kernel_init=nn.with_logical_partitioning(nn.initializers.orthogonal(), (None, "mlp")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=name,
+            )
+
+        forward = nn.RNN(cell("forward_cell"), name="forward")
+        if self.bidirectional:
+            backward = nn.RNN(cell("backward_cell"), name="backward")
+            rnn = nn.Bidirectional(forward, backward, name="bigru")
+            h = rnn(x.astype(self.dtype), seq_lengths=lengths)  # [B, L, 2*hidden]
+        else:
+            h = forward(x.astype(self.dtype), seq_lengths=lengths)  # [B, L, hidden]
+        out = layers.dense(self.width, "mlp", "embed", dtype=self.dtype, name="proj")(h)  # [B, L, D]
+        out = out * text_mask[..., None].astype(out.dtype)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed")), text_mask
+
+
+TEXT_ENCODERS: dict[str, tuple[type[nn.Module], dict]] = {
+    "bert": (BertEncoder, {}),
+    "gru": (GRUEncoder, {}),
+}

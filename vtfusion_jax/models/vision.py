@@ -1,0 +1,248 @@
+"""Image encoders: small CNN, ResNet-18/50 layouts and ViT.
+
+Every encoder maps ``image`` float ``[B, H, W, 3]`` to ``(tokens [B, N, D], mask [B, N])``: the spatial grid of
+the last feature map (CNN/ResNet) or the patch tokens (ViT, plus an optional CLS token first), projected to ``width``
+and given a 2-D position embedding, so that attention downstream knows where each token sits. Image masks are all
+True (every token is real); they exist so that fusion code treats both modalities alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtfusion_jax import layers
+
+NORMS = ("group", "layer", "none")
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(2.0, "fan_out", "normal"), (None, None, "conv_in", "conv_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+def _norm(kind: str, name: str, zero_init: bool = False):
+    """Normalisation for conv features, computed in float32. GroupNorm is batch-independent (no batch stats)."""
+    scale_init = nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init()
+    if kind == "group":
+        return lambda x: nn.GroupNorm(
+            num_groups=None,
+            group_size=min(16, x.shape[-1]),
+            dtype=jnp.float32,
+            scale_init=scale_init,
+            name=name,
+        )(x.astype(jnp.float32)).astype(x.dtype)
+    if kind == "layer":
+        return lambda x: nn.LayerNorm(dtype=jnp.float32, scale_init=scale_init, name=name)(
+            x.astype(jnp.float32)
+        ).astype(x.dtype)
+    if kind == "none":
+        return lambda x: x
+    raise ValueError(f"unknown norm {kind!r}; valid: {NORMS}")
+
+
+def _grid_to_tokens(x: jax.Array, width: int, pos_emb: str, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w])."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    x = layers.dense(width, "conv_out", "embed", dtype=dtype, name="proj")(x)  # [B, N, D]
+    x = layers.PositionEmbedding2D(pos_emb, name="pos_emb")(x, (h, w))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, jnp.ones((b, h * w), dtype=bool)
+
+
+class CNN(nn.Module):
+    """A small stride-2 conv stack for 64–75 px synthetic images (Santoro et al. 2017 use 4 such layers).
+
+    64x64 input with three stride-2 layers gives an 8x8 grid = 64 tokens; 75x75 gives 10x10 = 100 tokens.
+
+    Attributes:
+      width: token width D.
+      channels: output channels of each 3x3 conv.
+      strides: stride of each conv (same length as channels).
+      norm: "group" | "layer" | "none".
+      pos_emb: "learn" | "sincos2d" | "none".
+    """
+
+    width: int = 128
+    channels: Sequence[int] = (32, 64, 128)
+    strides: Sequence[int] = (2, 2, 2)
+    norm: str = "group"
+    pos_emb: str = "learn"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
+        if len(self.channels) != len(self.strides):
+            raise ValueError(f"CNN channels {self.channels} and strides {self.strides} differ in length")
+        x = image.astype(self.dtype)
+        for i, (c, s) in enumerate(zip(self.channels, self.strides, strict=True)):
+            x = _conv(c, 3, s, self.dtype, f"conv{i}", use_bias=self.norm == "none")(x)
+            x = nn.relu(_norm(self.norm, f"norm{i}")(x))
+        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) block, stride on the 3x3 (v1.5)."""
+
+    filters: int
+    strides: int = 1
+    bottleneck: bool = False
+    norm: str = "group"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_ch = self.filters * (4 if self.bottleneck else 1)
+        residual = x
+        if self.bottleneck:
+            y = nn.relu(_norm(self.norm, "norm1")(_conv(self.filters, 1, 1, self.dtype, "conv1")(x)))
+            y = nn.relu(_norm(self.norm, "norm2")(_conv(self.filters, 3, self.strides, self.dtype, "conv2")(y)))
+            y = _norm(self.norm, "norm3", zero_init=True)(_conv(out_ch, 1, 1, self.dtype, "conv3")(y))
+        else:
+            y = nn.relu(_norm(self.norm, "norm1")(_conv(self.filters, 3, self.strides, self.dtype, "conv1")(x)))
+            y = _norm(self.norm, "norm2", zero_init=True)(_conv(out_ch, 3, 1, self.dtype, "conv2")(y))
+        if residual.shape != y.shape:
+            residual = _norm(self.norm, "proj_norm")(_conv(out_ch, 1, self.strides, self.dtype, "proj")(residual))
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    """ResNet (He et al. 2016), v1.5 strides. ``resnet18``: basic blocks (2,2,2,2); ``resnet50``: bottleneck (3,4,6,3).
+
+    Attributes:
+      width: token width D.
+      stage_sizes: blocks per stage.
+      bottleneck: bottleneck blocks (ResNet-50) instead of basic blocks (ResNet-18).
+      base_filters: filters of the first stage (doubling per stage).
+      stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, for 224 px) or "small" (one 3x3/2 conv, for 64–75 px).
+      norm: "group" | "layer" | "none" (GroupNorm: no batch statistics to carry in the train state).
+      pos_emb: "learn" | "sincos2d" | "none".
+    """
+
+    width: int = 256
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    bottleneck: bool = False
+    base_filters: int = 64
+    stem: str = "imagenet"
+    norm: str = "group"
+    pos_emb: str = "learn"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
+        x = image.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = nn.relu(_norm(self.norm, "stem_norm")(_conv(self.base_filters, 7, 2, self.dtype, "stem_conv")(x)))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        elif self.stem == "small":
+            x = nn.relu(_norm(self.norm, "stem_norm")(_conv(self.base_filters, 3, 2, self.dtype, "stem_conv")(x)))
+        else:
+            raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: ('imagenet', 'small')")
+        for i, n_blocks in enumerate(self.stage_sizes):
+            for j in range(n_blocks):
+                x = ResidualBlock(
+                    self.base_filters * 2**i,
+                    strides=2 if (i > 0 and j == 0) else 1,
+                    bottleneck=self.bottleneck,
+                    norm=self.norm,
+                    dtype=self.dtype,
+                    name=f"stage{i}_block{j}",
+                )(x)
+        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021): patch embedding, positions, pre-LN Transformer blocks.
+
+    Attributes:
+      width, depth, num_heads, mlp_dim: Transformer size.
+      patch_size: square patch side in pixels.
+      pos_emb: "learn" | "sincos2d".
+      use_cls: prepend a learned CLS token (its position embedding is a learned vector).
+    """
+
+    width: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    mlp_dim: int = 768
+    patch_size: int = 8
+    pos_emb: str = "learn"
+    use_cls: bool = False
+    dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    attention_impl: str = "xla"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """image [B, H, W, 3] -> (tokens [B, N(+1), D], mask [B, N(+1)])."""
+        p = self.patch_size
+        x = nn.Conv(
+            self.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            name="patch_embed",
+        )(image.astype(self.dtype))  # [B, h, w, D]
+        b, h, w, d = x.shape
+        x = layers.PositionEmbedding2D(self.pos_emb, name="pos_emb")(x.reshape(b, h * w, d), (h, w))
+        if self.use_cls:
+            cls = self.param(
+                "cls",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
+                (1, 1, d),
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        mask = jnp.ones(x.shape[:2], dtype=bool)
+        x = layers.Repeated(
+            layers.TransformerBlock,
+            dict(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout_rate=self.dropout_rate,
+                attention_impl=self.attention_impl,
+                ln_epsilon=self.ln_epsilon,
+                dtype=self.dtype,
+            ),
+            num_layers=self.depth,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            name="encoder",
+        )(x, (None, None, None), deterministic)
+        x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
+        return x, mask
+
+
+# name -> (class, default overrides). Sizes beyond these come from the config's kwargs.
+IMAGE_ENCODERS: dict[str, tuple[type[nn.Module], dict]] = {
+    "cnn": (CNN, {}),
+    "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2), bottleneck=False)),
+    "resnet50": (ResNet, dict(stage_sizes=(3, 4, 6, 3), bottleneck=True)),
+    "vit": (ViT, {}),
+}

@@ -1,0 +1,68 @@
+"""VisionTextModel: image encoder + text encoder -> fusion -> head, each chosen by name from the config.
+
+    image [B, H, W, 3] ──► image encoder ──► (image tokens [B, N, Di], image mask [B, N]) ─┐
+                                                                                         ├─► fusion ─► head ─► logits
+    text_ids [B, L] ─────► text encoder ───► (text tokens [B, L, Dt], text mask [B, L]) ──┘
+
+The model config is a mapping (ml_collections ConfigDict or dict) with::
+
+    width, dtype, attention_impl, scan_layers, remat_policy     # shared by every component that has the field
+    image_encoder = {name, ...fields}, text_encoder = {...}, fusion = {...}, head = {...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtfusion_jax import models
+
+SHARED_KEYS = ("width", "dtype", "attention_impl", "scan_layers", "remat_policy")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def shared_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-wide settings handed to every component, with the dtype name resolved."""
+    shared = {k: model_config[k] for k in SHARED_KEYS if k in model_config}
+    if "dtype" in shared:
+        if shared["dtype"] not in DTYPES:
+            raise ValueError(f"unknown dtype {shared['dtype']!r}; valid: {sorted(DTYPES)}")
+        shared["dtype"] = DTYPES[shared["dtype"]]
+    return shared
+
+
+def _as_dict(x: Any) -> dict:
+    return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
+
+class VisionTextModel(nn.Module):
+    """Composite model. ``model_config`` as in the module docstring; ``num_classes`` from the dataset."""
+
+    model_config: Any
+    num_classes: int
+
+    def setup(self):
+        cfg = _as_dict(self.model_config)
+        shared = shared_settings(cfg)
+        self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
+        self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)
+        self.fusion = models.get_fusion(cfg["fusion"], shared)
+        self.head = models.get_head(cfg["head"], shared, num_classes=self.num_classes)
+
+    def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
+        """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled)."""
+        det = not train
+        image, image_mask = self.image_encoder(batch["image"], deterministic=det)  # [B, N, Di], [B, N]
+        text, text_mask = self.text_encoder(batch["text_ids"], batch["text_mask"], deterministic=det)  # [B, L, Dt]
+        text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det)
+        return text, text_mask, image, image_mask, pooled
+
+    def __call__(self, batch: Mapping[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
+        """batch with image [B,H,W,3], text_ids [B,L], text_mask [B,L] -> {"logits": float32 [B, C]}."""
+        text, text_mask, image, image_mask, pooled = self.encode(batch, train)
+        logits = self.head(text, text_mask, image, image_mask, pooled, deterministic=not train)
+        return {"logits": logits}
