@@ -1,0 +1,192 @@
+"""Dataset registry: name -> TFDS builder, build-once-on-first-use, metadata and random-access data sources.
+
+Training code names a dataset ("easy_vqa", "sort_of_clevr", "manifest") plus `builder_kwargs`; this module turns
+that into a prepared `array_record` TFDS dataset under `data_dir` and a `tfds` data source per split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import time
+
+import jax
+import tensorflow_datasets as tfds
+
+from vtfusion_jax.data import easy_vqa, manifest, sort_of_clevr
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How the pipeline reads one dataset.
+
+    Attributes:
+      make_builder: (data_dir, builder_kwargs) -> tfds builder.
+      text_key: feature holding the input text.
+      label_key: ClassLabel feature used as the target.
+      type_key: ClassLabel feature used as `question_type` in batches (per-type metrics).
+      extra_keys: feature name -> batch key for additional numeric features.
+    """
+
+    make_builder: object
+    text_key: str
+    label_key: str
+    type_key: str
+    extra_keys: tuple[tuple[str, str], ...] = ()
+
+
+def _easy_vqa_builder(data_dir, kwargs):
+    return easy_vqa.EasyVqa(data_dir=data_dir, **kwargs)
+
+
+def _sort_of_clevr_builder(data_dir, kwargs):
+    kwargs = dict(kwargs)
+    sizes = {k: kwargs.pop(k) for k in ("num_train", "num_validation", "num_test", "seed") if k in kwargs}
+    if sizes:
+        kwargs["config"] = sort_of_clevr.config_from_kwargs(**sizes)
+    return sort_of_clevr.SortOfClevr(data_dir=data_dir, **kwargs)
+
+
+def _manifest_builder(data_dir, kwargs):
+    kwargs = dict(kwargs)
+    if "path" not in kwargs:
+        raise ValueError("dataset 'manifest' needs builder_kwargs={'path': <folder or .jsonl>, ...}")
+    keys = ("path", "image_dir", "image_size", "skip_bad_rows")
+    config = manifest.manifest_config(**{k: kwargs.pop(k) for k in keys if k in kwargs})
+    return manifest.Manifest(data_dir=data_dir, config=config, **kwargs)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "easy_vqa": DatasetSpec(_easy_vqa_builder, "question", "answer", "question_type"),
+    "sort_of_clevr": DatasetSpec(
+        _sort_of_clevr_builder,
+        "question",
+        "answer",
+        "subtype",
+        extra_keys=(("family", "family"), ("question_code", "question_code")),
+    ),
+    "manifest": DatasetSpec(_manifest_builder, "text", "label", "question_type"),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Returns the registry entry for `name`, or raises listing the valid names."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def default_data_dir() -> str:
+    """$TFDS_DATA_DIR if set, else ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process builds
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared(builder) -> bool:
+    return (builder.data_path / "dataset_info.json").exists()
+
+
+def get_builder(
+    name: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None, prepare: bool = True
+) -> tfds.core.DatasetBuilder:
+    """Returns the builder of `name`, building the dataset first if it is absent.
+
+    On a local `data_dir` every process takes an exclusive file lock before building, so one builds and the others
+    wait and then find it prepared (also correct when each host has its own disk). On a remote `data_dir` (gs://...)
+    process 0 builds and the others poll for its `dataset_info.json`.
+
+    Args:
+      name: "easy_vqa", "sort_of_clevr" or "manifest".
+      data_dir: TFDS data folder (default: `default_data_dir()`).
+      builder_kwargs: builder options (Sort-of-CLEVR: num_train/num_validation/num_test/seed; manifest:
+        path/image_dir/image_size/skip_bad_rows).
+      prepare: build when absent.
+
+    Returns:
+      A prepared tfds builder (unless prepare=False).
+    """
+    data_dir = data_dir or default_data_dir()
+    builder = get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
+    if not prepare or _prepared(builder):
+        return builder
+    if _is_local(data_dir):
+        config = builder.builder_config.name if builder.builder_config else "default"
+        lock = os.path.join(data_dir, f".{builder.name}-{config}.lock")
+        with _file_lock(lock):
+            if not _prepared(builder):
+                start = time.time()
+                print(f"Building {name} ({builder.data_dir}) ...", flush=True)
+                builder.download_and_prepare(file_format="array_record")
+                print(f"Built {name} in {time.time() - start:.1f}s", flush=True)
+    elif jax.process_index() == 0:
+        builder.download_and_prepare(file_format="array_record")
+    else:
+        while not _prepared(builder):
+            time.sleep(5)
+    # Re-create so the builder reads the info (split sizes, metadata) written by the build.
+    return get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
+
+
+def get_data_source(name: str, split: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None):
+    """Random-access source of decoded examples (dicts of numpy / bytes / int), e.g. to read `caption`.
+
+    Args:
+      name: dataset name.
+      split: "train", "validation" or "test" (also TFDS slicing like "train[:10%]").
+      data_dir: TFDS data folder.
+      builder_kwargs: builder options.
+
+    Returns:
+      A tfds ArrayRecordDataSource: len(src), src[i], src.__getitems__(indices).
+    """
+    builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
+    return builder.as_data_source(split=split)
+
+
+def dataset_meta(name: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None) -> dict:
+    """Builds the dataset if absent and describes it.
+
+    Args:
+      name: dataset name.
+      data_dir: TFDS data folder.
+      builder_kwargs: builder options.
+
+    Returns:
+      {"num_classes", "label_names", "type_names", "type_key", "image_shape": (H, W, 3),
+       "num_examples": {split: n}, "text_key", "builder_dir"} and, for Sort-of-CLEVR, "family_names";
+      for manifests "skipped_rows": {split: n}.
+    """
+    spec = get_spec(name)
+    builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
+    feats = builder.info.features
+    meta = {
+        "num_classes": feats[spec.label_key].num_classes,
+        "label_names": list(feats[spec.label_key].names),
+        "type_names": list(feats[spec.type_key].names),
+        "type_key": spec.type_key,
+        "image_shape": tuple(int(d) for d in feats["image"].shape),
+        "num_examples": {s: int(info.num_examples) for s, info in builder.info.splits.items()},
+        "text_key": spec.text_key,
+        "builder_dir": str(builder.data_dir),
+    }
+    if "family" in feats:
+        meta["family_names"] = list(feats["family"].names)
+    if name == "manifest":
+        meta["skipped_rows"] = dict(builder.info.metadata.get("skipped_rows", {}))
+    return meta

@@ -1,0 +1,257 @@
+"""TFDS builder for user image-text data: JSON Lines manifests + an image folder.
+
+Layout (the dataset folder):
+
+    my_data/
+      train.jsonl         required; one JSON object per line
+      validation.jsonl    optional
+      test.jsonl          optional
+      images/...          anywhere below the image folder (default: the dataset folder)
+
+Each row: `{"image": "images/cat1.png", "text": "what animal is this?", "label": "cat"}` plus optional
+`"caption"` (str) and `"question_type"` (str). The label vocabulary (and question-type vocabulary) is taken from the
+training split, sorted. Images are converted to RGB (grayscale, palette, and alpha composited over white) and resized
+(PIL bilinear, no crop) to `image_size` x `image_size`. A bad row (invalid JSON, missing field, empty label, path
+outside the image folder, missing or undecodable image, label unseen in train) raises `ManifestError` naming the
+manifest line and the file, unless `skip_bad_rows=True`, which skips it and reports the count (printed, and stored in
+the dataset's metadata as `skipped_rows`). The config name hashes the manifests' content, so editing a manifest
+builds a fresh dataset (changing an image file in place does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_TYPE = "all"
+
+
+class ManifestError(ValueError):
+    """A bad manifest row; the message names the manifest file, line and image."""
+
+
+@dataclasses.dataclass(eq=False)
+class ManifestConfig(tfds.core.BuilderConfig):
+    """Where the data lives and how to store it.
+
+    Attributes:
+      manifests: split -> absolute path of its .jsonl file.
+      image_dir: absolute folder that image paths are relative to; no image may resolve outside it.
+      image_size: stored square image size.
+      skip_bad_rows: skip (and count) bad rows instead of raising.
+    """
+
+    manifests: dict = dataclasses.field(default_factory=dict)
+    image_dir: str = ""
+    image_size: int = 224
+    skip_bad_rows: bool = False
+
+
+def manifest_config(
+    path: str, image_dir: str | None = None, image_size: int = 224, skip_bad_rows: bool = False
+) -> ManifestConfig:
+    """Builds the config for a dataset folder (or a single .jsonl file, which becomes the train split).
+
+    Args:
+      path: dataset folder holding train.jsonl [validation.jsonl, test.jsonl], or one .jsonl file.
+      image_dir: folder the rows' image paths are relative to (default: the folder of the manifests).
+      image_size: stored square image size.
+      skip_bad_rows: skip and count bad rows instead of raising ManifestError.
+
+    Returns:
+      A ManifestConfig whose name identifies the manifests' content and the options.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        manifests = {s: os.path.join(path, f"{s}.jsonl") for s in SPLITS}
+        manifests = {s: p for s, p in manifests.items() if os.path.exists(p)}
+        folder = path
+    elif os.path.isfile(path):
+        manifests, folder = {"train": path}, os.path.dirname(path)
+    else:
+        raise FileNotFoundError(f"manifest path {path} does not exist")
+    if "train" not in manifests:
+        raise FileNotFoundError(f"{path} has no train.jsonl (the label vocabulary comes from the train split)")
+    image_dir = os.path.abspath(os.path.expanduser(image_dir or folder))
+    digest = hashlib.sha256(repr((sorted(manifests.items()), image_dir, image_size, skip_bad_rows)).encode())
+    for split in sorted(manifests):
+        with open(manifests[split], "rb") as f:
+            digest.update(f.read())
+    stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(folder).lower()).strip("_") or "data"
+    return ManifestConfig(
+        name=f"{stem}_{digest.hexdigest()[:10]}",
+        description=f"manifests {manifests}, images under {image_dir}",
+        manifests=manifests,
+        image_dir=image_dir,
+        image_size=int(image_size),
+        skip_bad_rows=bool(skip_bad_rows),
+    )
+
+
+def _safe_path(image_dir: str, rel) -> str:
+    """Resolves `rel` under `image_dir`, refusing absolute paths and anything that resolves outside it."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"'image' must be a non-empty relative path, got {rel!r}")
+    if os.path.isabs(rel):
+        raise ValueError(f"image path {rel!r} is absolute; paths must be relative to {image_dir}")
+    full = os.path.realpath(os.path.join(image_dir, rel))
+    if os.path.commonpath([full, os.path.realpath(image_dir)]) != os.path.realpath(image_dir):
+        raise ValueError(f"image path {rel!r} leaves the dataset folder {image_dir}")
+    return full
+
+
+def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, str | None]]:
+    """Cheap checks of every line (no image decoding).
+
+    Args:
+      manifest: path of a .jsonl file.
+      image_dir: folder image paths are relative to.
+
+    Returns:
+      (line number, row dict with "path" added, None) for rows that pass, or (line number, None, error message).
+    """
+    out = []
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{lineno}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("a row must be a JSON object")
+                for key in ("image", "text"):
+                    if key not in row:
+                        raise ValueError(f"missing field {key!r}")
+                if not isinstance(row["text"], str):
+                    raise ValueError(f"'text' must be a string, got {row['text']!r}")
+                label = row.get("label")
+                if label is None or str(label).strip() == "":
+                    raise ValueError(f"empty label (image {row['image']!r})")
+                path = _safe_path(image_dir, row["image"])
+                if not os.path.isfile(path):
+                    raise ValueError(f"image file not found: {path}")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                out.append((lineno, None, f"{where}: {e}"))
+                continue
+            row = dict(row, label=str(label).strip(), path=path)
+            if row.get("question_type") is not None:
+                row["question_type"] = str(row["question_type"])
+            out.append((lineno, row, None))
+    return out
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """Decodes any PIL-readable image to RGB (alpha over white) and resizes it to size x size (bilinear)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return img
+
+
+class Manifest(tfds.core.GeneratorBasedBuilder):
+    """User image-text classification data from JSON Lines manifests (see the module docstring)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "JSON Lines manifest + image folder."}
+    BUILDER_CONFIGS: list = []  # configs are made per dataset by manifest_config(...)
+
+    def _rows(self, split: str):
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if split not in cache:
+            cache[split] = parse_rows(self.builder_config.manifests[split], self.builder_config.image_dir)
+        return cache[split]
+
+    def _vocab(self, key: str, default: list[str]) -> list[str]:
+        names = sorted({row[key] for _, row, _ in self._rows("train") if row and row.get(key) is not None})
+        return names or default
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        labels = self._vocab("label", [])
+        if not labels:
+            raise ManifestError(f"{cfg.manifests['train']}: no valid row with a label; cannot build a vocabulary")
+        s = cfg.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=cfg.description,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(s, s, 3)),
+                    "text": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=labels),
+                    "question_type": tfds.features.ClassLabel(names=self._vocab("question_type", [DEFAULT_TYPE])),
+                    "caption": tfds.features.Text(),
+                    "image_path": tfds.features.Text(),
+                    "line": np.int32,
+                }
+            ),
+            metadata=tfds.core.MetadataDict(skipped_rows={}),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in self.builder_config.manifests}
+
+    def _generate_examples(self, split):
+        cfg = self.builder_config
+        labels = set(self.info.features["label"].names)
+        types = self.info.features["question_type"].names
+        skipped = 0
+
+        def bad(message):
+            nonlocal skipped
+            if not cfg.skip_bad_rows:
+                raise ManifestError(message + " (pass skip_bad_rows=True to skip bad rows)")
+            logging.warning("manifest: skipping %s", message)
+            skipped += 1
+
+        for lineno, row, error in self._rows(split):
+            if error is not None:
+                bad(error)
+                continue
+            where = f"{cfg.manifests[split]}:{lineno}"
+            qtype = row.get("question_type", DEFAULT_TYPE if types == [DEFAULT_TYPE] else None)
+            if row["label"] not in labels:
+                bad(f"{where}: label {row['label']!r} does not occur in the train split")
+                continue
+            if qtype not in types:
+                bad(f"{where}: question_type {qtype!r} is missing or not in the train split's {types}")
+                continue
+            try:
+                image = load_image(row["path"], cfg.image_size)
+            except Exception as e:  # PIL raises many types for corrupt files
+                bad(f"{where}: cannot decode image file {row['path']}: {type(e).__name__}: {e}")
+                continue
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            yield (
+                lineno,
+                {
+                    "image": buf.getvalue(),
+                    "text": row["text"],
+                    "label": row["label"],
+                    "question_type": qtype,
+                    "caption": str(row.get("caption") or ""),
+                    "image_path": row["image"],
+                    "line": lineno,
+                },
+            )
+        self.info.metadata["skipped_rows"][split] = skipped
+        if skipped:
+            print(f"manifest: skipped {skipped} bad rows in split {split!r} ({cfg.manifests[split]})")
