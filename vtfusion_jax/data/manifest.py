@@ -127,7 +127,10 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
                 continue
             where = f"{manifest}:{lineno}"
             try:
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"invalid JSON ({e})") from None
                 if not isinstance(row, dict):
                     raise ValueError("a row must be a JSON object")
                 for key in ("image", "text"):
@@ -141,7 +144,7 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
                 path = _safe_path(image_dir, row["image"])
                 if not os.path.isfile(path):
                     raise ValueError(f"image file not found: {path}")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except ValueError as e:
                 out.append((lineno, None, f"{where}: {e}"))
                 continue
             row = dict(row, label=str(label).strip(), path=path)
