@@ -37,9 +37,7 @@ def reference_answer(objs, code):
 
 
 def as_list(objects):
-    return [
-        {k: int(objects[k][i]) for k in ("color", "shape", "x", "y")} for i in range(len(objects["color"]))
-    ]
+    return [{k: int(objects[k][i]) for k in ("color", "shape", "x", "y")} for i in range(len(objects["color"]))]
 
 
 def reference_render(objs):

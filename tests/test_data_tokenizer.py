@@ -34,7 +34,9 @@ def test_batch_padding_and_mask(tok):
     assert out["text_mask"][1].sum() == 3
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\t\n ", "😀🎉🚀", "Ça coûte 5 € — ok?", "日本語のテキスト", "\u200b\u0000"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "\t\n ", "😀🎉🚀", "Ça coûte 5 € — ok?", "日本語のテキスト", "\u200b\u0000"]
+)
 def test_edge_texts(tok, text):
     ids = tok.encode(text)
     assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id

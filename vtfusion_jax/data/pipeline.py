@@ -22,15 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from vtfusion_jax.data import datasets
 from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F401  (public API)
+from vtfusion_jax.data.reader import BatchReader, train_indices  # noqa: F401  (public API)
 from vtfusion_jax.data.tokenizer import Tokenizer
 
 _HORIZON = 2**40  # training steps are unbounded in practice
-_SEED_SALT = 0x5EED
 
 
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -79,166 +78,23 @@ def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice
     return slice(start, stop)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # SeedSequence is a fixed, version-stable hash; index_shuffle wants a 32-bit seed.
-    return int(np.random.SeedSequence([_SEED_SALT, seed, epoch]).generate_state(1)[0])
+class _ToGlobal:
+    """Host batch (this process's rows, uint8 images) -> global sharded arrays, images normalised on device."""
 
-
-def train_indices(seed: int, step: int, global_batch_size: int, num_examples: int) -> np.ndarray:
-    """Record indices of the global training batch at `step` (epoch-wise permutations seeded by (seed, epoch)).
-
-    Args:
-      seed: data seed.
-      step: training step.
-      global_batch_size: B.
-      num_examples: N, size of the split.
-
-    Returns:
-      int64 [B] record indices; each epoch of N consecutive positions is a permutation of range(N).
-    """
-    out = np.empty(global_batch_size, np.int64)  # [B]
-    seeds: dict[int, int] = {}
-    for r in range(global_batch_size):
-        epoch, k = divmod(step * global_batch_size + r, num_examples)
-        if epoch not in seeds:
-            seeds[epoch] = _epoch_seed(seed, epoch)
-        out[r] = grain.experimental.index_shuffle(k, max_index=num_examples - 1, seed=seeds[epoch], rounds=4)
-    return out
-
-
-class BatchReader:
-    """Host-side batch maker for one split: record indices -> numpy batch dict of this process's rows.
-
-    Picklable (grain worker processes get a copy).
-    """
-
-    def __init__(
-        self,
-        *,
-        dataset: str,
-        split: str,
-        global_batch_size: int,
-        tokenizer: Tokenizer,
-        rows: slice,
-        seed: int = 0,
-        image_size: int | None = None,
-        augment: bool = False,
-        data_dir: str | None = None,
-        builder_kwargs: dict | None = None,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
-    ):
-        """Opens the split (building the dataset if absent).
-
-        Args:
-          dataset: "easy_vqa", "sort_of_clevr" or "manifest".
-          split: split name (TFDS slicing allowed).
-          global_batch_size: B.
-          tokenizer: text tokenizer.
-          rows: rows of each global batch this process reads (see `process_slice` / `local_rows`).
-          seed: data seed (shuffling and crops).
-          image_size: output side; None keeps the stored size. Resizing is PIL bilinear.
-          augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
-          data_dir: TFDS data folder.
-          builder_kwargs: builder options.
-          image_mean: per-channel mean subtracted from images in [0, 1].
-          image_std: per-channel std dividing them.
-        """
-        self.dataset, self.split, self.seed = dataset, split, int(seed)
-        self.global_batch_size = int(global_batch_size)
-        self.rows = rows
-        self.spec = datasets.get_spec(dataset)
-        self.source = get_data_source(dataset, split, data_dir=data_dir, builder_kwargs=builder_kwargs)
-        self.num_examples = len(self.source)
-        if self.num_examples == 0:
-            raise ValueError(f"{dataset}/{split} is empty")
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.augment = augment
-        # Side of the output images (for crop padding): the stored size unless resized.
-        self.out_size = int(image_size or self.source[0]["image"].shape[0])
+    def __init__(self, sharding, global_batch_size: int, image_mean, image_std):
         std = np.asarray(image_std, np.float32)
-        self._scale = 1.0 / (255.0 * std)  # [3]
-        self._bias = -np.asarray(image_mean, np.float32) / std  # [3]
+        scale, bias = 1.0 / (255.0 * std), -np.asarray(image_mean, np.float32) / std  # [3]
+        self._sharding, self._size = sharding, global_batch_size
+        self._normalize = jax.jit(lambda x: x.astype(jnp.float32) * scale + bias, out_shardings=sharding)
 
-    def _images(self, examples, crop_offsets) -> np.ndarray:
-        imgs = []
-        for ex in examples:
-            img = ex["image"]  # uint8 [H, W, 3]
-            if self.image_size is not None and img.shape[:2] != (self.image_size, self.image_size):
-                pil = Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR)
-                img = np.asarray(pil)
-            imgs.append(img)
-        images = np.stack(imgs)  # [b, H, W, 3] uint8
-        if crop_offsets is not None:
-            pad = _crop_pad(images.shape[1])
-            padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-            h, w = images.shape[1:3]
-            for i, (dy, dx) in enumerate(crop_offsets):
-                images[i] = padded[i, dy : dy + h, dx : dx + w]
-        out = np.multiply(images, self._scale, dtype=np.float32)  # [b, H, W, 3]
-        out += self._bias
+    def __call__(self, batch: dict) -> dict:
+        out = {
+            k: jax.make_array_from_process_local_data(self._sharding, v, (self._size, *v.shape[1:]))
+            for k, v in batch.items()
+        }
+        if out["image"].dtype == jnp.uint8:
+            out["image"] = self._normalize(out["image"])  # [B, H, W, 3] float32
         return out
-
-    def load(self, indices: np.ndarray, valid: np.ndarray, crop_offsets: np.ndarray | None = None) -> dict:
-        """Reads and preprocesses records.
-
-        Args:
-          indices: int [b] record indices.
-          valid: bool [b]; False marks padding rows.
-          crop_offsets: int [b, 2] (dy, dx) crop offsets in [0, 2 * pad], or None for no crop.
-
-        Returns:
-          {"image": float32 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label": int32 [b],
-           "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR:
-          "family" int32 [b], "question_code" float32 [b,11]).
-        """
-        examples = self.source.__getitems__([int(i) for i in indices])
-        texts = [_text(ex[self.spec.text_key]) for ex in examples]
-        batch = {"image": self._images(examples, crop_offsets), **self.tokenizer(texts)}
-        batch["label"] = np.asarray([ex[self.spec.label_key] for ex in examples], np.int32)  # [b]
-        batch["question_type"] = np.asarray([ex[self.spec.type_key] for ex in examples], np.int32)  # [b]
-        for feature, key in self.spec.extra_keys:
-            arr = np.stack([np.asarray(ex[feature]) for ex in examples])
-            batch[key] = arr.astype(np.float32 if arr.dtype.kind == "f" else np.int32)
-        batch["valid"] = np.asarray(valid, bool)  # [b]
-        return batch
-
-    def train_batch(self, step: int) -> dict:
-        """This process's rows of the global training batch at `step` (a pure function of (seed, step))."""
-        idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
-        offsets = None
-        if self.augment:
-            rng = np.random.default_rng([_SEED_SALT, self.seed, step])
-            offsets = rng.integers(0, 2 * _crop_pad(self.out_size) + 1, size=(self.global_batch_size, 2))[self.rows]
-        return self.load(idx, np.ones(len(idx), bool), offsets)
-
-    def num_eval_batches(self) -> int:
-        """ceil(N / B): every process runs the same number of eval batches."""
-        return -(-self.num_examples // self.global_batch_size)
-
-    def eval_batch(self, i: int) -> dict:
-        """This process's rows of eval batch `i`; positions past the split are padding (valid False, index -1)."""
-        pos = np.arange(i * self.global_batch_size, (i + 1) * self.global_batch_size)[self.rows]  # [b]
-        valid = pos < self.num_examples
-        batch = self.load(np.where(valid, pos, 0), valid)
-        batch["index"] = np.where(valid, pos, -1).astype(np.int32)  # record index in the split, -1 on padding
-        return batch
-
-
-def _crop_pad(size: int) -> int:
-    return max(1, round(size / 16))
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _to_global(batch: dict, sharding: jax.sharding.Sharding, global_batch_size: int) -> dict:
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
-        for k, v in batch.items()
-    }
 
 
 class _Prefetcher:
@@ -294,9 +150,16 @@ class TrainIterator:
     """
 
     def __init__(
-        self, reader: BatchReader, sharding, *, start_step: int, prefetch: int, worker_count: int, num_threads: int
+        self,
+        reader: BatchReader,
+        to_global: Callable[[dict], dict],
+        *,
+        start_step: int,
+        prefetch: int,
+        worker_count: int,
+        num_threads: int,
     ):
-        self.reader, self._sharding = reader, sharding
+        self.reader, self._to_global = reader, to_global
         self._prefetch, self._worker_count, self._num_threads = prefetch, worker_count, num_threads
         self._prefetcher: _Prefetcher | None = None
         self.step = int(start_step)
@@ -315,9 +178,8 @@ class TrainIterator:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
-        sharding, size = self._sharding, self.reader.global_batch_size  # the thread must not hold `self`
-        convert = lambda b: _to_global(b, sharding, size)
-        self._prefetcher = _Prefetcher(iter(it), convert, self._prefetch)
+        # The thread holds only to_global (not `self`), so dropping the iterator lets __del__ stop it.
+        self._prefetcher = _Prefetcher(iter(it), self._to_global, self._prefetch)
 
     def __iter__(self) -> TrainIterator:
         return self
@@ -368,8 +230,8 @@ class TrainIterator:
 class EvalIterable:
     """Re-iterable eval batches: every example exactly once, fixed order, last batch padded (`valid` False)."""
 
-    def __init__(self, reader: BatchReader, sharding, prefetch: int = 2):
-        self.reader, self._sharding, self._prefetch = reader, sharding, prefetch
+    def __init__(self, reader: BatchReader, to_global: Callable[[dict], dict], prefetch: int = 2):
+        self.reader, self._to_global, self._prefetch = reader, to_global, prefetch
 
     def __len__(self) -> int:
         return self.reader.num_eval_batches()
@@ -380,9 +242,7 @@ class EvalIterable:
 
     def __iter__(self) -> Iterator[dict]:
         host = (self.reader.eval_batch(i) for i in range(len(self)))
-        prefetcher = _Prefetcher(
-            host, lambda b: _to_global(b, self._sharding, self.reader.global_batch_size), self._prefetch
-        )
+        prefetcher = _Prefetcher(host, self._to_global, self._prefetch)
         try:
             while True:
                 try:
@@ -393,7 +253,7 @@ class EvalIterable:
             prefetcher.close()
 
 
-def _reader_for(mesh, batch_axes, global_batch_size, **kwargs):
+def _reader_for(mesh, batch_axes, global_batch_size, image_mean, image_std, **kwargs):
     sharding = batch_sharding(mesh, batch_axes)
     shards = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
     if global_batch_size % shards:
@@ -402,7 +262,8 @@ def _reader_for(mesh, batch_axes, global_batch_size, **kwargs):
             f"of mesh axes {tuple(batch_axes)}"
         )
     rows = local_rows(sharding, global_batch_size)
-    return BatchReader(global_batch_size=global_batch_size, rows=rows, **kwargs), sharding
+    reader = BatchReader(global_batch_size=global_batch_size, rows=rows, normalize=False, **kwargs)
+    return reader, _ToGlobal(sharding, global_batch_size, image_mean, image_std)
 
 
 def make_train_iterator(
@@ -450,7 +311,7 @@ def make_train_iterator(
       A TrainIterator yielding {"image": f32 [B,H,W,3], "text_ids": i32 [B,L], "text_mask": bool [B,L],
       "label": i32 [B], "question_type": i32 [B], "valid": bool [B] (all True), + dataset extras}.
     """
-    reader, sharding = _reader_for(
+    reader, to_global = _reader_for(
         mesh,
         batch_axes,
         global_batch_size,
@@ -466,7 +327,7 @@ def make_train_iterator(
         image_std=image_std,
     )
     return TrainIterator(
-        reader, sharding, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads
+        reader, to_global, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads
     )
 
 
@@ -496,7 +357,7 @@ def make_eval_iterator(
       A re-iterable of len ceil(N / B) batches like the training ones, with "valid" bool [B] False on padding and
       "index" int32 [B] (record index within the split, -1 on padding). Mask metrics with "valid".
     """
-    reader, sharding = _reader_for(
+    reader, to_global = _reader_for(
         mesh,
         batch_axes,
         global_batch_size,
@@ -509,4 +370,4 @@ def make_eval_iterator(
         image_mean=image_mean,
         image_std=image_std,
     )
-    return EvalIterable(reader, sharding, prefetch=prefetch)
+    return EvalIterable(reader, to_global, prefetch=prefetch)

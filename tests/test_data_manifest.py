@@ -1,0 +1,142 @@
+"""Manifest builder: good rows load (RGB conversion, resize, vocab), each bad row kind errors or is skipped."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vtfusion_jax.data import datasets
+from vtfusion_jax.data.manifest import ManifestError
+
+SIZE = 16
+
+
+def _write(folder, name, rows):
+    with open(folder / name, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    d = tmp_path / "my data"
+    (d / "images" / "sub").mkdir(parents=True)
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(d / "images" / "red.png")
+    Image.new("L", (8, 8), 100).save(d / "images" / "gray.png")
+    Image.new("RGBA", (8, 8), (0, 0, 255, 0)).save(d / "images" / "clear.png")  # fully transparent blue
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    pal.save(d / "images" / "sub" / "pal.gif")
+    (d / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "outside.png")
+    return d
+
+
+GOOD = [
+    {"image": "images/red.png", "text": "what colour?", "label": "red", "caption": "a red square"},
+    {"image": "images/gray.png", "text": "and this?", "label": "gray"},
+    {"image": "images/clear.png", "text": "transparent", "label": "white"},
+    {"image": "images/sub/pal.gif", "text": "palette", "label": "green"},
+]
+
+
+def _build(folder, data_dir, **kw):
+    kwargs = dict(path=str(folder), image_size=SIZE, **kw)
+    meta = datasets.dataset_meta("manifest", data_dir=str(data_dir), builder_kwargs=kwargs)
+    src = datasets.get_data_source("manifest", "train", data_dir=str(data_dir), builder_kwargs=kwargs)
+    return meta, {ex["line"]: ex for ex in src.__getitems__(list(range(len(src))))}
+
+
+def test_good_rows_load(folder, tmp_path):
+    _write(folder, "train.jsonl", GOOD)
+    _write(folder, "test.jsonl", [GOOD[1], GOOD[0]])
+    meta, rows = _build(folder, tmp_path / "tfds")
+    assert meta["num_examples"] == {"train": 4, "test": 2}
+    assert meta["label_names"] == ["gray", "green", "red", "white"]  # sorted train labels
+    assert meta["image_shape"] == (SIZE, SIZE, 3) and meta["skipped_rows"] == {"train": 0, "test": 0}
+    expect = {1: (255, 0, 0), 2: (100, 100, 100), 3: (255, 255, 255), 4: (0, 200, 0)}
+    for line, rgb in expect.items():
+        img = rows[line]["image"]
+        assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+        assert (img == np.array(rgb, np.uint8)).all(), (line, img[0, 0])
+        assert meta["label_names"][rows[line]["label"]] == GOOD[line - 1]["label"]
+        assert rows[line]["text"].decode() == GOOD[line - 1]["text"]
+    assert rows[1]["caption"] == b"a red square" and rows[2]["caption"] == b""
+    assert meta["type_names"] == ["all"]
+
+
+def test_question_types_and_label_ints(folder, tmp_path):
+    rows = [dict(GOOD[0], question_type="colour", label=3), dict(GOOD[1], question_type="count", label=10)]
+    _write(folder, "train.jsonl", rows)
+    meta, built = _build(folder, tmp_path / "tfds")
+    assert meta["label_names"] == ["10", "3"] and meta["type_names"] == ["colour", "count"]
+    assert built[2]["question_type"] == 1 and built[2]["label"] == 0
+
+
+BAD = {
+    "missing": ({"image": "images/none.png", "text": "t", "label": "x"}, "image file not found"),
+    "corrupt": ({"image": "images/corrupt.png", "text": "t", "label": "x"}, "cannot decode image"),
+    "empty_label": ({"image": "images/red.png", "text": "t", "label": "  "}, "empty label"),
+    "no_label": ({"image": "images/red.png", "text": "t"}, "empty label"),
+    "no_text": ({"image": "images/red.png", "label": "red"}, "missing field 'text'"),
+    "escape": ({"image": "../outside.png", "text": "t", "label": "x"}, "leaves the dataset folder"),
+    "absolute": ({"image": "/etc/hostname", "text": "t", "label": "x"}, "absolute"),
+    "json": ("{not json", "invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_row_error_names_line_and_file(folder, tmp_path, kind):
+    row, message = BAD[kind]
+    _write(folder, "train.jsonl", [GOOD[0], GOOD[1], row])
+    with pytest.raises(ManifestError) as err:
+        _build(folder, tmp_path / "tfds")
+    text = str(err.value)
+    assert "train.jsonl:3:" in text and message in text
+    if isinstance(row, dict) and "image" in row and kind not in ("no_text",):
+        assert os.path.basename(row["image"]) in text
+
+
+def test_symlink_escape_refused(folder, tmp_path):
+    os.symlink(tmp_path / "outside.png", folder / "images" / "link.png")
+    _write(folder, "train.jsonl", [GOOD[0], {"image": "images/link.png", "text": "t", "label": "x"}])
+    with pytest.raises(ManifestError, match=r"train.jsonl:2: .*link.png.* leaves the dataset folder"):
+        _build(folder, tmp_path / "tfds")
+
+
+def test_unseen_label_in_test_split(folder, tmp_path):
+    _write(folder, "train.jsonl", GOOD[:2])
+    _write(folder, "test.jsonl", [GOOD[0], GOOD[2]])
+    with pytest.raises(ManifestError, match=r"test.jsonl:2: label 'white' does not occur in the train split"):
+        _build(folder, tmp_path / "tfds")
+
+
+def test_skip_bad_rows_counts(folder, tmp_path):
+    bad = [row for row, _ in BAD.values()]
+    _write(folder, "train.jsonl", [GOOD[0], *bad, GOOD[1], "", GOOD[3]])  # blank lines are not rows
+    _write(folder, "validation.jsonl", [GOOD[1], dict(GOOD[0], label="unseen"), BAD["corrupt"][0]])
+    meta, rows = _build(folder, tmp_path / "tfds", skip_bad_rows=True)
+    assert meta["skipped_rows"] == {"train": len(bad), "validation": 2}
+    assert meta["num_examples"] == {"train": 3, "validation": 1}
+    assert sorted(rows) == [1, 2 + len(bad), 4 + len(bad)]
+
+
+def test_editing_manifest_gives_new_dataset(folder, tmp_path):
+    _write(folder, "train.jsonl", GOOD[:2])
+    meta1, _ = _build(folder, tmp_path / "tfds")
+    _write(folder, "train.jsonl", GOOD)
+    meta2, _ = _build(folder, tmp_path / "tfds")
+    assert meta1["num_examples"]["train"] == 2 and meta2["num_examples"]["train"] == 4
+    assert meta1["builder_dir"] != meta2["builder_dir"]
+
+
+def test_single_jsonl_file_and_missing_train(folder, tmp_path):
+    _write(folder, "mine.jsonl", GOOD[:1])
+    kwargs = dict(path=str(folder / "mine.jsonl"), image_size=SIZE)
+    meta = datasets.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    assert meta["num_examples"] == {"train": 1}
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        datasets.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=dict(path=str(tmp_path)))

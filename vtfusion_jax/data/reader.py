@@ -1,0 +1,244 @@
+"""Host-side batch making: record indices -> decoded, preprocessed numpy batches (no jax here).
+
+`train_indices` defines the training order (see pipeline.py for the contract); `BatchReader` reads the rows of a
+global batch that one process owns, decoding only the features a batch needs straight from the serialized records
+(about 2x faster than decoding every feature through tfds).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
+
+from vtfusion_jax.data import datasets
+from vtfusion_jax.data.datasets import get_data_source
+from vtfusion_jax.data.tokenizer import Tokenizer
+
+_SEED_SALT = 0x5EED
+_TEXT_CACHE_SIZE = 1_000_000  # distinct texts kept tokenised (~70 MB at L = 32)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # SeedSequence is a fixed, version-stable hash; index_shuffle wants a 32-bit seed.
+    return int(np.random.SeedSequence([_SEED_SALT, seed, epoch]).generate_state(1)[0])
+
+
+def train_indices(seed: int, step: int, global_batch_size: int, num_examples: int) -> np.ndarray:
+    """Record indices of the global training batch at `step` (epoch-wise permutations seeded by (seed, epoch)).
+
+    Args:
+      seed: data seed.
+      step: training step.
+      global_batch_size: B.
+      num_examples: N, size of the split.
+
+    Returns:
+      int64 [B] record indices; each epoch of N consecutive positions is a permutation of range(N).
+    """
+    out = np.empty(global_batch_size, np.int64)  # [B]
+    seeds: dict[int, int] = {}
+    for r in range(global_batch_size):
+        epoch, k = divmod(step * global_batch_size + r, num_examples)
+        if epoch not in seeds:
+            seeds[epoch] = _epoch_seed(seed, epoch)
+        out[r] = grain.experimental.index_shuffle(k, max_index=num_examples - 1, seed=seeds[epoch], rounds=4)
+    return out
+
+
+class BatchReader:
+    """Host-side batch maker for one split: record indices -> numpy batch dict of this process's rows.
+
+    Picklable (grain worker processes get a copy).
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        split: str,
+        global_batch_size: int,
+        tokenizer: Tokenizer,
+        rows: slice,
+        seed: int = 0,
+        image_size: int | None = None,
+        augment: bool = False,
+        data_dir: str | None = None,
+        builder_kwargs: dict | None = None,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        normalize: bool = True,
+    ):
+        """Opens the split (building the dataset if absent).
+
+        Args:
+          dataset: "easy_vqa", "sort_of_clevr" or "manifest".
+          split: split name (TFDS slicing allowed).
+          global_batch_size: B.
+          tokenizer: text tokenizer.
+          rows: rows of each global batch this process reads (see `process_slice` / `local_rows`).
+          seed: data seed (shuffling and crops).
+          image_size: output side; None keeps the stored size. Resizing is PIL bilinear.
+          augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
+          data_dir: TFDS data folder.
+          builder_kwargs: builder options.
+          image_mean: per-channel mean subtracted from images in [0, 1].
+          image_std: per-channel std dividing them.
+          normalize: return float32 normalised images; False returns uint8 [b,H,W,3] (the iterators normalise on
+            device: 4x less host->device traffic and no host float pass).
+        """
+        self.dataset, self.split, self.seed = dataset, split, int(seed)
+        self.global_batch_size = int(global_batch_size)
+        self.rows = rows
+        self.spec = datasets.get_spec(dataset)
+        self.source = get_data_source(dataset, split, data_dir=data_dir, builder_kwargs=builder_kwargs)
+        self.num_examples = len(self.source)
+        if self.num_examples == 0:
+            raise ValueError(f"{dataset}/{split} is empty")
+        keys = ["image", self.spec.text_key, self.spec.label_key, self.spec.type_key]
+        keys += [feature for feature, _ in self.spec.extra_keys]
+        self._decode = RecordDecoder(self.source.dataset_info.features, keys)
+        self.tokenizer = tokenizer
+        self._text_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.image_size = image_size
+        self.augment = augment
+        self.normalize = normalize
+        # Side of the output images (for crop padding): the stored size unless resized.
+        self.out_size = int(image_size or self.source[0]["image"].shape[0])
+        std = np.asarray(image_std, np.float32)
+        self._scale = 1.0 / (255.0 * std)  # [3]
+        self._bias = -np.asarray(image_mean, np.float32) / std  # [3]
+
+    def _images(self, examples, crop_offsets) -> np.ndarray:
+        imgs = []
+        for ex in examples:
+            img = ex["image"]  # uint8 [H, W, 3]
+            if self.image_size is not None and img.shape[:2] != (self.image_size, self.image_size):
+                pil = Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR)
+                img = np.asarray(pil)
+            imgs.append(img)
+        images = np.stack(imgs)  # [b, H, W, 3] uint8
+        if crop_offsets is not None:
+            pad = _crop_pad(images.shape[1])
+            padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+            h, w = images.shape[1:3]
+            for i, (dy, dx) in enumerate(crop_offsets):
+                images[i] = padded[i, dy : dy + h, dx : dx + w]
+        if not self.normalize:
+            return images
+        out = np.empty(images.shape, np.float32)  # [b, H, W, 3]
+        np.multiply(images, self._scale, out=out, dtype=np.float32)
+        out += self._bias
+        return out
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        # Questions repeat a lot (Sort-of-CLEVR has 36 distinct ones): tokenise each distinct text once.
+        cache = self._text_cache
+        missing = sorted({t for t in texts if t not in cache})
+        if missing:
+            fresh = self.tokenizer(missing)
+            for t, ids, mask in zip(missing, fresh["text_ids"], fresh["text_mask"], strict=True):
+                if len(cache) < _TEXT_CACHE_SIZE:
+                    cache[t] = (ids, mask)
+            local = dict(zip(missing, zip(fresh["text_ids"], fresh["text_mask"], strict=True), strict=True))
+        else:
+            local = {}
+        rows = [cache.get(t) or local[t] for t in texts]
+        return {
+            "text_ids": np.stack([r[0] for r in rows]).astype(np.int32),  # [b, L]
+            "text_mask": np.stack([r[1] for r in rows]).astype(bool),  # [b, L]
+        }
+
+    def load(self, indices: np.ndarray, valid: np.ndarray, crop_offsets: np.ndarray | None = None) -> dict:
+        """Reads and preprocesses records.
+
+        Args:
+          indices: int [b] record indices.
+          valid: bool [b]; False marks padding rows.
+          crop_offsets: int [b, 2] (dy, dx) crop offsets in [0, 2 * pad], or None for no crop.
+
+        Returns:
+          {"image": float32 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label": int32 [b],
+           "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR:
+          "family" int32 [b], "question_code" float32 [b,11]).
+        """
+        records = self.source.data_source.__getitems__([int(i) for i in indices])
+        examples = [self._decode(r) for r in records]
+        texts = [_text(ex[self.spec.text_key]) for ex in examples]
+        batch = {"image": self._images(examples, crop_offsets), **self._tokenize(texts)}
+        batch["label"] = np.asarray([ex[self.spec.label_key] for ex in examples], np.int32)  # [b]
+        batch["question_type"] = np.asarray([ex[self.spec.type_key] for ex in examples], np.int32)  # [b]
+        for feature, key in self.spec.extra_keys:
+            arr = np.stack([np.asarray(ex[feature]) for ex in examples])
+            batch[key] = arr.astype(np.float32 if arr.dtype.kind == "f" else np.int32)
+        batch["valid"] = np.asarray(valid, bool)  # [b]
+        return batch
+
+    def train_batch(self, step: int) -> dict:
+        """This process's rows of the global training batch at `step` (a pure function of (seed, step))."""
+        idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
+        offsets = None
+        if self.augment:
+            rng = np.random.default_rng([_SEED_SALT, self.seed, step])
+            offsets = rng.integers(0, 2 * _crop_pad(self.out_size) + 1, size=(self.global_batch_size, 2))[self.rows]
+        return self.load(idx, np.ones(len(idx), bool), offsets)
+
+    def num_eval_batches(self) -> int:
+        """ceil(N / B): every process runs the same number of eval batches."""
+        return -(-self.num_examples // self.global_batch_size)
+
+    def eval_batch(self, i: int) -> dict:
+        """This process's rows of eval batch `i`; positions past the split are padding (valid False, index -1)."""
+        pos = np.arange(i * self.global_batch_size, (i + 1) * self.global_batch_size)[self.rows]  # [b]
+        valid = pos < self.num_examples
+        batch = self.load(np.where(valid, pos, 0), valid)
+        batch["index"] = np.where(valid, pos, -1).astype(np.int32)  # record index in the split, -1 on padding
+        return batch
+
+
+def _crop_pad(size: int) -> int:
+    return max(1, round(size / 16))
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RecordDecoder:
+    """Decodes selected top-level features of a serialized TFDS record (tf.train.Example) with numpy + PIL.
+
+    Gives the same values as the tfds data source (texts as bytes, ClassLabels as int, tensors as arrays, images
+    as uint8 [H, W, C]) while skipping the features a batch does not use.
+    """
+
+    def __init__(self, features: tfds.features.FeaturesDict, keys: Sequence[str]):
+        self._specs = {}
+        for key in keys:
+            f = features[key]
+            if isinstance(f, tfds.features.Image):
+                self._specs[key] = ("image", None, None)
+            elif isinstance(f, tfds.features.Text):
+                self._specs[key] = ("text", None, None)
+            else:
+                self._specs[key] = ("tensor", tuple(f.shape), np.dtype(f.np_dtype))
+
+    def __call__(self, record: bytes) -> dict:
+        fmap = tf_example_pb2.Example.FromString(record).features.feature
+        out = {}
+        for key, (kind, shape, dtype) in self._specs.items():
+            feat = fmap[key]
+            if kind == "image":
+                with Image.open(io.BytesIO(feat.bytes_list.value[0])) as img:
+                    out[key] = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            elif kind == "text":
+                out[key] = feat.bytes_list.value[0]
+            else:
+                values = feat.int64_list.value if dtype.kind in "iub" else feat.float_list.value
+                arr = np.asarray(values, dtype)
+                out[key] = arr.reshape(shape) if shape else arr.item()
+        return out
