@@ -140,3 +140,29 @@ def test_single_jsonl_file_and_missing_train(folder, tmp_path):
     assert meta["num_examples"] == {"train": 1}
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
         datasets.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=dict(path=str(tmp_path)))
+
+
+def test_manifest_through_the_pipeline(folder, tmp_path):
+    import jax
+    from jax.sharding import Mesh
+
+    from vtfusion_jax.data import pipeline
+    from vtfusion_jax.data.tokenizer import Tokenizer
+
+    _write(folder, "train.jsonl", GOOD)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    kwargs = dict(path=str(folder), image_size=SIZE)
+    ev = pipeline.make_eval_iterator(dataset="manifest", split="train", global_batch_size=8, mesh=mesh,
+                                     tokenizer=Tokenizer(max_len=8), data_dir=str(tmp_path / "tfds"),
+                                     builder_kwargs=kwargs, image_size=8)  # fmt: skip
+    (batch,) = list(ev)
+    h = {k: np.asarray(v) for k, v in batch.items()}
+    assert h["valid"].tolist() == [True] * 4 + [False] * 4 and h["image"].shape == (8, 8, 8, 3)
+    meta = pipeline.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    src = pipeline.get_data_source("manifest", "train", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    for row in range(4):
+        ex = src[int(h["index"][row])]
+        assert meta["label_names"][h["label"][row]] == GOOD[ex["line"] - 1]["label"]
+        assert h["question_type"][row] == 0
+        rgb = {1: (255, 0, 0), 2: (100, 100, 100), 3: (255, 255, 255), 4: (0, 200, 0)}[ex["line"]]
+        np.testing.assert_allclose(h["image"][row], np.broadcast_to(np.array(rgb) / 127.5 - 1, (8, 8, 3)), atol=1e-6)

@@ -3,8 +3,8 @@
 A generator following the paper and the public generator (kimhc6028/relational-networks, sort_of_clevr_generator.py)
 plus the TFDS builder that writes it. Each 75x75 RGB image (white background) holds 6 objects, one per colour
 (red, green, blue, orange, gray, yellow), each a square (side 10: pixels [c-5, c+5], as cv2.rectangle draws it) or a
-circle (radius 5: pixels whose centre lies within 5.5, i.e. dx^2 + dy^2 <= 30, the
-midpoint-circle rule, so both shapes span 11 pixels); centres are integers uniform in [5, 70) and at least 10 px apart.
+circle (radius 5: pixels with dx^2 + dy^2 < 5.5^2, the midpoint-circle rule, so both shapes span 11 pixels);
+centres are integers uniform in [5, 70) and at least 10 px apart (x = column, y = row from the top).
 Per image there are 10 non-relational and 10 relational questions, each about one colour X:
 
     non-relational  shape       shape of the X object                               square / circle
