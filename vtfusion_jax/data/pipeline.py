@@ -12,6 +12,7 @@ Determinism and resume contract (training):
     from the batch sharding (`process_slice` for the usual contiguous layout) and assembled with
     `jax.make_array_from_process_local_data`.
 Eval visits every example exactly once in record order; the last batch is padded and `valid` is False on padding.
+Images travel to the devices as uint8 and are normalised there ((x / 255 - mean) / std, float32).
 """
 
 from __future__ import annotations
@@ -137,9 +138,9 @@ class _Prefetcher:
 
     def close(self):
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
         close = getattr(self._host_iter, "close", None)
-        if close is not None:
+        if close is not None and not self._thread.is_alive():  # never close an iterator another thread runs
             close()
 
 

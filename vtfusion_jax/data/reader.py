@@ -163,9 +163,9 @@ class BatchReader:
           crop_offsets: int [b, 2] (dy, dx) crop offsets in [0, 2 * pad], or None for no crop.
 
         Returns:
-          {"image": float32 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label": int32 [b],
-           "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR:
-          "family" int32 [b], "question_code" float32 [b,11]).
+          {"image": float32 [b,H,W,3] (uint8 if normalize=False), "text_ids": int32 [b,L],
+           "text_mask": bool [b,L], "label": int32 [b], "question_type": int32 [b], "valid": bool [b]} plus the
+          dataset's extra keys (Sort-of-CLEVR: "family" int32 [b], "question_code" float32 [b,11]).
         """
         records = self.source.data_source.__getitems__([int(i) for i in indices])
         examples = [self._decode(r) for r in records]
