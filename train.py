@@ -1,0 +1,45 @@
+"""Trains a vision-text fusion model; resumes automatically from the newest complete checkpoint in --workdir.
+
+  python train.py --config=configs/easy_vqa.py --workdir=runs/easy_vqa [--config.optim.lr=1e-3 ...]
+
+Writes workdir/config.json, workdir/checkpoints/ (Orbax), TensorBoard events and workdir/metrics.jsonl.
+Exit codes: 0 done (or preempted by SIGTERM after saving a checkpoint), 1 non-finite loss.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs); an existing run there is resumed.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from vtfusion_jax import train_lib  # after flag parsing: jax starts here
+
+    train_lib.maybe_initialize_distributed()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train_lib.NonFiniteLossError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    val = result["val"]
+    status = "preempted" if result["preempted"] else "early-stopped" if result["early_stopped"] else "done"
+    status = "stopped (train.steps_per_run)" if result["stopped_for_run_limit"] else status
+    acc = f", validation accuracy {val['accuracy']:.4f}" if val else ""
+    print(f"{status} at step {result['step']}{acc}; best step {result['best_step']}", flush=True)
+
+
+if __name__ == "__main__":
+    from vtfusion_jax import config_lib
+
+    config_lib.check_overrides(sys.argv)
+    app.run(main)

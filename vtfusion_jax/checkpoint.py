@@ -1,0 +1,162 @@
+"""Checkpoints: the only module that touches Orbax.
+
+Layout: ``workdir/checkpoints/<step>/{state, data}`` where ``state`` is the whole TrainState (params, optimiser
+state, step, RNG; global jax.Arrays, so every process writes its shards) and ``data`` is the data iterator's JSON
+state. Orbax writes each step into a temporary folder and renames it when complete, so a run killed mid-save never
+leaves a checkpoint that later looks valid. Saves are asynchronous (training continues while files are written).
+
+Retention: the newest ``keep`` checkpoints plus the best one by the validation metric (steps saved without a
+metric, e.g. on SIGTERM, count only as "newest").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+STATE, DATA = "state", "data"
+
+
+class Checkpointer:
+    """Wraps an Orbax CheckpointManager for train states + data-iterator state."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 2,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        asynchronous: bool = True,
+        read_only: bool = False,
+    ):
+        """Opens (or creates) a checkpoint folder.
+
+        Args:
+          directory: folder holding one sub-folder per step.
+          keep: number of newest checkpoints kept.
+          best_metric: key of the metrics dict passed to ``save`` used to keep the best checkpoint (None: only the
+            newest are kept).
+          best_mode: "max" or "min" for ``best_metric``.
+          asynchronous: write in a background thread.
+          read_only: never write or delete (evaluation).
+        """
+        self.directory = os.path.abspath(directory)
+        self.best_metric = best_metric
+        policies = [ocm.LatestN(n=max(1, int(keep)))]
+        best_fn = None
+        if best_metric is not None:
+            best_fn = lambda m: float(m[best_metric])  # noqa: E731
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=None if read_only else ocm.AnyPreservationPolicy(policies),
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=asynchronous,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+
+    def all_steps(self) -> list[int]:
+        """Steps of complete checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Newest complete checkpoint, or None."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """Checkpoint with the best ``best_metric`` (the newest when no metric was recorded), or None."""
+        return self._manager.best_step()
+
+    def metrics(self, step: int) -> Mapping[str, Any] | None:
+        """Metrics saved with ``step`` (None if there were none)."""
+        return self._manager.metrics(step)
+
+    def save(
+        self, step: int, state: Any, data_state: Mapping[str, Any], metrics: Mapping[str, float] | None = None
+    ) -> bool:
+        """Starts saving ``state`` and ``data_state`` as ``step`` (returns at once when asynchronous).
+
+        Args:
+          step: training step the state belongs to.
+          state: pytree of global jax.Arrays.
+          data_state: JSON-able data iterator state.
+          metrics: validation metrics ({best_metric: value, ...}) or None.
+
+        Returns:
+          False if a checkpoint of ``step`` already exists (nothing is written), True otherwise.
+        """
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))})
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(int(step), args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+        Args:
+          step: checkpoint step.
+          abstract_state: pytree of jax.ShapeDtypeStruct with ``sharding`` set (or arrays).
+
+        Returns:
+          (state, data_state).
+        """
+        abstract = jax.tree.map(_abstract, abstract_state)
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}),
+        )
+        return out[STATE], dict(out[DATA] or {})
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def resolve_step(ckpt: Checkpointer, which: str | int | None) -> int:
+    """Turns "best" / "latest" / a step number into an existing step, or raises with the available ones.
+
+    Args:
+      ckpt: checkpointer.
+      which: "best" (default when None), "latest", or an int / digit string.
+
+    Returns:
+      A saved step.
+    """
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+    if which is None or which == "best":
+        return int(ckpt.best_step())
+    if which == "latest":
+        return int(ckpt.latest_step())
+    step = int(which)
+    if step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
+    return step

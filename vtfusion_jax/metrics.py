@@ -1,0 +1,230 @@
+"""Metrics (free functions on numpy arrays) and metric writers (TensorBoard event files + metrics.jsonl).
+
+Classification: accuracy overall and per question type, confusion matrix, top-k accuracy.
+Retrieval: recall@K from a similarity matrix. Captioning metrics (BLEU/CIDEr) arrive with the captioning issue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def accuracy(pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Share of valid rows where pred == label (nan when there are none).
+
+    Args:
+      pred: int [N] predicted classes.
+      label: int [N] true classes.
+      valid: bool [N] (default all True).
+
+    Returns:
+      Accuracy in [0, 1].
+    """
+    pred, label = np.asarray(pred), np.asarray(label)
+    valid = np.ones(pred.shape, bool) if valid is None else np.asarray(valid, bool)
+    n = int(valid.sum())
+    return float(((pred == label) & valid).sum() / n) if n else float("nan")
+
+
+def per_type_accuracy(
+    pred: np.ndarray, label: np.ndarray, types: np.ndarray, type_names: Sequence[str], valid: np.ndarray | None = None
+) -> dict[str, float]:
+    """Accuracy for each type name (question type, relational family, ...); types absent from the data are omitted.
+
+    Args:
+      pred, label: int [N].
+      types: int [N], index into ``type_names``.
+      type_names: names of the types.
+      valid: bool [N].
+
+    Returns:
+      {type name: accuracy}.
+    """
+    types = np.asarray(types)
+    valid = np.ones(types.shape, bool) if valid is None else np.asarray(valid, bool)
+    out = {}
+    for i, name in enumerate(type_names):
+        sel = valid & (types == i)
+        if sel.any():
+            out[name] = accuracy(pred, label, sel)
+    return out
+
+
+def counts_to_accuracy(correct: np.ndarray, total: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """{name: correct / total} for per-type counts accumulated on device (types with no examples omitted)."""
+    return {n: float(c / t) for n, c, t in zip(names, correct, total, strict=True) if t > 0}
+
+
+def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, valid: np.ndarray | None = None):
+    """Counts ``m[true, predicted]`` over valid rows. Returns int64 [C, C]."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    valid = np.ones(pred.shape, bool) if valid is None else np.asarray(valid, bool)
+    m = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(m, (label[valid], pred[valid]), 1)
+    return m
+
+
+def top_k_accuracy(probs: np.ndarray, label: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the k highest scores. probs: [N, C], label: [N]."""
+    top = np.argsort(-np.asarray(probs), axis=-1)[:, :k]
+    return float(np.mean(np.any(top == np.asarray(label)[:, None], axis=-1)))
+
+
+def recall_at_k(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval recall@K where query i's match is item i.
+
+    Args:
+      similarity: [Q, I] scores, the true match of query i is item i.
+      ks: cut-offs.
+
+    Returns:
+      {"R@k": share of queries whose match ranks in the top k}.
+    """
+    s = np.asarray(similarity)
+    # rank = number of items scoring strictly higher than the true match
+    rank = np.sum(s > np.diag(s)[:, None], axis=1)
+    return {f"R@{k}": float(np.mean(rank < k)) for k in ks}
+
+
+def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> float:
+    """Accuracy of always answering the most frequent training label."""
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    return float(np.mean(np.asarray(eval_labels) == values[np.argmax(counts)]))
+
+
+# --------------------------------------------------------------------------------------------------- writers
+# clu.metric_writers would be the natural choice, but importing it pulls in TensorFlow (its package __init__
+# imports the tf.summary writer), which is not a dependency here; these writers follow its interface.
+
+
+class MetricWriter:
+    """Interface: ``write_scalars(step, {name: value})``, ``write_hparams(dict)``, ``flush()``, ``close()``."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
+
+
+class LoggingWriter(MetricWriter):
+    """Scalars to the Python log (INFO)."""
+
+    def write_scalars(self, step, scalars):
+        text = ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items())
+        logging.getLogger("vtfusion_jax.metrics").info("[%d] %s", int(step), text)
+
+
+class TensorBoardWriter(MetricWriter):
+    """Scalars (and hparams as text) to TensorBoard event files via the `tensorboard` package (no TensorFlow)."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(logdir)
+
+    def _add(self, step: int, summary) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def write_scalars(self, step, scalars):
+        from tensorboard.compat.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._add(step, summary_pb2.Summary(value=values))
+
+    def write_hparams(self, hparams):
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
+
+        text = json.dumps({k: str(v) for k, v in hparams.items()}, sort_keys=True, indent=1)
+        tensor = tensor_pb2.TensorProto(
+            dtype=7, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
+        )  # dtype 7 = DT_STRING
+        meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        self._add(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="config", tensor=tensor, metadata=meta)]))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class JsonlWriter(MetricWriter):
+    """One JSON object per logged step, {"step": s, name: value, ...}, appended to a file.
+
+    Scalars written for the same step (train metrics, then validation) are merged into one line, flushed when
+    a later step arrives or on flush().
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+        self._row: dict | None = None
+
+    def write_scalars(self, step, scalars):
+        if self._row is not None and self._row["step"] != int(step):
+            self.flush()
+        if self._row is None:
+            self._row = {"step": int(step)}
+        for k, v in scalars.items():
+            v = float(v)
+            self._row[k] = v if math.isfinite(v) else str(v)  # JSON has no nan / inf
+
+    def flush(self):
+        if self._row is not None:
+            with open(self._path, "a") as f:
+                f.write(json.dumps(self._row) + "\n")
+            self._row = None
+
+
+class MultiWriter(MetricWriter):
+    """Fans every call out to several writers."""
+
+    def __init__(self, writers: Sequence[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams):
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def create_writer(workdir: str, *, is_main: bool) -> MetricWriter:
+    """Logging everywhere; TensorBoard events and ``workdir/metrics.jsonl`` on the main process only."""
+    writers: list[MetricWriter] = [LoggingWriter()]
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        writers += [TensorBoardWriter(workdir), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    return MultiWriter(writers)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,180 @@
+"""Device mesh, the logical-axis rules table and shardings for the whole train state.
+
+Mesh axes are always ``('data', 'fsdp', 'tensor')``:
+  data    pure data parallelism: the batch is split, parameters are replicated.
+  fsdp    the batch is split *and* parameters / optimiser state are sharded on their ``embed`` dimension
+          (gathered on use by XLA): ZeRO-3 / FSDP.
+  tensor  Megatron-style tensor parallelism on attention heads, MLP hidden units and conv channels.
+
+The model tags every parameter and key activation with logical axis names (layers.py); ``LOGICAL_RULES`` is the
+one table that maps them onto mesh axes. A rule is skipped for an array when the mesh axis is already used by an
+earlier dimension (so activations ``(batch, length, embed)`` shard only ``batch`` over fsdp), and a parameter
+dimension that the mesh axes do not divide (e.g. the 3 RGB channels of the first conv) falls back to replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes. Order matters: the first rule that can still claim a mesh axis wins.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),  # activations and data: split over every batch-parallel axis
+    ("heads", "tensor"),  # attention heads (q/k/v/out kernels, per-head activations)
+    ("mlp", "tensor"),  # MLP hidden units, GRU gates
+    ("conv_out", "tensor"),  # conv output channels
+    ("embed", "fsdp"),  # parameters: FSDP shards the model width; activations keep it whole (batch took fsdp)
+    ("vocab", None),  # logits have few classes; embedding tables shard on embed instead
+    ("length", None),
+    ("kv", None),
+    ("conv_in", None),
+    ("layers", None),  # stacked axis of scanned layers
+)
+
+
+# Whether model.apply runs inside the rules context, turning the model's nn.with_logical_constraint calls on
+# activations into sharding constraints. Off for now: flax's param-shape check in apply re-runs nn.DenseGeneral's
+# kernel init, whose flat 2-D kernel carries the 3 logical names of the [embed, heads, kv] kernel, and the
+# constraint it then applies fails ("only valid for values of rank at least 3"). Parameter and batch shardings are
+# set either way and XLA propagates them through the activations, so results are identical; only the layout
+# hints inside the step are lost. Turn on once attention.py builds its q/k/v/out kernels at their full rank.
+ACTIVATION_CONSTRAINTS = False
+
+
+def activation_rules():
+    """Context for tracing model.apply: the logical-axis rules (see ACTIVATION_CONSTRAINTS) or nothing."""
+    return nn.logical_axis_rules(LOGICAL_RULES) if ACTIVATION_CONSTRAINTS else contextlib.nullcontext()
+
+
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh over ``MESH_AXES`` with the given shape; one entry may be -1 (= the remaining devices).
+
+    Args:
+      mesh_shape: sizes of (data, fsdp, tensor), e.g. (-1, 1, 1) for pure data parallelism; a shape without -1
+        covering fewer devices than there are (single process) uses the first ones.
+      devices: devices to use (default: all).
+
+    Returns:
+      A jax Mesh with Auto axis types (linen's logical constraints need them).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in mesh_shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(shape)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh_shape entry may be -1, got {tuple(shape)}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh_shape {tuple(shape)} does not divide the {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) > len(devices):
+        raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, {len(devices)} available")
+    if int(np.prod(shape)) < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"mesh_shape {tuple(shape)} must use all {len(devices)} devices of a multi-process job")
+        devices = devices[: int(np.prod(shape))]  # e.g. (1, 1, 1): a single-device run on a multi-device host
+    if len(devices) == len(jax.devices()):
+        try:
+            return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        except TypeError:  # older jax without axis_types (Auto is then the only kind)
+            return jax.make_mesh(tuple(shape), MESH_AXES)
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def mesh_axis_size(mesh: jax.sharding.Mesh, axes: Any) -> int:
+    """Number of devices along a mesh axis name, a tuple of names, or None (=1)."""
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions become replicated)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    out = []
+    for dim, axes in zip(shape, entries, strict=True):
+        out.append(axes if axes is not None and dim % mesh_axis_size(mesh, axes) == 0 else None)
+    return PartitionSpec(*out)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def unbox(tree: Any) -> Any:
+    """Strips logical-axis boxes without adding sharding constraints (plain values)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Tree of logical PartitionSpecs (axis names) for a boxed tree; unboxed leaves get ``PartitionSpec()``."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def param_shardings(boxed_abstract: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a boxed (eval_shape'd) parameter tree, following ``rules`` and divisibility.
+
+    Args:
+      boxed_abstract: tree of ShapeDtypeStructs, possibly inside flax logical-partitioning boxes.
+      mesh: device mesh.
+      rules: logical -> mesh rules.
+
+    Returns:
+      Tree of NamedSharding with the structure of ``unbox(boxed_abstract)``.
+    """
+    specs = nn.logical_to_mesh(logical_specs(boxed_abstract), rules)
+    shapes = unbox(boxed_abstract)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def optimizer_shardings(abstract_opt_state: Any, abstract_params: Any, p_shardings: Any, mesh) -> Any:
+    """Shardings for optimiser state: any leaf whose trailing dict path and shape match a parameter gets that
+    parameter's sharding (Adam moments, accumulated gradients); everything else (counts, scalars) is replicated."""
+    by_path = {}
+    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_s = jax.tree.leaves(p_shardings)
+    for (path, x), s in zip(flat_p, flat_s, strict=True):
+        by_path[_dict_keys(path)] = (x.shape, s)
+    lengths = sorted({len(k) for k in by_path}, reverse=True)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for n in lengths:
+            hit = by_path.get(keys[-n:]) if len(keys) >= n else None
+            if hit is not None and tuple(hit[0]) == tuple(getattr(leaf, "shape", ())):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Dim 0 split over the batch axes, the rest replicated (what the data pipeline produces)."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
