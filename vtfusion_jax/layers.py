@@ -201,7 +201,7 @@ def remat_policy(name: str):
 class Repeated(nn.Module):
     """``num_layers`` copies of ``block_cls(**block_kwargs)``, scanned (nn.scan) or unrolled, optionally remat'ed.
 
-    Scanned parameters are stacked on a leading "layers" axis under ``layers``; unrolled ones live under
+    Scanned parameters are stacked on a leading "layers" axis under ``stacked``; unrolled ones live under
     ``layers_0 .. layers_{n-1}``. ``scanned_to_unrolled`` converts the former into the latter.
     """
 
@@ -237,7 +237,7 @@ class Repeated(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            carry, _ = scanned(**kwargs, name="layers")(carry, aux, deterministic)
+            carry, _ = scanned(**kwargs, name="stacked")(carry, aux, deterministic)
             return carry
         for i in range(self.num_layers):
             carry, _ = cls(**kwargs, name=f"layers_{i}")(carry, aux, deterministic)
@@ -245,15 +245,15 @@ class Repeated(nn.Module):
 
 
 def scanned_to_unrolled(tree: Any, num_layers: int) -> Any:
-    """Converts params of scanned ``Repeated`` stacks (key ``layers``, stacked axis 0) to unrolled layout.
+    """Converts params of scanned ``Repeated`` stacks (key ``stacked``, stacked axis 0) to the unrolled layout.
 
-    Works on nested dicts; every subtree under a key named ``layers`` is split into ``layers_0..layers_{n-1}``.
+    Works on nested dicts; every subtree under a key named ``stacked`` is split into ``layers_0..layers_{n-1}``.
     """
     if not isinstance(tree, dict) and not hasattr(tree, "items"):
         return tree
     out = {}
     for key, value in tree.items():
-        if key == "layers":
+        if key == "stacked":
             for i in range(num_layers):
                 out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], unbox(value))
         else:

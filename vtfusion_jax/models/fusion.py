@@ -154,7 +154,7 @@ class MergedFusion(FusionBase):
             (2, self.width),
             jnp.float32,
         )
-        self.blocks = self.stack(layers.TransformerBlock, "layers", **self.block_kwargs())
+        self.blocks = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs())
         self.final_ln = layers.LayerNorm(name="final_ln")
 
     def _inputs(self, text, image):
@@ -202,7 +202,7 @@ class CrossFusion(FusionBase):
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
-        t = self.stack(layers.TransformerBlock, "layers", **self.block_kwargs(cross_attention=True, cross_first=True))(
+        t = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs(cross_attention=True, cross_first=True))(
             t, (text_mask, kv, image_mask), deterministic
         )
         t = self.ln("final_ln")(t)
@@ -260,7 +260,7 @@ class CoAttentionFusion(FusionBase):
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
-        t, i = self.stack(CoAttentionBlock, "layers", cfg=self.block_config())(
+        t, i = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())(
             (t, i), (text_mask, image_mask), deterministic
         )
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
@@ -317,7 +317,7 @@ class GatedCrossFusion(FusionBase):
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
-        t = self.stack(GatedCrossBlock, "layers", cfg=self.block_config())(t, (kv, image_mask), deterministic)
+        t = self.stack(GatedCrossBlock, "blocks", cfg=self.block_config())(t, (kv, image_mask), deterministic)
         return t, i, layers.masked_mean(t, text_mask)
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
@@ -365,7 +365,7 @@ class BottleneckFusion(FusionBase):
             jnp.float32,
         )
         z = jnp.broadcast_to(z0.astype(self.dtype)[None], (t.shape[0], *z0.shape))  # [B, n, D]
-        t, i, _ = self.stack(BottleneckBlock, "layers", cfg=self.block_config())(
+        t, i, _ = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())(
             (t, i, z), (text_mask, image_mask), deterministic
         )
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
@@ -428,7 +428,7 @@ class QueryFusion(FusionBase):
         )
         q = jnp.broadcast_to(q0.astype(self.dtype)[None], (t.shape[0], *q0.shape))  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
-        q = self.stack(QueryBlock, "layers", cfg=self.block_config())(
+        q = self.stack(QueryBlock, "blocks", cfg=self.block_config())(
             q, (i_kv, image_mask, t_kv, text_mask), deterministic
         )
         q = self.ln("query_final_ln")(q)

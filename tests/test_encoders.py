@@ -1,0 +1,96 @@
+"""Image and text encoders: token shapes, masks, and padding that never leaks into real positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vtfusion_jax.models import get_image_encoder, get_text_encoder
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    "spec,image_hw,n_tokens",
+    [
+        (dict(name="cnn", width=32, channels=(8, 16, 16)), 64, 8 * 8),  # easy-VQA: 64 px -> 8x8 grid
+        (dict(name="cnn", width=32, channels=(8, 16, 16)), 75, 10 * 10),  # Sort-of-CLEVR: 75 px -> 10x10
+        (dict(name="vit", width=32, depth=1, num_heads=4, mlp_dim=64, patch_size=8, use_cls=True), 64, 1 + 8 * 8),
+        (dict(name="vit", width=32, depth=1, num_heads=4, mlp_dim=64, patch_size=16, pos_emb="sincos2d"), 64, 16),
+    ],
+)
+def test_image_encoder_tokens(spec, image_hw, n_tokens):
+    enc = get_image_encoder(spec)
+    image = jnp.asarray(RNG.normal(size=(2, image_hw, image_hw, 3)), jnp.float32)
+    params = jax.jit(enc.init)(jax.random.key(0), image)
+    tokens, mask = jax.jit(enc.apply)(params, image)
+    assert tokens.shape == (2, n_tokens, 32) and mask.shape == (2, n_tokens)
+    assert mask.dtype == jnp.bool_ and bool(mask.all())
+    # Tokens depend on the image, and on where things are: shifting the image changes the tokens.
+    shifted = jnp.roll(image, 8, axis=2)
+    assert not np.allclose(np.asarray(jax.jit(enc.apply)(params, shifted)[0]), np.asarray(tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,stem,hw,n_blocks,grid",
+    [
+        ("resnet18", "small", 64, 2 + 2 + 2 + 2, 4),  # /2 stem, then /8 over the stages
+        ("resnet50", "small", 64, 3 + 4 + 6 + 3, 4),
+        ("resnet50", "imagenet", 224, 3 + 4 + 6 + 3, 7),  # /4 stem, /32 in all: 7x7 tokens
+    ],
+)
+def test_resnet_layouts(name, stem, hw, n_blocks, grid):
+    """Shapes only (abstract evaluation: compiling a ResNet is slow on this CPU)."""
+    enc = get_image_encoder(dict(name=name, width=16, base_filters=4, stem=stem))
+    image = jnp.zeros((1, hw, hw, 3))
+    variables = jax.eval_shape(enc.init, jax.random.key(0), image)
+    blocks = [k for k in variables["params"] if k.startswith("stage")]
+    assert len(blocks) == n_blocks
+    assert ("conv3" in variables["params"]["stage3_block1"]) == (name == "resnet50")  # bottleneck: 1x1,3x3,1x1
+    tokens, mask = jax.eval_shape(enc.apply, variables, image)
+    assert tokens.shape == (1, grid * grid, 16) and mask.shape == (1, grid * grid)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(name="bert", vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64),
+        dict(name="bert", vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64, post_ln=False),
+        dict(name="gru", vocab_size=50, width=32, hidden=16),
+        dict(name="gru", vocab_size=50, width=32, hidden=16, bidirectional=False),
+    ],
+)
+def test_text_encoder_respects_padding(spec):
+    enc = get_text_encoder(spec)
+    ids = jnp.asarray(RNG.integers(1, 50, size=(2, 6)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+    params = jax.jit(enc.init)(jax.random.key(0), ids, mask)
+    apply = jax.jit(enc.apply)
+    tokens, out_mask = apply(params, ids, mask)
+    assert tokens.shape == (2, 6, 32)
+    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(mask))
+    assert np.all(np.asarray(tokens[1, 3:]) == 0.0)  # padded outputs are zero
+    # Other ids in the padded positions, and a longer padded sequence: real positions unchanged.
+    junk = ids.at[1, 3:].set(7)
+    np.testing.assert_allclose(np.asarray(apply(params, junk, mask)[0][1, :3]), np.asarray(tokens[1, :3]), atol=1e-5)
+    longer_ids = jnp.concatenate([ids, jnp.full((2, 4), 9, jnp.int32)], 1)
+    longer_mask = jnp.concatenate([mask, jnp.zeros((2, 4), bool)], 1)
+    np.testing.assert_allclose(
+        np.asarray(apply(params, longer_ids, longer_mask)[0][1, :3]), np.asarray(tokens[1, :3]), atol=1e-5
+    )
+    # A real token does influence the others (the encoder is contextual), except the forward-only GRU's past.
+    changed = ids.at[1, 2].set((ids[1, 2] % 49) + 1)
+    assert not np.allclose(np.asarray(apply(params, changed, mask)[0][1, 2]), np.asarray(tokens[1, 2]), atol=1e-5)
+
+
+def test_bert_rejects_text_longer_than_its_positions():
+    enc = get_text_encoder(dict(name="bert", vocab_size=50, width=32, depth=1, num_heads=4, mlp_dim=64, max_len=4))
+    with pytest.raises(ValueError, match="exceeds BertEncoder.max_len=4"):
+        jax.eval_shape(enc.init, jax.random.key(0), jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 6), bool))
+
+
+def test_unknown_encoder_names_list_valid_ones():
+    with pytest.raises(ValueError, match=r"valid: \['cnn', 'resnet18', 'resnet50', 'vit'\]"):
+        get_image_encoder(dict(name="resnet101"))
+    with pytest.raises(ValueError, match=r"valid: \['bert', 'gru'\]"):
+        get_text_encoder(dict(name="lstm"))

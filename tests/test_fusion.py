@@ -1,0 +1,179 @@
+"""Every fusion variant: runs under jit with padding, and limiting cases that pin down who attends to whom."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vtfusion_jax import layers
+from vtfusion_jax.models import get_fusion
+from vtfusion_jax.models.fusion import FUSIONS, param_count
+
+B, L, N, D = 2, 6, 9, 32
+SIZE = dict(width=D, num_layers=2, num_heads=4, mlp_dim=64)
+# Default extra fields per variant in these tests (bottleneck with 2 shared tokens).
+EXTRA = {"bottleneck": {"num_bottleneck": 2}}
+TEXT_MASK = jnp.asarray(np.arange(L)[None, :] < np.array([[L], [3]]))  # second example: 3 real text tokens
+IMAGE_MASK = jnp.asarray(np.arange(N)[None, :] < np.array([[7], [N]]))  # first example: 2 padded image tokens
+
+
+def _tokens(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+TEXT = _tokens(0, (B, L, D))
+IMAGE = _tokens(1, (B, N, D))
+IMAGE2 = _tokens(2, (B, N, D))
+
+
+@functools.cache
+def _model(name, **extra):
+    """(fusion, params, jitted apply(params, text, image), jitted grad of a loss w.r.t. params and image)."""
+    spec = dict(name=name, **SIZE, **extra)
+    fusion = get_fusion(spec)
+    params = jax.jit(fusion.init)(jax.random.key(0), TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)
+    apply = jax.jit(lambda p, t, i: fusion.apply(p, t, TEXT_MASK, i, IMAGE_MASK))
+
+    def loss(p, image):
+        t, _, pooled = fusion.apply(p, TEXT, TEXT_MASK, image, IMAGE_MASK)
+        return jnp.sum(jnp.where(TEXT_MASK[..., None], t, 0.0) ** 2) + jnp.sum(pooled**2)
+
+    return fusion, params, apply, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _randomize(params, seed=7):
+    """Perturbs every parameter (so zero-initialised gates open and limiting cases are not trivially met)."""
+    leaves, tree = jax.tree.flatten(layers.unbox(params))
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(tree, [x + 0.1 * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_registry_entry_init_apply_grad_under_jit(name):
+    _, params, apply, grad_fn = _model(name, **EXTRA.get(name, {}))
+    t, i, pooled = apply(params, TEXT, IMAGE)
+    assert t.shape == (B, L, D) and i.shape == (B, N, D)
+    assert pooled.ndim == 2 and pooled.shape[0] == B and pooled.shape[1] in (D, 2 * D)
+    loss, (g_params, g_image) = grad_fn(_randomize(params), IMAGE)
+    assert np.isfinite(float(loss))
+    for g in jax.tree.leaves(g_params) + [g_image]:
+        assert np.all(np.isfinite(np.asarray(g)))
+    # Every parameter takes part in the computation (a parameter with zero gradient would be dead weight).
+    dead = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(g_params) if not np.any(g)]
+    assert not dead, dead
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_bfloat16_compute_float32_params(name):
+    """Shapes and dtypes under bf16 compute, traced abstractly (no compile): bf16 outputs, float32 params/grads."""
+    fusion = get_fusion(dict(name=name, **SIZE, **EXTRA.get(name, {}), dtype=jnp.bfloat16))
+    params = jax.eval_shape(fusion.init, jax.random.key(0), TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)
+    t, i, pooled = jax.eval_shape(fusion.apply, params, TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)
+    assert (t.dtype, i.dtype, pooled.dtype) == (jnp.bfloat16,) * 3
+    assert t.shape == (B, L, D) and i.shape == (B, N, D)
+
+    def loss(p):
+        return jnp.sum(fusion.apply(p, TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)[2].astype(jnp.float32))
+
+    grads = jax.eval_shape(jax.grad(loss), params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(layers.unbox(params)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(layers.unbox(grads)))
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_padding_never_leaks(name):
+    """Outputs at real positions ignore whatever sits in padded text and image positions."""
+    _, params, apply, _ = _model(name, **EXTRA.get(name, {}))
+    params = _randomize(params)
+    t, i, pooled = apply(params, TEXT, IMAGE)
+    text_junk = TEXT.at[1, 3:].set(100.0)
+    image_junk = IMAGE.at[0, 7:].set(-100.0)
+    t2, i2, pooled2 = apply(params, text_junk, image_junk)
+    np.testing.assert_allclose(np.asarray(t2[1, :3]), np.asarray(t[1, :3]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(t2[0]), np.asarray(t[0]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(i2[0, :7]), np.asarray(i[0, :7]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(pooled2), np.asarray(pooled), atol=1e-4)
+
+
+def test_gated_cross_is_identity_at_init():
+    _, params, apply, _ = _model("gated_cross")
+    t, _, _ = apply(params, TEXT, IMAGE)
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(TEXT))
+    # ... and only at init: once the gates open, the image matters.
+    opened = _randomize(params)
+    assert not np.allclose(np.asarray(apply(opened, TEXT, IMAGE)[0]), np.asarray(TEXT), atol=1e-3)
+
+
+def test_merged_block_diagonal_equals_separate_streams():
+    fusion, params, apply, _ = _model("merged", block_diagonal=True)
+    params = _randomize(params)
+    joint = apply(params, TEXT, IMAGE)
+    separate = jax.jit(lambda p: fusion.apply(p, TEXT, TEXT_MASK, IMAGE, IMAGE_MASK, method=fusion.run_separately))(
+        params
+    )
+    valid = [np.asarray(TEXT_MASK), np.asarray(IMAGE_MASK)]
+    for a, b, m in zip(joint[:2], separate[:2], valid, strict=True):
+        np.testing.assert_allclose(np.asarray(a)[m], np.asarray(b)[m], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(joint[2]), np.asarray(separate[2]), atol=2e-5)
+    # Without the block-diagonal mask the same parameters do mix the modalities.
+    mixed = get_fusion(dict(name="merged", **SIZE))
+    t_mixed = mixed.apply(params, TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)[0]
+    assert not np.allclose(np.asarray(t_mixed)[valid[0]], np.asarray(separate[0])[valid[0]], atol=1e-3)
+
+
+@pytest.mark.parametrize("name,extra", [("concat", {}), ("bottleneck", {"num_bottleneck": 0})])
+def test_no_interaction_variants_ignore_the_image_on_the_text_side(name, extra):
+    _, params, apply, _ = _model(name, **extra)
+    params = _randomize(params)
+    t1 = apply(params, TEXT, IMAGE)[0]
+    t2 = apply(params, TEXT, IMAGE2)[0]
+    np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [("cross", {}), ("co_attention", {}), ("merged", {}), ("query", {}), ("bottleneck", EXTRA["bottleneck"])],
+)
+def test_interacting_variants_let_the_image_reach_the_text(name, extra):
+    _, params, apply, grad_fn = _model(name, **extra)
+    params = _randomize(params)
+    t1 = apply(params, TEXT, IMAGE)[0]
+    t2 = apply(params, TEXT, IMAGE2)[0]
+    assert np.abs(np.asarray(t1) - np.asarray(t2))[np.asarray(TEXT_MASK)].max() > 1e-3
+    _, (_, g) = grad_fn(params, IMAGE)
+    assert np.abs(np.asarray(g)).max() > 1e-6
+    # The gradient w.r.t. padded image tokens is exactly zero.
+    assert np.all(np.asarray(g)[0, 7:] == 0.0)
+
+
+def test_unknown_fusion_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid: .*co_attention"):
+        get_fusion(dict(name="co-attention"))
+    with pytest.raises(ValueError, match="has no field 'num_layer'"):
+        get_fusion(dict(name="cross", num_layer=2))
+
+
+@pytest.mark.parametrize("name", ["co_attention", "merged", "query"])
+def test_analytic_flops_match_xla_cost_analysis(name):
+    """Matmul FLOPs dominate at this size: the analytic count must be within 10 % of XLA's total."""
+    size = dict(width=128, num_layers=2, num_heads=4, mlp_dim=512)
+    fusion = get_fusion(dict(name=name, **size))
+    lt, li = 16, 64
+    t, i = jnp.zeros((1, lt, 128)), jnp.zeros((1, li, 128))
+    mt, mi = jnp.ones((1, lt), bool), jnp.ones((1, li), bool)
+    params = jax.eval_shape(fusion.init, jax.random.key(0), t, mt, i, mi)
+    compiled = jax.jit(fusion.apply).lower(params, t, mt, i, mi).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic = fusion.flops_per_example(lt, li)
+    assert abs(analytic - cost["flops"]) / cost["flops"] < 0.10, (analytic, cost["flops"])
+
+
+def test_param_count_counts_every_weight():
+    fusion = get_fusion(dict(name="gated_cross", **SIZE))
+    # Per layer: cross-attention (4 D*D kernels + 4 D biases), MLP (2 D*M kernels + M + D biases),
+    # two LayerNorms (2 D each) and two scalar gates. Plus the image key/value LayerNorm (2 D).
+    per_layer = 4 * D * D + 4 * D + 2 * D * 64 + 64 + D + 4 * D + 2
+    assert param_count(fusion, L, N) == 2 * per_layer + 2 * D
