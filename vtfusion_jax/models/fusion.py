@@ -465,4 +465,4 @@ def param_count(
     i = jnp.zeros((1, image_len, image_dim or fusion.width))
     m_t, m_i = jnp.ones((1, text_len), bool), jnp.ones((1, image_len), bool)
     shapes = jax.eval_shape(lambda: fusion.init(jax.random.key(0), t, m_t, i, m_i))
-    return sum(x.size for x in jax.tree.leaves(layers.unbox(shapes["params"])))
+    return sum(x.size for x in jax.tree.leaves(layers.unbox(shapes.get("params", {}))))  # concat has none
