@@ -39,17 +39,21 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bi
 
 def _norm(kind: str, name: str, zero_init: bool = False):
     """Normalisation for conv features, computed in float32. GroupNorm is batch-independent (no batch stats)."""
-    scale_init = nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init()
+    scale_init = nn.with_logical_partitioning(
+        nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init(), ("conv_out",)
+    )
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
     if kind == "group":
         return lambda x: nn.GroupNorm(
             num_groups=None,
             group_size=min(16, x.shape[-1]),
             dtype=jnp.float32,
             scale_init=scale_init,
+            bias_init=bias_init,
             name=name,
         )(x.astype(jnp.float32)).astype(x.dtype)
     if kind == "layer":
-        return lambda x: nn.LayerNorm(dtype=jnp.float32, scale_init=scale_init, name=name)(
+        return lambda x: nn.LayerNorm(dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name)(
             x.astype(jnp.float32)
         ).astype(x.dtype)
     if kind == "none":
