@@ -1,5 +1,6 @@
 """VisionTextModel: components chosen by config name, composed end to end."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +84,25 @@ def test_bad_config_names_raise_listing_valid_ones(key, value, message):
     model = VisionTextModel(dict(CFG, **{key: value}), num_classes=2)
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(model.init, jax.random.key(0), _batch(2))
+
+
+@pytest.mark.parametrize("image_encoder", ["cnn", "resnet18", "vit"])
+@pytest.mark.parametrize("text_encoder", ["bert", "gru"])
+def test_every_parameter_has_logical_axis_names(image_encoder, text_encoder):
+    """The training code shards parameters from these names alone, so none may be missing or mis-sized."""
+    allowed = {"batch", "length", "embed", "heads", "kv", "mlp", "vocab", "conv_in", "conv_out", "layers", None}
+    for fusion in ("co_attention", "bottleneck", "query", "merged", "gated_cross"):
+        cfg = dict(
+            CFG,
+            scan_layers=True,
+            image_encoder=dict(name=image_encoder),
+            text_encoder=dict(name=text_encoder),
+            fusion=dict(name=fusion, num_layers=1, num_heads=4, mlp_dim=64),
+        )
+        variables = jax.eval_shape(VisionTextModel(cfg, 3).init, jax.random.key(0), _batch(2))
+        leaves = jax.tree_util.tree_leaves_with_path(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        for path, leaf in leaves:
+            where = f"{fusion}: {jax.tree_util.keystr(path)}"
+            assert isinstance(leaf, nn.Partitioned), f"{where} has no logical axis names"
+            assert len(leaf.names) == leaf.value.ndim, where
+            assert set(leaf.names) <= allowed, where

@@ -240,7 +240,13 @@ class MultiHeadAttention(nn.Module):
         v = kv_dense(name="value")(inputs_kv)  # [B, Lk, Hkv, Dh]
         if self.qk_layernorm:
             # float32 LayerNorm over head_dim, as everywhere in this codebase.
-            norm = functools.partial(nn.LayerNorm, dtype=jnp.float32, param_dtype=jnp.float32)
+            norm = functools.partial(
+                nn.LayerNorm,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("kv",)),
+            )
             q = norm(name="query_norm")(q.astype(jnp.float32)).astype(self.dtype)
             k = norm(name="key_norm")(k.astype(jnp.float32)).astype(self.dtype)
         q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "kv")), "qkv_proj")
