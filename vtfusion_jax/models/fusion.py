@@ -18,6 +18,7 @@ are pre-LN residual blocks (x + f(LN(x))). Who attends to whom, per variant:
   bottleneck    [text ; z] and [image ; z] self-attend separately; z (n shared tokens) is averaged between them,
                 so the modalities exchange information only through z (n = 0: no exchange at all).
   query         n learned queries q: q -> q (self), q -> image, q -> text (cross), MLP; finally text -> q.
+  rn            no attention: an MLP g over every pair of image tokens plus the question vector, summed, then f.
 
 Each variant also has ``flops_per_example(text_len, image_len)`` (forward matmul FLOPs, input projections
 excluded) and ``param_count`` below gives its parameters at a given size.
@@ -442,6 +443,45 @@ class QueryFusion(FusionBase):
         return self.num_layers * per_layer + self._attn(text_len, nq)
 
 
+class RelationNetworkFusion(FusionBase):
+    """Relation Network (Santoro et al. 2017): pooled = f( sum_{i,j} g([o_i; o_j; q]) ) over all ordered pairs of
+    real image tokens (objects) o_i, o_j, conditioned on the question vector q = masked_mean(text).
+
+    g is a ``g_layers``-deep ReLU MLP of width ``mlp_dim``; its first layer is applied per token and broadcast over
+    pairs (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q), which computes the same function with N instead of N^2
+    first-layer matmuls. f is ``f_layers`` ReLU layers of width ``mlp_dim`` (the classification head follows).
+    Tokens pass through unchanged (no token-level fusion). pooled P = mlp_dim. ``num_layers``/``num_heads`` unused.
+    """
+
+    g_layers: int = 4
+    f_layers: int = 1
+
+    @nn.compact
+    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+        t = self.project(text, "text_proj")  # [B, L, D]
+        i = self.project(image, "image_proj")  # [B, N, D]
+        q = layers.masked_mean(t, text_mask)  # [B, D]
+        h = self.mlp_dim
+        dense = lambda name, in_axis="embed": layers.dense(h, in_axis, "mlp", dtype=self.dtype, name=name)  # noqa: E731
+        left = dense("g0_left")(i)[:, :, None, :]  # [B, N, 1, H]
+        right = dense("g0_right")(i)[:, None, :, :]  # [B, 1, N, H]
+        cond = dense("g0_question")(q)[:, None, None, :]  # [B, 1, 1, H]
+        x = nn.relu(left + right + cond)  # [B, N, N, H]
+        for k in range(1, self.g_layers):
+            x = nn.relu(layers.dense(h, None, "mlp", dtype=self.dtype, name=f"g{k}")(x))
+        pair_mask = (image_mask[:, :, None] & image_mask[:, None, :]).astype(x.dtype)  # [B, N, N]
+        x = jnp.einsum("bijh,bij->bh", x, pair_mask)  # sum over real pairs, [B, H]
+        for k in range(self.f_layers):
+            x = nn.relu(layers.dense(h, None, "mlp", dtype=self.dtype, name=f"f{k}")(x))
+            x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return t, i, x
+
+    def flops_per_example(self, text_len: int, image_len: int) -> int:
+        d, h, n = self.width, self.mlp_dim, image_len
+        first = 2 * 2 * n * d * h + 2 * d * h
+        return first + (self.g_layers - 1) * 2 * n * n * h * h + 2 * n * n * h + self.f_layers * 2 * h * h
+
+
 FUSIONS: dict[str, type[FusionBase]] = {
     "concat": ConcatFusion,
     "merged": MergedFusion,
@@ -450,6 +490,7 @@ FUSIONS: dict[str, type[FusionBase]] = {
     "gated_cross": GatedCrossFusion,
     "bottleneck": BottleneckFusion,
     "query": QueryFusion,
+    "rn": RelationNetworkFusion,
 }
 
 
