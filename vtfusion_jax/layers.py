@@ -26,6 +26,23 @@ REMAT_POLICIES = ("none", "minimal", "full")
 # Activation names tagged with jax.ad_checkpoint.checkpoint_name; "minimal" remat keeps only these.
 MINIMAL_SAVE_NAMES = ("qkv_proj", "attn_out", "mlp_out")
 
+# MLP activations by name. "gelu" is the exact (erf) GELU of BERT and ViT; "gelu_tanh" is the tanh approximation
+# (HF "gelu_new"); "quick_gelu" is CLIP's x * sigmoid(1.702 x).
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation_fn(name: str):
+    """The activation function called ``name`` (see ACTIVATIONS); an unknown name lists the valid ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
 
 def dense(features: int, in_axis: str, out_axis: str, *, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
     """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
@@ -59,18 +76,19 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Dense(mlp_dim) -> GELU -> dropout -> Dense(D). x: [B, L, D] -> [B, L, D]."""
+    """Dense(mlp_dim) -> activation (default exact GELU) -> dropout -> Dense(D). x: [B, L, D] -> [B, L, D]."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         d = x.shape[-1]
         h = dense(self.mlp_dim, "embed", "mlp", dtype=self.dtype, name="fc1")(x)  # [B, L, M]
-        # Exact (erf) GELU, as BERT and ViT use it, so imported checkpoints compute what they were trained with.
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        # Default: exact (erf) GELU, as BERT and ViT use it: imported checkpoints compute what they were trained with.
+        h = nn.with_logical_constraint(activation_fn(self.activation)(h), ("batch", "length", "mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         out = dense(d, "mlp", "embed", dtype=self.dtype, name="fc2")(h)  # [B, L, D]
         return checkpoint_name(out, "mlp_out")
@@ -125,6 +143,7 @@ class TransformerBlock(nn.Module):
     ln_epsilon: float = 1e-6
     sow_weights: bool = False
     dtype: Any = jnp.float32
+    activation: str = "gelu"
 
     def _residual(self, x, sublayer, name, deterministic):
         """x + Dropout(sublayer(LN(x))) (pre-LN) or LN(x + Dropout(sublayer(x))) (post-LN)."""
@@ -173,7 +192,7 @@ class TransformerBlock(nn.Module):
             x = do_cross(do_self(x))
         else:
             x = do_self(x)
-        mlp = MLP(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
+        mlp = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.activation, name="mlp")
         x = self._residual(x, lambda y: mlp(y, deterministic), "mlp", deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -258,6 +277,21 @@ def scanned_to_unrolled(tree: Any, num_layers: int) -> Any:
                 out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], unbox(value))
         else:
             out[key] = scanned_to_unrolled(value, num_layers)
+    return out
+
+
+def unrolled_to_scanned(tree: Any, num_layers: int) -> Any:
+    """Inverse of ``scanned_to_unrolled``: every dict holding ``layers_0..layers_{n-1}`` gets them stacked on a new
+    leading axis under ``stacked`` (the layout of ``Repeated(scan_layers=True)``). Leaves must be unboxed arrays."""
+    if not isinstance(tree, dict) and not hasattr(tree, "items"):
+        return tree
+    names = [f"layers_{i}" for i in range(num_layers)]
+    out = {}
+    if num_layers and all(n in tree for n in names):
+        out["stacked"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[n] for n in names])
+    for key, value in tree.items():
+        if key not in out and not (key in names and "stacked" in out):
+            out[key] = unrolled_to_scanned(value, num_layers)
     return out
 
 

@@ -37,6 +37,9 @@ class BertEncoder(nn.Module):
       width, depth, num_heads, mlp_dim: Transformer size.
       max_len: number of learned positions.
       type_vocab_size: segment (token type) embeddings.
+      activation: MLP activation (layers.ACTIVATIONS; BERT: exact "gelu").
+      pooler: add BERT's pooler, tanh(Dense([CLS] output)), returned with ``return_pooled=True`` (pretrained.py
+        imports it from checkpoints that carry ``pooler.dense``).
     """
 
     vocab_size: int = 30522
@@ -49,6 +52,8 @@ class BertEncoder(nn.Module):
     post_ln: bool = True
     dropout_rate: float = 0.0
     ln_epsilon: float = 1e-12
+    activation: str = "gelu"
+    pooler: bool = False
     attention_impl: str = "xla"
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -61,8 +66,11 @@ class BertEncoder(nn.Module):
         text_mask: jax.Array,
         deterministic: bool = True,
         token_type_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L])."""
+        return_pooled: bool = False,
+    ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
+        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L]) (+ pooled [B, D] if return_pooled)."""
+        if return_pooled and not self.pooler:
+            raise ValueError("return_pooled=True needs BertEncoder(pooler=True)")
         b, seq = text_ids.shape
         if seq > self.max_len:
             raise ValueError(f"text length {seq} exceeds BertEncoder.max_len={self.max_len}")
@@ -84,6 +92,7 @@ class BertEncoder(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_impl=self.attention_impl,
                 ln_epsilon=self.ln_epsilon,
+                activation=self.activation,
                 dtype=self.dtype,
             ),
             num_layers=self.depth,
@@ -94,7 +103,11 @@ class BertEncoder(nn.Module):
         if not self.post_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
         x = x * text_mask[..., None].astype(x.dtype)
-        return x, text_mask
+        if not self.pooler:
+            return x, text_mask
+        # BERT's pooler reads the first ([CLS]) position.
+        pooled = jnp.tanh(layers.dense(self.width, "embed", "mlp", dtype=self.dtype, name="pooler")(x[:, 0]))  # [B, D]
+        return (x, text_mask, pooled) if return_pooled else (x, text_mask)
 
 
 class GRUEncoder(nn.Module):

@@ -17,15 +17,19 @@ import jax.numpy as jnp
 
 from vtfusion_jax import layers
 
-NORMS = ("group", "layer", "none")
+NORMS = ("group", "layer", "frozen_bn", "none")
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False) -> nn.Conv:
+def _conv(
+    features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False, torch_pad: bool = False
+) -> nn.Conv:
+    # torch_pad: k//2 zeros on every side (PyTorch / HF), which differs from SAME for strided even-sized inputs.
+    pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
-        padding="SAME",
+        padding=((pad, pad), (pad, pad)) if torch_pad else "SAME",
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -37,8 +41,31 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bi
     )
 
 
+class FrozenBatchNorm(nn.Module):
+    """Inference-mode BatchNorm with its running statistics folded in: ``y = x * scale + bias`` per channel.
+
+    ``scale = gamma / sqrt(running_var + eps)`` and ``bias = beta - running_mean * scale`` are computed once, when a
+    checkpoint is imported (pretrained.py), so there is no ``batch_stats`` collection: both are ordinary params
+    (trainable like a GroupNorm's affine, or frozen with their tower; weight decay skips them as ``scale``/``bias``).
+    Computed in float32. x: [..., C] -> [..., C].
+    """
+
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(scale_init, ("conv_out",)), (c,), jnp.float32)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (c,), jnp.float32
+        )
+        return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
+
+
 def _norm(kind: str, name: str, zero_init: bool = False):
-    """Normalisation for conv features, computed in float32. GroupNorm is batch-independent (no batch stats)."""
+    """Normalisation for conv features, computed in float32. None keeps batch statistics: GroupNorm is
+    batch-independent and "frozen_bn" is a fixed per-channel affine (an imported BatchNorm, see FrozenBatchNorm)."""
     scale_init = nn.with_logical_partitioning(
         nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init(), ("conv_out",)
     )
@@ -56,16 +83,24 @@ def _norm(kind: str, name: str, zero_init: bool = False):
         return lambda x: nn.LayerNorm(dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name)(
             x.astype(jnp.float32)
         ).astype(x.dtype)
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(zero_init=zero_init, name=name)
     if kind == "none":
         return lambda x: x
     raise ValueError(f"unknown norm {kind!r}; valid: {NORMS}")
 
 
-def _grid_to_tokens(x: jax.Array, width: int, pos_emb: str, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w])."""
+def _grid_to_tokens(
+    x: jax.Array, width: int, pos_emb: str, dtype: Any, project: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w]).
+
+    ``project=False`` keeps the C channels as they are (tokens [B, h*w, C]: the raw feature map).
+    """
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
-    x = layers.dense(width, "conv_out", "embed", dtype=dtype, name="proj")(x)  # [B, N, D]
+    if project:
+        x = layers.dense(width, "conv_out", "embed", dtype=dtype, name="proj")(x)  # [B, N, D]
     x = layers.PositionEmbedding2D(pos_emb, name="pos_emb")(x, (h, w))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, jnp.ones((b, h * w), dtype=bool)
@@ -104,27 +139,33 @@ class CNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) block, stride on the 3x3 (v1.5)."""
+    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) block, stride on the 3x3 (v1.5).
+
+    ``torch_layout``: PyTorch/HF conventions (see ResNet).
+    """
 
     filters: int
     strides: int = 1
     bottleneck: bool = False
     norm: str = "group"
+    torch_layout: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_ch = self.filters * (4 if self.bottleneck else 1)
         residual = x
+        conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name, torch_pad=self.torch_layout)  # noqa: E731
         if self.bottleneck:
-            y = nn.relu(_norm(self.norm, "norm1")(_conv(self.filters, 1, 1, self.dtype, "conv1")(x)))
-            y = nn.relu(_norm(self.norm, "norm2")(_conv(self.filters, 3, self.strides, self.dtype, "conv2")(y)))
-            y = _norm(self.norm, "norm3", zero_init=True)(_conv(out_ch, 1, 1, self.dtype, "conv3")(y))
+            y = nn.relu(_norm(self.norm, "norm1")(conv(self.filters, 1, 1, "conv1")(x)))
+            y = nn.relu(_norm(self.norm, "norm2")(conv(self.filters, 3, self.strides, "conv2")(y)))
+            y = _norm(self.norm, "norm3", zero_init=True)(conv(out_ch, 1, 1, "conv3")(y))
         else:
-            y = nn.relu(_norm(self.norm, "norm1")(_conv(self.filters, 3, self.strides, self.dtype, "conv1")(x)))
-            y = _norm(self.norm, "norm2", zero_init=True)(_conv(out_ch, 3, 1, self.dtype, "conv2")(y))
-        if residual.shape != y.shape:
-            residual = _norm(self.norm, "proj_norm")(_conv(out_ch, 1, self.strides, self.dtype, "proj")(residual))
+            y = nn.relu(_norm(self.norm, "norm1")(conv(self.filters, 3, self.strides, "conv1")(x)))
+            y = _norm(self.norm, "norm2", zero_init=True)(conv(out_ch, 3, 1, "conv2")(y))
+        # torch_layout: a strided block always projects, even where a 1x1 map keeps its shape (as HF does).
+        if residual.shape != y.shape or (self.torch_layout and self.strides != 1):
+            residual = _norm(self.norm, "proj_norm")(conv(out_ch, 1, self.strides, "proj")(residual))
         return nn.relu(residual + y)
 
 
@@ -137,8 +178,13 @@ class ResNet(nn.Module):
       bottleneck: bottleneck blocks (ResNet-50) instead of basic blocks (ResNet-18).
       base_filters: filters of the first stage (doubling per stage).
       stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, for 224 px) or "small" (one 3x3/2 conv, for 64–75 px).
-      norm: "group" | "layer" | "none" (GroupNorm: no batch statistics to carry in the train state).
+      norm: "group" | "layer" | "frozen_bn" | "none" (no batch statistics to carry in the train state; "frozen_bn"
+        is an imported BatchNorm folded into a per-channel affine, see FrozenBatchNorm).
       pos_emb: "learn" | "sincos2d" | "none".
+      torch_layout: PyTorch / HF ResNet conventions, for imported checkpoints: convolutions and the stem max-pool
+        pad k//2 on each side (instead of SAME), and every strided block has a projection shortcut.
+      project: project the last feature map to ``width``; False keeps its channels (tokens = the raw features,
+        e.g. 2048-d for ResNet-50: HF's ``last_hidden_state``, flattened to [B, h*w, C]).
     """
 
     width: int = 256
@@ -148,17 +194,20 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     norm: str = "group"
     pos_emb: str = "learn"
+    torch_layout: bool = False
+    project: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
         x = image.astype(self.dtype)
+        conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name, torch_pad=self.torch_layout)  # noqa: E731
         if self.stem == "imagenet":
-            x = nn.relu(_norm(self.norm, "stem_norm")(_conv(self.base_filters, 7, 2, self.dtype, "stem_conv")(x)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, 7, 2, "stem_conv")(x)))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)) if self.torch_layout else "SAME")
         elif self.stem == "small":
-            x = nn.relu(_norm(self.norm, "stem_norm")(_conv(self.base_filters, 3, 2, self.dtype, "stem_conv")(x)))
+            x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, 3, 2, "stem_conv")(x)))
         else:
             raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: ('imagenet', 'small')")
         for i, n_blocks in enumerate(self.stage_sizes):
@@ -168,10 +217,11 @@ class ResNet(nn.Module):
                     strides=2 if (i > 0 and j == 0) else 1,
                     bottleneck=self.bottleneck,
                     norm=self.norm,
+                    torch_layout=self.torch_layout,
                     dtype=self.dtype,
                     name=f"stage{i}_block{j}",
                 )(x)
-        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype)
+        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype, project=self.project)
 
 
 class ViT(nn.Module):
@@ -182,6 +232,11 @@ class ViT(nn.Module):
       patch_size: square patch side in pixels.
       pos_emb: "learn" | "sincos2d".
       use_cls: prepend a learned CLS token (its position embedding is a learned vector).
+      activation: MLP activation (layers.ACTIVATIONS; ViT "gelu", CLIP "quick_gelu").
+      patch_bias: bias on the patch-embedding convolution (CLIP has none).
+      pre_ln: LayerNorm on the token sequence before the first block (CLIP's ``pre_layrnorm``).
+      final_ln: LayerNorm after the last block (ViT's ``layernorm``; for CLIP its ``post_layernorm`` applied to
+        every token, so the CLS token is HF's ``pooler_output``; False gives HF CLIP's ``last_hidden_state``).
     """
 
     width: int = 192
@@ -193,6 +248,10 @@ class ViT(nn.Module):
     use_cls: bool = False
     dropout_rate: float = 0.0
     ln_epsilon: float = 1e-6
+    activation: str = "gelu"
+    patch_bias: bool = True
+    pre_ln: bool = False
+    final_ln: bool = True
     attention_impl: str = "xla"
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -207,6 +266,7 @@ class ViT(nn.Module):
             (p, p),
             strides=(p, p),
             padding="VALID",
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
@@ -222,6 +282,8 @@ class ViT(nn.Module):
                 (1, 1, d),
             )
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+        if self.pre_ln:
+            x = layers.LayerNorm(self.ln_epsilon, name="pre_ln")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         mask = jnp.ones(x.shape[:2], dtype=bool)
         x = layers.Repeated(
@@ -232,6 +294,7 @@ class ViT(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_impl=self.attention_impl,
                 ln_epsilon=self.ln_epsilon,
+                activation=self.activation,
                 dtype=self.dtype,
             ),
             num_layers=self.depth,
@@ -239,7 +302,8 @@ class ViT(nn.Module):
             remat_policy=self.remat_policy,
             name="encoder",
         )(x, (None, None, None), deterministic)
-        x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
+        if self.final_ln:
+            x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
         return x, mask
 
 
