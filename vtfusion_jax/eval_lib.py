@@ -57,7 +57,7 @@ class Restored:
         self.step = ckpt_lib.resolve_step(ckpt, checkpoint)
         total = train_lib.num_train_steps(config, self.meta)
         tx, _ = optim.make_optimizer(config.optim, total // config.optim.accum_steps, optim.frozen_towers(config.model))
-        target, self.state_shardings = _abstract_train_state(config, self.model, tx, self.meta, self.mesh)
+        target, self.state_shardings = train_lib.state_layout(config, self.model, tx, self.meta, self.mesh)
         state, _ = ckpt.restore(self.step, target)
         ckpt.close()
         self.params = state.params
@@ -72,22 +72,6 @@ class Restored:
         n = _num_image_tokens(self.sow_model, self.params, batch)
         att = viz.image_attention(jax.device_get(variables["intermediates"]), batch["text_mask"], n)
         return probs, att
-
-
-def _abstract_train_state(config, model, tx, meta, mesh):
-    """Restore target (ShapeDtypeStructs with shardings) without initialising any parameters."""
-    batch = train_lib.init_batch(config, meta)
-    boxed = jax.eval_shape(lambda k: model.init({"params": k}, batch, train=False)["params"], jax.random.PRNGKey(0))
-    p_sh = sharding.param_shardings(boxed, mesh)
-    params = sharding.unbox(boxed)
-    opt = jax.eval_shape(tx.init, params)
-    o_sh = sharding.optimizer_shardings(opt, params, p_sh, mesh)
-    rep = sharding.replicated(mesh)
-    shapes = train_lib.TrainState(
-        jax.ShapeDtypeStruct((), np.int32), params, opt, jax.ShapeDtypeStruct((2,), np.uint32)
-    )
-    state_sh = train_lib.TrainState(rep, p_sh, o_sh, rep)
-    return train_lib.abstract_state(state_sh, shapes), state_sh
 
 
 def _num_image_tokens(model, params, batch) -> int:
@@ -135,7 +119,7 @@ def evaluate_split(
         builder_kwargs=d.builder_kwargs.to_dict(),
     )
     predict_fn = train_lib.make_predict_fn(r.model, r.mesh, r.state_shardings.params)
-    summary, rows = train_lib.evaluate(predict_fn, r.params, batches, meta["type_names"], r.mesh)
+    summary, rows = train_lib.evaluate(predict_fn, r.params, batches, meta, r.mesh)
     names = meta["label_names"]
     cm = metrics_lib.confusion_matrix(rows["pred"], rows["label"], len(names))
     result = {

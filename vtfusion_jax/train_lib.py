@@ -123,6 +123,24 @@ def num_train_steps(config, meta: Mapping[str, Any]) -> int:
     return int(math.ceil(steps / accum) * accum)
 
 
+def state_layout(config, model: nn.Module, tx: optax.GradientTransformation, meta, mesh) -> tuple[Any, Any]:
+    """Shapes and shardings of the train state, from ``eval_shape`` alone (nothing is initialised).
+
+    Returns:
+      (abstract state: TrainState of ShapeDtypeStructs carrying their shardings, state shardings).
+    """
+    batch = init_batch(config, meta)
+    boxed = jax.eval_shape(lambda k: model.init({"params": k}, batch, train=False)["params"], jax.random.PRNGKey(0))
+    p_sh = sharding.param_shardings(boxed, mesh)
+    params = sharding.unbox(boxed)
+    opt = jax.eval_shape(tx.init, params)
+    o_sh = sharding.optimizer_shardings(opt, params, p_sh, mesh)
+    rep = sharding.replicated(mesh)
+    state_sh = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep)
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return abstract_state(state_sh, shapes), state_sh
+
+
 def create_train_state(config, model: nn.Module, tx: optax.GradientTransformation, meta, mesh) -> tuple[Any, Any]:
     """Sharded initialisation: eval_shape -> shardings -> jit(init, out_shardings).
 
@@ -130,26 +148,20 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
       (state, state_shardings), the state already laid out on ``mesh``.
     """
     batch = init_batch(config, meta)
-
-    def init_params(key):
-        return model.init({"params": key}, batch, train=False)["params"]  # boxed with logical axis names
-
-    key = jax.random.PRNGKey(config.seed)
-    boxed = jax.eval_shape(init_params, key)
-    p_sh = sharding.param_shardings(boxed, mesh)
-    abstract_params = sharding.unbox(boxed)
-    o_sh = sharding.optimizer_shardings(jax.eval_shape(tx.init, abstract_params), abstract_params, p_sh, mesh)
+    _, state_sh = state_layout(config, model, tx, meta, mesh)
     rep = sharding.replicated(mesh)
-    state_sh = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep)
+    # Three small programs rather than one: the parameter init (the slow compile: one RNG kernel per parameter)
+    # then depends only on the model, so the persistent compilation cache reuses it across optimiser settings.
+    k = jax.random.PRNGKey(config.seed)
 
-    def init_state():
-        k = jax.random.PRNGKey(config.seed)
-        params = sharding.unbox(init_params(jax.random.fold_in(k, 0)))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1))
+    def init_params():
+        return sharding.unbox(model.init({"params": jax.random.fold_in(k, 0)}, batch, train=False)["params"])
 
     with jax.set_mesh(mesh):
-        state = jax.jit(init_state, out_shardings=state_sh)()
-    return state, state_sh
+        params = jax.jit(init_params, out_shardings=state_sh.params)()
+        opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(k, 1)), out_shardings=(rep, rep))()
+    return TrainState(step, params, opt_state, rng), state_sh
 
 
 def abstract_state(state_shardings: Any, state_or_shapes: Any) -> Any:
@@ -185,7 +197,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, label_smoothing: fl
     params = optax.apply_updates(state.params, updates)
     valid = batch["valid"].astype(jnp.float32)
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -208,14 +220,15 @@ def make_predict_fn(model, mesh, params_shardings):
     return fn
 
 
-def evaluate(predict_fn, params, batches: Iterable[dict], type_names, mesh) -> tuple[dict, dict]:
+def evaluate(predict_fn, params, batches: Iterable[dict], meta: Mapping[str, Any], mesh) -> tuple[dict, dict]:
     """Runs ``predict_fn`` over eval batches.
 
     Returns:
       (summary {"accuracy", "loss", "num_examples", "per_type"}, per-example numpy arrays {"index", "label",
-      "question_type", "pred", "top_ids", "top_probs"} over the valid rows, in record order).
+      "question_type", "pred", "top_ids", "top_probs"} over the valid rows, in record order). per_type holds the
+      accuracy of each question type and, for datasets with question families (Sort-of-CLEVR), of each family.
     """
-    keep = ("index", "label", "question_type", "valid")
+    keep = ("index", "label", "question_type", "family", "valid")
     rows: dict[str, list] = {k: [] for k in (*keep, "pred", "loss", "top_ids", "top_probs")}
     with jax.set_mesh(mesh), sharding.activation_rules():
         for batch in batches:
@@ -230,8 +243,11 @@ def evaluate(predict_fn, params, batches: Iterable[dict], type_names, mesh) -> t
         "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
         "loss": float(np.mean(cat["loss"])) if len(cat["loss"]) else float("nan"),
         "num_examples": int(valid.sum()),
-        "per_type": metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["question_type"], type_names),
+        "per_type": metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["question_type"], meta["type_names"]),
     }
+    if "family" in cat and "family_names" in meta:
+        families = metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["family"], meta["family_names"])
+        summary["per_type"].update(families)
     return summary, cat
 
 
@@ -379,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     predict_fn = make_predict_fn(model, mesh, state_sh.params)
 
     def validate(step: int) -> dict:
-        summary, _ = evaluate(predict_fn, state.params, eval_batches, meta["type_names"], mesh)
+        summary, _ = evaluate(predict_fn, state.params, eval_batches, meta, mesh)
         scalars = {"val/accuracy": summary["accuracy"], "val/loss": summary["loss"]}
         scalars.update({f"val/accuracy_{k}": v for k, v in summary["per_type"].items()})
         writer.write_scalars(step, scalars)
@@ -412,8 +428,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     _check_finite(pending[0], window[-1], ckpt)
                 pending = (step, m)
                 is_last = step == total
-                do_eval = is_last or (t.eval_every_steps > 0 and step % t.eval_every_steps == 0)
-                do_save = do_eval or step % t.checkpoint_every_steps == 0
+                do_eval = t.eval_every_steps >= 0 and (
+                    is_last or (t.eval_every_steps > 0 and step % t.eval_every_steps == 0)
+                )
+                do_save = do_eval or is_last or step % t.checkpoint_every_steps == 0
                 stop = preempt.reached(step)
                 if do_eval or do_save or stop or step % t.log_every_steps == 0:
                     window.append(jax.device_get(pending[1]))

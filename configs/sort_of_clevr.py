@@ -1,0 +1,114 @@
+"""Sort-of-CLEVR (Santoro et al. 2017), one fusion variant per run: relational vs non-relational questions.
+
+Run: python train.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross
+     python eval.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross --split=test
+The ':' argument picks the fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from vtfusion_jax.config_lib import parse_arg
+
+FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+
+
+def get_config(arg=None):
+    """Returns the locked config; ``arg`` is "fusion=NAME" (default co_attention)."""
+    arg = parse_arg(arg, fusion="co_attention")
+    if arg.fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init, dropout and data order
+    c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+    c.dataset = ml_collections.ConfigDict()  # what to train on and how inputs are prepared
+    c.dataset.name = "sort_of_clevr"  # TFDS builder generating the scenes (vtfusion_jax/data/sort_of_clevr.py)
+    c.dataset.data_dir = config_dict.placeholder(str)  # TFDS folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
+        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split (20 questions each)
+    )
+    c.dataset.train_split = "train"  # 196,000 questions
+    c.dataset.val_split = "validation"  # model selection
+    c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
+    c.dataset.augment = False  # no crops: positions are part of the answers
+    c.dataset.max_len = 16  # tokens per question incl. [CLS]/[SEP]
+    c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab
+
+    c.model = ml_collections.ConfigDict()  # VisionTextModel spec (vtfusion_jax/models): towers chosen by name
+    c.model.width = 128  # token width D
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.attention_impl = "xla"  # dot_product_attention implementation: xla | cudnn | reference
+    c.model.scan_layers = False  # nn.scan over layers
+    c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
+    c.model.image_encoder = dict(  # image tower
+        name="cnn",  # Santoro et al.'s conv stack
+        channels=(32, 64, 128),  # conv channels: 75 px -> 10x10 = 100 image tokens
+        strides=(2, 2, 2),  # conv strides
+        norm="group",  # GroupNorm
+        pos_emb="learn",  # learned 2-D positions (relations need them)
+        freeze=False,  # True: frozen
+    )
+    c.model.text_encoder = dict(  # text tower (vocab_size comes from the tokenizer)
+        name="bert",  # Transformer text tower
+        depth=2,  # layers
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        max_len=32,  # learned positions (>= dataset.max_len)
+        post_ln=False,  # pre-LN + final LayerNorm
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen
+    )
+    c.model.fusion = dict(  # how text and image tokens attend to each other
+        name=arg.fusion,  # the variant under study
+        num_layers=2,  # fusion layers
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen
+    )
+    c.model.head = dict(  # task head
+        name="classification",  # answer classifier
+        hidden_dim=256,  # hidden width
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen
+    )
+
+    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.warmup_steps = 500  # linear warmup (updates)
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    c.optim.accum_steps = 1  # micro-batches per update
+    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
+        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    )
+
+    c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
+    c.train.global_batch_size = 64  # examples per micro-step
+    c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
+    c.train.num_steps = -1  # micro-steps; <= 0: from num_epochs
+    c.train.label_smoothing = 0.0  # label smoothing
+    c.train.log_every_steps = 100  # train metrics cadence
+    c.train.eval_every_steps = 2000  # validation + checkpoint cadence (0 = only at the end, -1 = never)
+    c.train.checkpoint_every_steps = 2000  # periodic checkpoints
+    c.train.keep_checkpoints = 2  # newest kept (+ best)
+    c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
+    c.train.early_stopping_patience = 0  # 0 = off
+    c.train.eval_batch_size = 256  # validation batch size
+    c.train.prefetch = 2  # batches prepared ahead
+    c.train.data_workers = 0  # grain worker processes
+    c.train.progress_bar = True  # tqdm bar
+
+    c.eval = ml_collections.ConfigDict()  # eval.py defaults
+    c.eval.split = "test"  # default split of eval.py
+    c.eval.checkpoint = "best"  # best | latest | step
+    c.eval.num_attention_maps = 8  # attention-map PNGs
+
+    c.lock()
+    return c

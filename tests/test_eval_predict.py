@@ -1,0 +1,101 @@
+"""An easy-VQA smoke run beats the majority answer; eval.py writes its schema; predict.py answers a real test
+image's question correctly and reports bad inputs in one line."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from train_testutil import DATA_DIR, load_config, run_script
+
+from vtfusion_jax import metrics, train_lib
+from vtfusion_jax.data import easy_vqa, pipeline
+
+SMOKE = dict(
+    train__num_steps=250,
+    train__global_batch_size=32,
+    train__eval_every_steps=0,
+    train__checkpoint_every_steps=1000,
+    train__log_every_steps=50,
+    optim__lr=3e-3,
+    optim__warmup_steps=20,
+    dataset__val_split="validation[:512]",
+    train__eval_batch_size=256,
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    start = time.time()
+    result = train_lib.train_and_evaluate(load_config("tiny", **SMOKE), str(workdir))
+    return workdir, result, time.time() - start
+
+
+def _labels(split):
+    src = pipeline.get_data_source("easy_vqa", split, data_dir=DATA_DIR)
+    return np.asarray([src[i]["answer"] for i in range(len(src))])
+
+
+def test_smoke_run_beats_the_majority_answer(smoke_run):
+    workdir, result, seconds = smoke_run
+    assert seconds < 60 * 1.5, f"smoke run took {seconds:.0f}s"  # <= 60 s on an idle machine; slack for load
+    baseline = metrics.majority_baseline(_labels("train"), _labels("validation[:512]"))
+    assert result["val"]["accuracy"] > baseline + 0.15, (result["val"], baseline)
+    assert os.path.exists(workdir / "config.json") and os.path.exists(workdir / "metrics.jsonl")
+
+
+def test_eval_writes_the_schema(smoke_run):
+    workdir, _, _ = smoke_run
+    out = run_script("eval.py", f"--workdir={workdir}", "--split=test[:600]", "--num_attention_maps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = workdir / "eval" / "test_600"
+    with open(folder / "metrics.json") as f:
+        m = json.load(f)
+    assert isinstance(m["accuracy"], float) and 0.0 <= m["accuracy"] <= 1.0
+    assert m["num_examples"] == 600 and m["checkpoint_step"] == SMOKE["train__num_steps"]
+    assert set(m["per_type"]) == set(easy_vqa.QUESTION_TYPES)
+    rows = [json.loads(line) for line in open(folder / "predictions.jsonl")]
+    assert len(rows) == 600 and {"question", "answer", "prediction", "correct", "top5"} <= set(rows[0])
+    assert np.isclose(np.mean([r["correct"] for r in rows]), m["accuracy"])
+    for png in ("confusion_matrix.png", "attention_00.png", "attention_01.png"):
+        assert Image.open(folder / png).size[0] > 100
+
+
+def test_predict_answers_a_test_question_it_gets_right(smoke_run, tmp_path):
+    workdir, _, _ = smoke_run
+    folder = workdir / "eval" / "test_600"
+    if not (folder / "predictions.jsonl").exists():
+        pytest.skip("needs test_eval_writes_the_schema")
+    rows = [json.loads(line) for line in open(folder / "predictions.jsonl")]
+    right = next(r for r in rows if r["correct"] and r["question_type"] == "color")
+    record = pipeline.get_data_source("easy_vqa", "test", data_dir=DATA_DIR)[right["index"]]
+    image = os.path.join(easy_vqa.package_data_dir(), "test", "images", f"{int(record['image_id'])}.png")
+    att = tmp_path / "att.png"
+    out = run_script(
+        "predict.py",
+        f"--workdir={workdir}",
+        f"--image={image}",
+        f"--question={right['question']}",
+        f"--attention_map={att}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[0] == f"answer: {right['answer']}"
+    assert len([line for line in out.stdout.splitlines() if line.strip().endswith(tuple(easy_vqa.read_answers()))]) >= 6
+    assert Image.open(att).size[0] > 100
+
+
+@pytest.mark.parametrize("case", ["missing image", "not an image", "empty question"])
+def test_predict_bad_input_is_one_line(smoke_run, tmp_path, case):
+    workdir, _, _ = smoke_run
+    junk = tmp_path / "junk.png"
+    junk.write_text("not a png")
+    image = {"missing image": str(tmp_path / "nope.png"), "not an image": str(junk)}.get(case, str(junk))
+    question = "   " if case == "empty question" else "what color is the shape?"
+    out = run_script("predict.py", f"--workdir={workdir}", f"--image={image}", f"--question={question}", timeout=60)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr

@@ -1,0 +1,47 @@
+"""Configs: locked, every field commented, ':' arguments, and one-line errors for misspelt overrides."""
+
+import os
+import re
+
+import pytest
+from train_testutil import REPO, load_config, run_script
+
+CONFIGS = ("easy_vqa", "tiny", "sort_of_clevr")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_locked(name):
+    config = load_config(name)
+    with pytest.raises(AttributeError):
+        config.optim.learning_rate = 1.0  # not a field: a locked ConfigDict refuses it
+    with pytest.raises(AttributeError):
+        config.train.num_step = 3
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_field_has_a_comment(name):
+    """Each `c.x = ...` assignment and each `key=value,` entry of a dict(...) field carries a # comment."""
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        lines = f.read().splitlines()
+    field = re.compile(r"^\s*(c(\.\w+)+\s*=\s*(?!ml_collections\.ConfigDict\(\)$)|\w+=[^=].*,\s*(#.*)?$)")
+    missing = [line for line in lines if field.match(line) and "#" not in line]
+    assert not missing, f"fields without a comment in configs/{name}.py: {missing}"
+
+
+def test_sort_of_clevr_arg_picks_the_fusion():
+    assert load_config("sort_of_clevr", "fusion=cross").model.fusion.name == "cross"
+    assert load_config("sort_of_clevr").model.fusion.name == "co_attention"
+    with pytest.raises(ValueError, match="valid"):
+        load_config("sort_of_clevr", "fusion=crosss")
+    with pytest.raises(ValueError, match="valid"):
+        load_config("sort_of_clevr", "fusoin=cross")
+
+
+def test_misspelt_override_fails_in_one_line_with_valid_keys(tmp_path):
+    out = run_script(
+        "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.optim.lrr=0.1", timeout=60
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert "optim.lrr" in out.stderr and "Did you mean lr" in out.stderr and "warmup_steps" in out.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "config.json"))  # failed before doing anything
