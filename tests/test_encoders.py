@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vtfusion_jax.models import get_image_encoder, get_text_encoder
+from vtfusion_jax.models.vision import token_grids
 
 RNG = np.random.default_rng(0)
 
@@ -94,3 +95,39 @@ def test_unknown_encoder_names_list_valid_ones():
         get_image_encoder(dict(name="resnet101"))
     with pytest.raises(ValueError, match=r"valid: \['bert', 'gru'\]"):
         get_text_encoder(dict(name="lstm"))
+
+
+MS_SPEC = dict(name="cnn", width=16, channels=(8, 8, 16), strides=(2, 2, 2))
+
+
+def test_multiscale_tokens_shapes_masks_and_per_scale_positions():
+    enc = get_image_encoder(dict(MS_SPEC, scales=(1, 2)))
+    image = jnp.asarray(RNG.normal(size=(2, 64, 64, 3)), jnp.float32)
+    params = jax.jit(enc.init)(jax.random.key(0), image)
+    tokens, mask = jax.jit(enc.apply)(params, image)
+    assert token_grids(enc, (64, 64)) == [(16, 16), (8, 8)]
+    assert tokens.shape == (2, 16 * 16 + 8 * 8, 16) and mask.shape == (2, 320) and bool(mask.all())
+    p = params["params"]
+    assert p["pos_emb_scale0"]["pos_embedding"].value.shape == (256, 16)
+    assert p["pos_emb_scale1"]["pos_embedding"].value.shape == (64, 16)
+    assert p["scale_embedding"].value.shape == (2, 16)
+    # Each scale's position embedding moves only that scale's tokens.
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["params"]["pos_emb_scale1"]["pos_embedding"] = p["pos_emb_scale1"]["pos_embedding"].replace_boxed(
+        p["pos_emb_scale1"]["pos_embedding"].value + 1.0
+    )
+    moved = np.asarray(jax.jit(enc.apply)(bumped, image)[0]) - np.asarray(tokens)
+    np.testing.assert_allclose(moved[:, :256], 0.0, atol=1e-6)
+    np.testing.assert_allclose(moved[:, 256:], 1.0, atol=1e-5)
+
+
+def test_one_scale_equals_the_single_scale_encoder():
+    single = get_image_encoder(MS_SPEC)
+    one = get_image_encoder(dict(MS_SPEC, scales=(-1,)))
+    image = jnp.asarray(RNG.normal(size=(2, 64, 64, 3)), jnp.float32)
+    params = jax.jit(single.init)(jax.random.key(0), image)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(one.apply)(params, image)[0]), np.asarray(jax.jit(single.apply)(params, image)[0])
+    )
+    with pytest.raises(ValueError, match="must be distinct indices into 3 feature maps"):
+        jax.eval_shape(get_image_encoder(dict(MS_SPEC, scales=(0, 3))).init, jax.random.key(0), image)

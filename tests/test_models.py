@@ -106,3 +106,17 @@ def test_every_parameter_has_logical_axis_names(image_encoder, text_encoder):
             assert isinstance(leaf, nn.Partitioned), f"{where} has no logical axis names"
             assert len(leaf.names) == leaf.value.ndim, where
             assert set(leaf.names) <= allowed, where
+
+
+def test_every_fusion_accepts_multiscale_image_tokens():
+    from vtfusion_jax.models.fusion import FUSIONS
+
+    for fusion in FUSIONS:
+        cfg = dict(
+            CFG,
+            image_encoder=dict(name="cnn", channels=(8, 16, 16), scales=(0, 1, 2)),
+            fusion=dict(name=fusion, num_layers=1, num_heads=4, mlp_dim=64),
+        )
+        model = VisionTextModel(cfg, num_classes=3)
+        variables = jax.eval_shape(model.init, jax.random.key(0), _batch(2))
+        assert jax.eval_shape(model.apply, variables, _batch(2))["logits"].shape == (2, 3), fusion

@@ -91,19 +91,88 @@ def _norm(kind: str, name: str, zero_init: bool = False):
 
 
 def _grid_to_tokens(
-    x: jax.Array, width: int, pos_emb: str, dtype: Any, project: bool = True
+    x: jax.Array, width: int, pos_emb: str, dtype: Any, project: bool = True, suffix: str = ""
 ) -> tuple[jax.Array, jax.Array]:
     """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w]).
 
     ``project=False`` keeps the C channels as they are (tokens [B, h*w, C]: the raw feature map).
+    ``suffix`` distinguishes the projection / position parameters of several scales.
     """
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if project:
-        x = layers.dense(width, "conv_out", "embed", dtype=dtype, name="proj")(x)  # [B, N, D]
-    x = layers.PositionEmbedding2D(pos_emb, name="pos_emb")(x, (h, w))
+        x = layers.dense(width, "conv_out", "embed", dtype=dtype, name=f"proj{suffix}")(x)  # [B, N, D]
+    x = layers.PositionEmbedding2D(pos_emb, name=f"pos_emb{suffix}")(x, (h, w))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, jnp.ones((b, h * w), dtype=bool)
+
+
+def _multiscale_tokens(
+    module: nn.Module,
+    features: Sequence[jax.Array],
+    scales: Sequence[int],
+    width: int,
+    pos_emb: str,
+    dtype: Any,
+    project: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Tokens from several feature maps (the method's multi-scale step 1), concatenated into one sequence.
+
+    Each selected map gets its own projection to ``width`` and its own 2-D position embedding, plus a learned
+    per-scale embedding, so attention can tell fine from coarse tokens and where each sits. Order follows
+    ``scales``. A single scale (the default: the last map) uses exactly the single-scale parameter names and no
+    scale embedding, so it computes the same function as before with the same parameters.
+
+    Args:
+      module: the calling encoder (owner of the scale-embedding parameter).
+      features: [B, h_k, w_k, C_k] maps, shallow to deep.
+      scales: indices into ``features`` (negative counts from the end); empty = (-1,).
+
+    Returns:
+      (tokens [B, sum_k h_k*w_k, D], mask [B, sum_k h_k*w_k]).
+    """
+    n = len(features)
+    idx = [s % n if -n <= s < n else None for s in (scales or (-1,))]
+    if None in idx or len(set(idx)) != len(idx):
+        raise ValueError(f"image_encoder.scales {tuple(scales)} must be distinct indices into {n} feature maps")
+    if len(idx) == 1:
+        return _grid_to_tokens(features[idx[0]], width, pos_emb, dtype, project=project)
+    if not project:
+        raise ValueError("multi-scale image tokens need project=True (the scales have different channel counts)")
+    scale_emb = module.param(
+        "scale_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        (len(idx), width),
+        jnp.float32,
+    )
+    tokens, masks = [], []
+    for k, i in enumerate(idx):
+        t, m = _grid_to_tokens(features[i], width, pos_emb, dtype, suffix=f"_scale{k}")
+        tokens.append(t + scale_emb[k].astype(t.dtype))
+        masks.append(m)
+    return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
+
+
+def token_grids(encoder: nn.Module, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """(h, w) of each scale's token grid, in token order (e.g. for drawing attention maps per scale).
+
+    Args:
+      encoder: an image encoder (bound or not).
+      image_hw: (H, W) of the input images.
+
+    Returns:
+      A list of grid shapes. ViT has one grid (after its CLS token, if any).
+    """
+    if isinstance(encoder, ViT):
+        return [(image_hw[0] // encoder.patch_size, image_hw[1] // encoder.patch_size)]
+    maps = encoder.feature_map_shapes(image_hw)
+    n = len(maps)
+    return [maps[s % n] for s in (encoder.scales or (-1,))]
+
+
+def _down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
+    # SAME padding (and torch's k//2 padding for odd k) gives ceil(size / stride).
+    return (-(-hw[0] // stride), -(-hw[1] // stride))
 
 
 class CNN(nn.Module):
@@ -117,6 +186,7 @@ class CNN(nn.Module):
       strides: stride of each conv (same length as channels).
       norm: "group" | "layer" | "none".
       pos_emb: "learn" | "sincos2d" | "none".
+      scales: conv layers whose outputs become tokens (multi-scale; negative = from the end); () = the last only.
     """
 
     width: int = 128
@@ -124,6 +194,7 @@ class CNN(nn.Module):
     strides: Sequence[int] = (2, 2, 2)
     norm: str = "group"
     pos_emb: str = "learn"
+    scales: Sequence[int] = ()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -131,11 +202,29 @@ class CNN(nn.Module):
         """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
         if len(self.channels) != len(self.strides):
             raise ValueError(f"CNN channels {self.channels} and strides {self.strides} differ in length")
+        return _multiscale_tokens(self, self.feature_maps(image), self.scales, self.width, self.pos_emb, self.dtype)
+
+    def feature_maps(self, image: jax.Array) -> list[jax.Array]:
+        """image [B, H, W, 3] -> the output of every conv layer, [B, h_i, w_i, C_i], shallow to deep.
+
+        Called from ``__call__`` (its layers live in that compact scope)."""
+        if len(self.channels) != len(self.strides):
+            raise ValueError(f"CNN channels {self.channels} and strides {self.strides} differ in length")
         x = image.astype(self.dtype)
+        maps = []
         for i, (c, s) in enumerate(zip(self.channels, self.strides, strict=True)):
             x = _conv(c, 3, s, self.dtype, f"conv{i}", use_bias=self.norm == "none")(x)
             x = nn.relu(_norm(self.norm, f"norm{i}")(x))
-        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype)
+            maps.append(x)
+        return maps
+
+    def feature_map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """(h, w) of each conv layer's output for (H, W) images."""
+        shapes, hw = [], tuple(image_hw)
+        for s in self.strides:
+            hw = _down(hw, s)
+            shapes.append(hw)
+        return shapes
 
 
 class ResidualBlock(nn.Module):
@@ -185,6 +274,8 @@ class ResNet(nn.Module):
         pad k//2 on each side (instead of SAME), and every strided block has a projection shortcut.
       project: project the last feature map to ``width``; False keeps its channels (tokens = the raw features,
         e.g. 2048-d for ResNet-50: HF's ``last_hidden_state``, flattened to [B, h*w, C]).
+      scales: stages whose outputs become tokens (multi-scale, e.g. (1, 2, 3) = the last three of four stages;
+        negative = from the end); () = the last stage only.
     """
 
     width: int = 256
@@ -196,6 +287,7 @@ class ResNet(nn.Module):
     pos_emb: str = "learn"
     torch_layout: bool = False
     project: bool = True
+    scales: Sequence[int] = ()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -210,6 +302,7 @@ class ResNet(nn.Module):
             x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, 3, 2, "stem_conv")(x)))
         else:
             raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: ('imagenet', 'small')")
+        maps = []
         for i, n_blocks in enumerate(self.stage_sizes):
             for j in range(n_blocks):
                 x = ResidualBlock(
@@ -221,7 +314,19 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     name=f"stage{i}_block{j}",
                 )(x)
-        return _grid_to_tokens(x, self.width, self.pos_emb, self.dtype, project=self.project)
+            maps.append(x)
+        return _multiscale_tokens(self, maps, self.scales, self.width, self.pos_emb, self.dtype, self.project)
+
+    def feature_map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """(h, w) of each stage's output for (H, W) images."""
+        hw = _down(tuple(image_hw), 2)
+        if self.stem == "imagenet":
+            hw = _down(hw, 2)
+        shapes = []
+        for i in range(len(self.stage_sizes)):
+            hw = _down(hw, 2) if i > 0 else hw
+            shapes.append(hw)
+        return shapes
 
 
 class ViT(nn.Module):
