@@ -334,3 +334,30 @@ class PositionEmbedding2D(nn.Module):
         else:
             raise ValueError(f"unknown position embedding {self.kind!r}; valid: ('learn', 'sincos2d', 'none')")
         return x + pe[None].astype(x.dtype)
+
+
+def transformer_encoder(
+    module: Any, x: jax.Array, mask: jax.Array | None, deterministic: bool, *, post_ln: bool = False
+) -> jax.Array:
+    """The Transformer stack of a text/image encoder: ``module.depth`` TransformerBlocks named ``encoder``.
+
+    ``module`` supplies the sizes (num_heads, mlp_dim, dropout_rate, attention_impl, ln_epsilon, activation, dtype,
+    depth, scan_layers, remat_policy). x: [B, L, D], mask: [B, L] or None -> [B, L, D].
+    """
+    return Repeated(
+        TransformerBlock,
+        dict(
+            num_heads=module.num_heads,
+            mlp_dim=module.mlp_dim,
+            post_ln=post_ln,
+            dropout_rate=module.dropout_rate,
+            attention_impl=module.attention_impl,
+            ln_epsilon=module.ln_epsilon,
+            activation=module.activation,
+            dtype=module.dtype,
+        ),
+        num_layers=module.depth,
+        scan_layers=module.scan_layers,
+        remat_policy=module.remat_policy,
+        name="encoder",
+    )(x, (mask, None, None), deterministic)

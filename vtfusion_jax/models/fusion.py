@@ -97,6 +97,16 @@ class FusionBase(nn.Module):
             return x
         return layers.dense(self.width, "embed", "embed", dtype=self.dtype, name=name)(x)
 
+    def learned_tokens(self, name: str, n: int, batch: int) -> jax.Array:
+        """``n`` learned tokens (a [n, D] float32 parameter) broadcast to the batch: [B, n, D] in the compute dtype."""
+        tokens = self.param(
+            name,
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (n, self.width),
+            jnp.float32,
+        )
+        return jnp.broadcast_to(tokens.astype(self.dtype)[None], (batch, n, self.width))
+
     def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
         norm = layers.LayerNorm(name=name)
         return lambda x: norm(x).astype(self.dtype)
@@ -359,13 +369,7 @@ class BottleneckFusion(FusionBase):
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
-        z0 = self.param(
-            "bottleneck",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (self.num_bottleneck, self.width),
-            jnp.float32,
-        )
-        z = jnp.broadcast_to(z0.astype(self.dtype)[None], (t.shape[0], *z0.shape))  # [B, n, D]
+        z = self.learned_tokens("bottleneck", self.num_bottleneck, t.shape[0])  # [B, n, D]
         t, i, _ = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())(
             (t, i, z), (text_mask, image_mask), deterministic
         )
@@ -421,13 +425,7 @@ class QueryFusion(FusionBase):
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
-        q0 = self.param(
-            "queries",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (self.num_queries, self.width),
-            jnp.float32,
-        )
-        q = jnp.broadcast_to(q0.astype(self.dtype)[None], (t.shape[0], *q0.shape))  # [B, Q, D]
+        q = self.learned_tokens("queries", self.num_queries, t.shape[0])  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
         q = self.stack(QueryBlock, "blocks", cfg=self.block_config())(
             q, (i_kv, image_mask, t_kv, text_mask), deterministic

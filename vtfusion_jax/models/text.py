@@ -83,23 +83,7 @@ class BertEncoder(nn.Module):
             x = layers.LayerNorm(self.ln_epsilon, name="embeddings_ln")(x)
         x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)  # [B, L, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = layers.Repeated(
-            layers.TransformerBlock,
-            dict(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                post_ln=self.post_ln,
-                dropout_rate=self.dropout_rate,
-                attention_impl=self.attention_impl,
-                ln_epsilon=self.ln_epsilon,
-                activation=self.activation,
-                dtype=self.dtype,
-            ),
-            num_layers=self.depth,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name="encoder",
-        )(x, (text_mask, None, None), deterministic)
+        x = layers.transformer_encoder(self, x, text_mask, deterministic, post_ln=self.post_ln)
         if not self.post_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
         x = x * text_mask[..., None].astype(x.dtype)

@@ -391,22 +391,7 @@ class ViT(nn.Module):
             x = layers.LayerNorm(self.ln_epsilon, name="pre_ln")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         mask = jnp.ones(x.shape[:2], dtype=bool)
-        x = layers.Repeated(
-            layers.TransformerBlock,
-            dict(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout_rate=self.dropout_rate,
-                attention_impl=self.attention_impl,
-                ln_epsilon=self.ln_epsilon,
-                activation=self.activation,
-                dtype=self.dtype,
-            ),
-            num_layers=self.depth,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name="encoder",
-        )(x, (None, None, None), deterministic)
+        x = layers.transformer_encoder(self, x, None, deterministic)
         if self.final_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
         return x, mask
