@@ -2,6 +2,7 @@
 SIGTERM (preemption) saves the current step and exits 0, and the next run continues from there."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "preempted at step" in out
-    stopped = int(out.split("preempted at step ")[1].split()[0])
+    stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     assert ckpt.latest_step() == stopped >= 3
     ckpt.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -76,7 +77,7 @@ class Restored:
 
 def _num_image_tokens(model, params, batch) -> int:
     tokens = jax.eval_shape(
-        lambda p, b: model.apply({"params": p}, b, train=False, method=lambda m, b: m.image_encoder(b["image"])[0]),
+        lambda p, b: model.apply({"params": p}, b, method=lambda m, b: m.image_encoder(b["image"])[0]),
         params,
         {"image": batch["image"]},
     )
@@ -104,8 +105,9 @@ def evaluate_split(
 
     Returns:
       The metrics.json content: {"accuracy", "num_examples", "checkpoint_step", "per_type", "loss", "split",
-      "confusion_matrix"}.
+      "label_names", "confusion_matrix", "wall_seconds"}.
     """
+    started = time.time()
     r = Restored(config, workdir, checkpoint)
     meta, t, d = r.meta, config.train, config.dataset
     batches = pipeline.make_eval_iterator(
@@ -167,6 +169,9 @@ def evaluate_split(
         f"{d.name} {split}: accuracy {summary['accuracy']:.4f} (step {r.step})",
     )
     _attention_maps(r, source, text_key, out_dir, min(num_attention_maps, len(source)))
+    result["wall_seconds"] = time.time() - started
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
     return result
 
 

@@ -330,11 +330,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir: output folder.
 
     Returns:
-      {"step", "best_step", "best_val_accuracy", "val": last validation summary, "preempted", "early_stopped"}.
+      {"step", "best_step", "best_val_accuracy", "val": last validation summary, "preempted", "early_stopped",
+      "stopped_for_run_limit", "wall_seconds"} (also written to workdir/train_summary.json).
 
     Raises:
       NonFiniteLossError: a NaN / Inf loss or gradient; the newest checkpoint stays the last good one.
     """
+    started = time.time()
     maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
@@ -497,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.close()
         writer.close()
         ckpt.close()
-    result.update(step=int(step), best_step=best[1], best_val_accuracy=best[0])
+    result.update(step=int(step), best_step=best[1], best_val_accuracy=best[0], wall_seconds=time.time() - started)
     if is_main:
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(result, f, indent=2, default=float)

@@ -1,0 +1,81 @@
+"""Runs one results-table row end to end and records it: train.py, then eval.py on the test split, timed.
+
+  python scripts/run_job.py --name=easy_vqa --config=configs/easy_vqa.py [--workdir=runs/easy_vqa] [-- --config.x=y]
+
+Writes results/<name>/{summary.json, metrics.json, config.json} (no checkpoints): summary.json holds the exact
+commands, the wall time of each (the dataset build is timed separately, since it is a one-time cost) and the test
+metrics. scripts/results_table.py turns results/*/summary.json into the markdown tables of README / docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd: list[str]) -> float:
+    print("+", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return time.time() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="results/<name>/")
+    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p.add_argument("--workdir", default=None, help="default: runs/<name> (must not hold an older run)")
+    p.add_argument("--split", default="test")
+    p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")
+    a = p.parse_args()
+    workdir = a.workdir or os.path.join("runs", a.name)
+    if os.path.exists(os.path.join(REPO, workdir, "checkpoints")):
+        sys.exit(f"{workdir} already holds a run: pick a fresh --workdir so the timing covers a whole run")
+    py = sys.executable
+    t0 = time.time()
+    meta_cmd = [py, os.path.join(REPO, "scripts", "build_dataset.py"), f"--config={a.config}", *a.overrides]
+    build_s = _run(meta_cmd)
+    train_cmd = [py, "train.py", f"--config={a.config}", f"--workdir={workdir}", *a.overrides]
+    eval_cmd = [py, "eval.py", f"--config={a.config}", f"--workdir={workdir}", f"--split={a.split}", *a.overrides]
+    train_s = _run(train_cmd)
+    eval_s = _run(eval_cmd)
+    out = os.path.join(REPO, "results", a.name)
+    os.makedirs(out, exist_ok=True)
+    split_dir = os.path.join(REPO, workdir, "eval", a.split)
+    shutil.copy(os.path.join(split_dir, "metrics.json"), os.path.join(out, "metrics.json"))
+    shutil.copy(os.path.join(REPO, workdir, "config.json"), os.path.join(out, "config.json"))
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(REPO, workdir, "train_summary.json")) as f:
+        train_summary = json.load(f)
+    summary = {
+        "name": a.name,
+        "commands": [" ".join(["python", *c[1:]]) for c in (train_cmd, eval_cmd)],
+        "split": a.split,
+        "accuracy": metrics["accuracy"],
+        "per_type": metrics["per_type"],
+        "num_examples": metrics["num_examples"],
+        "checkpoint_step": metrics["checkpoint_step"],
+        "best_val_accuracy": train_summary["best_val_accuracy"],
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "train_plus_eval_seconds": round(train_s + eval_s, 1),
+        "dataset_build_seconds": round(build_s, 1),
+        "total_seconds_with_build": round(time.time() - t0, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+    }
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
