@@ -11,7 +11,8 @@ Implementations:
     active, because ``jax.nn.dot_product_attention`` supports neither).
   * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``.
   * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; needs a CUDA GPU and bf16/fp16 inputs and
-    raises a ValueError that says why otherwise.
+    raises a ValueError that says why otherwise. Sequence lengths are padded to a multiple of 64 with the padding
+    masked (``padded_attention``), so any length runs on the fused kernels.
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def dot_product_attention(
         return _reference(q, k, v, mask, bias, dropout_fn)[0]
     if implementation == "cudnn":
         check_cudnn_available(q.dtype)
+        return padded_attention(q, k, v, mask=mask, bias=bias, implementation="cudnn", multiple=CUDNN_SEQ_MULTIPLE)
+    return _fused(q, k, v, mask, bias, implementation)
+
+
+def _fused(q, k, v, mask, bias, implementation, q_lengths=None, kv_lengths=None):
+    """jax.nn.dot_product_attention with our mask conventions (fully masked query rows give zeros)."""
     b, lq, h, _ = q.shape
     full = (b, h, lq, k.shape[1])
     mask4 = _as_4d(mask, "mask")
@@ -155,11 +162,87 @@ def dot_product_attention(
         mask4 = jnp.broadcast_to(mask4, full)
     if bias4 is not None:
         bias4 = jnp.broadcast_to(bias4, full).astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask4, implementation=implementation)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias=bias4,
+        mask=mask4,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
+        implementation=implementation,
+    )
     row_ok = _row_has_key(mask4, full)
     if row_ok is not None:
         out = out * row_ok.astype(out.dtype)
     return out
+
+
+# cuDNN's fused attention kernels want sequence lengths that are multiples of 64 (197 ViT tokens run as 256).
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_axis(x: jax.Array, axis: int, new_size: int, value: Any = 0) -> jax.Array:
+    """Pads ``x`` at the end of ``axis`` to ``new_size``; a size-1 (broadcast) axis stays as it is."""
+    if x.shape[axis] in (1, new_size):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, new_size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def padded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    implementation: str = "xla",
+    multiple: int = CUDNN_SEQ_MULTIPLE,
+) -> jax.Array:
+    """``dot_product_attention`` run on sequences padded to a multiple of ``multiple``, with the padding masked.
+
+    Query and key/value lengths are zero-padded at the end; padded keys can never be attended to and the padded
+    query rows are sliced off, so the result (and its gradient) equals the unpadded computation. Without a mask or
+    bias the padding goes to the fused kernel as sequence lengths (cuDNN's own padding mask, no [B, H, Lq, Lk]
+    bias in memory); otherwise the mask is padded with False on the key axis and True on the query axis (padded
+    queries see the real keys, so no row becomes empty). This is the "cudnn" path; with ``implementation="xla"``
+    it runs anywhere, which is how tests check it on CPU.
+
+    Args:
+      q, k, v, mask, bias: as for ``dot_product_attention``.
+      implementation: "xla" or "cudnn".
+      multiple: padded lengths are multiples of this.
+
+    Returns:
+      ``[B, Lq, H, Dh]``, equal to the unpadded attention.
+    """
+    _check_shapes(q, k, v)
+    b, lq, _, _ = q.shape
+    lk = k.shape[1]
+    lq_p, lk_p = _round_up(lq, multiple), _round_up(lk, multiple)
+    if (lq_p, lk_p) == (lq, lk):
+        return _fused(q, k, v, mask, bias, implementation)
+    qp = _pad_axis(q, 1, lq_p)
+    kp, vp = _pad_axis(k, 1, lk_p), _pad_axis(v, 1, lk_p)
+    if mask is None and bias is None:
+        q_len = jnp.full((b,), lq, jnp.int32)
+        kv_len = jnp.full((b,), lk, jnp.int32)
+        out = _fused(qp, kp, vp, None, None, implementation, q_lengths=q_len, kv_lengths=kv_len)
+        return out[:, :lq]
+    m = jnp.ones((1, 1, 1, lk), bool) if mask is None else _as_4d(mask, "mask")
+    if m.shape[-1] == 1:  # a key axis broadcast from size 1 must become explicit to mask the padded keys
+        m = jnp.broadcast_to(m, (*m.shape[:-1], lk))
+    m = _pad_axis(_pad_axis(m, 2, lq_p, True), 3, lk_p, False)
+    bp = None
+    if bias is not None:
+        bp = _pad_axis(_pad_axis(_as_4d(bias, "bias"), 2, lq_p), 3, lk_p)
+    return _fused(qp, kp, vp, m, bp, implementation)[:, :lq]
 
 
 class MultiHeadAttention(nn.Module):

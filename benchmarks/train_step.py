@@ -1,0 +1,362 @@
+"""Compiles and times the sharded train step on synthetic batches; prints FLOPs, examples/s and MFU as JSON.
+
+    python benchmarks/train_step.py --config=configs/perf.py                       # shared CPU size, co_attention
+    python benchmarks/train_step.py --config=configs/perf.py:fusion=merged --out=results/perf/x.json
+    python benchmarks/train_step.py --config=configs/perf.py:depth=12 --config.model.scan_layers=True \
+        --config.bench.steps=0                                                        # compile time only
+    python benchmarks/train_step.py --config=configs/perf.py:preset=tiny            # smoke (seconds)
+    python benchmarks/train_step.py --config=configs/easy_vqa.py                    # any training config
+
+What it does: builds VisionTextModel from ``config.model``, AdamW from ``config.optim`` (optim.make_optimizer),
+the sharded state (eval_shape -> shardings -> jit(init, out_shardings)) and ``jax.jit(train_step, in_shardings,
+out_shardings, donate_argnums=0)`` as training does; lowers and compiles it (timed), runs ``bench.warmup`` untimed
+steps and ``bench.steps`` timed ones (each ended by ``block_until_ready``) on one synthetic batch kept on device.
+It prints one JSON object: step times (median, min, all), examples/s, compile time, analytic FLOPs per example
+(vtfusion_jax/flops.py; train = 3x forward) beside XLA's ``cost_analysis`` of the compiled step, achieved FLOP/s,
+and MFU against (a) the FLOP/s of a large jitted matmul in the model's dtype measured in the same process and
+(b) ``bench.peak_tflops`` (datasheet, per device) when given.
+
+Runs on jax + flax + optax + numpy alone: no TensorFlow / TFDS / ml_collections import (a config module with
+``plain_config`` is read as plain dicts; other configs need ml_collections). ``--config.KEY=VALUE`` overrides any
+field. The train step mirrors ``train_lib.train_step`` (tests/test_benchmarks.py checks they agree), which this
+file cannot import because train_lib pulls in the data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vtfusion_jax import flops as flops_lib  # noqa: E402
+from vtfusion_jax import optim, sharding, speed  # noqa: E402
+from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
+
+# Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
+BENCH_DEFAULTS = dict(
+    batch_size=32,
+    image_size=64,
+    text_len=16,
+    num_classes=13,
+    warmup=3,
+    steps=20,
+    matmul_size=2048,
+    peak_tflops=0.0,
+    compilation_cache_dir="",
+)
+DEFAULT_VOCAB = 30522
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
+    """Reads ``path[:arg]`` into nested plain dicts and applies ``KEY=VALUE`` overrides (dotted keys).
+
+    A config module with ``plain_config(arg)`` (configs/perf.py) needs no ml_collections; any other config's
+    ``get_config(arg)`` is converted, its ``bench`` section derived from ``dataset`` / ``train``.
+
+    Raises:
+      SystemExit: an override names a key the config lacks (the message lists the valid keys at that level).
+    """
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("_bench_config", os.path.abspath(path))
+    if mod_spec is None or mod_spec.loader is None:
+        raise SystemExit(f"error: cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if hasattr(module, "plain_config"):
+        cfg = module.plain_config(arg or None)
+    else:
+        cfg = _from_train_config(module.get_config(arg or None).to_dict())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: override {item!r} is not KEY=VALUE")
+        _set(cfg, key, value)
+    return cfg
+
+
+def _from_train_config(c: dict) -> dict:
+    d, t = c.get("dataset", {}), c.get("train", {})
+    bench = dict(BENCH_DEFAULTS)
+    bench.update(batch_size=t.get("global_batch_size", 32), text_len=d.get("max_len", 16))
+    bench.update(image_size=d.get("image_size") or 64)
+    model = c["model"]
+    model["text_encoder"] = dict(model["text_encoder"])
+    model["text_encoder"].setdefault("vocab_size", DEFAULT_VOCAB)
+    return dict(
+        seed=c.get("seed", 0), mesh_shape=c.get("mesh_shape", (-1, 1, 1)), model=model, optim=c["optim"], bench=bench
+    )
+
+
+def _set(cfg: dict, key: str, raw: str) -> None:
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+            raise SystemExit(f"error: unknown config key {key!r}: {where} has no {part!r}. Valid keys: {valid}")
+        if i == len(parts) - 1:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare string such as bfloat16
+            if isinstance(node[part], bool) and isinstance(value, str):
+                value = value.lower() in ("1", "true", "yes")
+            node[part] = value
+        node = node[part]
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+@struct.dataclass
+class TrainState:
+    """Same fields as train_lib.TrainState (step, params, opt_state, rng)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over valid rows (train_lib.cross_entropy without label smoothing)."""
+    per = optax.softmax_cross_entropy(logits.astype(jnp.float32), jax.nn.one_hot(labels, logits.shape[-1]))
+    w = valid.astype(jnp.float32)
+    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
+    """Forward, backward, optimiser update: the computation of train_lib.train_step."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})["logits"]
+        return cross_entropy(logits, batch["label"], batch["valid"]), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    valid = batch["valid"].astype(jnp.float32)
+    acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
+    """A host batch with the model's input shapes: uniform images, random token ids, random text lengths
+    (>= half the length; the rest is padding), random labels."""
+    b = cfg["bench"]
+    n, s, length = int(b["batch_size"]), int(b["image_size"]), int(b["text_len"])
+    vocab = int(cfg["model"]["text_encoder"].get("vocab_size", DEFAULT_VOCAB))
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max(1, length // 2), length + 1, size=n)
+    return {
+        "image": rng.uniform(size=(n, s, s, 3)).astype(np.float32),
+        "text_ids": rng.integers(1, vocab, size=(n, length)).astype(np.int32),
+        "text_mask": np.arange(length)[None, :] < lengths[:, None],
+        "label": rng.integers(0, int(b["num_classes"]), size=n).astype(np.int32),
+        "valid": np.ones(n, bool),
+    }
+
+
+class Bench:
+    """The built benchmark: model, optimiser, sharded state, on-device batch and the jitted step."""
+
+    def __init__(self, cfg: dict, compiler_options: dict | None = None, state: TrainState | None = None):
+        """Builds everything for ``cfg``; ``compiler_options`` (XLA debug options, e.g.
+        {"xla_backend_optimization_level": 0}) apply to every program it compiles; ``state`` (of a Bench whose
+        config differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation."""
+        self.cfg = cfg
+        self.compiler_options = compiler_options
+        b = cfg["bench"]
+        self.mesh = sharding.make_mesh(cfg["mesh_shape"])
+        self.model = VisionTextModel(cfg["model"], int(b["num_classes"]))
+        frozen = optim.frozen_towers(cfg["model"])
+        self.tx, _ = optim.make_optimizer(cfg["optim"], 10_000, frozen)
+        s, length = int(b["image_size"]), int(b["text_len"])
+        init_batch = {
+            "image": jnp.zeros((1, s, s, 3), jnp.float32),
+            "text_ids": jnp.zeros((1, length), jnp.int32),
+            "text_mask": jnp.ones((1, length), bool),
+        }
+        key = jax.random.PRNGKey(int(cfg["seed"]))
+        boxed = jax.eval_shape(lambda k: self.model.init({"params": k}, init_batch, train=False)["params"], key)
+        p_sh = sharding.param_shardings(boxed, self.mesh)
+        abstract = sharding.unbox(boxed)
+        o_sh = sharding.optimizer_shardings(jax.eval_shape(self.tx.init, abstract), abstract, p_sh, self.mesh)
+        rep = sharding.replicated(self.mesh)
+        self.state_shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep)
+        self.num_params = flops_lib.param_count(abstract)
+
+        def init_params():
+            variables = self.model.init({"params": jax.random.fold_in(key, 0)}, init_batch, train=False)
+            return sharding.unbox(variables["params"])
+
+        def run_jit(fn, out_shardings, *args):
+            return jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(self.compiler_options)(*args)
+
+        if state is None:
+            with jax.set_mesh(self.mesh):
+                params = run_jit(init_params, p_sh)
+                opt_state = run_jit(self.tx.init, o_sh, params)
+                step, rng = run_jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(key, 1)), (rep, rep))
+            state = TrainState(step, params, opt_state, rng)
+        self.state = state
+        batch_sh = sharding.batch_sharding(self.mesh)
+        self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
+        self.step_fn = jax.jit(
+            lambda st, bt: train_step(st, bt, model=self.model, tx=self.tx),
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=0,
+        )
+        self.compiled = None
+        self.compile_info = None
+        self.last_metrics = None
+
+    def compile(self) -> dict:
+        """Lowers and compiles the step (once). Returns {"trace_s", "compile_s", "total_s", "xla_flops_per_step"}."""
+        if self.compile_info is not None:
+            return self.compile_info
+        with jax.set_mesh(self.mesh):
+            t0 = time.perf_counter()
+            lowered = self.step_fn.lower(self.state, self.batch)
+            t1 = time.perf_counter()
+            self.compiled = lowered.compile(self.compiler_options)
+            t2 = time.perf_counter()
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        xla = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        self.compile_info = {"trace_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0, "xla_flops_per_step": xla}
+        return self.compile_info
+
+    def step(self) -> float:
+        """Runs one step to completion; returns its wall time in seconds."""
+        if self.compiled is None:
+            self.compile()
+        t0 = time.perf_counter()
+        self.state, m = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, m))
+        dt = time.perf_counter() - t0
+        self.last_metrics = m
+        return dt
+
+    def loss(self) -> float:
+        return float(self.last_metrics["loss"]) if self.last_metrics is not None else float("nan")
+
+
+def analytic_flops(cfg: dict) -> dict:
+    """flops.model_flops for this config's input sizes."""
+    b = cfg["bench"]
+    s = int(b["image_size"])
+    return flops_lib.model_flops(cfg["model"], (s, s), int(b["text_len"]), int(b["num_classes"]))
+
+
+def summarize(times: Sequence[float], cfg: dict, fl: dict, peak: dict | None, n_devices: int) -> dict:
+    """Step-time statistics, throughput and MFU (per-device peaks are multiplied by the device count)."""
+    b = cfg["bench"]
+    if not times:
+        return {}
+    med, best = float(np.median(times)), float(np.min(times))
+    achieved = fl["train"] * int(b["batch_size"]) / med
+    out = {
+        "step_s_median": med,
+        "step_s_min": best,
+        "step_s_all": [float(t) for t in times],
+        "examples_per_s": int(b["batch_size"]) / med,
+        "achieved_flops_per_s": achieved,
+    }
+    if peak:
+        out["mfu_measured_peak"] = achieved / (peak["flops_per_s"] * n_devices)
+    if float(b["peak_tflops"]) > 0:
+        out["mfu_datasheet"] = achieved / (float(b["peak_tflops"]) * 1e12 * n_devices)
+    return out
+
+
+def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench | None = None) -> dict:
+    """Builds (unless ``bench`` is given), compiles and times the step of ``cfg``; returns the JSON-able result."""
+    b = cfg["bench"]
+    if b["compilation_cache_dir"]:
+        speed.enable_compilation_cache(b["compilation_cache_dir"])
+    load_start = speed.loadavg()
+    fl = analytic_flops(cfg)
+    bench = bench or Bench(cfg)
+    comp = bench.compile()
+    times = []
+    for _ in range(int(b["warmup"])):
+        bench.step()
+    for _ in range(int(b["steps"])):
+        times.append(bench.step())
+    dtype = DTYPES[cfg["model"].get("dtype", "float32")]
+    peak = speed.matmul_peak(dtype, int(b["matmul_size"])) if measure_peak and times else None
+    n_dev = bench.mesh.size
+    analytic_step = fl["train"] * int(b["batch_size"])
+    result = {
+        "benchmark": "train_step",
+        "command": command,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": speed.host_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": speed.loadavg(),
+        "config": cfg,
+        "num_params": bench.num_params,
+        "flops_per_example": fl,
+        "flops_per_step_train": analytic_step,
+        "compile": comp,
+        "xla_over_analytic": comp["xla_flops_per_step"] / analytic_step,
+        "peak": peak,
+        "final_loss": bench.loss(),
+        **summarize(times, cfg, fl, peak, n_dev),
+    }
+    return result
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/perf.py", help="config file[:arg] (default configs/perf.py)")
+    p.add_argument("--out", default="", help="also write the JSON result here")
+    p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
+    args, rest = p.parse_known_args(argv)
+    overrides = []
+    for a in rest:
+        if not a.startswith("--config."):
+            p.error(f"unrecognised argument {a!r} (overrides are --config.KEY=VALUE)")
+        overrides.append(a[len("--config.") :])
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
+    result["quiet_wait"] = quiet
+    text = json.dumps(result, indent=1, default=float)
+    print(text, flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

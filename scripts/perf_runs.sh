@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every measurement behind docs/performance.md, one command per JSON file in results/perf/, then the table.
+# Run from the repository root on a quiet machine (each benchmark waits up to --wait_quiet s for the 1-minute load
+# average to drop to 1.5 and records the load it ran under). About 25 minutes on a 2-core CPU.
+#   bash scripts/perf_runs.sh            # all CPU runs, then python scripts/perf_table.py
+#   python benchmarks/gpu_bench.py       # on a GPU machine; its JSON files go to results/perf/ too
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=results/perf
+W=--wait_quiet=1200
+mkdir -p "$OUT"
+
+# Ours vs PyTorch eager and torch.compile, alternating, shared size (co_attention, D=256, 4+4 layers, batch 32).
+python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch_peer.json
+
+# Every fusion variant at the shared size (float32, unrolled, no remat).
+for f in co_attention merged cross gated_cross bottleneck query concat rn; do
+  python benchmarks/train_step.py --config=configs/perf.py:fusion=$f $W --out=$OUT/cpu_fusion_$f.json
+done
+
+# Speed switches on the co_attention model (baseline: cpu_fusion_co_attention.json).
+python benchmarks/train_step.py --config=configs/perf.py --config.model.scan_layers=True $W --out=$OUT/cpu_switch_scan.json
+python benchmarks/train_step.py --config=configs/perf.py --config.model.remat_policy=minimal $W --out=$OUT/cpu_switch_remat_minimal.json
+python benchmarks/train_step.py --config=configs/perf.py --config.model.remat_policy=full $W --out=$OUT/cpu_switch_remat_full.json
+python benchmarks/train_step.py --config=configs/perf.py --config.model.dtype=bfloat16 $W --out=$OUT/cpu_switch_bf16.json
+python benchmarks/train_step.py --config=configs/perf.py --config.model.attention_impl=reference $W --out=$OUT/cpu_switch_attention_reference.json
+
+# Compile time: 12 and 24 layers per tower (image, text, fusion), scanned; unrolled 12 for contrast.
+for d in 12 24; do
+  python benchmarks/train_step.py --config=configs/perf.py:depth=$d --config.model.scan_layers=True \
+    --config.bench.steps=0 --config.bench.warmup=0 $W --out=$OUT/cpu_compile_depth${d}_scan.json
+done
+python benchmarks/train_step.py --config=configs/perf.py:depth=12 --config.bench.steps=0 --config.bench.warmup=0 \
+  $W --out=$OUT/cpu_compile_depth12_unrolled.json
+
+# The GPU script's CPU smoke (the GPU figures come from a GPU machine).
+python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_bench_smoke
+
+python scripts/perf_table.py

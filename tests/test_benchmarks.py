@@ -1,0 +1,113 @@
+"""Benchmarks in smoke mode (tiny config, 2 timed steps): our train step and the PyTorch peer, in-process.
+
+They share one built (and compiled) tiny benchmark; the torch peer runs eager and through torch.compile's
+"eager" backend (dynamo tracing without code generation, which keeps the smoke test fast)."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import torch_peer  # noqa: E402
+import train_step as bench_lib  # noqa: E402
+
+TINY = os.path.join(REPO, "configs", "perf.py") + ":preset=tiny"
+ONE_DEVICE = ["mesh_shape=(1, 1, 1)"]  # conftest fakes 8 CPU devices; the smoke run uses one
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = bench_lib.load_config(TINY, ONE_DEVICE)
+    # Smoke only: the unoptimised XLA backend compiles about twice as fast.
+    return cfg, bench_lib.Bench(cfg, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg = bench_lib.load_config(TINY, ["model.dtype=bfloat16", "model.scan_layers=true", "bench.steps=7"])
+    assert cfg["model"]["dtype"] == "bfloat16" and cfg["model"]["scan_layers"] is True and cfg["bench"]["steps"] == 7
+    with pytest.raises(SystemExit, match="Valid keys: .*scan_layers"):
+        bench_lib.load_config(TINY, ["model.scan_layer=true"])
+    args, overrides = bench_lib.parse_args(["--config=x.py", "--config.bench.steps=3", "--out=o.json"])
+    assert args.out == "o.json" and overrides == ["bench.steps=3"]
+
+
+def test_config_presets_are_the_documented_sizes():
+    sys.path.insert(0, REPO)
+    from configs import perf
+
+    gpu = perf.plain_config("preset=gpu")
+    assert gpu["model"]["dtype"] == "bfloat16" and gpu["model"]["attention_impl"] == "cudnn"
+    assert gpu["model"]["image_encoder"]["patch_size"] == 16 and gpu["bench"]["image_size"] == 224
+    assert gpu["model"]["fusion"]["num_layers"] == 6 and gpu["bench"]["batch_size"] >= 256
+    deep = perf.plain_config("depth=12")
+    assert {
+        deep["model"][k].get("depth", deep["model"][k].get("num_layers"))
+        for k in ("image_encoder", "text_encoder", "fusion")
+    } == {12}
+    assert perf.get_config("fusion=merged").model.fusion.name == "merged"  # the locked ConfigDict wrapper
+
+
+def test_step_is_train_lib_train_step(tiny):
+    """The benchmark's step traces to exactly the program of train_lib.train_step (which it cannot import on a
+    machine without the data stack)."""
+    from vtfusion_jax import train_lib
+
+    cfg, bench = tiny
+    ours = jax.make_jaxpr(lambda s, b: bench_lib.train_step(s, b, model=bench.model, tx=bench.tx))
+    theirs = jax.make_jaxpr(lambda s, b: train_lib.train_step(s, b, model=bench.model, tx=bench.tx))
+    assert str(ours(bench.state, bench.batch)) == str(theirs(bench.state, bench.batch))
+
+
+@pytest.fixture(scope="module")
+def step_result(tiny):
+    cfg, bench = tiny
+    before = jax.tree.leaves(bench.state.params)[0]
+    result = bench_lib.run(cfg, bench=bench, command="python benchmarks/train_step.py --smoke")
+    result["_donated"] = before.is_deleted()
+    return result
+
+
+@pytest.fixture(scope="module")
+def peer_result(tiny):
+    cfg, bench = tiny
+    return torch_peer.run(cfg, compile_backend="eager", pause_s=0.0, bench=bench, command="peer smoke")
+
+
+def test_train_step_benchmark_smoke(tiny, step_result):
+    cfg, bench = tiny
+    result = dict(step_result)
+    assert result.pop("_donated")  # the state buffers were donated to the step
+    json.dumps(result)  # JSON-able
+    assert len(result["step_s_all"]) == cfg["bench"]["steps"] == 2
+    assert result["examples_per_s"] > 0 and np.isfinite(result["final_loss"])
+    assert 0 < result["mfu_measured_peak"] < 1.5
+    assert result["num_params"] == sum(x.size for x in jax.tree.leaves(bench.state.params))
+    assert result["flops_per_step_train"] == 3 * result["flops_per_example"]["forward"] * cfg["bench"]["batch_size"]
+    assert result["compile"]["total_s"] > 0 and result["compile"]["xla_flops_per_step"] > 0
+
+
+def test_torch_peer_smoke(peer_result):
+    result = peer_result
+    json.dumps(result)
+    # The same architecture: parameter for parameter.
+    assert result["num_params"]["torch"] == result["num_params"]["jax"]
+    assert set(result["step_s_median"]) == {"jax", "torch_eager", "torch_compile"}
+    assert all(len(t) == 2 for t in result["step_s_all"].values())
+    assert set(result["speedup_vs"]) == {"torch_eager", "torch_compile"}
+    assert all(np.isfinite(v) for v in result["final_loss"].values())
+
+
+def test_performance_doc_is_generated_from_results(step_result, peer_result):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    step = {k: v for k, v in step_result.items() if k != "_donated"}
+    doc = perf_table.build({"cpu_torch_peer": peer_result, "cpu_fusion_co_attention": step})
+    assert "| `co_attention` |" in doc and "python benchmarks/train_step.py --smoke" in doc  # rows name commands
+    assert "than torch eager (CPU): **" in doc and "than torch compile (CPU): **" in doc  # verdicts
+    assert "GPU" in doc and "not measured" in doc

@@ -1,0 +1,131 @@
+"""Speed switches and measuring helpers that sit outside the model: the persistent compilation cache, a measured
+matmul peak for MFU, and the host facts (load average, CPU, versions) every benchmark records.
+
+The in-model switches live with the model: ``scan_layers`` / ``remat_policy`` (layers.Repeated), ``dtype``
+(bf16 compute, float32 parameters), ``attention_impl`` (attention.py; "cudnn" pads sequences to a multiple of 64).
+Donated buffers are ``donate_argnums=0`` on the jitted train step, and device prefetch is the data pipeline's
+``prefetch`` (data/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.0) -> None:
+    """Turns on jax's persistent compilation cache in ``cache_dir`` (created if needed).
+
+    A second process compiling the same program (same jax/XLA version, flags and shapes) loads the executable from
+    disk instead of compiling it. Call before the first jit compilation of the process.
+
+    Args:
+      cache_dir: folder for the cache entries (local path or a gs:// path jax understands).
+      min_compile_time_s: only programs that took at least this long to compile are written.
+    """
+    if not cache_dir.startswith("gs://"):
+        os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def matmul_peak(dtype: Any = jnp.float32, n: int = 2048, inner: int = 8, reps: int = 5) -> dict:
+    """Measures the FLOP/s of a large square matmul on the default device (the peak MFU is measured against).
+
+    One jitted program multiplies an [n, n] matrix ``inner`` times (so dispatch overhead is amortised on fast
+    devices); the best of ``reps`` runs counts.
+
+    Args:
+      dtype: matmul input dtype (the benchmark's compute dtype); products accumulate as the backend does by default.
+      n: matrix side.
+      inner: matmuls per timed program.
+      reps: timed runs.
+
+    Returns:
+      {"flops_per_s": best FLOP/s, "median_flops_per_s", "n", "dtype", "inner"}.
+    """
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
+    # Scaled so that repeated products keep unit-size entries in any dtype.
+    b = (jax.random.normal(k2, (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
+
+    @jax.jit
+    def chain(x, w):
+        return jax.lax.fori_loop(0, inner, lambda _, y: (y @ w).astype(dtype), x)
+
+    jax.block_until_ready(chain(a, b))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chain(a, b))
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n**3 * inner
+    return {
+        "flops_per_s": flops / min(times),
+        "median_flops_per_s": flops / float(np.median(times)),
+        "n": n,
+        "dtype": jnp.dtype(dtype).name,
+        "inner": inner,
+    }
+
+
+def loadavg() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where /proc/loadavg does not exist)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def wait_for_quiet(threshold: float = 1.5, poll_s: float = 60.0, max_wait_s: float = 1200.0) -> dict:
+    """Waits (up to ``max_wait_s``) until the 1-minute load average is at most ``threshold``.
+
+    Timings on a shared host are only comparable when nothing else runs; after ``max_wait_s`` the caller measures
+    anyway and records what this returns.
+
+    Returns:
+      {"waited_s", "quiet": whether the threshold was reached, "loadavg_start", "loadavg": when it returned}.
+    """
+    start, first = time.time(), loadavg()
+    while True:
+        now = loadavg()
+        if now is None or now[0] <= threshold:
+            return {"waited_s": time.time() - start, "quiet": True, "loadavg_start": first, "loadavg": now}
+        if time.time() - start >= max_wait_s:
+            return {"waited_s": time.time() - start, "quiet": False, "loadavg_start": first, "loadavg": now}
+        time.sleep(poll_s)
+
+
+def host_info() -> dict:
+    """Backend, devices, CPU model and thread count, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import flax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "python": platform.python_version(),
+    }
