@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from train_testutil import DATA_DIR, load_config, run_script
+from train_testutil import DATA_DIR, config_flags, run_script
 
-from vtfusion_jax import metrics, train_lib
+from vtfusion_jax import metrics
 from vtfusion_jax.data import easy_vqa, pipeline
 
 SMOKE = dict(
@@ -28,10 +28,16 @@ SMOKE = dict(
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """train.py on tiny.py for a few hundred steps, fully optimised (its execution time is what counts)."""
     workdir = tmp_path_factory.mktemp("smoke")
     start = time.time()
-    result = train_lib.train_and_evaluate(load_config("tiny", **SMOKE), str(workdir))
-    return workdir, result, time.time() - start
+    out = run_script(
+        "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", *config_flags(**SMOKE), optimized=True
+    )
+    seconds = time.time() - start
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(workdir / "train_summary.json") as f:
+        return workdir, json.load(f), seconds
 
 
 def _labels(split):
@@ -41,7 +47,9 @@ def _labels(split):
 
 def test_smoke_run_beats_the_majority_answer(smoke_run):
     workdir, result, seconds = smoke_run
-    assert seconds < 60 * 1.5, f"smoke run took {seconds:.0f}s"  # <= 60 s on an idle machine; slack for load
+    # <= 60 s on an idle machine; the limit stretches with the load other processes put on the shared CPUs.
+    limit = 60 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    assert seconds < limit, f"smoke run took {seconds:.0f}s (limit {limit:.0f}s at load {os.getloadavg()[0]:.1f})"
     baseline = metrics.majority_baseline(_labels("train"), _labels("validation[:512]"))
     assert result["val"]["accuracy"] > baseline + 0.15, (result["val"], baseline)
     assert os.path.exists(workdir / "config.json") and os.path.exists(workdir / "metrics.jsonl")

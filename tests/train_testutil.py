@@ -57,8 +57,12 @@ def train_losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
 
 
-def subprocess_env() -> dict:
+def subprocess_env(optimized: bool = False) -> dict:
+    """Environment for train.py / eval.py / predict.py subprocesses (``optimized``: full XLA optimisation, for
+    runs whose execution time matters more than their compile time)."""
     env = dict(os.environ)
+    if optimized:
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(XLA_TEST_FLAGS, "").strip()
     env.update(
         JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -77,12 +81,14 @@ def config_flags(**overrides) -> list[str]:
     return flags
 
 
-def run_script(script: str, *args: str, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, timeout: float = 240, optimized: bool = False, **popen
+) -> subprocess.CompletedProcess:
     """Runs ``python <repo>/<script> args`` and returns the completed process (text output)."""
     return subprocess.run(
         [sys.executable, os.path.join(REPO, script), *args],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(optimized),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -246,4 +247,4 @@ def _text(v: Any) -> str:
 
 def _safe(split: str) -> str:
     """A folder name for a split spec like "validation[:256]"."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in split).strip("_")
+    return re.sub(r"[^0-9A-Za-z.-]+", "_", split).strip("_")  # "test[:600]" -> "test_600"
