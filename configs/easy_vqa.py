@@ -36,8 +36,8 @@ def get_config(arg=None):
     c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
     c.model.image_encoder = dict(  # image tower
         name="cnn",  # cnn | resnet18 | resnet50 | vit
-        channels=(16, 32, 64),  # 3x3 conv channels; three stride-2 convs: 64 px -> 8x8 = 64 image tokens
-        strides=(2, 2, 2),  # stride of each conv
+        channels=(16, 32, 64, 64),  # 3x3 conv channels: 64 px -> 8x8 = 64 image tokens
+        strides=(2, 2, 2, 1),  # the last stride-1 conv widens each token's view to 31 px: most of a shape
         norm="group",  # GroupNorm: no batch statistics to carry
         pos_emb="learn",  # learned 2-D position embedding of the image tokens
         freeze=False,  # True: this tower's parameters never change
@@ -84,7 +84,7 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
     c.train.global_batch_size = 256  # examples per micro-step; large batches learn shape far sooner than 32-64
-    c.train.num_epochs = 6.0  # training length in epochs of the train split (used when num_steps <= 0)
+    c.train.num_epochs = 8.0  # training length in epochs of the train split (used when num_steps <= 0)
     c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # cross-entropy label smoothing
     c.train.log_every_steps = 20  # train metrics to TensorBoard / metrics.jsonl
