@@ -88,9 +88,7 @@ def get_config(arg=None):
     c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # cross-entropy label smoothing
     c.train.log_every_steps = 20  # train metrics to TensorBoard / metrics.jsonl
-    c.train.eval_every_steps = (
-        136  # validation + a checkpoint with its accuracy (~1 epoch); 0 = only at the end, -1 = never
-    )
+    c.train.eval_every_steps = 136  # validation + checkpoint (~1 epoch); 0 = only at the end, -1 = never
     c.train.checkpoint_every_steps = 136  # periodic checkpoints (asynchronous)
     c.train.keep_checkpoints = 2  # newest checkpoints kept (plus the best by validation accuracy)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
