@@ -24,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
@@ -245,6 +246,48 @@ def padded_attention(
     return _fused(qp, kp, vp, m, bp, implementation)[:, :lq]
 
 
+class HeadsProjection(nn.Module):
+    """A Dense layer whose kernel is stored at full rank ([D, H, Dh] for q/k/v, [H, Dh, D] for the output).
+
+    Same parameter names and shapes as ``nn.DenseGeneral``, but the kernel is created at its full rank, so its
+    logical axis names always match its rank (DenseGeneral initialises a flat 2-D kernel, which breaks sharding
+    rules during flax's shape check). x: [..., *in] -> [..., *features] with ``in_dims`` contracted trailing axes.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str, ...]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[-self.in_dims :]
+        fan_in = int(np.prod(in_shape))
+        fan_out = int(np.prod(self.features))
+        # xavier_uniform over the flattened [fan_in, fan_out] matrix, as DenseGeneral would draw it.
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit), self.names
+            ),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[self.in_dims :]),
+            self.features,
+            self.param_dtype,
+        )
+        contracted = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), ((contracted, tuple(range(self.in_dims))), ((), ()))
+        )
+        return y + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (grouped-query) attention with separate query and key/value inputs.
 
@@ -304,23 +347,15 @@ class MultiHeadAttention(nn.Module):
         hkv = self.num_kv_heads or h
         dh = self.head_dim or dq // h
         out_features = self.out_features or dq
-        dense = functools.partial(
-            nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype, axis=-1, use_bias=True
-        )
-        q = dense(
-            features=(h, dh),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-            name="query",
-        )(inputs_q)  # [B, Lq, H, Dh]
-        kv_dense = functools.partial(
-            dense,
-            features=(hkv, dh),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-        )
-        k = kv_dense(name="key")(inputs_kv)  # [B, Lk, Hkv, Dh]
-        v = kv_dense(name="value")(inputs_kv)  # [B, Lk, Hkv, Dh]
+        q = HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="query")(
+            inputs_q
+        )  # [B, Lq, H, Dh]
+        k = HeadsProjection((hkv, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="key")(
+            inputs_kv
+        )  # [B, Lk, Hkv, Dh]
+        v = HeadsProjection((hkv, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="value")(
+            inputs_kv
+        )  # [B, Lk, Hkv, Dh]
         if self.qk_layernorm:
             # float32 LayerNorm over head_dim, as everywhere in this codebase.
             norm = functools.partial(
@@ -346,12 +381,8 @@ class MultiHeadAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", probs)
         else:
             out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
-        out = dense(
-            features=out_features,
-            axis=(-2, -1),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="out",
+        out = HeadsProjection(
+            (out_features,), ("heads", "kv", "embed"), self.dtype, self.param_dtype, in_dims=2, name="out"
         )(out)  # [B, Lq, out_features]
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         return checkpoint_name(out, "attn_out")

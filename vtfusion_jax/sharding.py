@@ -42,12 +42,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 # Whether model.apply runs inside the rules context, turning the model's nn.with_logical_constraint calls on
-# activations into sharding constraints. Off for now: flax's param-shape check in apply re-runs nn.DenseGeneral's
-# kernel init, whose flat 2-D kernel carries the 3 logical names of the [embed, heads, kv] kernel, and the
-# constraint it then applies fails ("only valid for values of rank at least 3"). Parameter and batch shardings are
-# set either way and XLA propagates them through the activations, so results are identical; only the layout
-# hints inside the step are lost. Turn on once attention.py builds its q/k/v/out kernels at their full rank.
-ACTIVATION_CONSTRAINTS = False
+# activations into sharding constraints (layout hints inside the step). attention.py builds its q/k/v/out kernels
+# at full rank (HeadsProjection), so the logical names of every parameter match its rank.
+ACTIVATION_CONSTRAINTS = True
 
 
 def activation_rules():
