@@ -22,8 +22,14 @@ from safetensors.numpy import save_file  # noqa: E402
 from vtfusion_jax import layers, pretrained  # noqa: E402
 from vtfusion_jax.models import get_image_encoder, get_text_encoder  # noqa: E402
 
-torch.set_grad_enabled(False)
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_torch_grad():
+    """Reference forwards need no autograd; scoped per test so other test modules (torch_peer) keep grads on."""
+    with torch.no_grad():
+        yield
 
 
 def _randomise(model, seed=0):
