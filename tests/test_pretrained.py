@@ -32,6 +32,7 @@ def _no_torch_grad():
         yield
 
 
+@torch.no_grad()
 def _randomise(model, seed=0):
     """Every parameter random: matrices and kernels ~ N(0, 1/fan_in), vectors ~ N(0, 0.3^2) (LayerNorm / BatchNorm
     scales around 1), BatchNorm running statistics random; eval mode."""
