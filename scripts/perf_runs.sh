@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every measurement behind docs/performance.md, one command per JSON file in results/perf/, then the table.
-# Run from the repository root on a quiet machine (each benchmark waits up to --wait_quiet s for the 1-minute load
-# average to drop to 1.5 and records the load it ran under). About 25 minutes on a 2-core CPU.
+# Run from the repository root on a quiet machine: the script first waits up to 20 minutes for the 1-minute load
+# average to drop to 1.5, each benchmark waits up to another 2 minutes, and every JSON records the load it ran under.
+# About 20 minutes of benchmarks on a 2-core CPU.
 #   bash scripts/perf_runs.sh            # all CPU runs, then python scripts/perf_table.py
 #   python benchmarks/gpu_bench.py       # on a GPU machine; its JSON files go to results/perf/ too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=results/perf
-W=--wait_quiet=1200
+W=--wait_quiet=120
 mkdir -p "$OUT"
+python -c "from vtfusion_jax import speed; print('quiet wait:', speed.wait_for_quiet(max_wait_s=1200))"
 
 # Ours vs PyTorch eager and torch.compile, alternating, shared size (co_attention, D=256, 4+4 layers, batch 32).
 python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch_peer.json
@@ -32,6 +34,15 @@ for d in 12 24; do
 done
 python benchmarks/train_step.py --config=configs/perf.py:depth=12 --config.bench.steps=0 --config.bench.warmup=0 \
   $W --out=$OUT/cpu_compile_depth12_unrolled.json
+
+# Persistent compilation cache: a cold run fills it, a second process loads the step from it.
+CACHE=/tmp/vtfusion_perf_compile_cache
+rm -rf "$CACHE"
+for c in cold warm; do
+  python benchmarks/train_step.py --config=configs/perf.py --config.bench.compilation_cache_dir=$CACHE \
+    --config.bench.steps=0 --config.bench.warmup=0 $W --out=$OUT/cpu_cache_$c.json
+done
+rm -rf "$CACHE"
 
 # The GPU script's CPU smoke (the GPU figures come from a GPU machine).
 python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_bench_smoke
