@@ -91,6 +91,7 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
     c.train.global_batch_size = 64  # examples per micro-step
+    c.train.images_per_batch = 0  # > 0: image-grouped batches (data/grouped.py), each image encoded once per batch
     c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
     c.train.num_steps = -1  # micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # label smoothing

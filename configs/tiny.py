@@ -81,6 +81,7 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
     c.train.global_batch_size = 16  # examples per micro-step (divisible by the batch mesh axes)
+    c.train.images_per_batch = 0  # > 0: image-grouped batches (data/grouped.py), each image encoded once per batch
     c.train.num_epochs = 1.0  # used only when num_steps <= 0
     c.train.num_steps = 12  # micro-steps
     c.train.label_smoothing = 0.0  # label smoothing

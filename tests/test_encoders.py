@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vtfusion_jax.layers import unbox
 from vtfusion_jax.models import get_image_encoder, get_text_encoder
 from vtfusion_jax.models.vision import token_grids
 
@@ -131,3 +132,25 @@ def test_one_scale_equals_the_single_scale_encoder():
     )
     with pytest.raises(ValueError, match="must be distinct indices into 3 feature maps"):
         jax.eval_shape(get_image_encoder(dict(MS_SPEC, scales=(0, 3))).init, jax.random.key(0), image)
+
+
+def test_cnn_max_pool_downsampling_equals_conv_then_pool():
+    """downsample="max": each layer is a stride-1 conv + norm + ReLU, then a stride x stride max-pool; same grid."""
+    spec = dict(name="cnn", width=16, channels=(4, 8), strides=(2, 2), norm="none", pos_emb="none")
+    image = jnp.asarray(RNG.normal(size=(2, 16, 16, 3)), jnp.float32)
+    enc_max = get_image_encoder(dict(spec, downsample="max"))
+    params = enc_max.init(jax.random.key(0), image)
+    tokens, mask = enc_max.apply(params, image)
+    assert tokens.shape == (2, 4 * 4, 16) and bool(mask.all())
+    p = jax.tree.map(np.asarray, unbox(params))["params"]
+    x = np.asarray(image)
+    for i in range(2):
+        k = p[f"conv{i}"]["kernel"]
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = np.maximum(np.asarray(y) + p[f"conv{i}"]["bias"], 0.0)
+        b, h, w, c = y.shape
+        x = y.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    want = x.reshape(2, 16, 8) @ p["proj"]["kernel"] + p["proj"].get("bias", 0.0)  # the token projection
+    np.testing.assert_allclose(np.asarray(tokens), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="downsample"):
+        get_image_encoder(dict(spec, downsample="avg")).init(jax.random.key(0), image)

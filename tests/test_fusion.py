@@ -207,3 +207,28 @@ def test_relation_network_is_a_sum_over_object_pairs():
             total = total + x
     expected = np.maximum(lin("f0", total), 0)
     np.testing.assert_allclose(np.asarray(pooled[1]), expected, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_cross_image_pool_appends_a_masked_image_summary(pool):
+    fusion, params, apply, _ = _model("cross", image_pool=pool)
+    params = _randomize(params)
+    t, _, pooled = apply(params, TEXT, IMAGE)
+    assert pooled.shape == (B, 2 * D)
+    np.testing.assert_allclose(pooled[:, :D], layers.masked_mean(t, TEXT_MASK), rtol=1e-5, atol=1e-5)
+    # The summary is a pool of the LayerNorm'ed image tokens over real tokens only: padded image tokens never count.
+    kv = fusion.apply(params, IMAGE, method=lambda m, x: m.ln("image_kv_ln")(x))
+    kv = np.asarray(kv)
+    mask = np.asarray(IMAGE_MASK)
+    for b in range(B):
+        real = kv[b][mask[b]]
+        want = real.mean(0) if pool == "mean" else real.max(0)
+        np.testing.assert_allclose(np.asarray(pooled)[b, D:], want, rtol=1e-5, atol=1e-5)
+    # Changing a padded image token changes nothing.
+    poked = IMAGE.at[0, -1].set(100.0)
+    np.testing.assert_allclose(apply(params, TEXT, poked)[2], pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_image_pool_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="image_pool"):
+        _model("cross", image_pool="sum")

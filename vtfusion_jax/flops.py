@@ -54,8 +54,12 @@ def _cnn_flops(enc: vision.CNN, image_hw: tuple[int, int]) -> tuple[int, int]:
     flops, c_in, hw = 0, 3, tuple(image_hw)
     maps = []
     for c, s in zip(enc.channels, enc.strides, strict=True):
-        hw = _down(hw, s)
-        flops += conv_flops(hw, 3, c_in, c)
+        if enc.downsample == "max":  # stride-1 conv at the input resolution, then a max-pool (not counted)
+            flops += conv_flops(hw, 3, c_in, c)
+            hw = _down(hw, s)
+        else:
+            hw = _down(hw, s)
+            flops += conv_flops(hw, 3, c_in, c)
         maps.append((hw, c))
         c_in = c
     proj, tokens = _token_projection(maps, enc.scales, enc.width, True)

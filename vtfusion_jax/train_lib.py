@@ -117,6 +117,18 @@ def num_train_steps(config, meta: Mapping[str, Any]) -> int:
     accum = int(config.optim.accum_steps)
     if t.num_steps > 0:
         steps = int(t.num_steps)
+    elif t.get("images_per_batch", 0) > 0:  # image-grouped batches: epochs come from the packing plan
+        d = config.dataset
+        steps = pipeline.grouped_steps_for_epochs(
+            dataset=d.name,
+            split=d.train_split,
+            seed=config.seed,
+            global_batch_size=t.global_batch_size,
+            images_per_batch=t.images_per_batch,
+            num_epochs=t.num_epochs,
+            data_dir=d.data_dir,
+            builder_kwargs=d.builder_kwargs.to_dict(),
+        )
     else:
         n = meta["num_examples"][config.dataset.train_split.split("[")[0]]
         steps = math.ceil(t.num_epochs * n / t.global_batch_size)
@@ -382,6 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step=start,
         prefetch=t.prefetch,
         worker_count=t.data_workers,
+        images_per_batch=t.get("images_per_batch", 0),
         **common,
     )
     if data_state:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F401  (public API)
-from vtfusion_jax.data.reader import BatchReader, train_indices  # noqa: F401  (public API)
+from vtfusion_jax.data.reader import BatchReader, grouped_steps_for_epochs, train_indices  # noqa: F401  (public API)
 from vtfusion_jax.data.tokenizer import Tokenizer
 
 _HORIZON = 2**40  # training steps are unbounded in practice
@@ -82,15 +82,19 @@ def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice
 class _ToGlobal:
     """Host batch (this process's rows, uint8 images) -> global sharded arrays, images normalised on device."""
 
-    def __init__(self, sharding, global_batch_size: int, image_mean, image_std):
+    def __init__(self, sharding, global_batch_size: int, image_mean, image_std, images_per_batch: int = 0):
         std = np.asarray(image_std, np.float32)
         scale, bias = 1.0 / (255.0 * std), -np.asarray(image_mean, np.float32) / std  # [3]
         self._sharding, self._size = sharding, global_batch_size
+        # Image-grouped batches (data/grouped.py) carry K images for B questions.
+        self._sizes = {"image": images_per_batch} if images_per_batch > 0 else {}
         self._normalize = jax.jit(lambda x: x.astype(jnp.float32) * scale + bias, out_shardings=sharding)
 
     def __call__(self, batch: dict) -> dict:
         out = {
-            k: jax.make_array_from_process_local_data(self._sharding, v, (self._size, *v.shape[1:]))
+            k: jax.make_array_from_process_local_data(
+                self._sharding, v, (self._sizes.get(k, self._size), *v.shape[1:])
+            )
             for k, v in batch.items()
         }
         if out["image"].dtype == jnp.uint8:
@@ -191,7 +195,7 @@ class TrainIterator:
         return batch
 
     def get_state(self) -> dict:
-        """Returns {"step", "seed", "global_batch_size", "dataset", "split", "num_examples"} (JSON-able)."""
+        """Returns {"step", "seed", "global_batch_size", "dataset", "split", "num_examples", "images_per_batch"}."""
         r = self.reader
         return {
             "step": self.step,
@@ -200,6 +204,7 @@ class TrainIterator:
             "dataset": r.dataset,
             "split": r.split,
             "num_examples": r.num_examples,
+            "images_per_batch": r.images_per_batch,
         }
 
     def set_state(self, state: dict) -> None:
@@ -209,7 +214,7 @@ class TrainIterator:
           state: a dict from `get_state()`.
         """
         mine = self.get_state()
-        for key in ("seed", "global_batch_size", "dataset", "split", "num_examples"):
+        for key in ("seed", "global_batch_size", "dataset", "split", "num_examples", "images_per_batch"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has {mine[key]!r}")
         self.step = int(state["step"])
@@ -254,17 +259,25 @@ class EvalIterable:
             prefetcher.close()
 
 
-def _reader_for(mesh, batch_axes, global_batch_size, image_mean, image_std, **kwargs):
+def _reader_for(mesh, batch_axes, global_batch_size, image_mean, image_std, images_per_batch=0, **kwargs):
     sharding = batch_sharding(mesh, batch_axes)
     shards = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
-    if global_batch_size % shards:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by the {shards} batch shards "
-            f"of mesh axes {tuple(batch_axes)}"
-        )
+    for what, size in (("global_batch_size", global_batch_size), ("images_per_batch", images_per_batch)):
+        if size % shards:
+            raise ValueError(
+                f"{what} {size} is not divisible by the {shards} batch shards of mesh axes {tuple(batch_axes)}"
+            )
     rows = local_rows(sharding, global_batch_size)
-    reader = BatchReader(global_batch_size=global_batch_size, rows=rows, normalize=False, **kwargs)
-    return reader, _ToGlobal(sharding, global_batch_size, image_mean, image_std)
+    image_rows = local_rows(sharding, images_per_batch) if images_per_batch > 0 else None
+    reader = BatchReader(
+        global_batch_size=global_batch_size,
+        rows=rows,
+        normalize=False,
+        images_per_batch=images_per_batch,
+        image_rows=image_rows,
+        **kwargs,
+    )
+    return reader, _ToGlobal(sharding, global_batch_size, image_mean, image_std, images_per_batch)
 
 
 def make_train_iterator(
@@ -286,6 +299,7 @@ def make_train_iterator(
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
     num_threads: int = 2,
+    images_per_batch: int = 0,
 ) -> TrainIterator:
     """Infinite, deterministic, resumable training batches as global jax.Arrays (see the module docstring).
 
@@ -307,6 +321,8 @@ def make_train_iterator(
       image_mean: per-channel mean of images in [0, 1].
       image_std: per-channel std.
       num_threads: grain threads each building whole batches in parallel.
+      images_per_batch: K > 0: image-grouped batches (data/grouped.py): "image" is [K,H,W,3], "image_index" i32
+        [B] points each question at its image, "valid" is False on padding rows; divisible like B.
 
     Returns:
       A TrainIterator yielding {"image": f32 [B,H,W,3], "text_ids": i32 [B,L], "text_mask": bool [B,L],
@@ -326,6 +342,7 @@ def make_train_iterator(
         builder_kwargs=builder_kwargs,
         image_mean=image_mean,
         image_std=image_std,
+        images_per_batch=images_per_batch,
     )
     return TrainIterator(
         reader, to_global, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
-from vtfusion_jax.data import datasets
+from vtfusion_jax.data import datasets, grouped
 from vtfusion_jax.data.datasets import get_data_source
 from vtfusion_jax.data.tokenizer import Tokenizer
 
@@ -73,6 +73,8 @@ class BatchReader:
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         normalize: bool = True,
+        images_per_batch: int = 0,
+        image_rows: slice | None = None,
     ):
         """Opens the split (building the dataset if absent).
 
@@ -91,6 +93,9 @@ class BatchReader:
           image_std: per-channel std dividing them.
           normalize: return float32 normalised images; False returns uint8 [b,H,W,3] (the iterators normalise on
             device: 4x less host->device traffic and no host float pass).
+          images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
+            split's records need an ``image_id``); 0: one image per question.
+          image_rows: image slots of each grouped batch this process reads (default: all K).
         """
         self.dataset, self.split, self.seed = dataset, split, int(seed)
         self.global_batch_size = int(global_batch_size)
@@ -102,7 +107,22 @@ class BatchReader:
             raise ValueError(f"{dataset}/{split} is empty")
         keys = ["image", self.spec.text_key, self.spec.label_key, self.spec.type_key]
         keys += [feature for feature, _ in self.spec.extra_keys]
-        self._decode = RecordDecoder(self.source.dataset_info.features, keys)
+        features = self.source.dataset_info.features
+        self._decode = RecordDecoder(features, keys)
+        self._decode_fields = RecordDecoder(features, [k for k in keys if k != "image"])
+        self._decode_image = RecordDecoder(features, ["image"])
+        self.images_per_batch = int(images_per_batch)
+        self.image_rows = image_rows if image_rows is not None else slice(0, self.images_per_batch)
+        self.plan = None
+        if self.images_per_batch > 0:
+            if "image_id" not in features:
+                raise ValueError(
+                    f"{dataset}/{split} records have no 'image_id' feature: image-grouped batches "
+                    "(train.images_per_batch > 0) need one; set train.images_per_batch=0"
+                )
+            self.plan = grouped.GroupPlan(
+                read_image_ids(self.source), self.seed, self.global_batch_size, self.images_per_batch
+            )
         self.tokenizer = tokenizer
         self._text_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.image_size = image_size
@@ -114,7 +134,7 @@ class BatchReader:
         self._scale = 1.0 / (255.0 * std)  # [3]
         self._bias = -np.asarray(image_mean, np.float32) / std  # [3]
 
-    def _images(self, examples, crop_offsets) -> np.ndarray:
+    def _images(self, examples, crop_offsets, normalize: bool | None = None) -> np.ndarray:
         imgs = []
         for ex in examples:
             img = ex["image"]  # uint8 [H, W, 3]
@@ -129,7 +149,7 @@ class BatchReader:
             h, w = images.shape[1:3]
             for i, (dy, dx) in enumerate(crop_offsets):
                 images[i] = padded[i, dy : dy + h, dx : dx + w]
-        if not self.normalize:
+        if not (self.normalize if normalize is None else normalize):
             return images
         out = np.empty(images.shape, np.float32)  # [b, H, W, 3]
         np.multiply(images, self._scale, out=out, dtype=np.float32)
@@ -154,13 +174,20 @@ class BatchReader:
             "text_mask": np.stack([r[1] for r in rows]).astype(bool),  # [b, L]
         }
 
-    def load(self, indices: np.ndarray, valid: np.ndarray, crop_offsets: np.ndarray | None = None) -> dict:
+    def load(
+        self,
+        indices: np.ndarray,
+        valid: np.ndarray,
+        crop_offsets: np.ndarray | None = None,
+        with_images: bool = True,
+    ) -> dict:
         """Reads and preprocesses records.
 
         Args:
           indices: int [b] record indices.
           valid: bool [b]; False marks padding rows.
           crop_offsets: int [b, 2] (dy, dx) crop offsets in [0, 2 * pad], or None for no crop.
+          with_images: False skips decoding images (the batch has no "image").
 
         Returns:
           {"image": float32 [b,H,W,3] (uint8 if normalize=False), "text_ids": int32 [b,L],
@@ -168,9 +195,12 @@ class BatchReader:
           dataset's extra keys (Sort-of-CLEVR: "family" int32 [b], "question_code" float32 [b,11]).
         """
         records = self.source.data_source.__getitems__([int(i) for i in indices])
-        examples = [self._decode(r) for r in records]
+        decode = self._decode if with_images else self._decode_fields
+        examples = [decode(r) for r in records]
         texts = [_text(ex[self.spec.text_key]) for ex in examples]
-        batch = {"image": self._images(examples, crop_offsets), **self._tokenize(texts)}
+        batch = self._tokenize(texts)
+        if with_images:
+            batch["image"] = self._images(examples, crop_offsets)
         batch["label"] = np.asarray([ex[self.spec.label_key] for ex in examples], np.int32)  # [b]
         batch["question_type"] = np.asarray([ex[self.spec.type_key] for ex in examples], np.int32)  # [b]
         for feature, key in self.spec.extra_keys:
@@ -181,12 +211,38 @@ class BatchReader:
 
     def train_batch(self, step: int) -> dict:
         """This process's rows of the global training batch at `step` (a pure function of (seed, step))."""
+        if self.plan is not None:
+            return self._grouped_train_batch(step)
         idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
         offsets = None
         if self.augment:
             rng = np.random.default_rng([_SEED_SALT, self.seed, step])
             offsets = rng.integers(0, 2 * _crop_pad(self.out_size) + 1, size=(self.global_batch_size, 2))[self.rows]
         return self.load(idx, np.ones(len(idx), bool), offsets)
+
+    def _grouped_train_batch(self, step: int) -> dict:
+        """Image-grouped batch (data/grouped.py): this process's question rows and image slots."""
+        image_records, question_records, image_index = self.plan.batch_at(step)
+        q = question_records[self.rows]
+        batch = self.load(np.maximum(q, 0), q >= 0, with_images=False)
+        batch["image_index"] = image_index[self.rows]  # [b] slot in the global image axis
+        recs = image_records[self.image_rows]  # [k]
+        size = self.out_size
+        images = np.zeros((len(recs), size, size, 3), np.uint8)
+        real = np.flatnonzero(recs >= 0)
+        if len(real):
+            raw = self.source.data_source.__getitems__([int(recs[i]) for i in real])
+            offsets = None
+            if self.augment:
+                rng = np.random.default_rng([_SEED_SALT, self.seed, step])
+                offsets = rng.integers(0, 2 * _crop_pad(size) + 1, size=(self.images_per_batch, 2))[self.image_rows]
+                offsets = offsets[real]
+            images[real] = self._images([self._decode_image(r) for r in raw], offsets, normalize=False)
+        if self.normalize:
+            batch["image"] = images.astype(np.float32) * self._scale + self._bias
+        else:
+            batch["image"] = images
+        return batch
 
     def num_eval_batches(self) -> int:
         """ceil(N / B): every process runs the same number of eval batches."""
@@ -199,6 +255,25 @@ class BatchReader:
         batch = self.load(np.where(valid, pos, 0), valid)
         batch["index"] = np.where(valid, pos, -1).astype(np.int32)  # record index in the split, -1 on padding
         return batch
+
+
+def read_image_ids(source) -> np.ndarray:
+    """int64 [N]: the ``image_id`` of every record of a TFDS data source, in record order."""
+    decode = RecordDecoder(source.dataset_info.features, ["image_id"])
+    ids, chunk, n = [], 4096, len(source)
+    for start in range(0, n, chunk):
+        records = source.data_source.__getitems__(list(range(start, min(start + chunk, n))))
+        ids += [decode(r)["image_id"] for r in records]
+    return np.asarray(ids, np.int64)
+
+
+def grouped_steps_for_epochs(
+    *, dataset, split, seed, global_batch_size, images_per_batch, num_epochs, data_dir=None, builder_kwargs=None
+) -> int:
+    """Steps of image-grouped training (data/grouped.py) that cover ``num_epochs`` epochs of ``split``."""
+    source = get_data_source(dataset, split, data_dir=data_dir, builder_kwargs=builder_kwargs)
+    plan = grouped.GroupPlan(read_image_ids(source), seed, global_batch_size, images_per_batch)
+    return plan.steps_for_epochs(num_epochs)
 
 
 def _crop_pad(size: int) -> int:

@@ -205,8 +205,12 @@ class CrossFusion(FusionBase):
     """One-way cross-attention (the text-to-image half of ViLBERT/LXMERT; the "cross" model of the method).
 
     Per layer: text queries attend to the (LayerNorm'ed) image tokens, then text self-attention, then MLP.
-    Image tokens are returned unchanged (after projection). pooled = masked_mean(text_out), P = D.
+    Image tokens are returned unchanged (after projection). pooled = masked_mean(text_out), P = D; with
+    ``image_pool`` "mean" or "max", [masked_mean(text_out); pool(LN(image))], P = 2D (a global image summary beside
+    the attended one, as LXMERT/ViLBERT pool both streams).
     """
+
+    image_pool: str = "none"
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
@@ -217,7 +221,15 @@ class CrossFusion(FusionBase):
             t, (text_mask, kv, image_mask), deterministic
         )
         t = self.ln("final_ln")(t)
-        return t, i, layers.masked_mean(t, text_mask)
+        pooled = layers.masked_mean(t, text_mask)
+        if self.image_pool == "mean":
+            pooled = jnp.concatenate([pooled, layers.masked_mean(kv, image_mask)], -1)
+        elif self.image_pool == "max":
+            masked = jnp.where(image_mask[..., None], kv, jnp.finfo(kv.dtype).min)
+            pooled = jnp.concatenate([pooled, masked.max(axis=1).astype(pooled.dtype)], -1)
+        elif self.image_pool != "none":
+            raise ValueError(f"cross fusion image_pool must be none | mean | max, got {self.image_pool!r}")
+        return t, i, pooled
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
         per_layer = self._attn(text_len, image_len) + self._attn(text_len, text_len) + self._mlp(text_len)

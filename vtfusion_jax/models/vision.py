@@ -187,12 +187,15 @@ class CNN(nn.Module):
       norm: "group" | "layer" | "none".
       pos_emb: "learn" | "sincos2d" | "none".
       scales: conv layers whose outputs become tokens (multi-scale; negative = from the end); () = the last only.
+      downsample: "conv" (a strided conv) | "max" (a stride-1 conv, then ReLU and a stride x stride max-pool, as in
+        the easy-VQA Keras reference: 4x the conv FLOPs of a layer, but small shapes keep their edges).
     """
 
     width: int = 128
     channels: Sequence[int] = (32, 64, 128)
     strides: Sequence[int] = (2, 2, 2)
     norm: str = "group"
+    downsample: str = "conv"
     pos_emb: str = "learn"
     scales: Sequence[int] = ()
     dtype: Any = jnp.float32
@@ -210,11 +213,16 @@ class CNN(nn.Module):
         Called from ``__call__`` (its layers live in that compact scope)."""
         if len(self.channels) != len(self.strides):
             raise ValueError(f"CNN channels {self.channels} and strides {self.strides} differ in length")
+        if self.downsample not in ("conv", "max"):
+            raise ValueError(f"CNN downsample must be 'conv' or 'max', got {self.downsample!r}")
         x = image.astype(self.dtype)
         maps = []
         for i, (c, s) in enumerate(zip(self.channels, self.strides, strict=True)):
-            x = _conv(c, 3, s, self.dtype, f"conv{i}", use_bias=self.norm == "none")(x)
+            conv_stride = s if self.downsample == "conv" else 1
+            x = _conv(c, 3, conv_stride, self.dtype, f"conv{i}", use_bias=self.norm == "none")(x)
             x = nn.relu(_norm(self.norm, f"norm{i}")(x))
+            if conv_stride != s:
+                x = nn.max_pool(x, (s, s), strides=(s, s), padding="SAME")
             maps.append(x)
         return maps
 

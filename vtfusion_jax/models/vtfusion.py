@@ -54,9 +54,15 @@ class VisionTextModel(nn.Module):
         self.head = models.get_head(cfg["head"], shared, num_classes=self.num_classes)
 
     def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
-        """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled)."""
+        """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled).
+
+        With ``batch["image_index"]`` (int [B]), ``batch["image"]`` holds K distinct images and question b looks at
+        image ``image_index[b]``: the same result as repeating the images per question, with K image-tower passes."""
         det = not train
         image, image_mask = self.image_encoder(batch["image"], deterministic=det)  # [B, N, Di], [B, N]
+        if "image_index" in batch:  # image-grouped batch (data/grouped.py): K images encoded once for B questions
+            image = jnp.take(image, batch["image_index"], axis=0)  # [K, N, Di] -> [B, N, Di]
+            image_mask = jnp.take(image_mask, batch["image_index"], axis=0)
         text, text_mask = self.text_encoder(batch["text_ids"], batch["text_mask"], deterministic=det)  # [B, L, Dt]
         text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det)
         return text, text_mask, image, image_mask, pooled
