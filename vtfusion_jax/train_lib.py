@@ -117,7 +117,7 @@ def num_train_steps(config, meta: Mapping[str, Any]) -> int:
     accum = int(config.optim.accum_steps)
     if t.num_steps > 0:
         steps = int(t.num_steps)
-    elif t.get("images_per_batch", 0) > 0:  # image-grouped batches: epochs come from the packing plan
+    elif t.images_per_batch > 0:  # image-grouped batches: epochs come from the packing plan
         d = config.dataset
         steps = pipeline.grouped_steps_for_epochs(
             dataset=d.name,
@@ -394,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step=start,
         prefetch=t.prefetch,
         worker_count=t.data_workers,
-        images_per_batch=t.get("images_per_batch", 0),
+        images_per_batch=t.images_per_batch,
         **common,
     )
     if data_state:
