@@ -2,8 +2,15 @@
 
 Layout: ``workdir/checkpoints/<step>/{state, data}`` where ``state`` is the whole TrainState (params, optimiser
 state, step, RNG; global jax.Arrays, so every process writes its shards) and ``data`` is the data iterator's JSON
-state. Orbax writes each step into a temporary folder and renames it when complete, so a run killed mid-save never
-leaves a checkpoint that later looks valid. Saves are asynchronous (training continues while files are written).
+state. Saves are asynchronous (training continues while files are written).
+
+Crash consistency (a run may be SIGKILLed at any instant; tests/test_faults.py, scripts/chaos_kill.py):
+* writing: Orbax writes step s into ``s.orbax-checkpoint-tmp*`` and renames it to ``s`` (one atomic rename) only after
+  every file of every process is written, so only complete checkpoints ever carry a step name. Leftover temporary
+  folders are ignored by ``all_steps`` and removed when the next run opens the folder (``cleanup_tmp_directories``).
+* deleting: retention would otherwise ``rmtree`` an old step in place, and a kill mid-rmtree would leave a
+  half-deleted folder that still carries a step name. Old steps are instead renamed (atomically) into
+  ``checkpoints/_deleted/`` and emptied from there (``todelete_subdir``), so a step folder is complete or absent.
 
 Retention: the newest ``keep`` checkpoints plus the best one by the validation metric (steps saved without a
 metric, e.g. on SIGTERM, count only as "newest").
@@ -12,6 +19,7 @@ metric, e.g. on SIGTERM, count only as "newest").
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 STATE, DATA = "state", "data"
+TRASH = "_deleted"  # old steps are renamed here, then removed (see the module docstring)
 
 
 class Checkpointer:
@@ -67,8 +76,21 @@ class Checkpointer:
             enable_async_checkpointing=asynchronous,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            todelete_subdir=None if read_only else TRASH,
         )
+        self._read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        """Removes steps that retention renamed into ``TRASH`` (process 0; entries one by one, since Orbax may be
+        renaming another one in concurrently)."""
+        trash = os.path.join(self.directory, TRASH)
+        if self._read_only or jax.process_index() != 0 or not os.path.isdir(trash):
+            return
+        for name in os.listdir(trash):
+            shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
     def all_steps(self) -> list[int]:
         """Steps of complete checkpoints, ascending."""
@@ -104,6 +126,7 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))})
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self._empty_trash()
         return self._manager.save(int(step), args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -123,6 +146,14 @@ class Checkpointer:
         )
         return out[STATE], dict(out[DATA] or {})
 
+    def state_metadata(self, step: int) -> Any:
+        """The saved state's tree with shape / dtype metadata leaves (nothing is restored)."""
+        from etils import epath
+
+        path = epath.Path(self.directory) / str(int(step)) / STATE
+        meta = ocp.StandardCheckpointHandler().metadata(path)
+        return getattr(meta, "tree", meta)
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
         self._manager.wait_until_finished()
@@ -131,6 +162,7 @@ class Checkpointer:
         """Waits for pending saves and releases resources."""
         self._manager.wait_until_finished()
         self._manager.close()
+        self._empty_trash()
 
 
 def _abstract(x: Any) -> Any:

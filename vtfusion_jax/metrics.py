@@ -165,6 +165,17 @@ class TensorBoardWriter(MetricWriter):
         self._writer.close()
 
 
+def _drop_partial_last_line(path: str) -> None:
+    """A run killed mid-append leaves a last line without its newline; the resumed run would glue its first row to
+    it. Cut the file back to its last complete line (rows after the last checkpoint are logged again anyway)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class JsonlWriter(MetricWriter):
     """One JSON object per logged step, {"step": s, name: value, ...}, appended to a file.
 
@@ -175,6 +186,7 @@ class JsonlWriter(MetricWriter):
     def __init__(self, path: str):
         self._path = path
         self._row: dict | None = None
+        _drop_partial_last_line(path)
 
     def write_scalars(self, step, scalars):
         if self._row is not None and self._row["step"] != int(step):

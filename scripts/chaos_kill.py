@@ -1,0 +1,322 @@
+"""Chaos test: SIGKILL train.py at random moments (many of them mid-checkpoint-write), restart it each time, then let it
+finish; the final parameters must be bit-identical to an uninterrupted run's.
+
+  python scripts/chaos_kill.py --kills=10 [--seed=0] [--devices=8] [--out=results/reliability/chaos_kill.json]
+
+Kill moments cycle through three kinds:
+  save    the instant an Orbax temporary folder (``<step>.orbax-checkpoint-tmp*``) appears: mid-checkpoint-write;
+  random  a uniform delay after start (startup, dataset open, restore, compile, training, saving: anywhere);
+  step    a short random delay after a new training step is logged.
+After every kill it checks that (a) no temporary folder is listed as a checkpoint, (b) the next run resumes from the
+newest *complete* step present at its start (its "Resumed from step N" line), and (c) no run exits with an error.
+Finally it compares the parameters and the per-step losses with an uninterrupted reference run.
+
+tests/test_faults.py runs the same ``chaos`` function with 2 kills (the suite's time budget); this script does >= 10.
+Exit code 0 when every check holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP_MARK = ".orbax-checkpoint-tmp"
+# Long enough to hold many kills, a save at every step (there is nearly always a write in flight), retention on
+# (old steps are deleted while new ones are written), no validation (it would only add time).
+CHAOS_OVERRIDES = dict(
+    train__num_steps=24,
+    train__checkpoint_every_steps=1,
+    train__keep_checkpoints=2,
+    train__eval_every_steps=-1,
+    train__log_every_steps=1,
+)
+
+
+def chaos_env(cache_dir: str, devices: int = 8, base: dict | None = None) -> dict:
+    """Subprocess environment: CPU with ``devices`` devices, a persistent compilation cache in ``cache_dir``."""
+    env = dict(os.environ if base is None else base)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env.update(
+        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def flag_list(data_dir: str, overrides: dict) -> list[str]:
+    return [f"--config.dataset.data_dir={data_dir}"] + [
+        f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()
+    ]
+
+
+def load_tiny(data_dir: str, overrides: dict):
+    """configs/tiny.py with ``data_dir`` and dotted-key ``overrides`` ("train__num_steps" style)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("configs_tiny", os.path.join(REPO, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.dataset.data_dir = data_dir
+    for key, value in overrides.items():
+        *parents, last = key.split("__")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def checkpoint_listing(workdir: str) -> tuple[list[int], list[str]]:
+    """(complete steps as Orbax lists them, names of leftover temporary folders)."""
+    from orbax.checkpoint._src.path import step as step_lib
+
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        return [], []
+    tmp = sorted(n for n in os.listdir(folder) if TMP_MARK in n)
+    return sorted(step_lib.checkpoint_steps(folder)), tmp
+
+
+def _start(workdir: str, data_dir: str, env: dict, overrides: dict, log_path: str) -> subprocess.Popen:
+    log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through proc.stdout)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=configs/tiny.py", f"--workdir={workdir}"]
+    proc = subprocess.Popen(
+        [*cmd, *flag_list(data_dir, overrides)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    proc._log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _logged_steps(workdir: str) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
+def _first_step_seconds(workdir: str, started: float) -> float | None:
+    """Seconds from ``started`` to the newest metrics.jsonl write, if that happened after ``started``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path) and (m := os.path.getmtime(path)) > started:
+        return m - started
+    return None
+
+
+def _kill_when(proc: subprocess.Popen, kind: str, workdir: str, rng: random.Random, span: float) -> bool:
+    """Waits for the moment of ``kind`` and SIGKILLs. Returns False if the process ended first."""
+    folder = os.path.join(workdir, "checkpoints")
+    started = time.time()
+    if kind == "random":
+        deadline = started + rng.uniform(0.0, span)
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+    elif kind == "save":
+        while proc.poll() is None and time.time() - started < 300:
+            if os.path.isdir(folder) and any(TMP_MARK in n for n in os.listdir(folder)):
+                break
+            time.sleep(0.001)
+    elif kind == "step":
+        seen = _logged_steps(workdir)
+        while proc.poll() is None and _logged_steps(workdir) <= seen and time.time() - started < 300:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def _final_params(config, workdir: str):
+    import jax
+
+    from vtfusion_jax import eval_lib
+
+    return jax.tree.leaves(jax.device_get(eval_lib.Restored(config, workdir, "latest").params))
+
+
+def last_losses(workdir: str) -> dict[int, float]:
+    """{step: train/loss}, the last row for each step (a resumed run logs again the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
+def chaos(
+    workdir: str,
+    data_dir: str,
+    config,
+    kills: int = 10,
+    seed: int = 0,
+    env: dict | None = None,
+    overrides: dict | None = None,
+    reference: str | None = None,
+    kinds: tuple[str, ...] = ("save", "random", "save", "step"),
+) -> dict:
+    """Runs the kill loop in ``workdir``/chaos and compares with ``reference`` (trained here if None).
+
+    Args:
+      workdir: scratch folder.
+      data_dir: TFDS folder holding the (already built) easy_vqa dataset.
+      config: the tiny config with ``overrides`` applied (used to restore both runs' parameters).
+      kills: number of SIGKILLs before the run may finish.
+      seed: seeds the kill moments.
+      env: subprocess environment (chaos_env).
+      overrides: config overrides (CHAOS_OVERRIDES).
+      reference: workdir of an uninterrupted run with the same config (None: run train.py once here).
+      kinds: cycle of kill kinds.
+
+    Returns:
+      A report dict; ``report["ok"]`` is True when every check held, and ``report["failures"]`` lists the others.
+    """
+    import numpy as np
+
+    overrides = dict(CHAOS_OVERRIDES if overrides is None else overrides)
+    env = env or chaos_env(os.path.join(workdir, "xla_cache"))
+    rng = random.Random(seed)
+    os.makedirs(workdir, exist_ok=True)
+    report: dict = {"kills": [], "failures": []}
+    t0 = time.time()
+    if reference is None:
+        reference = os.path.join(workdir, "reference")
+        proc = _start(reference, data_dir, env, overrides, os.path.join(workdir, "reference.log"))
+        first = None
+        while proc.poll() is None:
+            if first is None and _logged_steps(reference):
+                first = time.time() - t0
+            time.sleep(0.01)
+        if proc.returncode != 0:
+            raise RuntimeError(f"reference run failed; see {workdir}/reference.log")
+        report["reference_seconds"] = time.time() - t0
+        report["reference_startup_seconds"] = first or 0.0
+    else:  # estimates for the random kill moments
+        report["reference_seconds"], report["reference_startup_seconds"] = 20.0, 10.0
+    startup, span = report["reference_startup_seconds"], report["reference_seconds"]
+    per_step = max(span - startup, 0.1) / overrides["train__num_steps"]
+    run_dir = os.path.join(workdir, "chaos")
+    total = overrides["train__num_steps"]
+    i = attempt = 0
+    while i < kills and attempt < 4 * kills:
+        attempt += 1
+        kind = kinds[i % len(kinds)]
+        before, _ = checkpoint_listing(run_dir)
+        if before and before[-1] >= total:  # finished before enough kills: start over, keeping the kills done
+            report["restarts_from_scratch"] = report.get("restarts_from_scratch", 0) + 1
+            import shutil
+
+            shutil.rmtree(run_dir)
+            before = []
+        log_path = os.path.join(workdir, f"run{attempt:02d}.log")
+        t = time.time()
+        proc = _start(run_dir, data_dir, env, overrides, log_path)
+        # A random moment before this run would end: startup plus the time of the steps still to do.
+        left = total - (before[-1] if before else 0)
+        killed = _kill_when(proc, kind, run_dir, rng, 0.9 * (startup + left * per_step))
+        if entry_first := _first_step_seconds(run_dir, t):
+            startup = min(startup, entry_first)  # the reference's startup included the cold compile
+        proc._log.close()
+        with open(log_path) as f:
+            text = f.read()
+        resumed = re.search(r"Resumed from step (\d+)", text)
+        steps, tmp = checkpoint_listing(run_dir)
+        entry = {
+            "kind": kind,
+            "killed": killed,
+            "seconds_alive": round(time.time() - t, 2),
+            "complete_steps_before": before,
+            "resumed_from": int(resumed.group(1)) if resumed else None,
+            "complete_steps_after": steps,
+            "tmp_folders_after": tmp,
+        }
+        if resumed and int(resumed.group(1)) != (before[-1] if before else None):
+            report["failures"].append(f"run {attempt}: resumed from {resumed.group(1)}, newest complete was {before}")
+        if any(TMP_MARK in str(s) for s in steps):
+            report["failures"].append(f"run {attempt}: a temporary folder is listed as a checkpoint: {steps}")
+        if not killed and proc.returncode != 0:
+            report["failures"].append(f"run {attempt} exited {proc.returncode} on its own; see {log_path}")
+        report["kills"].append(entry)
+        i += killed
+    final_log = os.path.join(workdir, "final.log")
+    before, _ = checkpoint_listing(run_dir)
+    proc = _start(run_dir, data_dir, env, overrides, final_log)
+    proc.wait()
+    proc._log.close()
+    with open(final_log) as f:
+        text = f.read()
+    if proc.returncode != 0 or f"done at step {total}" not in text:
+        report["failures"].append(f"final run exited {proc.returncode}; see {final_log}")
+    else:
+        a, b = last_losses(reference), last_losses(run_dir)
+        if sorted(a) != sorted(b) or any(a[s] != b[s] for s in a):
+            report["failures"].append(f"per-step losses differ: {a} vs {b}")
+        pa, pb = _final_params(config, reference), _final_params(config, run_dir)
+        same = len(pa) == len(pb) and all(np.array_equal(x, y) for x, y in zip(pa, pb, strict=True))
+        report["params_bit_identical"] = bool(same)
+        if not same:
+            report["failures"].append("final parameters differ from the uninterrupted run's")
+    report.update(
+        kills_survived=sum(k["killed"] for k in report["kills"]),
+        kills_mid_checkpoint_write=sum(k["killed"] and bool(k["tmp_folders_after"]) for k in report["kills"]),
+        resumed_from_a_checkpoint=sum(k["resumed_from"] is not None for k in report["kills"]),
+        wall_seconds=round(time.time() - t0, 1),
+        ok=not report["failures"],
+    )
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=8, help="CPU devices per train.py process")
+    parser.add_argument("--mesh", default="(-1,1,1)", help="config.mesh_shape of the runs")
+    parser.add_argument("--num_steps", type=int, default=CHAOS_OVERRIDES["train__num_steps"])
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder)")
+    parser.add_argument("--data_dir", default=None, help="TFDS folder (default: <workdir>/tfds, built once)")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    args = parser.parse_args()
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="chaos_kill_"))
+    data_dir = os.path.abspath(args.data_dir or os.path.join(workdir, "tfds"))
+    os.environ.update(chaos_env(os.path.join(workdir, "xla_cache"), args.devices))
+    sys.path.insert(0, REPO)
+    overrides = dict(CHAOS_OVERRIDES, mesh_shape=args.mesh, train__num_steps=args.num_steps)
+    config = load_tiny(
+        data_dir, dict(overrides, mesh_shape=tuple(json.loads(args.mesh.replace("(", "[").replace(")", "]"))))
+    )
+    from vtfusion_jax import train_lib
+
+    train_lib.get_meta(config)  # build the dataset once, before any kill
+    report = chaos(
+        workdir, data_dir, config, kills=args.kills, seed=args.seed, env=dict(os.environ), overrides=overrides
+    )
+    report.update(devices=args.devices, mesh=args.mesh, seed=args.seed, command=" ".join(sys.argv))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "kills"}, indent=1))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
