@@ -32,7 +32,7 @@ from flax import struct
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
-from vtfusion_jax import optim, sharding
+from vtfusion_jax import optim, preflight, sharding
 from vtfusion_jax.data import pipeline
 from vtfusion_jax.data.tokenizer import Tokenizer
 from vtfusion_jax.models.vtfusion import VisionTextModel
@@ -59,7 +59,12 @@ class TrainState:
 
 def maybe_initialize_distributed() -> None:
     """Calls ``jax.distributed.initialize()`` when the environment describes a multi-process job
-    (JAX_COORDINATOR_ADDRESS, several SLURM / Open MPI tasks, or several TPU hosts). Call before using jax."""
+    (JAX_COORDINATOR_ADDRESS, several SLURM / Open MPI tasks, or several TPU hosts). Call before using jax.
+
+    Outside a cluster jax detects, set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (jax reads only the first itself), e.g. two processes on one machine:
+    ``JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0|1 python train.py ...``.
+    """
     env = os.environ
     wants = (
         "JAX_COORDINATOR_ADDRESS" in env
@@ -68,7 +73,10 @@ def maybe_initialize_distributed() -> None:
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
     )
     if wants and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        explicit = {}
+        if "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env:
+            explicit = dict(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(**explicit)
 
 
 def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -196,8 +204,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array, label_
     return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, label_smoothing: float = 0.0):
-    """One (micro-)step: forward, backward, optimiser update. Returns (new state, {loss, accuracy, grad_norm})."""
+def train_step(state: TrainState, batch: dict, *, model, tx, label_smoothing: float = 0.0, skip_nonfinite=False):
+    """One (micro-)step: forward, backward, optimiser update. Returns (new state, {loss, accuracy, grad_norm,
+    skipped}). ``skip_nonfinite`` (train.nan_policy="skip"): a NaN / Inf loss or gradient leaves params and
+    optimiser state unchanged (the step counter still advances, so the data moves on) and sets skipped = 1."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -209,7 +219,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, label_smoothing: fl
     params = optax.apply_updates(state.params, updates)
     valid = batch["valid"].astype(jnp.float32)
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
+    skipped = jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32)
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "skipped": skipped}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -317,7 +333,30 @@ def write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
+NAN_POLICIES = ("stop", "skip")
+
+
+def _nan_policy(config) -> str:
+    """``train.nan_policy``, validated. Configs without the field (written before it existed) mean "stop"."""
+    policy = config.train.nan_policy if "nan_policy" in config.train else "stop"
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"train.nan_policy {policy!r} is not one of {sorted(NAN_POLICIES)}")
+    return policy
+
+
+def _window_scalar(key: str, window: list[dict]) -> float:
+    """Log value of a metric over the steps since the last log: skipped updates are summed; the others are
+    averaged over the steps that were not skipped (NaN when all were)."""
+    if key == "skipped":
+        return float(np.sum([w[key] for w in window]))
+    kept = [w[key] for w in window if not w.get("skipped", 0)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def _check_finite(step: int, m: Mapping[str, Any], ckpt: ckpt_lib.Checkpointer) -> None:
+    if int(m.get("skipped", 0)):
+        log.warning("non-finite loss %s at step %d: update skipped (train.nan_policy='skip')", float(m["loss"]), step)
+        return
     if all(np.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
         return
     ckpt.wait()
@@ -349,9 +388,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       NonFiniteLossError: a NaN / Inf loss or gradient; the newest checkpoint stays the last good one.
     """
     started = time.time()
+    nan_policy = _nan_policy(config)
     maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
+    if is_main:
+        preflight.check_writable(workdir)  # before any slow work
     t, d = config.train, config.dataset
     mesh = sharding.make_mesh(config.mesh_shape)
     meta = get_meta(config)
@@ -360,10 +402,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total = num_train_steps(config, meta)
     accum = int(config.optim.accum_steps)
     tx, sched = optim.make_optimizer(config.optim, total // accum, optim.frozen_towers(config.model))
-    state, state_sh = create_train_state(config, model, tx, meta, mesh)
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, best_metric="accuracy", best_mode="max"
     )
+    abstract, _ = state_layout(config, model, tx, meta, mesh)  # shapes only: the checks cost no compilation
+    try:
+        if ckpt.latest_step() is not None:  # refuse another model's checkpoint before restoring it
+            step = ckpt.latest_step()
+            preflight.check_compatible(
+                workdir, step, ckpt.state_metadata(step), abstract, config.to_json_best_effort(sort_keys=True)
+            )
+        if is_main:
+            preflight.check_free_disk(ckpt.directory, abstract)
+    except preflight.WorkdirError:
+        ckpt.close()
+        raise
+    state, state_sh = create_train_state(config, model, tx, meta, mesh)
     data_state, best = None, (-math.inf, None)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state(state_sh, state))
@@ -402,7 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_batches = pipeline.make_eval_iterator(split=d.val_split, **dict(common, global_batch_size=t.eval_batch_size))
 
     step_fn = jax.jit(
-        lambda s, b: train_step(s, b, model=model, tx=tx, label_smoothing=t.label_smoothing),
+        lambda s, b: train_step(
+            s, b, model=model, tx=tx, label_smoothing=t.label_smoothing, skip_nonfinite=nan_policy == "skip"
+        ),
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -424,7 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = {"preempted": False, "early_stopped": False, "stopped_for_run_limit": False, "val": None}
     pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
     window: list[dict] = []
-    bad_evals = 0
+    bad_evals = skipped_steps = 0
     last_log_time, last_log_step = time.time(), start
     try:
         with (
@@ -455,7 +511,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if step % t.log_every_steps == 0 or is_last:
                     now = time.time()
                     sps = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                    scalars = {f"train/{k}": float(np.mean([w[k] for w in window])) for k in window[0]}
+                    scalars = {f"train/{k}": _window_scalar(k, window) for k in window[0]}
+                    skipped_steps += int(scalars["train/skipped"])
                     scalars.update(
                         {
                             "train/lr": optim.current_lr(sched, step - 1, accum),
@@ -512,7 +569,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.close()
         writer.close()
         ckpt.close()
-    result.update(step=int(step), best_step=best[1], best_val_accuracy=best[0], wall_seconds=time.time() - started)
+    result.update(
+        skipped_steps=skipped_steps,
+        step=int(step),
+        best_step=best[1],
+        best_val_accuracy=best[0],
+        wall_seconds=time.time() - started,
+    )
     if is_main:
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(result, f, indent=2, default=float)
