@@ -91,6 +91,7 @@ def get_config(arg=None):
     c.train.keep_checkpoints = 2  # newest kept (+ best)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
     c.train.early_stopping_patience = 0  # 0 = off
+    c.train.nan_policy = "stop"  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
     c.train.eval_batch_size = 64  # validation batch size
     c.train.prefetch = 2  # batches prepared ahead
     c.train.data_workers = 0  # grain worker processes

@@ -1,0 +1,159 @@
+"""Workdir checks run when training starts, so that problems surface in seconds rather than hours later.
+
+* ``check_writable``: the workdir can be created and written (a missing parent is created; a path that cannot be,
+  e.g. under a file or a read-only folder, is an error naming the path and the reason).
+* ``check_compatible``: a workdir holding a checkpoint of a *different* model is refused; the error names the
+  state paths whose shapes / dtypes differ and the ``config.json`` fields that differ from the new config.
+* ``check_free_disk``: free space on the checkpoint folder's file system must hold one checkpoint, estimated from
+  the train state's size. The probe is ``FREE_BYTES`` (tests replace it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used for this run; the message says why and what to do."""
+
+
+def _disk_free(path: str) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing ancestor)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+FREE_BYTES: Callable[[str], int] = _disk_free
+# An Orbax checkpoint holds the arrays plus metadata; the slack covers the metadata and the data-iterator state.
+CHECKPOINT_OVERHEAD = 1.1
+CHECKPOINT_SLACK_BYTES = 16 << 20
+
+
+def check_writable(workdir: str) -> None:
+    """Creates ``workdir`` (and missing parents) and checks a file can be written there.
+
+    Raises:
+      WorkdirError: naming the path and the OS error.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} exists and is not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def state_bytes(abstract_state: Any) -> int:
+    """Bytes of all arrays of a (global) train state."""
+    return int(
+        sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
+    )
+
+
+def check_free_disk(directory: str, abstract_state: Any) -> int:
+    """Refuses to start when ``directory``'s file system cannot hold one more checkpoint of ``abstract_state``.
+
+    Returns:
+      The estimated bytes of one checkpoint.
+
+    Raises:
+      WorkdirError: with the estimate and the free space.
+    """
+    need = int(state_bytes(abstract_state) * CHECKPOINT_OVERHEAD) + CHECKPOINT_SLACK_BYTES
+    free = int(FREE_BYTES(directory))
+    if free < need:
+        raise WorkdirError(
+            f"not enough free disk for one checkpoint in {directory}: about {need / 2**20:.1f} MiB needed "
+            f"(train state {state_bytes(abstract_state) / 2**20:.1f} MiB), {free / 2**20:.1f} MiB free"
+        )
+    return need
+
+
+def _key(entry) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flat(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/head/logits/kernel": (shape, dtype)}: the same path whether the tree holds dataclasses and named
+    tuples (the live state) or the dicts and lists Orbax's metadata has."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key(k) for k in p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in leaves}
+
+
+def _flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:
+    """``"field: old -> new"`` for every field under ``prefix`` that differs (lists and tuples compare equal)."""
+    a = _flat_config(json.loads(json.dumps(old.get(prefix, {}))))
+    b = _flat_config(json.loads(json.dumps(new.get(prefix, {}))))
+    return [
+        f"{prefix}.{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def check_compatible(workdir: str, step: int, saved: Any, expected: Any, config_json: str) -> None:
+    """Refuses to resume a checkpoint whose state differs in structure, shape or dtype from this config's.
+
+    Args:
+      workdir: the run folder (holds config.json).
+      step: checkpoint step being resumed.
+      saved: the checkpoint's state tree metadata (anything with .shape / .dtype leaves).
+      expected: this config's abstract train state.
+      config_json: this config as JSON (``config.to_json_best_effort()``).
+
+    Raises:
+      WorkdirError: naming up to 8 differing state paths and the model config fields that differ from the
+        workdir's config.json.
+    """
+    have, want = _flat(saved), _flat(expected)
+    diffs = []
+    for path in sorted(set(have) | set(want)):
+        if have.get(path) != want.get(path):
+            h = "absent" if path not in have else f"{have[path][1]}{list(have[path][0])}"
+            w = "absent" if path not in want else f"{want[path][1]}{list(want[path][0])}"
+            diffs.append(f"{path} (checkpoint {h}, this config {w})")
+    if not diffs:
+        return
+    fields = []
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.exists(saved_config):
+        try:
+            with open(saved_config) as f:
+                old = json.load(f)
+            new = json.loads(config_json)
+            fields = config_differences(old, new, "model") or config_differences(old, new, "optim")
+        except (OSError, ValueError):
+            fields = [f"(could not read {saved_config})"]
+    shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    why = ", ".join(fields) if fields else "no difference found in config.json (was it edited or lost?)"
+    raise WorkdirError(
+        f"workdir {workdir} holds a checkpoint (step {step}) of a different model: {len(diffs)} state arrays "
+        f"differ: {shown}. Config fields that differ from {saved_config}: {why}. "
+        f"Use a fresh --workdir, or the config the run was started with."
+    )
