@@ -16,12 +16,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
 from vtfusion_jax import optim, sharding, train_lib, viz
-from vtfusion_jax.data import pipeline
+from vtfusion_jax.data import manifest, pipeline
 
 # The pipeline's default normalisation (x / 255 - mean) / std; predict() must feed the same inputs.
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
@@ -219,11 +219,10 @@ def predict(
     """
     if not question or not question.strip():
         raise PredictError("the question is empty")
-    try:
-        with Image.open(image_path) as im:
-            img = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise PredictError(f"cannot read image {image_path!r}: {e}") from None
+    try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
+        img = np.asarray(manifest.decode_image(image_path))
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise PredictError(f"cannot read image {image_path!r}: {type(e).__name__}: {e}") from None
     r = Restored(load_config(workdir), workdir, checkpoint)
     img = _resize(img, r.image_size)
     batch = {"image": _normalise(img[None]), **r.tokenizer([question.strip()])}
@@ -233,7 +232,9 @@ def predict(
     if attention_map:
         if att is None:
             raise PredictError(f"fusion {r.config.model.fusion.name!r} has no question-to-image attention to draw")
-        viz.save_attention_map(attention_map, img, att[0], f"Q: {question.strip()}\nA: {names[int(order[0])]}")
+        q = question.strip()
+        q = q if len(q) <= 200 else q[:200] + "..."  # a title, not the 100,000-character question
+        viz.save_attention_map(attention_map, img, att[0], f"Q: {q}\nA: {names[int(order[0])]}")
     return {
         "answer": names[int(order[0])],
         "top": [(names[int(k)], float(probs[0, k])) for k in order],

@@ -14,8 +14,16 @@ training split, sorted. Images are converted to RGB (grayscale, palette, and alp
 (PIL bilinear, no crop) to `image_size` x `image_size`. A bad row (invalid JSON, missing field, empty label, path
 outside the image folder, missing or undecodable image, label unseen in train) raises `ManifestError` naming the
 manifest line and the file, unless `skip_bad_rows=True`, which skips it and reports the count (printed, and stored in
-the dataset's metadata as `skipped_rows`). The config name hashes the manifests' content, so editing a manifest
-builds a fresh dataset (changing an image file in place does not).
+the dataset's metadata as `skipped_rows`).
+
+Bad input and its outcome (tests/test_bad_input.py): a line that is not UTF-8 or not JSON, an empty / whitespace-only
+text, random bytes or a truncated PNG / JPEG as the image, a 0 x 0 image, an image over `MAX_IMAGE_PIXELS` (refused
+from its header, before any pixel is decoded: a 20000 x 20000 PNG costs no memory) are bad rows. 16-bit images are
+scaled to 8 bits, CMYK / palette / grayscale become RGB, JPEGs are decoded at a reduced scale when much larger than
+`image_size`; a 100,000-character text is truncated by the tokenizer to `max_len` tokens.
+
+The config name hashes the manifests' content, so editing a manifest builds a fresh dataset (changing an image file
+in place does not).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import re
+import warnings
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -121,12 +130,16 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
       (line number, row dict with "path" added, None) for rows that pass, or (line number, None, error message).
     """
     out = []
-    with open(manifest, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(manifest, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{manifest}:{lineno}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -138,6 +151,8 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
                         raise ValueError(f"missing field {key!r}")
                 if not isinstance(row["text"], str):
                     raise ValueError(f"'text' must be a string, got {row['text']!r}")
+                if not row["text"].strip():
+                    raise ValueError(f"empty text (image {row['image']!r})")
                 label = row.get("label")
                 if label is None or str(label).strip() == "":
                     raise ValueError(f"empty label (image {row['image']!r})")
@@ -154,14 +169,49 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
     return out
 
 
-def load_image(path: str, size: int) -> Image.Image:
-    """Decodes any PIL-readable image to RGB (alpha over white) and resizes it to size x size (bilinear)."""
-    with Image.open(path) as img:
+# Larger images are refused, not decoded: PIL's decompression-bomb threshold (PIL itself only warns between 1x and
+# 2x of it and decodes, ~0.5 GB of RGB at 2x).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def decode_image(path, min_size: int | None = None) -> Image.Image:
+    """Any PIL-readable image (path or file object) as 8-bit RGB: alpha composited over white, 16-bit channels
+    scaled to 8 bits, CMYK / palette / grayscale converted.
+
+    Args:
+      path: image file.
+      min_size: a JPEG much larger than this is decoded at a reduced scale (>= min_size on each side).
+
+    Raises:
+      ValueError: the image has no pixels, or more than MAX_IMAGE_PIXELS (checked before decoding).
+      OSError / PIL errors: unreadable, truncated or unsupported files.
+    """
+    try:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x of its limit; we refuse those below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Image.DecompressionBombError as e:  # PIL refuses > 2x its limit already when reading the header
+        raise ValueError(f"image over the {MAX_IMAGE_PIXELS:,}-pixel limit ({e})") from None
+    with opened as img:
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ValueError(f"image has no pixels ({w} x {h})")
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {w} x {h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
         img.load()
+        if img.mode.startswith("I;16") or img.mode == "I":
+            img = Image.fromarray(np.clip(np.asarray(img, np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        img = img.convert("RGB")
+        return img.convert("RGB")
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """``decode_image`` resized to size x size (bilinear)."""
+    img = decode_image(path, min_size=size)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return img

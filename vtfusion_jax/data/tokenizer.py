@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +56,23 @@ def _load(path: str) -> tokenizers.Tokenizer:
 def _from_vocab(vocab_file: str, lowercase: bool) -> tokenizers.Tokenizer:
     # BertWordPieceTokenizer wires the BERT normaliser, pre-tokeniser and [CLS]/[SEP] post-processor.
     return tokenizers.BertWordPieceTokenizer(vocab_file, lowercase=lowercase)._tokenizer
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text) -> str:
+    """Text the Rust tokenizer accepts: bytes are decoded as UTF-8 and lone surrogates (what Python makes of invalid
+    UTF-8 in command-line arguments) become U+FFFD, which BERT normalisation drops; other types raise TypeError."""
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "replace")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 class Tokenizer:
@@ -119,7 +137,7 @@ class Tokenizer:
         Returns:
           Token ids `[CLS] ... [SEP]`, at most `max_len` long, without padding.
         """
-        return self._finish(self._tok.encode(text).ids)
+        return self._finish(self._tok.encode(_valid_unicode(text)).ids)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenizes a batch of texts into fixed-length arrays.
@@ -132,7 +150,7 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("Tokenizer(...) takes a sequence of strings; use .encode(text) for one string")
-        encs = self._tok.encode_batch(list(texts))
+        encs = self._tok.encode_batch([_valid_unicode(t) for t in texts])
         ids = np.full((len(encs), self.max_len), self.pad_id, np.int32)  # [N, L]
         mask = np.zeros((len(encs), self.max_len), bool)  # [N, L]
         for i, enc in enumerate(encs):
