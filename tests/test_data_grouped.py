@@ -113,3 +113,26 @@ def test_model_gather_equals_repeated_images():
     grouped = model.apply(params, dict(image=images, image_index=index, **text))["logits"]
     repeated = model.apply(params, dict(image=images[index], **text))["logits"]
     np.testing.assert_allclose(grouped, repeated, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_training_runs_sharded_and_counts_epochs_from_the_plan(tmp_path):
+    """train_and_evaluate with grouped batches on 8 devices (K = 8 image slots, one per data shard)."""
+    import math
+
+    from train_testutil import load_config, train_losses
+
+    from vtfusion_jax import train_lib
+
+    overrides = dict(train__global_batch_size=32, train__images_per_batch=8, train__num_steps=3,
+                     train__log_every_steps=1, train__eval_every_steps=-1, train__checkpoint_every_steps=100,
+                     mesh_shape=(8, 1, 1))  # fmt: skip
+    config = load_config("tiny", **overrides)
+    result = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["step"] == 3
+    losses = train_losses(str(tmp_path / "run"))
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    # num_epochs counts whole packed epochs: more steps than N / B (batches close before they are full).
+    config = load_config("tiny", **dict(overrides, train__num_steps=-1, train__num_epochs=1.0))
+    steps = train_lib.num_train_steps(config, train_lib.get_meta(config))
+    n = 34_801  # easy-VQA train questions
+    assert math.ceil(n / 32) <= steps <= math.ceil(1.25 * n / 32)
