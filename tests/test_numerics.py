@@ -13,7 +13,11 @@ from vtfusion_jax.data import pipeline
 
 pytestmark = pytest.mark.faults
 
-QUICK = dict(train__log_every_steps=1, train__eval_every_steps=-1, train__checkpoint_every_steps=100)
+# One device: single-device programs compile several times faster than 8-way SPMD ones, and these properties do
+# not depend on the mesh (test_sharding.py covers mesh equivalence).
+QUICK = dict(
+    mesh_shape=(1, 1, 1), train__log_every_steps=1, train__eval_every_steps=-1, train__checkpoint_every_steps=100
+)
 TIMING = ("train/steps_per_sec", "train/examples_per_sec")
 
 
@@ -50,6 +54,7 @@ def test_bfloat16_easy_vqa_model_stays_finite(tmp_path):
     config = load_config(
         "easy_vqa",
         **grouped,
+        mesh_shape=(1, 1, 1),
         model__dtype="bfloat16",
         train__num_steps=4,
         train__global_batch_size=16,
