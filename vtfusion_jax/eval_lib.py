@@ -20,11 +20,11 @@ from PIL import Image
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
-from vtfusion_jax import optim, sharding, train_lib, viz
+from vtfusion_jax import optim, pretrained_init, sharding, train_lib, viz
 from vtfusion_jax.data import manifest, pipeline
 
-# The pipeline's default normalisation (x / 255 - mean) / std; predict() must feed the same inputs.
-IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+# predict() must feed what the pipeline feeds: (x / 255 - mean) / std with the model's image_normalization
+# (pretrained_init: the pipeline's defaults, or a pretrained image tower's statistics).
 
 
 class PredictError(ValueError):
@@ -64,6 +64,7 @@ class Restored:
         ckpt.close()
         self.params = state.params
         self.image_size = train_lib.image_size(config, self.meta)
+        self.image_norm = pretrained_init.image_normalization(self.model.model_config)  # {image_mean, image_std}
 
     def attention(self, batch: dict) -> tuple[np.ndarray, np.ndarray | None]:
         """(probs [B, C], image attention [B, N] or None) for a host batch of image / text_ids / text_mask."""
@@ -72,7 +73,7 @@ class Restored:
         )(self.params, batch)
         probs = np.asarray(jax.nn.softmax(out["logits"]))
         n = _num_image_tokens(self.sow_model, self.params, batch)
-        att = viz.image_attention(jax.device_get(variables["intermediates"]), batch["text_mask"], n)
+        att = viz.image_attention(jax.device_get(variables.get("intermediates", {})), batch["text_mask"], n)
         return probs, att
 
 
@@ -85,8 +86,9 @@ def _num_image_tokens(model, params, batch) -> int:
     return int(tokens.shape[1])
 
 
-def _normalise(images_uint8: np.ndarray) -> np.ndarray:
-    return ((images_uint8.astype(np.float32) / 255.0) - IMAGE_MEAN) / IMAGE_STD
+def _normalise(images_uint8: np.ndarray, norm: dict) -> np.ndarray:
+    mean, std = (np.asarray(norm[k], np.float32) for k in ("image_mean", "image_std"))
+    return ((images_uint8.astype(np.float32) / 255.0) - mean) / std
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -120,6 +122,7 @@ def evaluate_split(
         image_size=d.image_size,
         data_dir=d.data_dir,
         builder_kwargs=d.builder_kwargs.to_dict(),
+        **r.image_norm,
     )
     predict_fn = train_lib.make_predict_fn(r.model, r.mesh, r.state_shardings.params)
     summary, rows = train_lib.evaluate(predict_fn, r.params, batches, meta, r.mesh)
@@ -182,7 +185,7 @@ def _attention_maps(r: Restored, source, text_key: str, out_dir: str, n: int) ->
     records = [source[i] for i in range(n)]
     images = np.stack([_resize(np.asarray(rec["image"]), r.image_size) for rec in records])
     questions = [_text(rec[text_key]) for rec in records]
-    batch = {"image": _normalise(images), **r.tokenizer(questions)}
+    batch = {"image": _normalise(images, r.image_norm), **r.tokenizer(questions)}
     probs, att = r.attention(batch)
     if att is None:
         print(f"fusion {r.config.model.fusion.name!r} has no question-to-image attention: no attention maps")
@@ -225,7 +228,7 @@ def predict(
         raise PredictError(f"cannot read image {image_path!r}: {type(e).__name__}: {e}") from None
     r = Restored(load_config(workdir), workdir, checkpoint)
     img = _resize(img, r.image_size)
-    batch = {"image": _normalise(img[None]), **r.tokenizer([question.strip()])}
+    batch = {"image": _normalise(img[None], r.image_norm), **r.tokenizer([question.strip()])}
     probs, att = r.attention(batch)
     names = r.meta["label_names"]
     order = np.argsort(-probs[0])[:top_k]

@@ -32,7 +32,7 @@ from flax import struct
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
-from vtfusion_jax import optim, preflight, sharding
+from vtfusion_jax import optim, preflight, pretrained_init, sharding
 from vtfusion_jax.data import pipeline
 from vtfusion_jax.data.tokenizer import Tokenizer
 from vtfusion_jax.models.vtfusion import VisionTextModel
@@ -91,12 +91,13 @@ def get_meta(config: ml_collections.ConfigDict) -> dict:
 
 
 def model_spec(config: ml_collections.ConfigDict, vocab_size: int, sow_weights: bool = False) -> dict:
-    """``config.model`` as a plain dict, with the tokenizer's vocabulary size filled in."""
+    """``config.model`` as a plain dict, with the tokenizer's vocabulary size filled in and the architecture of
+    towers with ``init_from`` taken from their checkpoint (pretrained_init.resolve_model_spec)."""
     spec = config.model.to_dict()
     spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=int(vocab_size))
     if sow_weights:
         spec["fusion"] = dict(spec["fusion"], sow_weights=True)
-    return spec
+    return pretrained_init.resolve_model_spec(spec)
 
 
 def build_model(config, num_classes: int, vocab_size: int, sow_weights: bool = False) -> VisionTextModel:
@@ -426,6 +427,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if best_metrics:
             best = (float(best_metrics["accuracy"]), best_step)
         log.info("Resumed from step %d in %s", int(state.step), ckpt.directory)
+    else:  # a fresh run: towers with model.<tower>.init_from start from their pretrained checkpoint
+        size = image_size(config, meta)
+        state = pretrained_init.import_into_state(state, state_sh, model.model_config, size, config.seed)
     start = int(state.step)
     write_config(config, workdir)
     writer = metrics_lib.create_writer(workdir, is_main=is_main)
@@ -440,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         image_size=d.image_size,
         data_dir=d.data_dir,
         builder_kwargs=d.builder_kwargs.to_dict(),
+        **pretrained_init.image_normalization(model.model_config),  # a pretrained image tower's mean / std
     )
     train_iter = pipeline.make_train_iterator(
         split=d.train_split,

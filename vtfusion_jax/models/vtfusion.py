@@ -52,6 +52,9 @@ class VisionTextModel(nn.Module):
         self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)
         self.fusion = models.get_fusion(cfg["fusion"], shared)
         self.head = models.get_head(cfg["head"], shared, num_classes=self.num_classes)
+        # Frozen encoders (spec freeze=True; optim.py never updates them) get no backward pass: stop_gradient at
+        # their outputs lets XLA drop it (a frozen MiniLM then costs one forward).
+        self.frozen = tuple(t for t in ("image_encoder", "text_encoder") if cfg[t].get("freeze", False))
 
     def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
         """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled).
@@ -64,6 +67,10 @@ class VisionTextModel(nn.Module):
             image = jnp.take(image, batch["image_index"], axis=0)  # [K, N, Di] -> [B, N, Di]
             image_mask = jnp.take(image_mask, batch["image_index"], axis=0)
         text, text_mask = self.text_encoder(batch["text_ids"], batch["text_mask"], deterministic=det)  # [B, L, Dt]
+        if "image_encoder" in self.frozen:
+            image = jax.lax.stop_gradient(image)
+        if "text_encoder" in self.frozen:
+            text = jax.lax.stop_gradient(text)
         text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det)
         return text, text_mask, image, image_mask, pooled
 

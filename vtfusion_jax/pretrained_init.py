@@ -1,0 +1,179 @@
+"""``model.<tower>.init_from``: training towers whose architecture and initial weights come from a checkpoint.
+
+    config.model.text_encoder = {init_from: "minilm" | folder | hub id, freeze: bool, <optional overrides>}
+      ─► resolve_model_spec: the tower's spec = the checkpoint's (pretrained.py, derived from its config.json)
+         + the tower's own fields (freeze, init_from, and loader overrides such as dropout_rate or pooler)
+      ─► train_lib builds and initialises the whole model as usual (eval_shape -> shardings -> jit(init))
+      ─► import_into_state, on a fresh run only (a resumed run restores its own checkpoint and never re-imports):
+         the tower's params subtree <- the converted checkpoint, shape-checked per path, placed with
+         jax.device_put on the state's parameter shardings
+      ─► image_normalization: the image checkpoint's pixel mean / std for the input pipeline (train, eval, predict)
+
+The same applies to ``model.image_encoder`` (ViT, CLIP vision, ResNet checkpoints). The tower's fields beside
+``init_from`` / ``freeze`` are loader overrides (pretrained.load_*_encoder): they change regularisation, memory
+layout or add parameters (ResNet ``project=True``), never the derived architecture silently; a ``name`` that
+differs from the checkpoint's family raises an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from vtfusion_jax import pretrained
+from vtfusion_jax.models import NON_MODULE_KEYS
+
+TOWERS = {"text_encoder": (pretrained.TEXT_FAMILIES, "text"), "image_encoder": (pretrained.IMAGE_FAMILIES, "image")}
+# The input pipeline's normalisation when no image checkpoint says otherwise (data/pipeline.py's defaults).
+DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _source(tower_spec: Mapping[str, Any]) -> str | None:
+    # Tower specs are open dicts of module fields: a tower without the key simply has no checkpoint.
+    src = tower_spec.get("init_from")
+    return str(src) if src else None
+
+
+def _overrides(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Loader overrides: the tower's fields except name / init_from / freeze (and the tokenizer's vocab_size)."""
+    skip = set(NON_MODULE_KEYS) | {"vocab_size"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in tower_spec.items() if k not in skip}
+
+
+def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The module spec of a tower with ``init_from``, from the checkpoint's config.json alone (no tensors read).
+
+    Returns:
+      {name, <architecture fields from config.json>, <overrides>, init_from, freeze?}: what the model is built
+      from and what ``import_into_state`` imports into.
+
+    Raises:
+      ValueError: unsupported model_type, a ``name`` that is not the checkpoint's family, or (text) a tokenizer
+        vocabulary size that differs from the checkpoint's.
+    """
+    families, _ = TOWERS[tower]
+    src = _source(tower_spec)
+    folder = pretrained.resolve(src)
+    cfg = pretrained.read_config(folder)
+    family = cfg.get("model_type")
+    if family not in families:
+        raise ValueError(
+            f"model.{tower}.init_from={src!r}: {folder}/config.json has model_type {family!r}; "
+            f"supported for this tower: {sorted(families)}"
+        )
+    try:
+        base = families[family](cfg).spec
+    except KeyError as e:
+        raise ValueError(f"model.{tower}.init_from={src!r}: {folder}/config.json lacks {e}") from e
+    name = tower_spec.get("name")
+    if name is not None and name != base["name"]:
+        raise ValueError(
+            f"model.{tower}.name={name!r} but init_from={src!r} is a {family} checkpoint that builds {base['name']!r}; "
+            f"drop the name (the architecture comes from the checkpoint) or set it to {base['name']!r}"
+        )
+    vocab = tower_spec.get("vocab_size")
+    if vocab is not None and "vocab_size" in base and int(vocab) != int(base["vocab_size"]):
+        raise ValueError(
+            f"model.{tower}.init_from={src!r} has vocab_size {base['vocab_size']} but the tokenizer has {vocab}: "
+            f"set dataset.tokenizer_path to the checkpoint's vocabulary"
+        )
+    spec = {**base, **_overrides(tower, tower_spec), "init_from": src}
+    if "freeze" in tower_spec:
+        spec["freeze"] = tower_spec["freeze"]
+    return spec
+
+
+def resolve_model_spec(model_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.model`` as a dict with each ``init_from`` tower replaced by ``checkpoint_spec`` (others unchanged)."""
+    out = dict(model_spec)
+    for tower in TOWERS:
+        if tower in out and _source(out[tower]):
+            out[tower] = checkpoint_spec(tower, out[tower])
+    return out
+
+
+def _load(tower: str, spec: Mapping[str, Any], image_size: int, rng: jax.Array) -> tuple[dict, Any]:
+    _, kind = TOWERS[tower]
+    overrides = _overrides(tower, spec)
+    if kind == "text":
+        return pretrained.load_text_encoder(spec["init_from"], rng=rng, **overrides)
+    return pretrained.load_image_encoder(spec["init_from"], image_size=image_size, rng=rng, **overrides)
+
+
+def import_into_params(
+    params: Mapping[str, Any],
+    param_shardings: Mapping[str, Any],
+    model_spec: Mapping[str, Any],
+    image_size: int,
+    rng: jax.Array,
+) -> dict[str, Any]:
+    """Replaces the params subtree of every ``init_from`` tower by the converted checkpoint.
+
+    Args:
+      params: the initialised parameter tree {tower: subtree} (unboxed global jax.Arrays).
+      param_shardings: the matching tree of shardings (the train state's).
+      model_spec: the resolved model spec (``resolve_model_spec``; ``VisionTextModel.model_config``).
+      image_size: the side of the images the model is fed (ViT / CLIP position embeddings depend on it).
+      rng: initialises parameters an override adds that the checkpoint lacks (e.g. ResNet ``project=True``).
+
+    Returns:
+      The new parameter tree (other towers unchanged, same object).
+
+    Raises:
+      ValueError: an imported tensor's shape differs from the model's (the message names the path), or the
+        checkpoint's derived spec no longer equals the one the model was built from.
+    """
+    out = dict(params)
+    for i, tower in enumerate(TOWERS):
+        spec = model_spec.get(tower, {})
+        if not _source(spec):
+            continue
+        loaded_spec, imported = _load(tower, spec, image_size, jax.random.fold_in(rng, i))
+        module = lambda s: {k: v for k, v in s.items() if k not in NON_MODULE_KEYS or k == "name"}  # noqa: E731
+        if module(loaded_spec) != module(spec):
+            raise ValueError(
+                f"model.{tower}.init_from={spec['init_from']!r}: checkpoint spec {module(loaded_spec)} differs from "
+                f"the model's {module(spec)}"
+            )
+        want = traverse_util.flatten_dict(params[tower], sep="/")
+        got = traverse_util.flatten_dict(imported, sep="/")
+        problems = [f"{tower}/{k}: missing from the checkpoint" for k in sorted(set(want) - set(got))]
+        problems += [f"{tower}/{k}: not in the model" for k in sorted(set(got) - set(want))]
+        problems += [
+            f"{tower}/{k}: checkpoint shape {tuple(got[k].shape)}, model shape {tuple(want[k].shape)}"
+            for k in sorted(set(want) & set(got))
+            if tuple(got[k].shape) != tuple(want[k].shape) or np.dtype(got[k].dtype) != np.dtype(want[k].dtype)
+        ]
+        if problems:
+            raise ValueError(
+                f"model.{tower}.init_from={spec['init_from']!r} does not fit the model's parameters "
+                f"(image_size={image_size}):\n  " + "\n  ".join(problems)
+            )
+        out[tower] = jax.device_put(imported, param_shardings[tower])
+    return out
+
+
+def import_into_state(state: Any, state_shardings: Any, model_spec: Mapping[str, Any], image_size: int, seed: int):
+    """A fresh train state with its ``init_from`` towers' params imported (see ``import_into_params``).
+
+    The optimiser state needs no change: AdamW's moments start at zero whatever the parameters.
+    """
+    if not any(_source(model_spec.get(t, {})) for t in TOWERS):
+        return state
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)  # 0: params, 1: the state's RNG (train_lib)
+    params = import_into_params(state.params, state_shardings.params, model_spec, image_size, rng)
+    return state.replace(params=params)
+
+
+def image_normalization(model_spec: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+    """{"image_mean", "image_std"} for the input pipeline: the image checkpoint's statistics
+    (pretrained.image_preprocessing) when ``model.image_encoder.init_from`` is set, else the pipeline's defaults."""
+    src = _source(model_spec.get("image_encoder", {}))
+    if not src:
+        return {"image_mean": DEFAULT_IMAGE_MEAN, "image_std": DEFAULT_IMAGE_STD}
+    pre = pretrained.image_preprocessing(src)
+    return {"image_mean": tuple(float(x) for x in pre["mean"]), "image_std": tuple(float(x) for x in pre["std"])}
