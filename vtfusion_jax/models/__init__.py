@@ -16,8 +16,13 @@ import flax.linen as nn
 
 from vtfusion_jax.models.fusion import FUSIONS
 from vtfusion_jax.models.heads import HEADS
+from vtfusion_jax.models.probe import PROBE_FUSIONS, PROBE_IMAGE_ENCODERS
 from vtfusion_jax.models.text import TEXT_ENCODERS
 from vtfusion_jax.models.vision import IMAGE_ENCODERS
+
+# The frozen-feature probe's parameter-free components (models/probe.py) sit beside the main registries.
+_IMAGE_ENCODERS = {**IMAGE_ENCODERS, **PROBE_IMAGE_ENCODERS}
+_FUSIONS = {**FUSIONS, **PROBE_FUSIONS}
 
 # Spec keys consumed elsewhere (checkpoint import, freezing), never passed to the module.
 NON_MODULE_KEYS = ("name", "init_from", "freeze")
@@ -48,8 +53,8 @@ def _build(kind: str, registry: Mapping[str, Any], spec: Mapping[str, Any], shar
 
 
 def get_image_encoder(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) -> nn.Module:  # noqa: B006
-    """Builds an image encoder (``cnn``, ``resnet18``, ``resnet50``, ``vit``) from its spec."""
-    return _build("image_encoder", IMAGE_ENCODERS, spec, shared)
+    """Builds an image encoder (``cnn``, ``resnet18``, ``resnet50``, ``vit``, ``pixels``) from its spec."""
+    return _build("image_encoder", _IMAGE_ENCODERS, spec, shared)
 
 
 def get_text_encoder(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) -> nn.Module:  # noqa: B006
@@ -58,8 +63,8 @@ def get_text_encoder(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) ->
 
 
 def get_fusion(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) -> nn.Module:  # noqa: B006
-    """Builds a fusion variant (see models/fusion.py FUSIONS) from its spec."""
-    return _build("fusion", FUSIONS, spec, shared)
+    """Builds a fusion variant (models/fusion.py FUSIONS, or models/probe.py ``probe``) from its spec."""
+    return _build("fusion", _FUSIONS, spec, shared)
 
 
 def get_head(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}, **extra) -> nn.Module:  # noqa: B006

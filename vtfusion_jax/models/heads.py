@@ -1,6 +1,7 @@
 """Task heads. Each takes the fusion outputs and returns logits.
 
-ClassificationHead (VQA answers / multimodal labels): pooled [B, P] -> LayerNorm -> Dense(hidden) -> GELU -> Dense(C).
+ClassificationHead (VQA answers / multimodal labels): pooled [B, P] -> LayerNorm (optional) -> Dense(hidden) -> GELU
+-> Dense(C).
 Retrieval (ITC/ITM) and captioning heads arrive with their issue and register here.
 """
 
@@ -22,17 +23,19 @@ class ClassificationHead(nn.Module):
       num_classes: answer / label vocabulary size C.
       hidden_dim: width of the hidden layer (0 = none).
       dropout_rate: dropout before each Dense.
+      ln: LayerNorm the pooled vector first (False with hidden_dim=0: plain logistic regression on the features).
     """
 
     num_classes: int
     hidden_dim: int = 256
     dropout_rate: float = 0.0
+    ln: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, pooled, deterministic: bool = True) -> jax.Array:
         """pooled [B, P] -> logits float32 [B, C] (the token outputs are unused here)."""
-        x = layers.LayerNorm(name="ln")(pooled).astype(self.dtype)
+        x = (layers.LayerNorm(name="ln")(pooled) if self.ln else pooled).astype(self.dtype)
         if self.hidden_dim:
             x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
             x = nn.gelu(layers.dense(self.hidden_dim, "embed", "mlp", dtype=self.dtype, name="hidden")(x), False)
