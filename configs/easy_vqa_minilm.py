@@ -36,8 +36,8 @@ def get_config(arg=None):
             )
         )
     c.optim.lr_multipliers.text_encoder = 0.1  # pretrained tower: lr 2e-4 at the peak, 10x below the fresh towers
-    # The 6-layer tower costs ~10x the main job per step on CPU: one epoch (136 steps, validated at its end) keeps
-    # a run within the hour on a shared 2-core machine. More epochs: --config.train.num_epochs=8 (the main job's).
+    # The 6-layer tower costs ~10x the main job per step on CPU: one epoch (validated at its end) keeps a run within
+    # the hour on a shared 2-core machine. The main job's length: --config.train.num_epochs=6.
     c.train.num_epochs = 1.0  # training length in epochs
     c.lock()
     return c
