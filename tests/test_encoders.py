@@ -92,7 +92,7 @@ def test_bert_rejects_text_longer_than_its_positions():
 
 
 def test_unknown_encoder_names_list_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['cnn', 'resnet18', 'resnet50', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['cnn', 'pixels', 'resnet18', 'resnet50', 'vit'\]"):
         get_image_encoder(dict(name="resnet101"))
     with pytest.raises(ValueError, match=r"valid: \['bert', 'gru'\]"):
         get_text_encoder(dict(name="lstm"))
