@@ -154,7 +154,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState
     params = optax.apply_updates(state.params, updates)
     valid = batch["valid"].astype(jnp.float32)
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # train_lib's nan_policy test (XLA drops it when unused)
+    del finite
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "skipped": jnp.zeros((), jnp.int32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
