@@ -217,8 +217,8 @@ def test_cross_image_pool_appends_a_masked_image_summary(pool):
     assert pooled.shape == (B, 2 * D)
     np.testing.assert_allclose(pooled[:, :D], layers.masked_mean(t, TEXT_MASK), rtol=1e-5, atol=1e-5)
     # The summary is a pool of the LayerNorm'ed image tokens over real tokens only: padded image tokens never count.
-    kv = fusion.apply(params, IMAGE, method=lambda m, x: m.ln("image_kv_ln")(x))
-    kv = np.asarray(kv)
+    ln_params = layers.unbox(params)["params"]["image_kv_ln"]
+    kv = np.asarray(layers.LayerNorm().apply({"params": ln_params}, IMAGE))
     mask = np.asarray(IMAGE_MASK)
     for b in range(B):
         real = kv[b][mask[b]]

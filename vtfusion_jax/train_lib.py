@@ -120,13 +120,18 @@ def init_batch(config, meta: Mapping[str, Any]) -> dict:
     }
 
 
+def _images_per_batch(config) -> int:
+    """``train.images_per_batch``; configs written before the field existed (old workdirs) mean 0 (ungrouped)."""
+    return int(config.train.images_per_batch) if "images_per_batch" in config.train else 0
+
+
 def num_train_steps(config, meta: Mapping[str, Any]) -> int:
     """``train.num_steps`` if > 0, else ``num_epochs`` over the train split, rounded up to whole updates."""
     t = config.train
     accum = int(config.optim.accum_steps)
     if t.num_steps > 0:
         steps = int(t.num_steps)
-    elif t.images_per_batch > 0:  # image-grouped batches: epochs come from the packing plan
+    elif _images_per_batch(config) > 0:  # image-grouped batches: epochs come from the packing plan
         d = config.dataset
         steps = pipeline.grouped_steps_for_epochs(
             dataset=d.name,
@@ -453,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step=start,
         prefetch=t.prefetch,
         worker_count=t.data_workers,
-        images_per_batch=t.images_per_batch,
+        images_per_batch=_images_per_batch(config),
         **common,
     )
     if data_state:
