@@ -133,7 +133,7 @@ def measure_bad_input(trials: int = 50):
         "0 x 0 PNG": "manifest: bad row; predict.py: one-line error",
         "20000 x 20000 PNG": "refused from the header, no pixel decoded",
         "invalid UTF-8 text": "tokenizer: bytes decoded with replacement, U+FFFD dropped; manifest: bad line",
-        "unseen label": "manifest: bad row (error naming the line, or a counted skip)",
+        "unseen label": "manifest (validation / test): kept with label -1, counted wrong by eval (num_unseen_label)",
     }
     return {
         "classes": {k: dict(v) for k, v in classes.items()},

@@ -154,8 +154,8 @@ BAD_ROWS = {  # image file bytes (None: no file), row overrides, expected messag
     "huge": (png_header_only(20000, 20000), {}, "pixel limit"),
     "empty_text": (None, {"text": ""}, "empty text"),
     "blank_text": (None, {"text": " \t "}, "empty text"),
-    "unseen_label": (None, {"label": "never_in_train"}, "does not occur in the train split"),
 }
+UNSEEN = {"image": "red.png", "text": "unseen label", "label": "never_in_train"}  # kept (label -1), not a bad row
 
 
 def _bad_folder(root):
@@ -180,7 +180,9 @@ def _bad_folder(root):
     lines = [json.dumps(r) for r in train]
     (d / "train.jsonl").write_text("\n".join(lines) + "\n")
     (d / "test.jsonl").write_bytes(
-        b"\n".join([json.dumps(train[0]).encode(), b"\xff\xfe not utf-8", *(json.dumps(r).encode() for r in test)])
+        b"\n".join(
+            [json.dumps(train[0]).encode(), b"\xff\xfe not utf-8", *(json.dumps(r).encode() for r in [*test, UNSEEN])]
+        )
         + b"\n"
     )
     return d
@@ -193,8 +195,10 @@ def test_manifest_build_and_pipeline_with_every_bad_row_class(tmp_path):
         datasets.dataset_meta("manifest", data_dir=str(tmp_path / "strict"), builder_kwargs=kwargs)
     kwargs["skip_bad_rows"] = True
     meta = datasets.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
-    assert meta["num_examples"] == {"train": 3, "test": 1}
+    assert meta["num_examples"] == {"train": 3, "test": 2}  # the good row and the unseen-label row
     assert meta["skipped_rows"] == {"train": 0, "test": 1 + len(BAD_ROWS)}
+    test_src = datasets.get_data_source("manifest", "test", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    assert sorted(ex["label"] for ex in test_src.__getitems__([0, 1])) == [-1, 0]  # unseen -> -1; "red" -> 0
     src = datasets.get_data_source("manifest", "train", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
     rows = {ex["line"]: ex for ex in src.__getitems__([0, 1, 2])}
     assert (rows[2]["image"] == 255).all()  # 16-bit white -> 8-bit white

@@ -136,3 +136,31 @@ def test_grouped_training_runs_sharded_and_counts_epochs_from_the_plan(tmp_path)
     steps = train_lib.num_train_steps(config, train_lib.get_meta(config))
     n = 34_801  # easy-VQA train questions
     assert math.ceil(n / 32) <= steps <= math.ceil(1.25 * n / 32)
+
+
+def test_plan_is_thread_safe():
+    """grain builds batches on several threads: concurrent lookups on a fresh plan give the sequential answers."""
+    import threading
+
+    ids = _ids(seed=1, n_images=400)
+    want = GroupPlan(ids, seed=2, global_batch_size=32, images_per_batch=8)
+    steps = list(range(0, want.steps_for_epochs(6), 7))
+    expected = {s: want.batch_at(s)[1] for s in steps}
+    plan = GroupPlan(ids, seed=2, global_batch_size=32, images_per_batch=8)
+    got, errors = {}, []
+
+    def work(offset):
+        try:
+            for s in steps[offset::4] + steps[::-1][offset::4]:
+                got[s] = plan.batch_at(s)[1]
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for s in steps:
+        np.testing.assert_array_equal(got[s], expected[s])

@@ -107,11 +107,37 @@ def test_symlink_escape_refused(folder, tmp_path):
         _build(folder, tmp_path / "tfds")
 
 
-def test_unseen_label_in_test_split(folder, tmp_path):
+def test_unseen_label_in_test_split_is_kept_as_minus_one(folder, tmp_path):
+    """A test label never seen in training stays in the split (label -1) so eval counts it wrong, never drops it."""
     _write(folder, "train.jsonl", GOOD[:2])
     _write(folder, "test.jsonl", [GOOD[0], GOOD[2]])
-    with pytest.raises(ManifestError, match=r"test.jsonl:2: label 'white' does not occur in the train split"):
-        _build(folder, tmp_path / "tfds")
+    kwargs = dict(path=str(folder), image_size=SIZE)
+    meta = datasets.dataset_meta("manifest", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    assert meta["num_examples"]["test"] == 2 and meta["label_names"] == ["gray", "red"]
+    src = datasets.get_data_source("manifest", "test", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    labels = {ex["line"]: ex["label"] for ex in src.__getitems__([0, 1])}
+    assert labels == {1: 1, 2: -1}
+
+
+def test_unseen_labels_are_counted_wrong_by_eval():
+    """predict_step gives label -1 rows no loss; evaluate-style metrics count them wrong; the confusion matrix skips
+    them."""
+    import jax.numpy as jnp
+
+    from vtfusion_jax import metrics, train_lib
+
+    class Fixed:  # a "model" whose logits are the batch's
+        def apply(self, params, batch, train=False):
+            return {"logits": batch["logits"]}
+
+    logits = jnp.asarray([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    out = train_lib.predict_step({}, {"logits": logits, "label": jnp.asarray([0, 1, -1])}, model=Fixed())
+    loss = np.asarray(out["loss"])
+    assert np.isfinite(loss[:2]).all() and np.isnan(loss[2])
+    pred, label = np.asarray(out["pred"]), np.array([0, 1, -1])
+    assert metrics.accuracy(pred, label) == pytest.approx(2 / 3)  # the unseen one is wrong whatever is predicted
+    cm = metrics.confusion_matrix(pred, label, 3, valid=label >= 0)
+    assert cm.sum() == 2 and cm[2].sum() == 0
 
 
 def test_skip_bad_rows_counts(folder, tmp_path):
@@ -119,8 +145,8 @@ def test_skip_bad_rows_counts(folder, tmp_path):
     _write(folder, "train.jsonl", [GOOD[0], *bad, GOOD[1], "", GOOD[3]])  # blank lines are not rows
     _write(folder, "validation.jsonl", [GOOD[1], dict(GOOD[0], label="unseen"), BAD["corrupt"][0]])
     meta, rows = _build(folder, tmp_path / "tfds", skip_bad_rows=True)
-    assert meta["skipped_rows"] == {"train": len(bad), "validation": 2}
-    assert meta["num_examples"] == {"train": 3, "validation": 1}
+    assert meta["skipped_rows"] == {"train": len(bad), "validation": 1}  # the unseen label is kept (label -1)
+    assert meta["num_examples"] == {"train": 3, "validation": 2}
     assert sorted(rows) == [1, 2 + len(bad), 4 + len(bad)]
 
 

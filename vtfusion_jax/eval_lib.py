@@ -127,7 +127,8 @@ def evaluate_split(
     predict_fn = train_lib.make_predict_fn(r.model, r.mesh, r.state_shardings.params)
     summary, rows = train_lib.evaluate(predict_fn, r.params, batches, meta, r.mesh)
     names = meta["label_names"]
-    cm = metrics_lib.confusion_matrix(rows["pred"], rows["label"], len(names))
+    seen = rows["label"] >= 0  # label -1: unseen in training (manifest datasets), counted wrong above
+    cm = metrics_lib.confusion_matrix(rows["pred"], rows["label"], len(names), valid=seen)
     result = {
         "accuracy": summary["accuracy"],
         "num_examples": summary["num_examples"],
@@ -137,6 +138,7 @@ def evaluate_split(
         "split": split,
         "label_names": names,
         "confusion_matrix": cm.tolist(),
+        "num_unseen_label": int((~seen).sum()),
     }
     if jax.process_index() != 0:
         return result
@@ -154,7 +156,7 @@ def evaluate_split(
                     {
                         "index": idx,
                         "question": _text(source[idx][text_key]),
-                        "answer": names[int(rows["label"][i])],
+                        "answer": names[int(rows["label"][i])] if rows["label"][i] >= 0 else None,  # None: unseen
                         "prediction": names[int(rows["pred"][i])],
                         "correct": bool(rows["pred"][i] == rows["label"][i]),
                         "question_type": type_names[int(rows["question_type"][i])],

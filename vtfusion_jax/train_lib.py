@@ -240,7 +240,10 @@ def predict_step(params, batch: dict, *, model, top_k: int = 5) -> dict:
     logits = model.apply({"params": params}, batch, train=False)["logits"].astype(jnp.float32)
     k = min(top_k, logits.shape[-1])
     top_probs, top_ids = jax.lax.top_k(jax.nn.softmax(logits), k)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    # Label -1 (a validation / test label never seen in training): counted wrong, left out of the loss.
+    label = batch["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
+    loss = jnp.where(label >= 0, loss, jnp.nan)
     return {"pred": jnp.argmax(logits, -1), "loss": loss, "top_ids": top_ids, "top_probs": top_probs}
 
 
@@ -275,7 +278,7 @@ def evaluate(predict_fn, params, batches: Iterable[dict], meta: Mapping[str, Any
     cat = {k: v[valid] for k, v in cat.items()}
     summary = {
         "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
-        "loss": float(np.mean(cat["loss"])) if len(cat["loss"]) else float("nan"),
+        "loss": float(np.nanmean(cat["loss"])) if np.isfinite(cat["loss"]).any() else float("nan"),
         "num_examples": int(valid.sum()),
         "per_type": metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["question_type"], meta["type_names"]),
     }

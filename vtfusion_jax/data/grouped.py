@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 
 import numpy as np
 
@@ -58,9 +59,24 @@ class GroupPlan:
         self.num_examples = len(ids)
         self._epochs: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
         self._starts = [0]  # _starts[e] = global step of epoch e's first batch (known epochs + 1)
+        # grain builds batches on several threads at once: the caches above must not be filled concurrently.
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:  # picklable for grain worker processes (a lock is not)
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def epoch(self, e: int) -> list[np.ndarray]:
         """The batches of epoch ``e``: a list of int arrays of group (image) numbers, in order."""
+        with self._lock:
+            return self._epoch(e)
+
+    def _epoch(self, e: int) -> list[np.ndarray]:
         if e in self._epochs:
             self._epochs.move_to_end(e)
             return self._epochs[e]
@@ -80,26 +96,28 @@ class GroupPlan:
         return batches
 
     def _know_epochs(self, n: int) -> None:
-        """Fills ``_starts`` up to epoch ``n`` (so ``_starts[n]`` exists)."""
+        """Fills ``_starts`` up to epoch ``n`` (so ``_starts[n]`` exists). Call with the lock held."""
         while len(self._starts) <= n:
             e = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self.epoch(e)))
+            self._starts.append(self._starts[-1] + len(self._epoch(e)))
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, batch within the epoch) of global training step ``step``."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        while self._starts[-1] <= step:
-            self._know_epochs(len(self._starts))
-        e = int(np.searchsorted(self._starts, step, side="right")) - 1
-        return e, step - self._starts[e]
+        with self._lock:
+            while self._starts[-1] <= step:
+                self._know_epochs(len(self._starts))
+            e = int(np.searchsorted(self._starts, step, side="right")) - 1
+            return e, step - self._starts[e]
 
     def steps_for_epochs(self, num_epochs: float) -> int:
         """Training steps that cover ``num_epochs`` epochs (a fractional last epoch rounds up to whole batches)."""
         whole = int(num_epochs)
-        self._know_epochs(whole + 1)
-        in_last = self._starts[whole + 1] - self._starts[whole]
-        return self._starts[whole] + math.ceil((num_epochs - whole) * in_last)
+        with self._lock:
+            self._know_epochs(whole + 1)
+            in_last = self._starts[whole + 1] - self._starts[whole]
+            return self._starts[whole] + math.ceil((num_epochs - whole) * in_last)
 
     def batch_at(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The global batch of ``step``.

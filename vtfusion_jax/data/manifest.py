@@ -12,9 +12,11 @@ Each row: `{"image": "images/cat1.png", "text": "what animal is this?", "label":
 `"caption"` (str) and `"question_type"` (str). The label vocabulary (and question-type vocabulary) is taken from the
 training split, sorted. Images are converted to RGB (grayscale, palette, and alpha composited over white) and resized
 (PIL bilinear, no crop) to `image_size` x `image_size`. A bad row (invalid JSON, missing field, empty label, path
-outside the image folder, missing or undecodable image, label unseen in train) raises `ManifestError` naming the
-manifest line and the file, unless `skip_bad_rows=True`, which skips it and reports the count (printed, and stored in
-the dataset's metadata as `skipped_rows`).
+outside the image folder, missing or undecodable image) raises `ManifestError` naming the manifest line and the file,
+unless `skip_bad_rows=True`, which skips it and reports the count (printed, and stored in the dataset's metadata as
+`skipped_rows`). A validation / test row whose label never occurs in the train split is kept with label -1 (TFDS's
+"no label"): no model can answer it, so eval counts it wrong (and reports it as `num_unseen_label`) rather than
+dropping it and inflating the accuracy; the count is printed and stored as `unseen_label_rows`.
 
 Bad input and its outcome (tests/test_bad_input.py): a line that is not UTF-8 or not JSON, an empty / whitespace-only
 text, random bytes or a truncated PNG / JPEG as the image, a 0 x 0 image, an image over `MAX_IMAGE_PIXELS` (refused
@@ -254,7 +256,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                     "line": np.int32,
                 }
             ),
-            metadata=tfds.core.MetadataDict(skipped_rows={}),
+            metadata=tfds.core.MetadataDict(skipped_rows={}, unseen_label_rows={}),
         )
 
     def _split_generators(self, dl_manager):
@@ -265,7 +267,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         labels = set(self.info.features["label"].names)
         types = self.info.features["question_type"].names
-        skipped = 0
+        skipped = unseen = 0
 
         def bad(message):
             nonlocal skipped
@@ -280,9 +282,13 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                 continue
             where = f"{cfg.manifests[split]}:{lineno}"
             qtype = row.get("question_type", DEFAULT_TYPE if types == [DEFAULT_TYPE] else None)
-            if row["label"] not in labels:
-                bad(f"{where}: label {row['label']!r} does not occur in the train split")
-                continue
+            label = row["label"]
+            if label not in labels:
+                if split == "train":  # cannot happen (the vocabulary is the train split's); kept as a guard
+                    bad(f"{where}: label {label!r} does not occur in the train split")
+                    continue
+                logging.warning("manifest: %s: label %r does not occur in the train split; kept as -1", where, label)
+                label, unseen = -1, unseen + 1  # kept: eval counts it wrong
             if qtype not in types:
                 bad(f"{where}: question_type {qtype!r} is missing or not in the train split's {types}")
                 continue
@@ -298,7 +304,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                 {
                     "image": buf.getvalue(),
                     "text": row["text"],
-                    "label": row["label"],
+                    "label": label,
                     "question_type": qtype,
                     "caption": str(row.get("caption") or ""),
                     "image_path": row["image"],
@@ -306,5 +312,8 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                 },
             )
         self.info.metadata["skipped_rows"][split] = skipped
+        self.info.metadata["unseen_label_rows"][split] = unseen
+        if unseen:
+            print(f"manifest: {unseen} rows of split {split!r} have a label unseen in train (kept with label -1)")
         if skipped:
             print(f"manifest: skipped {skipped} bad rows in split {split!r} ({cfg.manifests[split]})")
