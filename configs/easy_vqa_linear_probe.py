@@ -20,20 +20,16 @@ Run (train, then evaluate on the test split, timed, into results/easy_vqa_linear
   python scripts/run_job.py --name=easy_vqa_linear_probe --config=configs/easy_vqa_linear_probe.py
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 
 def _main_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py")
-    spec = importlib.util.spec_from_file_location("configs_easy_vqa", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py"))
 
 
 def get_config(arg=None):

@@ -9,18 +9,15 @@ Online, any BERT-family checkpoint works the same way: --config.model.text_encod
 (its vocabulary must be the tokenizer's: dataset.tokenizer_path).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from vtfusion_jax import config_lib
+
 
 def _main_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py")
-    spec = importlib.util.spec_from_file_location("configs_easy_vqa", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py"))
 
 
 def get_config(arg=None):

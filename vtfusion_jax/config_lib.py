@@ -29,7 +29,8 @@ def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
     return types.SimpleNamespace(**values)
 
 
-def _load_config(spec: str):
+def load_config(spec: str):
+    """The config of ``spec`` = ``path/to/config.py[:arg]`` (its ``get_config(arg)``), loaded from the file path."""
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_vtfusion_config_check", os.path.abspath(path))
     if module_spec is None or module_spec.loader is None:
@@ -59,7 +60,7 @@ def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
     overrides = [a[len(flag) + 3 :].split("=", 1)[0] for a in argv if a.startswith(f"--{flag}.")]
     if spec is None or not overrides:
         return
-    config = _load_config(spec)
+    config = load_config(spec)
     for key in overrides:
         node, done = config, []
         for part in key.split("."):

@@ -44,8 +44,10 @@ def activation_fn(name: str):
     return ACTIVATIONS[name]
 
 
-def dense(features: int, in_axis: str, out_axis: str, *, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
+def dense(
+    features: int, in_axis: str | None, out_axis: str, *, dtype: Any, name: str, use_bias: bool = True
+) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names (None: never sharded)."""
     return nn.Dense(
         features,
         use_bias=use_bias,

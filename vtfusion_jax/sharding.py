@@ -116,21 +116,8 @@ def unbox(tree: Any) -> Any:
 
 
 def logical_specs(boxed_tree: Any) -> Any:
-    """Tree of logical PartitionSpecs (axis names) for a boxed tree; unboxed leaves get ``PartitionSpec()``.
-
-    A name repeated within one array (a square width-to-width projection tagged ("embed", "embed"), as the fusion's
-    input projection of a 384-d pretrained tower is) keeps its first occurrence; later ones become None, as one mesh
-    axis can shard one dimension only (flax's logical_to_mesh rejects repeats)."""
-
-    def dedupe(spec: PartitionSpec) -> PartitionSpec:
-        seen, out = set(), []
-        for name in spec:
-            out.append(None if name is not None and not isinstance(name, tuple) and name in seen else name)
-            if isinstance(name, str):
-                seen.add(name)
-        return PartitionSpec(*out)
-
-    return jax.tree.map(dedupe, nn.get_partition_spec(boxed_tree), is_leaf=lambda s: isinstance(s, PartitionSpec))
+    """Tree of logical PartitionSpecs (axis names) for a boxed tree; unboxed leaves get ``PartitionSpec()``."""
+    return nn.get_partition_spec(boxed_tree)
 
 
 def param_shardings(boxed_abstract: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:

@@ -92,9 +92,7 @@ class _ToGlobal:
 
     def __call__(self, batch: dict) -> dict:
         out = {
-            k: jax.make_array_from_process_local_data(
-                self._sharding, v, (self._sizes.get(k, self._size), *v.shape[1:])
-            )
+            k: jax.make_array_from_process_local_data(self._sharding, v, (self._sizes.get(k, self._size), *v.shape[1:]))
             for k, v in batch.items()
         }
         if out["image"].dtype == jnp.uint8:

@@ -95,7 +95,8 @@ class FusionBase(nn.Module):
         x = x.astype(self.dtype)
         if x.shape[-1] == self.width:
             return x
-        return layers.dense(self.width, "embed", "embed", dtype=self.dtype, name=name)(x)
+        # The input dim is another tower's width: left unsharded (None), so one mesh axis never shards two dims.
+        return layers.dense(self.width, None, "embed", dtype=self.dtype, name=name)(x)
 
     def learned_tokens(self, name: str, n: int, batch: int) -> jax.Array:
         """``n`` learned tokens (a [n, D] float32 parameter) broadcast to the batch: [B, n, D] in the compute dtype."""
@@ -157,8 +158,8 @@ class MergedFusion(FusionBase):
     block_diagonal: bool = False
 
     def setup(self):
-        self.text_proj_fn = layers.dense(self.width, "embed", "embed", dtype=self.dtype, name="text_proj")
-        self.image_proj_fn = layers.dense(self.width, "embed", "embed", dtype=self.dtype, name="image_proj")
+        self.text_proj_fn = layers.dense(self.width, None, "embed", dtype=self.dtype, name="text_proj")
+        self.image_proj_fn = layers.dense(self.width, None, "embed", dtype=self.dtype, name="image_proj")
         self.modality_embedding = self.param(
             "modality_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
