@@ -154,3 +154,18 @@ def test_cnn_max_pool_downsampling_equals_conv_then_pool():
     np.testing.assert_allclose(np.asarray(tokens), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="downsample"):
         get_image_encoder(dict(spec, downsample="avg")).init(jax.random.key(0), image)
+
+
+@pytest.mark.parametrize("hw", [16, 9])  # 9: an odd grid falls back to nn.max_pool's "SAME" padding
+def test_max_pool_matches_reduce_window_values_and_gradients(hw):
+    """vision._max_pool (reshape + max, fast on XLA:CPU) == nn.max_pool after a ReLU: values and input gradients."""
+    import flax.linen as nn
+
+    from vtfusion_jax.models.vision import _max_pool
+
+    x = jnp.asarray(RNG.normal(size=(2, hw, hw, 5)), jnp.float32)
+    w = jnp.asarray(RNG.normal(size=(2, (hw + 1) // 2, (hw + 1) // 2, 5)), jnp.float32)
+    ref = lambda x: jnp.sum(nn.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="SAME") * w)  # noqa: E731
+    ours = lambda x: jnp.sum(_max_pool(jax.nn.relu(x), 2) * w)  # noqa: E731
+    np.testing.assert_allclose(float(ours(x)), float(ref(x)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jax.grad(ours)(x)), np.asarray(jax.grad(ref)(x)))

@@ -222,7 +222,7 @@ class CNN(nn.Module):
             x = _conv(c, 3, conv_stride, self.dtype, f"conv{i}", use_bias=self.norm == "none")(x)
             x = nn.relu(_norm(self.norm, f"norm{i}")(x))
             if conv_stride != s:
-                x = nn.max_pool(x, (s, s), strides=(s, s), padding="SAME")
+                x = _max_pool(x, s)
             maps.append(x)
         return maps
 
@@ -233,6 +233,16 @@ class CNN(nn.Module):
             hw = _down(hw, s)
             shapes.append(hw)
         return shapes
+
+
+def _max_pool(x: jax.Array, s: int) -> jax.Array:
+    """s x s max-pool with stride s, "SAME" padding. A reshape + max when s divides the grid: the same values as
+    ``nn.max_pool`` and, after a ReLU, the same gradients, but XLA:CPU runs its backward ~3x faster than the
+    select-and-scatter of ``reduce_window``."""
+    b, h, w, c = x.shape
+    if h % s or w % s:
+        return nn.max_pool(x, (s, s), strides=(s, s), padding="SAME")
+    return jnp.max(x.reshape(b, h // s, s, w // s, s, c), axis=(2, 4))
 
 
 class ResidualBlock(nn.Module):
