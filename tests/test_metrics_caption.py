@@ -52,7 +52,9 @@ def test_cider_d_hand_computed():
 
 
 def test_caption_scores_and_exact_match():
-    out = mc.caption_scores(["A red square, at the top.", "a blue circle"], [["a red square at the top"], ["a red circle"]])
+    out = mc.caption_scores(
+        ["A red square, at the top.", "a blue circle"], [["a red square at the top"], ["a red circle"]]
+    )
     assert out["exact_match"] == 0.5
     assert mc.tokenize("A red square, at the top.") == ["a", "red", "square", "at", "the", "top"]
 

@@ -143,9 +143,7 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
 # --------------------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_recall(
-    scores: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, float]:
+def retrieval_recall(scores: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Image->text and text->image recall@K with any number of captions per image.
 
     A text query is answered correctly at K when its image is among the K best-scoring images; an image query when

@@ -1,0 +1,191 @@
+"""Image captioning: any image encoder + a Transformer decoder with causal self-attention and cross-attention to the
+image tokens (Vaswani et al. 2017's decoder; "Show, Attend and Tell"-style conditioning on a grid of image tokens).
+
+    image ─► image encoder ─► tokens [B, N, Di] ─► Dense(D) ─────────────────────────────┐ (keys / values)
+    caption ids [B, T] ─► embed + learned positions ─► L x [causal self-attn, cross-attn ─┘, MLP] ─► LN ─► Dense(V)
+
+Every block is pre-LN: x + f(LN(x)). Training is teacher-forced (``__call__``: all T positions at once, causal mask).
+Decoding runs one position at a time (``decode_step``) with a key/value cache: each layer keeps the self-attention
+keys and values of the positions decoded so far in ``[B, T_max, H, Dh]`` buffers (written at index t with
+``dynamic_update_slice``), and the cross-attention keys / values of the image tokens are computed once
+(``cross_kv``). Greedy and beam search over this step live in vtfusion_jax/decoding.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtfusion_jax import layers, models
+from vtfusion_jax.attention import HeadsProjection, dot_product_attention
+from vtfusion_jax.models.vtfusion import _as_dict, shared_settings
+
+Cache = list  # per layer: (keys [B, T_max, H, Dh], values [B, T_max, H, Dh])
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the image, MLP (pre-LN residual blocks)."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        h, dh = self.num_heads, self.width // self.num_heads
+
+        def proj(name):
+            return HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, name=name)
+
+        def out(name):
+            return HeadsProjection((self.width,), ("heads", "kv", "embed"), self.dtype, in_dims=2, name=name)
+
+        self.self_ln, self.cross_ln, self.mlp_ln = (layers.LayerNorm(name=n) for n in ("self_ln", "cross_ln", "mlp_ln"))
+        self.q, self.k, self.v, self.o = proj("query"), proj("key"), proj("value"), out("out")
+        self.cq, self.ck, self.cv, self.co = (
+            proj("cross_query"),
+            proj("cross_key"),
+            proj("cross_value"),
+            out("cross_out"),
+        )
+        self.mlp = layers.MLP(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
+
+    def cross_kv(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Image tokens [B, N, D] -> cross-attention keys and values [B, N, H, Dh]."""
+        return self.ck(image), self.cv(image)
+
+    def __call__(self, x, self_mask, cross, cross_mask, cache=None, index=None, deterministic: bool = True):
+        """x [B, T, D] (T = 1 with a cache) -> (x [B, T, D], updated cache or None).
+
+        self_mask: bool broadcastable to [B, H, T, T] (unused with a cache: positions <= index are attended).
+        cross: (keys, values) of the image; cross_mask [B, N]. cache: (keys, values) [B, T_max, H, Dh]."""
+        y = self.self_ln(x).astype(self.dtype)
+        q, k, v = self.q(y), self.k(y), self.v(y)
+        new_cache = None
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            new_cache = (k, v)
+            self_mask = (jnp.arange(k.shape[1]) <= index)[None, None, None, :]
+        x = x + self.o(dot_product_attention(q, k, v, mask=self_mask))
+        y = self.cross_ln(x).astype(self.dtype)
+        x = x + self.co(dot_product_attention(self.cq(y), *cross, mask=cross_mask[:, None, None, :]))
+        x = x + self.mlp(self.mlp_ln(x).astype(self.dtype), deterministic)
+        return x, new_cache
+
+
+class CaptionDecoder(nn.Module):
+    """Token embedding + learned positions + ``num_layers`` DecoderLayers + LN + vocabulary projection.
+
+    Attributes:
+      vocab_size: V (set from the caption vocabulary).
+      width: D.
+      num_layers / num_heads / mlp_dim: decoder size.
+      max_len: T_max, longest decoded sequence (positions).
+      dropout_rate: MLP dropout.
+    """
+
+    vocab_size: int = 64
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+    max_len: int = 64
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        self.embed = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embed")
+        self.pos = self.param(
+            "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (self.max_len, self.width), jnp.float32,
+        )  # fmt: skip
+        self.image_proj = layers.dense(self.width, None, "embed", dtype=self.dtype, name="image_proj")
+        self.blocks = [
+            DecoderLayer(self.width, self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"layer_{i}")
+            for i in range(self.num_layers)
+        ]
+        self.final_ln = layers.LayerNorm(name="final_ln")
+        self.logits = layers.dense(self.vocab_size, "embed", "vocab", dtype=self.dtype, name="logits")
+
+    def prepare(self, image: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Encoder tokens [B, N, Di] -> per layer the cross-attention (keys, values) [B, N, H, Dh]."""
+        img = self.image_proj(image.astype(self.dtype))
+        return [blk.cross_kv(img) for blk in self.blocks]
+
+    def init_cache(self, batch: int) -> Cache:
+        """Zero key/value buffers [B, max_len, H, Dh] for every layer."""
+        shape = (batch, self.max_len, self.num_heads, self.width // self.num_heads)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.num_layers)]
+
+    def _out(self, x):
+        return self.logits(self.final_ln(x).astype(self.dtype)).astype(jnp.float32)
+
+    def __call__(self, tokens, image, image_mask, deterministic: bool = True) -> jax.Array:
+        """Teacher forcing: tokens [B, T] (T <= max_len), image tokens [B, N, Di] -> logits float32 [B, T, V]."""
+        t = tokens.shape[1]
+        cross = self.prepare(image)
+        x = (self.embed(tokens) + self.pos[:t][None]).astype(self.dtype)
+        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        for blk, kv in zip(self.blocks, cross, strict=True):
+            x, _ = blk(x, causal, kv, image_mask, deterministic=deterministic)
+        return self._out(x)
+
+    def decode_step(self, token, index, cache, cross, image_mask):
+        """One position with the cache: token [B] at position ``index`` -> (logits float32 [B, V], new cache)."""
+        x = (self.embed(token[:, None]) + jax.lax.dynamic_slice_in_dim(self.pos, index, 1)[None]).astype(self.dtype)
+        new = []
+        for blk, kv, c in zip(self.blocks, cross, cache, strict=True):
+            x, c = blk(x, None, kv, image_mask, cache=c, index=index)
+            new.append(c)
+        return self._out(x)[:, 0], new
+
+    def decode_full(self, tokens, index, cross, image_mask):
+        """Without a cache: the whole buffer tokens [B, T_max] again, logits at position ``index`` -> [B, V]."""
+        t = tokens.shape[1]
+        x = (self.embed(tokens) + self.pos[:t][None]).astype(self.dtype)
+        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        for blk, kv in zip(self.blocks, cross, strict=True):
+            x, _ = blk(x, causal, kv, image_mask)
+        return jax.lax.dynamic_index_in_dim(self._out(x), index, axis=1, keepdims=False)
+
+
+class CaptionModel(nn.Module):
+    """Image encoder + CaptionDecoder (``model_config.head`` = {name: "caption_decoder", ...})."""
+
+    model_config: Any
+    vocab_size: int
+
+    def setup(self):
+        cfg = _as_dict(self.model_config)
+        shared = shared_settings(cfg)
+        self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
+        self.head = models._build(
+            "head", {"caption_decoder": CaptionDecoder}, cfg["head"], shared, vocab_size=self.vocab_size
+        )
+
+    def encode_image(self, image, train: bool = False):
+        """image [B, H, W, 3] -> (tokens [B, N, Di], mask [B, N])."""
+        return self.image_encoder(image, deterministic=not train)
+
+    def prepare(self, image_tokens):
+        return self.head.prepare(image_tokens)
+
+    def init_cache(self, batch: int):
+        return self.head.init_cache(batch)
+
+    def decode_step(self, token, index, cache, cross, image_mask):
+        return self.head.decode_step(token, index, cache, cross, image_mask)
+
+    def decode_full(self, tokens, index, cross, image_mask):
+        return self.head.decode_full(tokens, index, cross, image_mask)
+
+    def __call__(self, batch, train: bool = False) -> dict:
+        """batch image [B, H, W, 3], caption_in [B, T] -> {"logits": [B, T, V]} (teacher forcing)."""
+        image, image_mask = self.encode_image(batch["image"], train)
+        return {"logits": self.head(batch["caption_in"], image, image_mask, deterministic=not train)}
