@@ -1,0 +1,84 @@
+"""ITC / ITM: InfoNCE over the global batch on 8 devices == one device (and == a numpy reference), the temperature
+is learnt and clipped, hard negatives are never positives and follow the similarities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_testutil  # noqa: F401  (fast-compiling XLA flags + the session compilation cache)
+
+from vtfusion_jax import sharding
+from vtfusion_jax.models import retrieval
+
+
+def _np_infonce(img, txt, tau, ids):
+    logits = txt @ img.T / tau
+    pos = ids[:, None] == ids[None, :]
+
+    def ce(lg, p):
+        lsm = lg - np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1, keepdims=True)) - lg.max(1, keepdims=True)
+        return -np.mean(np.sum(p / p.sum(1, keepdims=True) * lsm, 1))
+
+    return (ce(logits, pos) + ce(logits.T, pos.T)) / 2
+
+
+def _emb(key, b=16, e=8):
+    x = np.asarray(jax.random.normal(key, (b, e)), np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_infonce_sharded_equals_single_device():
+    img, txt = _emb(jax.random.PRNGKey(0)), _emb(jax.random.PRNGKey(1))
+    ids = np.array([0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11, 12, 13])  # two images with two captions each
+    tau = 0.1
+    ref = _np_infonce(img, txt, tau, ids)
+    mesh = sharding.make_mesh((8, 1, 1))
+    row = sharding.batch_sharding(mesh)
+    args = [
+        jax.device_put(jnp.asarray(a, jnp.float32 if a.dtype.kind == "f" else jnp.int32), row) for a in (img, txt, ids)
+    ]
+    assert len(args[0].sharding.device_set) == 8 and not args[0].sharding.is_fully_replicated
+    sharded = jax.jit(lambda i, t, d: retrieval.itc_loss(i, t, jnp.float32(tau), d, mesh=mesh)[0])(*args)
+    one = [jax.device_put(np.asarray(a), jax.devices()[0]) for a in args]
+    single = jax.jit(lambda i, t, d: retrieval.itc_loss(i, t, jnp.float32(tau), d)[0])(*one)
+    np.testing.assert_allclose(float(sharded), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(single), ref, rtol=1e-5)
+    # the loss is not a mean of per-shard losses: with only 2 rows per device the negatives would differ
+    per_shard = np.mean([_np_infonce(img[i : i + 2], txt[i : i + 2], tau, ids[i : i + 2]) for i in range(0, 16, 2)])
+    assert abs(per_shard - ref) > 1e-3
+
+
+def test_temperature_learnt_and_clipped():
+    head = retrieval.RetrievalHead(embed_dim=4, init_temperature=0.07, min_temperature=0.01, max_temperature=0.5)
+    x = jnp.ones((2, 3, 4))
+    m = jnp.ones((2, 3), bool)
+    params = sharding.unbox(head.init(jax.random.PRNGKey(0), x, m, x, m, jnp.ones((2, 4)))["params"])
+    assert float(head.apply({"params": params}, method=head.temperature)) == pytest.approx(0.07, rel=1e-6)
+    img, txt = jnp.asarray(_emb(jax.random.PRNGKey(2), 4, 4)), jnp.asarray(_emb(jax.random.PRNGKey(3), 4, 4))
+
+    def loss(p):
+        tau = head.apply({"params": p}, method=head.temperature)
+        return retrieval.itc_loss(img, txt, tau)[0]
+
+    grad = jax.jit(jax.grad(loss))
+    g = grad(params)["log_temperature"]
+    assert float(g) != 0.0  # learnt
+    for value, expect in ((np.log(10.0), 0.5), (np.log(1e-4), 0.01)):
+        p = dict(params, log_temperature=jnp.float32(value))
+        assert float(head.apply({"params": p}, method=head.temperature)) == pytest.approx(expect)
+        assert float(grad(p)["log_temperature"]) == 0.0  # clipped: no gradient beyond the bounds
+
+
+def test_hard_negatives():
+    b = 6
+    ids = jnp.array([0, 0, 1, 2, 3, 4])
+    pos = ids[:, None] == ids[None, :]
+    logits = jax.random.normal(jax.random.PRNGKey(0), (b, b))
+    for seed in range(20):
+        nt, ni = retrieval.sample_hard_negatives(jax.random.PRNGKey(seed), logits, pos)
+        assert not np.any(np.asarray(pos)[np.asarray(nt), np.arange(b)])  # text nt[i] is not image i's caption
+        assert not np.any(np.asarray(pos)[np.arange(b), np.asarray(ni)])
+    # a very similar non-matching text is sampled almost surely
+    peaked = jnp.where(jnp.eye(b, k=1, dtype=bool) & ~pos, 50.0, 0.0)
+    nt, ni = retrieval.sample_hard_negatives(jax.random.PRNGKey(1), peaked, pos)
+    assert int(ni[2]) == 3  # text 2 is most similar to image 3

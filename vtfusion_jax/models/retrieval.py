@@ -1,0 +1,175 @@
+"""Image-text retrieval: contrastive alignment (ITC) + image-text matching (ITM), after CLIP and ALBEF.
+
+    image ─► image encoder ─► tokens [B, N, Di] ─► masked mean ─► Dense(E) ─► L2-normalise ─► image embedding [B, E]
+    text  ─► text encoder  ─► tokens [B, L, Dt] ─► masked mean ─► Dense(E) ─► L2-normalise ─► text embedding  [B, E]
+    (image tokens, text tokens) ─► fusion (any FUSIONS variant) ─► pooled ─► Dense(2) ─► ITM logits (match / not)
+
+ITC: symmetric InfoNCE over the [B, B] similarity matrix divided by a learnt temperature tau = clip(exp(log_tau),
+min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the bounds). Texts of the same image
+(equal ``image_id``) are all positives: the target distribution is uniform over them.
+ITM: each image gets a hard negative text and each text a hard negative image, sampled with probability
+softmax(similarity / tau) over the non-matching items of the global batch (ALBEF, Li et al. 2021, sec. 3.2); the
+head classifies the B positive and 2B negative pairs.
+
+Under data parallelism the embeddings are gathered onto every device (``gather_global``) before the similarity matrix
+is formed, so the negatives are the whole global batch, and the loss equals the single-device loss on that batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vtfusion_jax import layers, models
+from vtfusion_jax.models.vtfusion import _as_dict, shared_settings
+
+
+class RetrievalHead(nn.Module):
+    """ITC projections, the learnt temperature and the ITM classifier.
+
+    Attributes:
+      embed_dim: E, width of the contrastive embeddings.
+      init_temperature: tau at initialisation.
+      min_temperature / max_temperature: clip range of tau.
+      dtype: compute dtype.
+    """
+
+    embed_dim: int = 64
+    init_temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.image_proj = layers.dense(self.embed_dim, None, "embed", dtype=self.dtype, name="image_proj")
+        self.text_proj = layers.dense(self.embed_dim, None, "embed", dtype=self.dtype, name="text_proj")
+        self.itm = layers.dense(2, None, None, dtype=self.dtype, name="itm")
+        self.log_temperature = self.param(
+            "log_temperature", nn.initializers.constant(math.log(self.init_temperature)), (), jnp.float32
+        )
+
+    def temperature(self) -> jax.Array:
+        """float32 [] tau, clipped to [min_temperature, max_temperature]."""
+        return jnp.clip(jnp.exp(self.log_temperature), self.min_temperature, self.max_temperature)
+
+    def embed(self, image, image_mask, text, text_mask) -> tuple[jax.Array, jax.Array]:
+        """Token outputs of the encoders -> L2-normalised float32 embeddings (image [B, E], text [B, E])."""
+        img = self.image_proj(layers.masked_mean(image, image_mask)).astype(jnp.float32)
+        txt = self.text_proj(layers.masked_mean(text, text_mask)).astype(jnp.float32)
+        normalise = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
+        return normalise(img), normalise(txt)
+
+    def match(self, pooled) -> jax.Array:
+        """Fusion pooled [B, P] -> ITM logits float32 [B, 2] (index 1 = matched)."""
+        return self.itm(pooled).astype(jnp.float32)
+
+    def __call__(self, image, image_mask, text, text_mask, pooled):
+        return (*self.embed(image, image_mask, text, text_mask), self.match(pooled), self.temperature())
+
+
+class RetrievalModel(nn.Module):
+    """Encoders + fusion + RetrievalHead; ``model_config`` as VisionTextModel's with head.name = "retrieval"."""
+
+    model_config: Any
+
+    def setup(self):
+        cfg = _as_dict(self.model_config)
+        shared = shared_settings(cfg)
+        self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
+        self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)
+        self.fusion = models.get_fusion(cfg["fusion"], shared)
+        self.head = models._build("head", {"retrieval": RetrievalHead}, cfg["head"], shared)
+
+    def encode_image(self, image, train: bool = False):
+        """image [B, H, W, 3] -> (tokens [B, N, Di], mask [B, N])."""
+        return self.image_encoder(image, deterministic=not train)
+
+    def encode_text(self, text_ids, text_mask, train: bool = False):
+        """text_ids [B, L] -> (tokens [B, L, Dt], mask [B, L])."""
+        return self.text_encoder(text_ids, text_mask, deterministic=not train)
+
+    def embed(self, image, image_mask, text, text_mask):
+        return self.head.embed(image, image_mask, text, text_mask)
+
+    def temperature(self):
+        return self.head.temperature()
+
+    def itm_logits(self, image, image_mask, text, text_mask, train: bool = False) -> jax.Array:
+        """Encoder tokens of B (image, text) pairs -> ITM logits float32 [B, 2]."""
+        _, _, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=not train)
+        return self.head.match(pooled)
+
+    def __call__(self, batch, train: bool = False) -> dict:
+        """Runs every part once (initialisation); returns embeddings, temperature and the ITM logits of the pairs."""
+        image, image_mask = self.encode_image(batch["image"], train)
+        text, text_mask = self.encode_text(batch["text_ids"], batch["text_mask"], train)
+        img, txt = self.embed(image, image_mask, text, text_mask)
+        return {
+            "image_emb": img,
+            "text_emb": txt,
+            "temperature": self.temperature(),
+            "itm_logits": self.itm_logits(image, image_mask, text, text_mask, train),
+        }
+
+
+def gather_global(x: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Makes ``x`` replicated on every device of ``mesh`` (an all-gather over the data axes); None = as is."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def itc_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    temperature: jax.Array,
+    image_id: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE over the global batch.
+
+    Args:
+      image_emb: float32 [B, E] L2-normalised image embeddings (row b describes the image of pair b).
+      text_emb: float32 [B, E] L2-normalised text embeddings.
+      temperature: float32 [] tau.
+      image_id: int [B]; pairs with equal ids are all positives (None: only the diagonal).
+      mesh: gather the embeddings over this mesh first (negatives from every device).
+
+    Returns:
+      (loss float32 [], similarity logits text x image [B, B] = text_emb @ image_emb.T / tau).
+    """
+    image_emb, text_emb = gather_global(image_emb, mesh), gather_global(text_emb, mesh)
+    logits = (text_emb @ image_emb.T) / temperature  # [B_text, B_image]
+    b = logits.shape[0]
+    if image_id is None:
+        pos = jnp.eye(b, dtype=bool)
+    else:
+        image_id = gather_global(image_id, mesh)
+        pos = image_id[:, None] == image_id[None, :]
+    normalise = lambda p: p.astype(jnp.float32) / jnp.sum(p, axis=-1, keepdims=True)  # noqa: E731
+    t2i = optax.softmax_cross_entropy(logits, normalise(pos))  # uniform over the positives of each row
+    i2t = optax.softmax_cross_entropy(logits.T, normalise(pos.T))
+    return (jnp.mean(t2i) + jnp.mean(i2t)) / 2, logits
+
+
+def sample_hard_negatives(rng: jax.Array, logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ALBEF hard negatives from the similarity logits (no gradient).
+
+    Args:
+      rng: PRNG key.
+      logits: [B_text, B_image] similarity / tau.
+      pos: bool [B_text, B_image], True for matching pairs (never sampled).
+
+    Returns:
+      (negative text index for each image [B_image], negative image index for each text [B_text]).
+    """
+    logits = jax.lax.stop_gradient(logits)
+    k1, k2 = jax.random.split(rng)
+    neg_text = jax.random.categorical(k1, jnp.where(pos.T, -jnp.inf, logits.T), axis=-1)
+    neg_image = jax.random.categorical(k2, jnp.where(pos, -jnp.inf, logits), axis=-1)
+    return neg_text, neg_image
