@@ -29,6 +29,10 @@ from vtfusion_jax import layers, models
 from vtfusion_jax.models.vtfusion import _as_dict, shared_settings
 
 
+def _l2(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
 class RetrievalHead(nn.Module):
     """ITC projections, the learnt temperature and the ITM classifier.
 
@@ -57,12 +61,17 @@ class RetrievalHead(nn.Module):
         """float32 [] tau, clipped to [min_temperature, max_temperature]."""
         return jnp.clip(jnp.exp(self.log_temperature), self.min_temperature, self.max_temperature)
 
+    def embed_image(self, image, image_mask) -> jax.Array:
+        """Image tokens [B, N, Di] -> L2-normalised float32 [B, E]."""
+        return _l2(self.image_proj(layers.masked_mean(image, image_mask)).astype(jnp.float32))
+
+    def embed_text(self, text, text_mask) -> jax.Array:
+        """Text tokens [B, L, Dt] -> L2-normalised float32 [B, E]."""
+        return _l2(self.text_proj(layers.masked_mean(text, text_mask)).astype(jnp.float32))
+
     def embed(self, image, image_mask, text, text_mask) -> tuple[jax.Array, jax.Array]:
         """Token outputs of the encoders -> L2-normalised float32 embeddings (image [B, E], text [B, E])."""
-        img = self.image_proj(layers.masked_mean(image, image_mask)).astype(jnp.float32)
-        txt = self.text_proj(layers.masked_mean(text, text_mask)).astype(jnp.float32)
-        normalise = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
-        return normalise(img), normalise(txt)
+        return self.embed_image(image, image_mask), self.embed_text(text, text_mask)
 
     def match(self, pooled) -> jax.Array:
         """Fusion pooled [B, P] -> ITM logits float32 [B, 2] (index 1 = matched)."""
@@ -95,6 +104,12 @@ class RetrievalModel(nn.Module):
 
     def embed(self, image, image_mask, text, text_mask):
         return self.head.embed(image, image_mask, text, text_mask)
+
+    def embed_image(self, image, image_mask):
+        return self.head.embed_image(image, image_mask)
+
+    def embed_text(self, text, text_mask):
+        return self.head.embed_text(text, text_mask)
 
     def temperature(self):
         return self.head.temperature()

@@ -1,0 +1,89 @@
+"""Sort-of-CLEVR captioning: CNN image tokens + a Transformer decoder with cross-attention, beam search.
+
+Run: python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption
+     python eval.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption --split=test
+     python predict.py --workdir=runs/soc_caption --image=scene.png --caption
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+    """Returns the locked config (``arg`` is unused)."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.task = "caption"  # vqa | retrieval | caption (vtfusion_jax/tasks)
+    c.seed = 0  # parameter init, dropout and data order
+    c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
+    c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+    c.dataset.data_dir = config_dict.placeholder(str)  # cache folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
+        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
+    )
+    c.dataset.train_split = "train"  # training images
+    c.dataset.val_split = "validation"  # model selection
+    c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
+    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS] (the longest scene caption has 44)
+
+    c.model = ml_collections.ConfigDict()  # CaptionModel spec (vtfusion_jax/models/caption.py)
+    c.model.width = 128  # token width D
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.attention_impl = "xla"  # unused by the decoder (its attention is dot_product_attention's xla path)
+    c.model.scan_layers = False  # unused by the decoder
+    c.model.remat_policy = "none"  # unused by the decoder
+    c.model.image_encoder = dict(  # image tower
+        name="cnn",  # Santoro et al.'s conv stack
+        channels=(32, 64, 128),  # 75 px -> 10x10 = 100 image tokens
+        strides=(2, 2, 2),  # conv strides
+        norm="group",  # GroupNorm
+        pos_emb="learn",  # learned 2-D positions (captions name positions)
+        freeze=False,  # True: frozen
+    )
+    c.model.head = dict(  # caption decoder (vocab_size comes from the word vocabulary)
+        name="caption_decoder",  # CaptionDecoder
+        num_layers=2,  # decoder layers (causal self-attn, cross-attn to the image, MLP)
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        max_len=48,  # positions (>= dataset.max_len - 1)
+        dropout_rate=0.0,  # MLP dropout
+        freeze=False,  # True: frozen
+    )
+
+    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.warmup_steps = 200  # linear warmup (updates)
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    c.optim.accum_steps = 1  # must stay 1 for these tasks (the loop has no accumulation)
+    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
+        dict(image_encoder=1.0, head=1.0)  # per-tower lr scale
+    )
+
+    c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
+    c.train.global_batch_size = 64  # (image, caption) pairs per step
+    c.train.num_steps = 3000  # steps
+    c.train.label_smoothing = 0.1  # label smoothing of the teacher-forced targets
+    c.train.log_every_steps = 100  # train metrics cadence
+    c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)
+    c.train.checkpoint_every_steps = 1000  # periodic checkpoints
+    c.train.keep_checkpoints = 2  # newest kept (+ best)
+    c.train.eval_batch_size = 200  # images decoded per call
+
+    c.eval = ml_collections.ConfigDict()  # eval.py defaults
+    c.eval.split = "test"  # default split of eval.py
+    c.eval.checkpoint = "best"  # best | latest | step
+    c.eval.beam_size = 4  # beam search width
+    c.eval.length_penalty = 0.6  # GNMT length penalty alpha (0 = raw log-probability)
+    c.eval.measure_cache_speedup = True  # also time greedy decoding without the KV cache
+    c.eval.num_attention_maps = 0  # unused (captioning writes no attention maps)
+
+    c.lock()
+    return c

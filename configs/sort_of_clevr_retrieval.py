@@ -1,0 +1,115 @@
+"""Sort-of-CLEVR image-text retrieval: ITC (contrastive) + ITM (matching with hard negatives) on scene captions.
+
+Run: python train.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval
+     python eval.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval --split=test
+     python predict.py --workdir=runs/soc_retrieval --image=scene.png --retrieve=captions.txt
+The ':' argument picks the ITM fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from vtfusion_jax.config_lib import parse_arg
+
+FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+
+
+def get_config(arg=None):
+    """Returns the locked config; ``arg`` is "fusion=NAME" (default cross)."""
+    arg = parse_arg(arg, fusion="cross")
+    if arg.fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    c = ml_collections.ConfigDict()
+    c.task = "retrieval"  # vqa | retrieval | caption (vtfusion_jax/tasks)
+    c.seed = 0  # parameter init, hard-negative sampling and data order
+    c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
+    c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+    c.dataset.data_dir = config_dict.placeholder(str)  # cache folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
+        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
+    )
+    c.dataset.train_split = "train"  # training images
+    c.dataset.val_split = "validation"  # model selection
+    c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
+    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS] (the longest scene caption has 44)
+
+    c.model = ml_collections.ConfigDict()  # RetrievalModel spec (vtfusion_jax/models/retrieval.py)
+    c.model.width = 128  # token width D
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.attention_impl = "xla"  # dot_product_attention implementation
+    c.model.scan_layers = False  # nn.scan over layers
+    c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
+    c.model.image_encoder = dict(  # image tower
+        name="cnn",  # Santoro et al.'s conv stack
+        channels=(32, 64, 128),  # 75 px -> 10x10 = 100 image tokens
+        strides=(2, 2, 2),  # conv strides
+        norm="group",  # GroupNorm
+        pos_emb="learn",  # learned 2-D positions (captions name positions)
+        freeze=False,  # True: frozen
+    )
+    c.model.text_encoder = dict(  # caption tower (vocab_size comes from the word vocabulary)
+        name="bert",  # Transformer text tower
+        depth=2,  # layers
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        max_len=48,  # learned positions (>= dataset.max_len)
+        post_ln=False,  # pre-LN + final LayerNorm
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen
+    )
+    c.model.fusion = dict(  # ITM: how caption and image tokens attend to each other
+        name=arg.fusion,  # the variant under study
+        num_layers=2,  # fusion layers
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen
+    )
+    c.model.head = dict(  # ITC projections + temperature + ITM classifier
+        name="retrieval",  # RetrievalHead
+        embed_dim=64,  # contrastive embedding width E
+        init_temperature=0.07,  # tau at init (CLIP / ALBEF)
+        min_temperature=0.001,  # tau clip range (ALBEF)
+        max_temperature=0.5,  # tau clip range (ALBEF)
+        freeze=False,  # True: frozen
+    )
+
+    c.loss = ml_collections.ConfigDict()  # loss weights
+    c.loss.itc_weight = 1.0  # symmetric InfoNCE over the global batch
+    c.loss.itm_weight = 1.0  # matching CE on B positives + 2B hard negatives
+
+    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.warmup_steps = 200  # linear warmup (updates)
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    c.optim.accum_steps = 1  # must stay 1 for these tasks (the loop has no accumulation)
+    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
+        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    )
+
+    c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
+    c.train.global_batch_size = 64  # (image, caption) pairs per step = in-batch negatives
+    c.train.num_steps = 3000  # steps
+    c.train.label_smoothing = 0.0  # unused by retrieval (kept for the shared loop)
+    c.train.log_every_steps = 100  # train metrics cadence
+    c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)
+    c.train.checkpoint_every_steps = 1000  # periodic checkpoints
+    c.train.keep_checkpoints = 2  # newest kept (+ best)
+    c.train.eval_batch_size = 200  # evaluation chunk (images, texts or ITM pairs)
+
+    c.eval = ml_collections.ConfigDict()  # eval.py defaults
+    c.eval.split = "test"  # default split of eval.py
+    c.eval.checkpoint = "best"  # best | latest | step
+    c.eval.rerank_k = 16  # ITC candidates re-ranked by ITM per query
+    c.eval.num_attention_maps = 0  # unused (retrieval writes no attention maps)
+
+    c.lock()
+    return c
