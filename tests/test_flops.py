@@ -43,6 +43,9 @@ def test_pooled_width_table_matches_the_variants():
     for name in FUSIONS:
         fusion = get_fusion(dict(name=name, width=16, num_layers=1, num_heads=2, mlp_dim=24))
         assert flops.pooled_width(fusion, 3, 5, 16, 16) == flops.traced_pooled_width(fusion, 3, 5, 16, 16), name
+    for extra in (dict(image_pool="max"), dict(image_pool="mean", pool_product=True)):  # cross's pooled options
+        fusion = get_fusion(dict(name="cross", width=16, num_layers=1, num_heads=2, mlp_dim=24, **extra))
+        assert flops.pooled_width(fusion, 3, 5, 16, 16) == flops.traced_pooled_width(fusion, 3, 5, 16, 16), extra
 
 
 @pytest.mark.parametrize("i,fusion", list(enumerate(sorted(FUSIONS))))

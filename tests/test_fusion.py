@@ -232,3 +232,18 @@ def test_cross_image_pool_appends_a_masked_image_summary(pool):
 def test_cross_image_pool_rejects_unknown_mode():
     with pytest.raises(ValueError, match="image_pool"):
         _model("cross", image_pool="sum")
+
+
+def test_cross_pool_product_appends_text_times_image_summary():
+    """pool_product: pooled = [t; v; t * v] (the elementwise-product fusion of Antol et al. 2015) over the same
+    text mean t and image summary v as image_pool alone; without an image summary it is an error."""
+    _, params, apply, _ = _model("cross", image_pool="max")
+    _, params_p, apply_p, _ = _model("cross", image_pool="max", pool_product=True)
+    params = _randomize(params)
+    pooled = np.asarray(apply(params, TEXT, IMAGE)[2])
+    pooled_p = np.asarray(apply_p(params, TEXT, IMAGE)[2])  # same parameters: the product adds none
+    assert pooled_p.shape == (B, 3 * D)
+    np.testing.assert_allclose(pooled_p[:, : 2 * D], pooled, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pooled_p[:, 2 * D :], pooled[:, :D] * pooled[:, D:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool_product"):
+        _model("cross", pool_product=True)

@@ -161,6 +161,8 @@ POOLED = {
 def pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, image_dim: int) -> int:
     """Width P of the fusion's pooled vector (a variant missing from POOLED is evaluated abstractly)."""
     name = next((k for k, cls in models.fusion.FUSIONS.items() if type(fusion) is cls), None)
+    if name == "cross" and fusion.image_pool != "none":  # [text; image summary (; their product)]
+        return (3 if fusion.pool_product else 2) * fusion.width
     if name in POOLED:
         return fusion.mlp_dim if POOLED[name] == "mlp" else POOLED[name] * fusion.width
     return traced_pooled_width(fusion, text_len, image_len, text_dim, image_dim)

@@ -208,10 +208,12 @@ class CrossFusion(FusionBase):
     Per layer: text queries attend to the (LayerNorm'ed) image tokens, then text self-attention, then MLP.
     Image tokens are returned unchanged (after projection). pooled = masked_mean(text_out), P = D; with
     ``image_pool`` "mean" or "max", [masked_mean(text_out); pool(LN(image))], P = 2D (a global image summary beside
-    the attended one, as LXMERT/ViLBERT pool both streams).
+    the attended one, as LXMERT/ViLBERT pool both streams). ``pool_product`` (needs ``image_pool``) appends their
+    elementwise product: [t; v; t * v], P = 3D (the product fusion of Antol et al. 2015).
     """
 
     image_pool: str = "none"
+    pool_product: bool = False
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
@@ -223,13 +225,18 @@ class CrossFusion(FusionBase):
         )
         t = self.ln("final_ln")(t)
         pooled = layers.masked_mean(t, text_mask)
+        if self.pool_product and self.image_pool == "none":
+            raise ValueError("cross fusion pool_product=True needs an image summary (image_pool mean | max)")
         if self.image_pool == "mean":
-            pooled = jnp.concatenate([pooled, layers.masked_mean(kv, image_mask)], -1)
+            summary = layers.masked_mean(kv, image_mask).astype(pooled.dtype)
         elif self.image_pool == "max":
             masked = jnp.where(image_mask[..., None], kv, jnp.finfo(kv.dtype).min)
-            pooled = jnp.concatenate([pooled, masked.max(axis=1).astype(pooled.dtype)], -1)
+            summary = masked.max(axis=1).astype(pooled.dtype)
         elif self.image_pool != "none":
             raise ValueError(f"cross fusion image_pool must be none | mean | max, got {self.image_pool!r}")
+        if self.image_pool != "none":
+            parts = [pooled, summary, pooled * summary] if self.pool_product else [pooled, summary]
+            pooled = jnp.concatenate(parts, -1)
         return t, i, pooled
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
