@@ -2,7 +2,13 @@
 
 Run: python train.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross
      python eval.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross --split=test
-The ':' argument picks the fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query).
+The ':' argument picks the fusion (concat | rn | merged | cross | co_attention | gated_cross | bottleneck | query).
+
+Matched budget: every variant shares the image tower, text tower, head, optimiser, batch (160 questions of 8 images,
+image-grouped) and number of steps; rows differ only in ``model.fusion``. The towers are small on purpose (a
+reasoning benchmark on a shared 2-core CPU, not a capacity one): 4 stride-2 convs turn 75 px into a 5x5 grid of 25
+image tokens (Santoro et al.'s own CNN grid for the RN) tagged with learned 2-D positions, D = 64. FUSION_EXTRAS holds
+the few fields that exist for one variant only. The table: python scripts/sort_of_clevr_table.py [--run].
 """
 
 import ml_collections
@@ -10,7 +16,10 @@ from ml_collections import config_dict
 
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+FUSIONS = ("concat", "rn", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+# Variant-only fields. rn: g has 2 layers (the paper's 4 cost 3x more over the 625 object pairs than this budget
+# allows); its width is the shared fusion mlp_dim.
+FUSION_EXTRAS = {"rn": dict(g_layers=2, f_layers=1)}
 
 
 def get_config(arg=None):
@@ -36,24 +45,24 @@ def get_config(arg=None):
     c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab
 
     c.model = ml_collections.ConfigDict()  # VisionTextModel spec (vtfusion_jax/models): towers chosen by name
-    c.model.width = 128  # token width D
+    c.model.width = 64  # token width D (shared by every tower)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.attention_impl = "xla"  # dot_product_attention implementation: xla | cudnn | reference
     c.model.scan_layers = False  # nn.scan over layers
     c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
     c.model.image_encoder = dict(  # image tower
         name="cnn",  # Santoro et al.'s conv stack
-        channels=(32, 64, 128),  # conv channels: 75 px -> 10x10 = 100 image tokens
-        strides=(2, 2, 2),  # conv strides
+        channels=(32, 64, 64, 64),  # conv channels: 75 px -> 38 -> 19 -> 10 -> 5x5 = 25 image tokens
+        strides=(2, 2, 2, 2),  # conv strides (as Santoro et al.'s 4-layer CNN)
         norm="group",  # GroupNorm
         pos_emb="learn",  # learned 2-D positions (relations need them)
         freeze=False,  # True: frozen
     )
     c.model.text_encoder = dict(  # text tower (vocab_size comes from the tokenizer)
         name="bert",  # Transformer text tower
-        depth=2,  # layers
+        depth=1,  # layers (the questions are 6 templates x 6 colours)
         num_heads=4,  # heads
-        mlp_dim=256,  # MLP width
+        mlp_dim=128,  # MLP width
         max_len=32,  # learned positions (>= dataset.max_len)
         post_ln=False,  # pre-LN + final LayerNorm
         dropout_rate=0.0,  # dropout
@@ -61,22 +70,23 @@ def get_config(arg=None):
     )
     c.model.fusion = dict(  # how text and image tokens attend to each other
         name=arg.fusion,  # the variant under study
-        num_layers=2,  # fusion layers
-        num_heads=4,  # heads
-        mlp_dim=256,  # MLP width
+        num_layers=1,  # fusion layers (rn: unused)
+        num_heads=4,  # heads (rn: unused)
+        mlp_dim=128,  # MLP width (rn: width of g and f)
         dropout_rate=0.0,  # dropout
         freeze=False,  # True: frozen
+        **FUSION_EXTRAS.get(arg.fusion, {}),  # variant-only fields
     )
     c.model.head = dict(  # task head
         name="classification",  # answer classifier
-        hidden_dim=256,  # hidden width
+        hidden_dim=128,  # hidden width
         dropout_rate=0.0,  # dropout
         freeze=False,  # True: frozen
     )
 
     c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
     c.optim.lr = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 500  # linear warmup (updates)
+    c.optim.warmup_steps = 50  # linear warmup (updates)
     c.optim.schedule = "cosine"  # cosine | linear | constant
     c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
     c.optim.b1 = 0.9  # Adam beta1
@@ -90,14 +100,14 @@ def get_config(arg=None):
     )
 
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
-    c.train.global_batch_size = 64  # examples per micro-step
-    c.train.images_per_batch = 0  # > 0: image-grouped batches (data/grouped.py), each image encoded once per batch
+    c.train.global_batch_size = 160  # questions per micro-step (= 8 images x 20 questions)
+    c.train.images_per_batch = 8  # image-grouped batches (data/grouped.py): each image encoded once per batch
     c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
-    c.train.num_steps = -1  # micro-steps; <= 0: from num_epochs
+    c.train.num_steps = 600  # micro-steps: the matched budget (96,000 questions, ~0.5 epoch)
     c.train.label_smoothing = 0.0  # label smoothing
-    c.train.log_every_steps = 100  # train metrics cadence
-    c.train.eval_every_steps = 2000  # validation + checkpoint cadence (0 = only at the end, -1 = never)
-    c.train.checkpoint_every_steps = 2000  # periodic checkpoints
+    c.train.log_every_steps = 50  # train metrics cadence
+    c.train.eval_every_steps = 150  # validation + checkpoint cadence: the points of the accuracy-vs-time curve
+    c.train.checkpoint_every_steps = 150  # periodic checkpoints
     c.train.keep_checkpoints = 2  # newest kept (+ best)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
     c.train.early_stopping_patience = 0  # 0 = off
@@ -105,7 +115,7 @@ def get_config(arg=None):
     c.train.eval_batch_size = 256  # validation batch size
     c.train.prefetch = 2  # batches prepared ahead
     c.train.data_workers = 0  # grain worker processes
-    c.train.progress_bar = True  # tqdm bar
+    c.train.progress_bar = False  # tqdm bar (off: run logs stay readable)
 
     c.eval = ml_collections.ConfigDict()  # eval.py defaults
     c.eval.split = "test"  # default split of eval.py

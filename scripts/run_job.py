@@ -58,6 +58,39 @@ def _run(cmd: list[str]) -> float:
     return time.time() - start
 
 
+def model_stats(workdir: str) -> dict:
+    """Parameters and analytic forward FLOPs per example (vtfusion_jax/flops.py) of the model a run recorded in
+    ``workdir/config.json``: a table row reports its cost beside its accuracy."""
+    sys.path.insert(0, REPO)
+    import jax
+
+    from vtfusion_jax import eval_lib, flops, train_lib
+
+    config = eval_lib.load_config(workdir)
+    meta = train_lib.get_meta(config)
+    tokenizer = train_lib.make_tokenizer(config)
+    model = train_lib.build_model(config, meta["num_classes"], tokenizer.vocab_size)
+    side, text_len = train_lib.image_size(config, meta), int(config.dataset.max_len)
+    batch = {
+        "image": jax.ShapeDtypeStruct((1, side, side, 3), "float32"),
+        "text_ids": jax.ShapeDtypeStruct((1, text_len), "int32"),
+        "text_mask": jax.ShapeDtypeStruct((1, text_len), "bool"),
+    }
+    params = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+    f = flops.model_flops(
+        train_lib.model_spec(config, tokenizer.vocab_size), (side, side), text_len, meta["num_classes"]
+    )
+    return {
+        "params": flops.param_count(params),
+        "params_fusion": flops.param_count(params.get("fusion", {})),  # the part that differs between rows
+        "flops_per_example_forward": f["forward"],
+        "flops_per_example_train": f["train"],
+        "flops_by_part": {k: f[k] for k in ("image_encoder", "text_encoder", "fusion", "head")},
+        "flops_note": "analytic matmul/conv FLOPs per example (vtfusion_jax/flops.py); the image tower is counted "
+        "once per question (image-grouped batches encode each image once per batch: less in practice)",
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="results/<name>/")
@@ -117,6 +150,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "load_average_1min": load.summary(),  # during train + eval (other jobs share the CPUs when > cpu count)
     }
+    summary.update(model_stats(os.path.join(REPO, workdir)))
     if a.eval_only:
         summary["train_seconds_from"] = "train_summary.json wall_seconds (in-process; --eval_only)"
         summary["load_average_1min"]["covers"] = "eval only (--eval_only)"

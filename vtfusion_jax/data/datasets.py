@@ -45,7 +45,9 @@ def _sort_of_clevr_builder(data_dir, kwargs):
     kwargs = dict(kwargs)
     sizes = {k: kwargs.pop(k) for k in ("num_train", "num_validation", "num_test", "seed") if k in kwargs}
     if sizes:
-        kwargs["config"] = sort_of_clevr.config_from_kwargs(**sizes)
+        config = sort_of_clevr.config_from_kwargs(**sizes)
+        # TFDS refuses a custom config named like a registered one: the paper's sizes select "default" by name.
+        kwargs["config"] = config.name if config.name == "default" else config
     return sort_of_clevr.SortOfClevr(data_dir=data_dir, **kwargs)
 
 
