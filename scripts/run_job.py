@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
     p.add_argument("--workdir", default=None, help="default: runs/<name> (must not hold an older run)")
     p.add_argument("--split", default="test")
+    p.add_argument("--results_dir", default=os.path.join(REPO, "results"), help="writes <results_dir>/<name>/")
     p.add_argument(
         "--eval_only",
         action="store_true",
@@ -122,7 +123,7 @@ def main() -> None:
     with _LoadSampler() as load:
         train_s = None if a.eval_only else _run(train_cmd)
         eval_s = _run(eval_cmd)
-    out = os.path.join(REPO, "results", a.name)
+    out = os.path.join(a.results_dir, a.name)
     os.makedirs(out, exist_ok=True)
     split_dir = os.path.join(REPO, workdir, "eval", a.split)
     shutil.copy(os.path.join(split_dir, "metrics.json"), os.path.join(out, "metrics.json"))
