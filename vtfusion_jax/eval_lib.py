@@ -20,8 +20,10 @@ from PIL import Image
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
-from vtfusion_jax import optim, pretrained_init, sharding, train_lib, viz
+from vtfusion_jax import models, optim, pretrained_init, sharding, train_lib, viz
 from vtfusion_jax.data import manifest, pipeline
+from vtfusion_jax.models import vision
+from vtfusion_jax.models.vtfusion import shared_settings
 
 # predict() must feed what the pipeline feeds: (x / 255 - mean) / std with the model's image_normalization
 # (pretrained_init: the pipeline's defaults, or a pretrained image tower's statistics).
@@ -68,13 +70,26 @@ class Restored:
 
     def attention(self, batch: dict) -> tuple[np.ndarray, np.ndarray | None]:
         """(probs [B, C], image attention [B, N] or None) for a host batch of image / text_ids / text_mask."""
-        out, variables = jax.jit(
-            lambda p, b: self.sow_model.apply({"params": p}, b, train=False, mutable=["intermediates"])
-        )(self.params, batch)
+        probs, views = self.attention_views(batch)
+        return probs, views.text_to_image
+
+    def attention_views(self, batch: dict) -> tuple[np.ndarray, viz.AttentionViews]:
+        """(probs [B, C], viz.AttentionViews: every map the fusion variant offers) for a host batch."""
+        if getattr(self, "_sow_apply", None) is None:  # one compile per Restored (per input shape)
+            self._sow_apply = jax.jit(
+                lambda p, b: self.sow_model.apply({"params": p}, b, train=False, mutable=["intermediates"])
+            )
+        out, variables = self._sow_apply(self.params, batch)
         probs = np.asarray(jax.nn.softmax(out["logits"]))
         n = _num_image_tokens(self.sow_model, self.params, batch)
-        att = viz.image_attention(jax.device_get(variables.get("intermediates", {})), batch["text_mask"], n)
-        return probs, att
+        views = viz.attention_views(jax.device_get(variables.get("intermediates", {})), batch["text_mask"], n)
+        return probs, views
+
+    def token_grids(self) -> list[tuple[int, int]]:
+        """(h, w) of each scale's image-token grid, in token order (one entry unless image_encoder.scales)."""
+        spec = self.model.model_config
+        encoder = models.get_image_encoder(spec["image_encoder"], shared_settings(spec))
+        return [tuple(g) for g in vision.token_grids(encoder, (self.image_size, self.image_size))]
 
 
 def _num_image_tokens(model, params, batch) -> int:
@@ -182,20 +197,34 @@ def evaluate_split(
 
 
 def _attention_maps(r: Restored, source, text_key: str, out_dir: str, n: int) -> None:
+    """attention_XX.png for the first ``n`` examples (what each variant's attention shows: viz.attention_views) and
+    attention_maps.json: per PNG the question, the prediction, the panels drawn and the gated_cross gate values."""
     if n <= 0:
         return
     records = [source[i] for i in range(n)]
     images = np.stack([_resize(np.asarray(rec["image"]), r.image_size) for rec in records])
     questions = [_text(rec[text_key]) for rec in records]
     batch = {"image": _normalise(images, r.image_norm), **r.tokenizer(questions)}
-    probs, att = r.attention(batch)
-    if att is None:
-        print(f"fusion {r.config.model.fusion.name!r} has no question-to-image attention: no attention maps")
+    probs, views = r.attention_views(batch)
+    fusion = r.config.model.fusion.name
+    if views.text_to_image is None:
+        print(f"fusion {fusion!r} has no question-to-image attention: no attention maps")
         return
-    names = r.meta["label_names"]
+    grids = r.token_grids()
+    gates = viz.gate_values(r.params.get("fusion", {})) if fusion == "gated_cross" else []
+    gate_note = f"\ngates tanh(alpha) per layer: {', '.join(f'{g:+.3f}' for g in gates)}" if gates else ""
+    names, index = r.meta["label_names"], {}
     for i in range(n):
-        title = f"Q: {questions[i]}\npredicted: {names[int(np.argmax(probs[i]))]}"
-        viz.save_attention_map(os.path.join(out_dir, f"attention_{i:02d}.png"), images[i], att[i], title)
+        ids = batch["text_ids"][i][batch["text_mask"][i]]
+        tokens = [r.tokenizer.decode([t]) or "[sp]" for t in ids]  # [CLS] / [SEP] decode to ""
+        pred = names[int(np.argmax(probs[i]))]
+        title = f"{fusion}: Q: {questions[i]}\npredicted: {pred}{gate_note}"
+        png = f"attention_{i:02d}.png"
+        panels = viz.save_attention_figure(os.path.join(out_dir, png), images[i], views, i, grids, tokens, title)
+        index[png] = {"question": questions[i], "prediction": pred, "fusion": fusion, "panels": panels}
+        index[png].update({"gates": gates} if gates else {})
+    with open(os.path.join(out_dir, "attention_maps.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def predict(
@@ -239,7 +268,7 @@ def predict(
             raise PredictError(f"fusion {r.config.model.fusion.name!r} has no question-to-image attention to draw")
         q = question.strip()
         q = q if len(q) <= 200 else q[:200] + "..."  # a title, not the 100,000-character question
-        viz.save_attention_map(attention_map, img, att[0], f"Q: {q}\nA: {names[int(order[0])]}")
+        viz.save_attention_map(attention_map, img, att[0], f"Q: {q}\nA: {names[int(order[0])]}", r.token_grids())
     return {
         "answer": names[int(order[0])],
         "top": [(names[int(k)], float(probs[0, k])) for k in order],

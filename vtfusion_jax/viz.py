@@ -1,20 +1,25 @@
-"""Pictures for papers: confusion matrices and the question's attention over the image, drawn on the image.
+"""Pictures for papers: confusion matrices and where the question attends on the image, per fusion variant.
 
 Attention maps come from the ``intermediates`` collection: a model built with ``fusion.sow_weights=True`` and
 applied with ``mutable=["intermediates"]`` stores every fusion attention's probabilities ``[B, H, Lq, Lk]``
-(``[layers, B, H, Lq, Lk]`` under nn.scan). ``image_attention`` reduces the text-to-image ones to one weight per
-image token.
+(``[layers, B, H, Lq, Lk]`` under nn.scan). ``attention_views`` reduces them, per variant, to the question's
+attention over the image tokens plus what the variant adds (co_attention: image -> text; query / bottleneck: one map
+per learned token); ``save_attention_figure`` draws them, one panel per scale of multi-scale image tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import matplotlib
 import numpy as np
+
+from vtfusion_jax import layers
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,14 +37,75 @@ def _attention_leaves(intermediates: Mapping[str, Any]) -> list[tuple[str, np.nd
     return out
 
 
-def image_attention(
-    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int
-) -> np.ndarray | None:
-    """Mean attention that the question pays to each image token.
+def _by_module(intermediates: Mapping[str, Any]) -> dict[str, list[np.ndarray]]:
+    """Sown attention probabilities by module, layer-independent key -> [per layer, in order: [B, H, Lq, Lk]].
 
-    Averages over fusion layers, heads and the question's real tokens (learned queries count equally) of every
-    text-to-image attention; for merged (single-stream) fusion, the text rows of the joint attention restricted to
-    the image columns and renormalised.
+    "fusion/blocks/layers_1/cross_attn/attention_weights/0" and the scanned "fusion/blocks/stacked/cross_attn/..."
+    ([layers, B, H, Lq, Lk]) both land under "fusion/blocks/cross_attn".
+    """
+    found: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for path, w in _attention_leaves(intermediates):
+        parts = path.split("/")
+        layer = next((int(p[len("layers_") :]) for p in parts if re.fullmatch(r"layers_\d+", p)), 0)
+        module = parts[: parts.index("attention_weights")]
+        key = "/".join(p for p in module if not re.fullmatch(r"layers_\d+|stacked", p))
+        per_layer = w.reshape(-1, *w.shape[-4:])  # scanned: [layers, B, H, Lq, Lk]; unrolled: [1, ...]
+        found.setdefault(key, []).extend((layer * len(per_layer) + k, x) for k, x in enumerate(per_layer))
+    return {k: [x for _, x in sorted(v, key=lambda t: t[0])] for k, v in found.items()}
+
+
+def _module(by_module: dict[str, list[np.ndarray]], name: str) -> list[np.ndarray]:
+    """The per-layer head-averaged [B, Lq, Lk] maps of the fusion module whose path ends in ``name``."""
+    for key, maps in by_module.items():
+        if key.startswith("fusion") and key.split("/")[-1] == name:
+            return [m.mean(axis=1) for m in maps]
+    return []
+
+
+def _rows_mean(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean over the real query rows: w [B, Lq, Lk], rows bool [B, Lq] -> [B, Lk]."""
+    r = rows.astype(np.float32)[..., None]
+    return (w * r).sum(1) / np.maximum(r.sum(1), 1.0)
+
+
+def _renorm(w: np.ndarray) -> np.ndarray:
+    return w / np.maximum(w.sum(-1, keepdims=True), 1e-9)
+
+
+@dataclasses.dataclass
+class AttentionViews:
+    """What a fusion variant's attention says about one batch (mean over heads, and over layers unless noted).
+
+    Attributes:
+      text_to_image: [B, N] the question's attention over the image tokens (sums to 1), or None (concat, rn).
+      image_to_text: [B, L] co_attention: the image tokens' mean attention over the question's tokens, else None.
+      per_token: [B, K, N] query: each learned query's attention over the image;
+        bottleneck: each shared token z's attention over the image tokens. None for the other variants.
+      per_token_weight: [B, K] how much the question reads each of those K tokens (query: the text readout;
+        bottleneck: the text stream's attention to z), or None.
+      per_token_name: "query" | "bottleneck token" | "".
+      how: one line saying how text_to_image was computed (shown in the figure).
+    """
+
+    text_to_image: np.ndarray | None
+    image_to_text: np.ndarray | None = None
+    per_token: np.ndarray | None = None
+    per_token_weight: np.ndarray | None = None
+    per_token_name: str = ""
+    how: str = ""
+
+
+def attention_views(intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int) -> AttentionViews:
+    """Reduces a sow_weights model's ``intermediates`` to the maps eval draws, per fusion variant.
+
+      cross, gated_cross  text -> image cross-attention (``cross_attn``), mean over the real question tokens.
+      co_attention        ``text_to_image`` as above, and ``image_to_text`` [B, L] (mean over image tokens).
+      merged              text rows of the joint self-attention restricted to the image columns, renormalised.
+      query               per query: q -> image (``image_attn``); the question's map composes its readout
+                          (text -> q, ``text_readout``) with them: sum_q a(t, q) a(q, image).
+      bottleneck          the question reaches the image only through z: per z token, z -> image in the image stream
+                          (``image_block``); the question's map composes text -> z (``text_block``, layer l) with
+                          z -> image of layer l - 1 (what z carried into layer l); with one layer, where z looks.
 
     Args:
       intermediates: the ``intermediates`` collection of a sow_weights model.
@@ -47,31 +113,89 @@ def image_attention(
       num_image_tokens: N.
 
     Returns:
-      float32 [B, N] summing to 1 per example, or None if the fusion has no text-to-image attention (concat,
-      bottleneck).
+      AttentionViews (text_to_image None when the fusion has no attention, e.g. concat, rn).
     """
     text_mask = np.asarray(text_mask, bool)
     b, length = text_mask.shape
     n = int(num_image_tokens)
-    maps = []
-    for path, w in _attention_leaves(intermediates):
-        w = w.reshape(-1, *w.shape[-4:]).mean(axis=0)  # scanned layers -> mean; [B, H, Lq, Lk]
-        w = w.mean(axis=1)  # over heads: [B, Lq, Lk]
-        lq, lk = w.shape[-2:]
-        if lk == n and any(m in path for m in TEXT_TO_IMAGE_MODULES):
-            rows = text_mask if lq == length else np.ones((b, lq), bool)
-        elif lq == lk == length + n and "fusion" in path:  # merged: [text; image] joint self-attention
-            w = w[:, :length, length:]
-            w = w / np.maximum(w.sum(-1, keepdims=True), 1e-9)
-            rows = text_mask
+    mods = _by_module(intermediates)
+    t2i = _module(mods, "cross_attn") or _module(mods, "text_to_image")
+    if t2i and t2i[0].shape[-1] == n:
+        views = AttentionViews(_rows_mean(np.mean(t2i, 0), text_mask), how="text -> image cross-attention")
+        i2t = _module(mods, "image_to_text")
+        if i2t:
+            views.image_to_text = np.mean(i2t, 0).mean(1)  # [B, L]: over layers, then image-token rows
+        return _normalised(views)
+    q2i, readout = _module(mods, "image_attn"), _module(mods, "text_readout")
+    if q2i and q2i[0].shape[-1] == n:
+        per_query = np.mean(q2i, 0)  # [B, Q, N]
+        if readout:
+            weight = _rows_mean(readout[-1], text_mask)  # [B, Q]
+            how = "sum over queries of (text -> query) x (query -> image)"
         else:
-            continue
-        r = rows.astype(np.float32)[..., None]  # [B, Lq, 1]
-        maps.append((w * r).sum(1) / np.maximum(r.sum(1), 1.0))  # [B, N]
-    if not maps:
-        return None
-    att = np.mean(maps, axis=0)
-    return att / np.maximum(att.sum(-1, keepdims=True), 1e-9)
+            weight, how = np.full(per_query.shape[:2], 1.0 / per_query.shape[1], np.float32), "mean over queries"
+        return _normalised(
+            AttentionViews(np.einsum("bq,bqn->bn", weight, per_query), None, per_query, weight, "query", how)
+        )
+    joint = [
+        w.mean(1)
+        for key, maps in mods.items()
+        if key.startswith("fusion") and "_block" not in key  # not bottleneck's text_block / image_block
+        for w in maps
+        if w.shape[-2:] == (length + n, length + n)
+    ]
+    if joint:  # merged: [text; image] joint self-attention
+        w = _renorm(np.mean(joint, 0)[:, :length, length:])
+        return _normalised(AttentionViews(_rows_mean(w, text_mask), how="text rows of the joint self-attention"))
+    tz, iz = _module(_sub(mods, "text_block"), "self_attn"), _module(_sub(mods, "image_block"), "self_attn")
+    if tz and iz and iz[0].shape[-1] > n:
+        z2i = [_renorm(w[:, n:, :n]) for w in iz]  # per layer [B, nz, N]
+        t2z = [_renorm(w[:, :length, length:]) for w in tz]  # per layer [B, L, nz]
+        if len(z2i) > 1:
+            comp = [_rows_mean(t2z[k] @ z2i[k - 1], text_mask) for k in range(1, len(z2i))]
+            how = "(text -> z, layer l) x (z -> image, layer l-1)"
+        else:
+            comp = [_rows_mean(t2z[0] @ z2i[0], text_mask)]
+            how = "one layer: (text -> z) x (z -> image) of the same layer (z reaches the text only after it)"
+        weight = np.mean([_rows_mean(w, text_mask) for w in t2z], 0)  # [B, nz]
+        return _normalised(AttentionViews(np.mean(comp, 0), None, np.mean(z2i, 0), weight, "bottleneck token", how))
+    return AttentionViews(None)
+
+
+def _sub(mods: dict[str, list[np.ndarray]], block: str) -> dict[str, list[np.ndarray]]:
+    return {k.replace(f"/{block}", ""): v for k, v in mods.items() if f"/{block}/" in k}
+
+
+def _normalised(v: AttentionViews) -> AttentionViews:
+    v.text_to_image = _renorm(v.text_to_image)
+    return v
+
+
+def image_attention(
+    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int
+) -> np.ndarray | None:
+    """Attention that the question pays to each image token (``attention_views(...).text_to_image``).
+
+    Args:
+      intermediates: the ``intermediates`` collection of a sow_weights model.
+      text_mask: bool [B, L].
+      num_image_tokens: N.
+
+    Returns:
+      float32 [B, N] summing to 1 per example, or None if the fusion has no attention (concat, rn).
+    """
+    return attention_views(intermediates, text_mask, num_image_tokens).text_to_image
+
+
+def gate_values(params: Mapping[str, Any]) -> list[float]:
+    """tanh of every ``attn_gate`` of a gated_cross fusion, in layer order (empty for other variants)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(layers.unbox(params))[0]:
+        names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        if "attn_gate" in names:
+            layer = next((int(p[len("layers_") :]) for p in names if re.fullmatch(r"layers_\d+", p)), 0)
+            out.extend((layer, float(g)) for g in np.tanh(np.ravel(np.asarray(leaf, np.float32))))
+    return [g for _, g in sorted(out, key=lambda t: t[0])]
 
 
 def token_grid(num_tokens: int) -> tuple[int, int, int]:
@@ -83,40 +207,130 @@ def token_grid(num_tokens: int) -> tuple[int, int, int]:
     raise ValueError(f"{num_tokens} image tokens do not form a square grid")
 
 
-def overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """Heat map of per-token ``attention`` [N] upsampled onto ``image`` [H, W, 3] in [0, 1]. Returns [H, W, 3]."""
-    skip, h, w = token_grid(attention.shape[0])
-    grid = attention[skip:].reshape(h, w)
-    grid = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-9)
+def overlay(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Heat map of per-token ``attention`` [N] upsampled onto ``image`` [H, W, 3] in [0, 1]. Returns [H, W, 3].
+
+    ``grid`` (h, w) with h * w = N; None infers a square grid (after a ViT CLS token, if any).
+    """
+    if grid is None:
+        skip, h, w = token_grid(attention.shape[0])
+    else:
+        (h, w), skip = grid, attention.shape[0] - grid[0] * grid[1]
+    grid_map = attention[skip:].reshape(h, w)
+    grid_map = (grid_map - grid_map.min()) / max(float(grid_map.max() - grid_map.min()), 1e-9)
     hh, ww = image.shape[:2]
-    up = np.kron(grid, np.ones((math.ceil(hh / h), math.ceil(ww / w))))[:hh, :ww]  # nearest-neighbour upsampling
+    up = np.kron(grid_map, np.ones((math.ceil(hh / h), math.ceil(ww / w))))[:hh, :ww]  # nearest-neighbour upsampling
     heat = plt.get_cmap("jet")(up)[..., :3]
     return np.clip(0.55 * image + 0.45 * heat, 0.0, 1.0)
 
 
-def save_attention_map(path: str, image: np.ndarray, attention: np.ndarray, title: str = "") -> None:
-    """Writes a PNG: the image beside the attention heat map drawn on it.
+def split_scales(attention: np.ndarray, grids: Sequence[tuple[int, int]] | None) -> list[np.ndarray]:
+    """Per-scale pieces of ``attention`` [N] over multi-scale image tokens (``vision.token_grids`` order).
+
+    A ViT CLS token (N = sum h*w + 1) is dropped; ``grids`` None or one grid: the whole vector, one piece.
+    """
+    if not grids or len(grids) == 1:
+        return [attention]
+    sizes = [h * w for h, w in grids]
+    if attention.shape[0] != sum(sizes):
+        raise ValueError(f"{attention.shape[0]} image tokens do not match the scales' grids {list(grids)}")
+    return np.split(attention, np.cumsum(sizes)[:-1])
+
+
+def _scale_panels(image, attention, grids, label: str) -> list[tuple[str, np.ndarray]]:
+    pieces = split_scales(np.asarray(attention, np.float32), grids)
+    if len(pieces) == 1:
+        return [(label, overlay(image, pieces[0], tuple(grids[0]) if grids else None))]
+    return [
+        (f"{label}, scale {k} ({h}x{w}, {float(p.sum()):.0%})", overlay(image, p, (h, w)))
+        for k, (p, (h, w)) in enumerate(zip(pieces, grids, strict=True))
+    ]
+
+
+def save_attention_figure(
+    path: str,
+    image: np.ndarray,
+    views: AttentionViews,
+    index: int,
+    grids: Sequence[tuple[int, int]] | None = None,
+    tokens: Sequence[str] | None = None,
+    title: str = "",
+) -> list[str]:
+    """Writes one PNG of example ``index`` of ``views``: the image, the question's attention over it (one panel per
+    scale of multi-scale tokens, with the share of attention each scale receives), co_attention's image -> text
+    attention as a bar per question token, and query / bottleneck maps, one per learned token.
+
+    Args:
+      path: output PNG path.
+      image: [H, W, 3] float in [0, 1] (or uint8).
+      views: attention_views() of the batch holding the example.
+      index: the example's row in the batch.
+      grids: (h, w) of each scale's token grid (``vision.token_grids``); None = one square grid.
+      tokens: the question's real tokens (labels of the image -> text bars).
+      title: caption (question, answer, gate values).
+
+    Returns:
+      The panel titles, in drawing order (eval records them next to the PNGs).
+    """
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    top: list[tuple[str, Any]] = [("image", image)]
+    top += _scale_panels(image, views.text_to_image[index], grids, "question -> image")
+    if views.image_to_text is not None:
+        n_tok = len(tokens) if tokens is not None else views.image_to_text.shape[1]
+        top.append(("image -> text (mean over image tokens)", ("bar", views.image_to_text[index, :n_tok])))
+    extra: list[tuple[str, Any]] = []
+    if views.per_token is not None:
+        for k in range(views.per_token.shape[1]):
+            w = float(views.per_token_weight[index, k]) if views.per_token_weight is not None else float("nan")
+            extra += _scale_panels(
+                image, views.per_token[index, k], grids, f"{views.per_token_name} {k} (q reads {w:.2f})"
+            )
+    cols = max(len(top), min(4, len(extra)) or 1)
+    rows = 1 + math.ceil(len(extra) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    placed = [(axes[0, c], p) for c, p in enumerate(top)] + [
+        (axes[1 + k // cols, k % cols], p) for k, p in enumerate(extra)
+    ]
+    for ax, (name, content) in placed:
+        ax.set_title(name, fontsize=7)
+        if isinstance(content, tuple):  # ("bar", weights over the question's tokens)
+            ax.axis("on")
+            values = np.asarray(content[1], np.float32)
+            ax.bar(range(len(values)), values, color="tab:orange")
+            labels = list(tokens) if tokens is not None else [str(i) for i in range(len(values))]
+            ax.set_xticks(range(len(values)), labels[: len(values)], rotation=70, fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+        else:
+            ax.imshow(content)
+    fig.suptitle(f"{title}\n{views.how}" if views.how else title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [name for name, _ in top + extra]
+
+
+def save_attention_map(
+    path: str,
+    image: np.ndarray,
+    attention: np.ndarray,
+    title: str = "",
+    grids: Sequence[tuple[int, int]] | None = None,
+) -> None:
+    """Writes a PNG: the image beside the attention heat map drawn on it (one panel per scale).
 
     Args:
       path: output PNG path.
       image: [H, W, 3] float in [0, 1] (or uint8).
       attention: [N] weights over the image tokens.
       title: caption (question, answer).
+      grids: (h, w) per scale of multi-scale tokens; None = one square grid.
     """
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
-    axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=8)
-    axes[1].imshow(overlay(image, np.asarray(attention, np.float32)))
-    axes[1].set_title("question -> image attention", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    views = AttentionViews(np.asarray(attention, np.float32)[None])
+    save_attention_figure(path, image, views, 0, grids, title=title)
 
 
 def save_confusion_matrix(path: str, matrix: np.ndarray, names: Sequence[str], title: str = "") -> None:
