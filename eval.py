@@ -32,6 +32,12 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = FLAGS.config if FLAGS.config is not None else eval_lib.load_config(FLAGS.workdir)
     split = FLAGS.split or config.eval.split
+    if "task" in config and config.task != "vqa":  # retrieval / captioning (vtfusion_jax/tasks)
+        from vtfusion_jax import tasks
+
+        result = tasks.evaluate_split(config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint)
+        print(f"{split}: {json.dumps({k: v for k, v in result.items() if k != 'protocol'})}", flush=True)
+        return
     n_maps = config.eval.num_attention_maps if FLAGS.num_attention_maps is None else FLAGS.num_attention_maps
     result = eval_lib.evaluate_split(
         config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint, num_attention_maps=n_maps

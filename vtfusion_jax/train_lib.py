@@ -396,6 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises:
       NonFiniteLossError: a NaN / Inf loss or gradient; the newest checkpoint stays the last good one.
     """
+    if "task" in config and config.task != "vqa":  # retrieval / captioning have their own loop (vtfusion_jax/tasks)
+        from vtfusion_jax import tasks
+
+        return tasks.train_and_evaluate(config, workdir)
     started = time.time()
     nan_policy = _nan_policy(config)
     maybe_initialize_distributed()

@@ -96,19 +96,17 @@ def caption_image(config, workdir: str, image_path: str, checkpoint="best", meth
 
 
 def rank_captions(config, workdir: str, image_path: str, captions: list[str], checkpoint="best") -> list[dict]:
-    """The captions ranked for one image: [{"caption", "itc", "itm"}] by ITM log-odds (best first)."""
-    task, params, _ = _load(config, workdir, checkpoint)
-    data = {"image": _read_image(task, image_path), "captions": [list(captions)]}
-    from vtfusion_jax.tasks import data as data_lib
-
-    text_ids = np.stack([task.vocab.encode(t, config.dataset.max_len) for t in captions])
+    """The captions ranked for one image: [{"caption", "itc", "itm"}], best ITM log-odds first."""
     import jax
 
+    task, params, _ = _load(config, workdir, checkpoint)
+    text_ids = np.stack([task.vocab.encode(t, config.dataset.max_len) for t in captions])
     with jax.set_mesh(task.mesh):
-        image, image_mask, img_emb, text, text_mask, txt_emb = task._encode(params, data["image"], text_ids)
-        itm = task._itm_scores(params, image, image_mask, text, text_mask, np.zeros(len(captions), int),
-                               np.arange(len(captions)))  # fmt: skip
-    del data_lib
+        image, image_mask, img_emb, text, text_mask, txt_emb = task._encode(
+            params, _read_image(task, image_path), text_ids
+        )
+        n = len(captions)
+        itm = task._itm_scores(params, image, image_mask, text, text_mask, np.zeros(n, int), np.arange(n))
     itc = (txt_emb @ img_emb.T)[:, 0]
     rows = [{"caption": c, "itc": float(a), "itm": float(b)} for c, a, b in zip(captions, itc, itm, strict=True)]
     return sorted(rows, key=lambda r: -r["itm"])

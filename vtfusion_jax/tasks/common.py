@@ -75,8 +75,12 @@ class TaskBase:
 
     # helpers ----------------------------------------------------------------------------------------------
     def put(self, x) -> jax.Array:
-        """A host array replicated on the mesh (evaluation inputs)."""
-        return jax.device_put(np.asarray(x), sharding.replicated(self.mesh))
+        """A host array on the mesh (evaluation inputs): split over the batch axes when its rows divide evenly
+        (eval_batch_size a multiple of the data-parallel size), else replicated."""
+        x = np.asarray(x)
+        n = sharding.mesh_axis_size(self.mesh, sharding.BATCH_AXES)
+        split = x.ndim and x.shape[0] % n == 0
+        return jax.device_put(x, sharding.batch_sharding(self.mesh) if split else sharding.replicated(self.mesh))
 
     @staticmethod
     def map_batches(fn: Callable, x: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
