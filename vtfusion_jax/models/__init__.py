@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from vtfusion_jax.models.film import FiLMFusion
 from vtfusion_jax.models.fusion import FUSIONS
 from vtfusion_jax.models.heads import HEADS
 from vtfusion_jax.models.probe import PROBE_FUSIONS, PROBE_IMAGE_ENCODERS
@@ -23,6 +24,7 @@ from vtfusion_jax.models.vision import IMAGE_ENCODERS
 # The frozen-feature probe's parameter-free components (models/probe.py) sit beside the main registries.
 _IMAGE_ENCODERS = {**IMAGE_ENCODERS, **PROBE_IMAGE_ENCODERS}
 _FUSIONS = {**FUSIONS, **PROBE_FUSIONS}
+_FUSIONS["film"] = FiLMFusion  # docs/adding_a_variant.md's worked example: one module, this one line
 
 # Spec keys consumed elsewhere (checkpoint import, freezing), never passed to the module.
 NON_MODULE_KEYS = ("name", "init_from", "freeze")
