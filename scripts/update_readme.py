@@ -115,7 +115,26 @@ def main_job_section() -> str | None:
     return "\n".join(lines)
 
 
-SECTIONS = {"input_pipeline": input_pipeline_section, "main_job": main_job_section}
+def sort_of_clevr_section() -> str | None:
+    """The headline row of the Sort-of-CLEVR table (scripts/sort_of_clevr_table.py, from results/sort_of_clevr/)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sort_of_clevr_table", os.path.join(ROOT, "scripts", "sort_of_clevr_table.py")
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    line = table.headline(table.collect(os.path.join(ROOT, "results", "sort_of_clevr")))
+    if line is None:
+        return None
+    return f"{line} Regenerate: `{table.COMMAND}` (the table), then `python scripts/update_readme.py` (this line)."
+
+
+SECTIONS = {
+    "input_pipeline": input_pipeline_section,
+    "main_job": main_job_section,
+    "sort_of_clevr": sort_of_clevr_section,
+}
 
 
 def main() -> int:

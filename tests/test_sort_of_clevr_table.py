@@ -79,7 +79,7 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert "| 60.0 ± 14.1 |" in rows[0] and "| 98.0 |" in rows[1]
     assert "Best attention variant on validation, `cross`" in body and "**met**" in body
     assert "`rn`: no run yet (**not met**)" in body
-    assert "600 steps x 160 questions (8 images per batch)" in body
+    assert "600 steps x 160 questions (8 images per batch; 2400.00 epochs of 40 training questions)" in body
     assert body.count("python train.py") == 3  # one command line per run
     # Rewriting replaces the section in place (idempotent).
     table.main(["--results", str(results), "--out", str(out)])
