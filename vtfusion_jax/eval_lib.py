@@ -216,7 +216,7 @@ def _attention_maps(r: Restored, source, text_key: str, out_dir: str, n: int) ->
     names, index = r.meta["label_names"], {}
     for i in range(n):
         ids = batch["text_ids"][i][batch["text_mask"][i]]
-        tokens = [r.tokenizer.decode([t]) or "[sp]" for t in ids]  # [CLS] / [SEP] decode to ""
+        tokens = [r.tokenizer.decode([t]) or "[special]" for t in ids]  # [CLS] / [SEP] decode to ""
         pred = names[int(np.argmax(probs[i]))]
         title = f"{fusion}: Q: {questions[i]}\npredicted: {pred}{gate_note}"
         png = f"attention_{i:02d}.png"
