@@ -65,7 +65,9 @@ def main(argv=None) -> dict:
             summary["runs"][impl] = {"skipped": f"time budget: {elapsed:.0f} s used of {args.budget_s:.0f} s"}
             continue
         try:
-            bench = bench_lib.Bench(cfg, state=state)
+            # --tiny is a smoke run of this script: the unoptimised XLA backend compiles about twice as fast.
+            options = {"xla_backend_optimization_level": 0} if args.tiny else None
+            bench = bench_lib.Bench(cfg, compiler_options=options, state=state)
             result = bench_lib.run(cfg, bench=bench, command=f"{command}  # attention_impl={impl}")
             state = bench.state
         except Exception as e:  # record and go on: the other implementation may still run

@@ -111,3 +111,19 @@ def test_performance_doc_is_generated_from_results(step_result, peer_result):
     assert "| `co_attention` |" in doc and "python benchmarks/train_step.py --smoke" in doc  # rows name commands
     assert "than torch eager (CPU): **" in doc and "than torch compile (CPU): **" in doc  # verdicts
     assert "GPU" in doc and "not measured" in doc
+
+
+def test_gpu_bench_tiny_smoke(tmp_path):
+    """benchmarks/gpu_bench.py --tiny (the GPU script's code path on a tiny bf16 model): without a GPU the cuDNN run
+    is recorded as skipped with its reason, the XLA run is measured, and the JSON files are written."""
+    import gpu_bench  # noqa: PLC0415  (benchmarks/gpu_bench.py)
+
+    summary = gpu_bench.main(["--tiny", "--steps=2", f"--out_dir={tmp_path}"])
+    runs = summary["runs"]
+    if jax.default_backend() != "gpu":
+        assert "CUDA GPU" in runs["cudnn"]["skipped"]
+    assert runs["xla"]["step_s_median"] > 0 and runs["xla"]["num_params"] > 0
+    assert 0 < runs["xla"]["mfu_measured_peak"] < 1.5
+    written = json.load(open(tmp_path / "gpu_tiny_xla.json"))
+    assert len(written["step_s_all"]) == 2 and np.isfinite(written["final_loss"])
+    assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"cudnn", "xla"}
