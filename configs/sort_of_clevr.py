@@ -4,7 +4,7 @@ Run: python train.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=ru
      python eval.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross --split=test
 The ':' argument picks the fusion (concat | rn | merged | cross | co_attention | gated_cross | bottleneck | query).
 
-Matched budget: every variant shares the image tower, text tower, head, optimiser, batch (160 questions of 8 images,
+Matched budget: every variant shares the image tower, text tower, head, optimiser, batch (80 questions of 4 images,
 image-grouped) and number of steps; rows differ only in ``model.fusion``. The towers are small on purpose (a
 reasoning benchmark on a shared 2-core CPU, not a capacity one): 4 stride-2 convs turn 75 px into a 5x5 grid of 25
 image tokens (Santoro et al.'s own CNN grid for the RN) tagged with learned 2-D positions, D = 64. FUSION_EXTRAS holds
@@ -52,7 +52,7 @@ def get_config(arg=None):
     c.model.remat_policy = "none"  # rematerialisation: none | minimal | full
     c.model.image_encoder = dict(  # image tower
         name="cnn",  # Santoro et al.'s conv stack
-        channels=(32, 64, 64, 64),  # conv channels: 75 px -> 38 -> 19 -> 10 -> 5x5 = 25 image tokens
+        channels=(16, 32, 64, 64),  # conv channels: 75 px -> 38 -> 19 -> 10 -> 5x5 = 25 image tokens
         strides=(2, 2, 2, 2),  # conv strides (as Santoro et al.'s 4-layer CNN)
         norm="group",  # GroupNorm
         pos_emb="learn",  # learned 2-D positions (relations need them)
@@ -100,14 +100,14 @@ def get_config(arg=None):
     )
 
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
-    c.train.global_batch_size = 160  # questions per micro-step (= 8 images x 20 questions)
-    c.train.images_per_batch = 8  # image-grouped batches (data/grouped.py): each image encoded once per batch
+    c.train.global_batch_size = 80  # questions per micro-step (= 4 images x 20 questions): many small updates
+    c.train.images_per_batch = 4  # image-grouped batches (data/grouped.py): each image encoded once per batch
     c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
-    c.train.num_steps = 600  # micro-steps: the matched budget (96,000 questions, ~0.5 epoch)
+    c.train.num_steps = 1200  # micro-steps: the matched budget (96,000 questions, ~0.5 epoch)
     c.train.label_smoothing = 0.0  # label smoothing
     c.train.log_every_steps = 50  # train metrics cadence
-    c.train.eval_every_steps = 150  # validation + checkpoint cadence: the points of the accuracy-vs-time curve
-    c.train.checkpoint_every_steps = 150  # periodic checkpoints
+    c.train.eval_every_steps = 300  # validation + checkpoint cadence: the points of the accuracy-vs-time curve
+    c.train.checkpoint_every_steps = 300  # periodic checkpoints
     c.train.keep_checkpoints = 2  # newest kept (+ best)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
     c.train.early_stopping_patience = 0  # 0 = off
