@@ -264,10 +264,14 @@ def section(runs: dict[str, list[dict]]) -> str:
     lines += ["", "Targets (issue 6):", "", *targets(runs), "", *NOTES, "", "Commands (one per run):", ""]
     for v, rs in runs.items():
         for r in rs:
-            lines.append(f"- `{v}` seed {r['seed']}: `{r['commands'][0]}` then `{r['commands'][1]}`")
+            lines.append(
+                f"- `{v}` seed {r['seed']}: `{r['commands'][0]}` then `{r['commands'][1]}` (both, recorded: "
+                f"`{COMMAND} --run --variants={v} --seeds={r['seed']}`)"
+            )
     lines += [
         "",
-        "Validation accuracy against training time (s, from each run's logged steps/s; `curve.json`), "
+        "Validation accuracy against training time (s since the training loop started, from the run's logged "
+        "steps/s; `curve.json`), "
         "overall / relational / non-relational:",
         "",
     ]
