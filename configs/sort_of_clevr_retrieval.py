@@ -98,6 +98,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
     c.train.global_batch_size = 64  # (image, caption) pairs per step = in-batch negatives
     c.train.num_steps = 3000  # steps
+    c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
     c.train.label_smoothing = 0.0  # unused by retrieval (kept for the shared loop)
     c.train.log_every_steps = 100  # train metrics cadence
     c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)

@@ -1,7 +1,8 @@
 """Metrics (free functions on numpy arrays) and metric writers (TensorBoard event files + metrics.jsonl).
 
 Classification: accuracy overall and per question type, confusion matrix, top-k accuracy.
-Retrieval: recall@K from a similarity matrix. Captioning metrics (BLEU/CIDEr) arrive with the captioning issue.
+Retrieval: recall@K from a similarity matrix (one match per query; several captions per image and BLEU-4 / CIDEr-D
+are in metrics_caption.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ClassificationHead (VQA answers / multimodal labels): pooled [B, P] -> LayerNorm (optional) -> Dense(hidden) -> GELU
 -> Dense(C).
-Retrieval (ITC/ITM) and captioning heads arrive with their issue and register here.
+Retrieval (ITC/ITM) and captioning take other inputs than this interface: models/retrieval.py (RetrievalHead) and
+models/caption.py (CaptionDecoder), chosen by head.name in their own configs.
 """
 
 from __future__ import annotations

@@ -108,6 +108,9 @@ def train(config, workdir: str, task) -> dict:
                 state, m = step_jit(state, task.batch(step))
                 step += 1
                 window.append(m)
+                if 0 < t.time_limit_seconds < time.time() - started and step < total:
+                    log.warning("train.time_limit_seconds reached at step %d: validating, saving, stopping", step)
+                    total = step
                 if step % t.log_every_steps == 0 or step == total:
                     rows = jax.device_get(window)
                     scalars = {f"train/{k}": float(sum(float(r[k]) for r in rows) / len(rows)) for k in rows[0]}
@@ -137,7 +140,7 @@ def train(config, workdir: str, task) -> dict:
         "val": dict(val or {}, accuracy=(val or {}).get(task.main_metric, float("nan"))),
         "preempted": False,
         "early_stopped": False,
-        "stopped_for_run_limit": False,
+        "stopped_for_run_limit": step < int(t.num_steps),  # train.time_limit_seconds
         "wall_seconds": time.time() - started,
     }
     if is_main:
