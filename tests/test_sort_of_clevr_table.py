@@ -100,19 +100,21 @@ def test_curve_from_logged_points(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_two_variants_end_to_end(tmp_path):
+def test_run_two_variants_end_to_end(tmp_path, monkeypatch):
     """--run on a tiny generated dataset: two variants train, test and land in a well-formed table."""
+    # The runs are subprocesses: one CPU device each (conftest's 8 would shard a 2-image batch 8 ways).
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
     results, out = tmp_path / "results" / "soc", tmp_path / "results.md"
     overrides = [f"--config.dataset.builder_kwargs.{k}={v}" for k, v in KW.items()] + [
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",
         "--config.model.width=16",
         "--config.train.num_steps=2",
-        "--config.train.global_batch_size=20",
-        "--config.train.images_per_batch=1",
+        "--config.train.global_batch_size=40",
+        "--config.train.images_per_batch=2",
         "--config.train.eval_every_steps=1",
         "--config.train.checkpoint_every_steps=1",
         "--config.train.log_every_steps=1",
-        "--config.train.eval_batch_size=20",
+        "--config.train.eval_batch_size=40",
         "--config.optim.warmup_steps=1",
         "--config.eval.num_attention_maps=0",
     ]
@@ -123,7 +125,7 @@ def test_run_two_variants_end_to_end(tmp_path):
         assert files == ["config.json", "curve.json", "metrics.json", "summary.json"]  # no checkpoints
         summary = json.loads((results / f"{v}_seed0" / "summary.json").read_text())
         assert summary["params"] > summary["params_fusion"] >= 0 and summary["flops_per_example_forward"] > 0
-        assert len(json.loads((results / f"{v}_seed0" / "curve.json").read_text())) == 2  # a point per step
+        assert len(json.loads((results / f"{v}_seed0" / "curve.json").read_text())) == 2  # a validation point per step
     body = out.read_text()
     rows = [line for line in body.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`concat`", "`cross`"]
