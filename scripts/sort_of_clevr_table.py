@@ -290,6 +290,42 @@ def section(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _curve_text(curve: list[dict]) -> str:
+    return ", ".join(
+        f"step {c['step']} ({c['seconds']:.0f} s): {100 * c['val_accuracy']:.1f}"
+        + (f"/{100 * c['relational']:.1f}/{100 * c['non_relational']:.1f}" if "relational" in c else "")
+        for c in curve
+    )
+
+
+def beyond_budget(folder: str) -> list[str]:
+    """Lines for runs outside the matched budget (longer training of one variant): not table rows, only curves
+    that show what more training buys. Each <folder>/<variant>_seed<K>/ holds curve.json and command.txt."""
+    if not os.path.isdir(folder):
+        return []
+    lines = []
+    for entry in sorted(os.listdir(folder)):
+        d = os.path.join(folder, entry)
+        if not os.path.exists(os.path.join(d, "curve.json")):
+            continue
+        config = _read(os.path.join(d, "config.json"))
+        counts = subtype_counts(config["dataset"]["builder_kwargs"], config["dataset"]["val_split"])
+        curve = [add_families(c, counts) for c in _read(os.path.join(d, "curve.json"))]
+        with open(os.path.join(d, "command.txt")) as f:
+            command = f.read().strip()
+        lines.append(f"- `{entry}`: `{command}` — {_curve_text(curve)}")
+    if not lines:
+        return []
+    rel = os.path.relpath(folder, ROOT)
+    return [
+        "",
+        f"Beyond the budget (`{rel}/`: the same config trained longer; not a table row, validation only, "
+        "overall / relational / non-relational):",
+        "",
+        *lines,
+    ]
+
+
 def headline(runs: dict[str, list[dict]]) -> str | None:
     """One line for the README: the best row on validation, with its test numbers and budget."""
     if not runs:
@@ -326,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=os.path.join(ROOT, "results", "sort_of_clevr"))
     p.add_argument("--workdirs", default=os.path.join("runs", "sort_of_clevr"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
+    p.add_argument("--beyond", default=os.path.join(ROOT, "results", "sort_of_clevr_beyond_budget"))
     p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE for every run (after --; e.g. a tiny smoke)")
     a = p.parse_args(argv)
     if a.run:
@@ -335,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in (int(s) for s in a.seeds.split(",")):
                 run_one(v, seed, a.results, a.workdirs, a.overrides)
     runs = collect(a.results)
-    write_section(a.out, section(runs))
+    write_section(a.out, "\n".join([section(runs), *beyond_budget(a.beyond)]))
     print(f"wrote {a.out} ({sum(len(r) for r in runs.values())} runs)")
     line = headline(runs)
     if line:

@@ -68,7 +68,7 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     _fake_run(results, "cross", 0, 0.98, per, val=0.99)
     out = tmp_path / "results.md"
     out.write_text("# Results\n\nkeep me\n\n<!-- sort_of_clevr:begin -->\nold\n<!-- sort_of_clevr:end -->\n\ntail\n")
-    table.main(["--results", str(results), "--out", str(out)])
+    table.main(["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")])
     text = out.read_text()
     assert "keep me" in text and text.rstrip().endswith("tail") and "\nold\n" not in text
     body = text[text.index(table.BEGIN) : text.index(table.END)]
@@ -82,7 +82,7 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert "600 steps x 160 questions (8 images per batch; 2400.00 epochs of 40 training questions)" in body
     assert body.count("python train.py") == 3  # one command line per run
     # Rewriting replaces the section in place (idempotent).
-    table.main(["--results", str(results), "--out", str(out)])
+    table.main(["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")])
     assert out.read_text() == text
 
 
@@ -118,7 +118,16 @@ def test_run_two_variants_end_to_end(tmp_path, monkeypatch):
         "--config.optim.warmup_steps=1",
         "--config.eval.num_attention_maps=0",
     ]
-    argv = ["--run", "--variants=concat,cross", "--results", str(results), "--out", str(out)]
+    argv = [
+        "--run",
+        "--variants=concat,cross",
+        "--results",
+        str(results),
+        "--out",
+        str(out),
+        "--beyond",
+        "/nonexistent",
+    ]
     table.main([*argv, "--workdirs", str(tmp_path / "runs"), "--", *overrides])
     for v in ("concat", "cross"):
         files = sorted(os.listdir(results / f"{v}_seed0"))
