@@ -58,7 +58,8 @@ def get_config(arg=None):
         num_layers=1,  # fusion layers (one text -> image cross-attention block; each more costs ~15 % time)
         image_pool="max",  # the head also sees a max-pool of the image tokens (yes/no shape questions need it)
         pool_product=True,  # and text summary * image summary: "is there not a red shape?" on a red shape (a rare
-        # yes/no XOR) was learnt by both seeds tried; without it runs stalled at ~97 % (results/easy_vqa_explore_product)
+        # yes/no XOR) was learnt by both seeds tried; without it runs stalled at ~97 %
+        # (results/easy_vqa_explore_product/)
         num_heads=4,  # attention heads
         mlp_dim=256,  # MLP hidden width
         dropout_rate=0.0,  # dropout inside the fusion
