@@ -25,17 +25,17 @@ BEGIN, END = "<!-- multiscale:begin -->", "<!-- multiscale:end -->"
 NUM_SCALES = {"single": 1, "multi": 2}
 
 # The same budget for both rows of a dataset. easy-VQA: 300 steps of its main job's image-grouped batches (256
-# questions of <= 32 images; ~2.2 epochs instead of 6). Sort-of-CLEVR: 400 steps of 100 questions from 5 images
-# (40,000 questions, ~0.2 epoch of 196,000) with a short warm-up and one validation at the end.
+# questions of <= 32 images; ~2.2 epochs instead of 6). Sort-of-CLEVR: 3000 steps of 100 questions from 5 images
+# (300,000 questions, ~1.5 epochs of 196,000), validation every 1000 steps.
 BUDGETS = {
     "easy_vqa": ["--config.train.num_steps=300", "--config.train.progress_bar=False"],
     "sort_of_clevr": [
-        "--config.train.num_steps=400",
+        "--config.train.num_steps=3000",
         "--config.train.global_batch_size=100",
         "--config.train.images_per_batch=5",
-        "--config.optim.warmup_steps=40",
-        "--config.train.eval_every_steps=0",
-        "--config.train.checkpoint_every_steps=400",
+        "--config.optim.warmup_steps=300",
+        "--config.train.eval_every_steps=1000",
+        "--config.train.checkpoint_every_steps=1000",
         "--config.train.progress_bar=False",
     ],
 }
