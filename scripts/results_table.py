@@ -31,7 +31,9 @@ def main() -> None:
         path = os.path.join(d, "summary.json")
         if os.path.exists(path):
             with open(path) as f:
-                print(row(json.load(f)))
+                s = json.load(f)
+            if s.get("task", "vqa") == "vqa":  # retrieval / captioning rows: scripts/task_tables.py
+                print(row(s))
 
 
 if __name__ == "__main__":
