@@ -40,10 +40,16 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="default: runs/<name> (must not hold an older run)")
     p.add_argument("--split", default="test")
     p.add_argument("--nice", type=int, default=0, help="run train / eval under nice -n N (shared machines)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir (e.g. after train.time_limit_seconds); earlier invocations recorded in "
+        "results/<name>/summary.json are kept under previous_runs",
+    )
     p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")
     a = p.parse_args()
     workdir = a.workdir or os.path.join("runs", a.name)
-    if os.path.exists(os.path.join(REPO, workdir, "checkpoints")):
+    if os.path.exists(os.path.join(REPO, workdir, "checkpoints")) and not a.resume:
         sys.exit(f"{workdir} already holds a run: pick a fresh --workdir so the timing covers a whole run")
     nice = ["nice", "-n", str(a.nice)] if a.nice else []
     py = sys.executable
@@ -59,6 +65,13 @@ def main() -> None:
         if os.path.exists(os.path.join(split_dir, name)):
             shutil.copy(os.path.join(split_dir, name), os.path.join(out, name))
     shutil.copy(os.path.join(REPO, workdir, "config.json"), os.path.join(out, "config.json"))
+    previous = []
+    if a.resume and os.path.exists(os.path.join(out, "summary.json")):
+        with open(os.path.join(out, "summary.json")) as f:
+            old = json.load(f)
+        previous = old.get("previous_runs", []) + [
+            {k: old[k] for k in ("commands", "train_steps", "train_seconds", "eval_seconds", "load_average_1min")}
+        ]
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     with open(os.path.join(REPO, workdir, "train_summary.json")) as f:
@@ -78,6 +91,8 @@ def main() -> None:
         "eval_seconds": round(eval_s, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "load_average_1min": load.summary(),
+        "previous_runs": previous,  # earlier invocations of a resumed run (their train time adds up)
+        "total_train_seconds": round(train_s + sum(r["train_seconds"] for r in previous), 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

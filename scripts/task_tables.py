@@ -34,7 +34,9 @@ def _load(task: str) -> list[dict]:
 
 def _common(s: dict) -> str:
     load = s["load_average_1min"]
-    secs = f"{s['train_seconds']:.0f} + {s['eval_seconds']:.0f}"
+    secs = f"{s.get('total_train_seconds', s['train_seconds']):.0f} + {s['eval_seconds']:.0f}"
+    if s.get("previous_runs"):
+        secs += f" ({len(s['previous_runs']) + 1} runs)"
     return f"{s['train_steps']} | {secs} | {load['mean']} | `{s['commands'][0]}`"
 
 
