@@ -68,7 +68,7 @@ def rows() -> list[dict]:
 
 
 def run_row(row: dict, results_dir: str) -> None:
-    """Trains + evaluates one row with run_job.py, then adds the model's size and FLOPs to its summary.json."""
+    """Trains + evaluates one row with run_job.py (results/multiscale/<row>/; main() then adds size and FLOPs)."""
     name = f"multiscale/{row['name']}"
     cmd = [
         sys.executable,
@@ -81,21 +81,16 @@ def run_row(row: dict, results_dir: str) -> None:
     ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
-    add_model_size(os.path.join(results_dir, row["name"]), row)
 
 
-def add_model_size(folder: str, row: dict) -> dict:
-    """Parameters and analytic forward FLOPs per example of the run's model, from its config.json (into summary)."""
+def add_model_size(folder: str) -> dict:
+    """Parameters and analytic forward FLOPs per example of the run's model, from the config.json the run recorded
+    (not the config file, which may have changed since), written into its summary.json."""
     import jax
 
-    from vtfusion_jax import config_lib, flops, train_lib
+    from vtfusion_jax import eval_lib, flops, train_lib
 
-    config = config_lib.load_config(os.path.join(REPO, row["config"]))  # the code's config, data paths resolved
-    with open(os.path.join(folder, "config.json")) as f:
-        recorded = json.load(f)
-    assert recorded["model"]["image_encoder"] == json.loads(json.dumps(config.model.image_encoder.to_dict())), (
-        "results config.json differs from the config file's model: rerun the row"
-    )
+    config = eval_lib.load_config(folder)  # folder/config.json
     meta = train_lib.get_meta(config)
     tokenizer = train_lib.make_tokenizer(config)
     model = train_lib.build_model(config, meta["num_classes"], tokenizer.vocab_size)
@@ -238,11 +233,10 @@ def main() -> None:
                 print(f"{row['name']}: results exist, skipped", flush=True)
                 continue
             run_row(row, a.results)
-    for row in rows():  # runs recorded before model_size existed
+    for row in rows():  # size and FLOPs from each recorded config.json (a pure function of it)
         folder = os.path.join(a.results, row["name"])
-        summary = os.path.join(folder, "summary.json")
-        if os.path.exists(summary) and "model_size" not in json.load(open(summary)):
-            add_model_size(folder, row)
+        if os.path.exists(os.path.join(folder, "summary.json")):
+            add_model_size(folder)
     write_docs(a.results, a.docs)
     print(f"wrote {a.docs} (section {BEGIN} ... {END})")
 
