@@ -128,13 +128,14 @@ def table(summaries: dict[str, dict]) -> str:
         "reduced training budget (the command's overrides); they differ only in `model.image_encoder.scales`: "
         "*single* = the last conv stage, *multi* = the last two stages (each projected to the model width with its "
         "own 2-D position embedding and a learned scale embedding, concatenated). Accuracy is on the test split "
-        "(%). FLOPs: analytic forward FLOPs per example (`vtfusion_jax/flops.py`; a training step costs 3x). "
+        "(%). FLOPs: analytic forward FLOPs per example (`vtfusion_jax/flops.py`; a training step costs 3x; the "
+        "image tower counts once per question, although image-grouped batches encode each image once per batch). "
         "Training time is wall time on a shared 2-core CPU: read it with the load average beside it.",
         "",
     ]
     for dataset, types in TYPE_COLUMNS.items():
         lines += [f"### {TITLES[dataset]}", ""]
-        head = ["scales", "image tokens", "test acc.", *types, "params", "GFLOPs/example", "train s", "load avg"]
+        head = ["scales", "image tokens", "test acc.", *types, "params", "MFLOPs/example", "train s", "load avg"]
         lines += ["| " + " | ".join([*head, "command"]) + " |", "|" + "---|" * (len(head) + 1)]
         for row in (r for r in rows() if r["dataset"] == dataset):
             s = summaries.get(row["name"])
@@ -151,7 +152,7 @@ def table(summaries: dict[str, dict]) -> str:
                 _pct(s["accuracy"]),
                 *[_pct(s["per_type"].get(t)) for t in types],
                 f"{size['params']:,d}" if "params" in size else "–",
-                f"{size['forward_flops_per_example'] / 1e9:.3f}" if "forward_flops_per_example" in size else "–",
+                f"{size['forward_flops_per_example'] / 1e6:,.1f}" if "forward_flops_per_example" in size else "–",
                 f"{s['train_seconds']:.0f}",
                 f"{load.get('mean', float('nan')):.1f} (max {load.get('max', float('nan')):.1f})",
                 f"`{s['commands'][0]}`",

@@ -58,7 +58,7 @@ def test_writer_replaces_only_its_section(tmp_path):
     assert first.startswith("# Results\n\nIntro text.\n\n" + other + "\nTrailing notes.\n")
     section = first[first.index(ablation.BEGIN) : first.index(ablation.END)]
     assert (
-        "| single (last) | 64 | 90.00 | 80.00 | 100.00 | 100.00 | 1,234,567 | 0.250 | 123 | 2.5 (max 3.0) |" in section
+        "| single (last) | 64 | 90.00 | 80.00 | 100.00 | 100.00 | 1,234,567 | 250.0 | 123 | 2.5 (max 3.0) |" in section
     )
     assert "| multi (-2, -1) | 461 | 70.00 | 60.00 | 80.00 |" in section
     assert "| multi | not run |" in section and "| single | not run |" in section
