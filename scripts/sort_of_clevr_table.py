@@ -216,10 +216,17 @@ NOTES = (
     "",
     "What reaching the targets would take: far more training than this budget. Santoro et al. train for hundreds "
     "of epochs; these rows see the fraction of one epoch stated in the budget line. "
-    "The validation curves below show where each row was still climbing. The next steps: run every row for the "
+    "The validation curves below show whether each row was still climbing. The next steps: run every row for the "
     "issue's 30 min each on an idle machine (or on a GPU: the same command), with three seeds for `concat` and the "
     "two best variants (`--seeds=0,1,2`).",
 )
+
+
+FLAT = 0.03  # a row whose validation accuracy never rises this much above its first point has learnt nothing yet
+
+
+def _flat(curve: list[dict]) -> bool:
+    return bool(curve) and max(c["val_accuracy"] for c in curve) - curve[0]["val_accuracy"] < FLAT
 
 
 def _load(rs: list[dict]) -> str:
@@ -261,6 +268,16 @@ def section(runs: dict[str, list[dict]]) -> str:
         secs = _seconds([r["train_seconds"] for r in rs])
         seeds = ",".join(str(r["seed"]) for r in rs)
         lines.append(f"| `{v}` | {seeds} | " + " | ".join([*cells, params, flops, secs, _load(rs)]) + " |")
+    flat = [v for v, rs in runs.items() if all(_flat(r["curve"]) for r in rs)]
+    if flat:
+        lines += [
+            "",
+            f"Flat rows (validation accuracy never rose {100 * FLAT:.0f} points above its first point): "
+            + ", ".join(f"`{v}`" for v in flat)
+            + ". These models still answer from the question alone (the answer prior: shape and yes/no questions "
+            "near 50 %, count near its most frequent value); under this budget they cannot be ranked against "
+            "each other.",
+        ]
     lines += ["", "Targets (issue 6):", "", *targets(runs), "", *NOTES, "", "Commands (one per run):", ""]
     for v, rs in runs.items():
         for r in rs:
@@ -333,11 +350,18 @@ def headline(runs: dict[str, list[dict]]) -> str | None:
     stats = {v: row_stats(rs) for v, rs in runs.items()}
     best = max(stats, key=lambda v: stats[v]["val"])
     s = stats[best]
+    flat = sum(all(_flat(r["curve"]) for r in rs) for rs in runs.values())
+    caveat = (
+        f" {flat} of {len(runs)} rows never left the answer prior under this budget (flat validation curves), "
+        "so the ranking means little yet."
+        if flat
+        else ""
+    )
     return (
         f"Sort-of-CLEVR, best of {len(runs)} fusion variants on validation: `{best}` — test {100 * s['overall']:.1f} %"
         f" overall, {100 * s['relational']:.1f} % relational, {100 * s['non_relational']:.1f} % non-relational "
         f"({budget_line(runs)}; full table in [docs/results.md](docs/results.md#sort-of-clevr-relational-reasoning-"
-        "every-fusion-variant-under-one-budget))."
+        f"every-fusion-variant-under-one-budget)).{caveat}"
     )
 
 

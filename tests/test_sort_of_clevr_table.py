@@ -81,6 +81,7 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert "`rn`: no run yet (**not met**)" in body
     assert "600 steps x 160 questions (8 images per batch; 2400.00 epochs of 40 training questions)" in body
     assert body.count("python train.py") == 3  # one command line per run
+    assert "Flat rows (validation accuracy never rose 3 points above its first point): `concat`, `cross`." in body
     # Rewriting replaces the section in place (idempotent).
     table.main(["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")])
     assert out.read_text() == text
