@@ -130,7 +130,9 @@ def table(summaries: dict[str, dict]) -> str:
         "own 2-D position embedding and a learned scale embedding, concatenated). Accuracy is on the test split "
         "(%). FLOPs: analytic forward FLOPs per example (`vtfusion_jax/flops.py`; a training step costs 3x; the "
         "image tower counts once per question, although image-grouped batches encode each image once per batch). "
-        "Training time is wall time on a shared 2-core CPU: read it with the load average beside it.",
+        "Training time is wall time on a shared 2-core CPU: read it with the load average beside it. Each row's "
+        "exact configuration is its `results/multiscale/<row>/config.json` (the two rows of a dataset differ only in "
+        "`scales`); the config files may have moved on since the runs, so a rerun of the command can differ.",
         "",
     ]
     for dataset, types in TYPE_COLUMNS.items():
