@@ -22,7 +22,8 @@ DATA_DIR = os.path.join(_SESSION_DIR, "tfds")
 CACHE_DIR = os.path.join(_SESSION_DIR, "xla_cache")
 
 # Unoptimised LLVM code generation compiles the tiny test programs ~8x faster (18 s -> 2 s for an init) and they
-# run for milliseconds anyway. Only effective if no test has started the CPU backend yet (conftest could set it).
+# run for milliseconds anyway. conftest.py sets it before any test module can start the CPU backend; here for
+# scripts that import this module outside pytest.
 XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 if XLA_TEST_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_TEST_FLAGS).strip()
