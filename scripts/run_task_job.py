@@ -16,21 +16,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_job import _LoadSampler  # noqa: E402
+from run_job import _LoadSampler, _run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(cmd: list[str]) -> float:
-    print("+", " ".join(cmd), flush=True)
-    start = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return time.time() - start
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ are in metrics_caption.py).
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -106,16 +107,17 @@ def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> floa
 # imports the tf.summary writer), which is not a dependency here; these writers follow its interface.
 
 
-class MetricWriter:
+class MetricWriter(abc.ABC):
     """Interface: ``write_scalars(step, {name: value})``, ``write_hparams(dict)``, ``flush()``, ``close()``."""
 
+    @abc.abstractmethod
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        """Records ``{name: value}`` at ``step``."""
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         del hparams
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027  (optional hook: buffering writers override it)
         pass
 
     def close(self) -> None:

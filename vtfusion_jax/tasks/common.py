@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from vtfusion_jax import pretrained_init, sharding
 from vtfusion_jax.tasks import data as data_lib
 
 
-class TaskBase:
+class TaskBase(abc.ABC):
     """Subclasses set ``main_metric`` and define build_model, init_batch_extra, host_batch, loss and evaluate.
 
     Args:
@@ -97,17 +98,22 @@ class TaskBase:
         return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(outs[0])))
 
     # to define --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_model(self):
-        raise NotImplementedError
+        """Defined by each task (tasks/retrieval.py, tasks/caption.py)."""
 
+    @abc.abstractmethod
     def init_batch_extra(self) -> dict:
-        raise NotImplementedError
+        """Defined by each task (tasks/retrieval.py, tasks/caption.py)."""
 
+    @abc.abstractmethod
     def host_batch(self, step: int) -> dict:
-        raise NotImplementedError
+        """Defined by each task (tasks/retrieval.py, tasks/caption.py)."""
 
+    @abc.abstractmethod
     def loss(self, params, batch, rng):
-        raise NotImplementedError
+        """Defined by each task (tasks/retrieval.py, tasks/caption.py)."""
 
+    @abc.abstractmethod
     def evaluate(self, params, split_data: dict) -> dict:
-        raise NotImplementedError
+        """Defined by each task (tasks/retrieval.py, tasks/caption.py)."""
