@@ -54,8 +54,11 @@ def test_retrieval_end_to_end(tmp_path):
     with open(os.path.join(wd, "eval", "test", "metrics.json")) as f:
         assert json.load(f)["rerank_t2i_R@1"] == m["rerank_t2i_R@1"]
     for prefix in ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i"):
-        for k in (1, 5, 10):
-            assert 0.0 <= m[f"{prefix}_R@{k}"] <= 1.0
+        recalls = [m[f"{prefix}_R@{k}"] for k in (1, 5, 10)]
+        assert 0.0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1.0, (prefix, recalls)  # R@K grows with K
+    # Text -> image over 8 test images: the matching image is always within the top 10, even when the untrained
+    # scores tie (ties rank pessimistically), with ITC alone and after ITM re-ranking of the top 4.
+    assert m["itc_t2i_R@10"] == m["rerank_t2i_R@10"] == 1.0
     assert m["num_images"] == 8 and m["rerank_k"] == 4 and "protocol" in m
     png, captions = _scene_png(c, tmp_path)
     ranked = tasks.rank_captions(c, wd, png, [captions[0][0], captions[1][0], "a red circle"], "latest")
