@@ -93,6 +93,7 @@ def get_config(arg=None):
     c.train.num_epochs = 6.0  # epochs of the train split (used when num_steps <= 0); ~141 grouped batches each
     c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # cross-entropy label smoothing
+    c.train.focal_gamma = 0.0  # focal-loss exponent: (1 - p)^gamma down-weights examples already right (0 = plain CE)
     c.train.nan_policy = "stop"  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
     c.train.log_every_steps = 20  # train metrics to TensorBoard / metrics.jsonl
     c.train.eval_every_steps = 150  # validation + checkpoint (~1 epoch); 0 = only at the end, -1 = never

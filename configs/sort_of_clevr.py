@@ -105,6 +105,7 @@ def get_config(arg=None):
     c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
     c.train.num_steps = 1200  # micro-steps: the matched budget (96,000 questions, ~0.5 epoch)
     c.train.label_smoothing = 0.0  # label smoothing
+    c.train.focal_gamma = 0.0  # focal-loss exponent: (1 - p)^gamma down-weights examples already right (0 = plain CE)
     c.train.log_every_steps = 50  # train metrics cadence
     c.train.eval_every_steps = 300  # validation + checkpoint cadence: the points of the accuracy-vs-time curve
     c.train.checkpoint_every_steps = 300  # periodic checkpoints

@@ -85,6 +85,7 @@ def get_config(arg=None):
     c.train.num_epochs = 1.0  # used only when num_steps <= 0
     c.train.num_steps = 12  # micro-steps
     c.train.label_smoothing = 0.0  # label smoothing
+    c.train.focal_gamma = 0.0  # focal-loss exponent: (1 - p)^gamma down-weights examples already right (0 = plain CE)
     c.train.log_every_steps = 2  # train metrics cadence
     c.train.eval_every_steps = 6  # validation + checkpoint cadence (0 = only at the end, -1 = never)
     c.train.checkpoint_every_steps = 4  # periodic checkpoints
