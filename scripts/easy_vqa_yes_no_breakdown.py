@@ -31,12 +31,27 @@ def breakdown(path: str) -> tuple[float, dict[tuple[str, str, str], tuple[int, i
     return accuracy, {k: (v[0], v[1]) for k, v in sorted(cells.items())}
 
 
+def by_colour(path: str) -> dict[str, tuple[int, int]]:
+    """{asked colour: (correct, total)} over the negated-colour questions answered "no" (the hard cell): shows
+    whether a model learnt the case for every colour or colour by colour."""
+    out: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for line in open(path):
+        r = json.loads(line)
+        q, m = r["question"], COLOURS.search(r["question"])
+        if m and r["answer"] == "no" and (" not " in q or q.startswith("is no ")):
+            out[m.group(1)][0] += bool(r["correct"])
+            out[m.group(1)][1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
 def main(paths: list[str]) -> None:
     for path in paths:
         accuracy, cells = breakdown(path)
         print(f"{path}: accuracy {100 * accuracy:.2f} %")
         for (kind, neg, answer), (ok, n) in cells.items():
             print(f"  {kind:6s} {neg:7s} answer {answer:3s}: {ok:5d} / {n:5d} = {100 * ok / n:6.2f} %")
+        colours = by_colour(path)
+        print("  negated colour, answer no, by colour: " + ", ".join(f"{c} {ok}/{n}" for c, (ok, n) in colours.items()))
 
 
 if __name__ == "__main__":
