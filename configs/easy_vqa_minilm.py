@@ -40,6 +40,7 @@ def get_config(arg=None):
     # the hour on a shared 2-core machine. The main job's length: --config.train.num_epochs=6.
     c.train.num_epochs = 1.0  # training length in epochs
     c.train.focal_gamma = 0.0  # plain cross-entropy, as in its committed run
+    c.dataset.max_len = 16  # question length of its committed run
     c.train.eval_every_steps = c.train.checkpoint_every_steps = 150  # validation cadence of its committed run
     c.lock()
     return c

@@ -33,6 +33,7 @@ def get_config(arg=None):
             c.model.fusion.pool_product = False
             c.model.text_encoder.depth = 1
             c.train.focal_gamma = 0.0
+            c.dataset.max_len = 16
             c.train.eval_every_steps = c.train.checkpoint_every_steps = 150
     with c.unlocked():
         # () = the last stage only (the single-scale encoder, same parameter names); (-k..-1) = the last k stages.

@@ -3,37 +3,56 @@
 Run: python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption
      python eval.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption --split=test
      python predict.py --workdir=runs/soc_caption --image=scene.png --caption
+The ':' argument manifest=PATH trains on a user dataset instead (JSON Lines rows {"image": ..., "caption": str | [str]}):
+     python train.py --config=configs/sort_of_clevr_caption.py:manifest=my_data --workdir=runs/my_caption
+Fused memory (the decoder reads a fusion variant's output tokens instead of the image tokens):
+     python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption_fused \
+         --config.model.memory=fused
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from vtfusion_jax.config_lib import parse_arg
+
 
 def get_config(arg=None):
-    """Returns the locked config (``arg`` is unused)."""
-    del arg
+    """Returns the locked config; ``arg`` is "" (Sort-of-CLEVR) or "manifest=PATH" (a user dataset)."""
+    arg = parse_arg(arg, manifest="")
     c = ml_collections.ConfigDict()
     c.task = "caption"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
     c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
-    c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+    if arg.manifest:  # user data: JSON Lines manifests + an image folder (vtfusion_jax/data/manifest.py)
+        c.dataset.name = "manifest"  # TFDS builder over the manifests, in caption mode
+        c.dataset.builder_kwargs = ml_collections.ConfigDict(  # manifest builder options
+            dict(
+                path=arg.manifest,  # folder with train.jsonl, validation.jsonl (model selection) [, test.jsonl]
+                image_size=64,  # stored square side in px (the CNN below: (64 / 8)^2 = 64 image tokens)
+                image_dir=config_dict.placeholder(str),  # image paths are relative to it; None = the manifest folder
+                skip_bad_rows=False,  # True: skip and count bad rows instead of raising (file:line) errors
+                captions=True,  # caption mode: each row needs "caption" (a string or a list); text / label optional
+            )
+        )
+    else:
+        c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+        c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
+            dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
+        )
     c.dataset.data_dir = config_dict.placeholder(str)  # cache folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
-        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
-    )
     c.dataset.train_split = "train"  # training images
     c.dataset.val_split = "validation"  # model selection
-    c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
-    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS] (the longest scene caption has 44)
+    c.dataset.image_size = config_dict.placeholder(int)  # None = as stored (75 px; a manifest's builder image_size)
+    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS], longer ones truncated (longest scene caption: 44)
 
     c.model = ml_collections.ConfigDict()  # CaptionModel spec (vtfusion_jax/models/caption.py)
     c.model.width = 128  # token width D
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.model.attention_impl = "xla"  # unused by the decoder (its attention is dot_product_attention's xla path)
-    c.model.scan_layers = False  # unused by the decoder
-    c.model.remat_policy = "none"  # unused by the decoder
+    c.model.attention_impl = "xla"  # the fusion's ("fused" memory); the decoder always uses the xla path
+    c.model.scan_layers = False  # nn.scan over the fusion's layers ("fused" memory; not the decoder's)
+    c.model.remat_policy = "none"  # the fusion's rematerialisation ("fused" memory; not the decoder's)
     c.model.image_encoder = dict(  # image tower
         name="cnn",  # Santoro et al.'s conv stack
         channels=(32, 64, 128),  # 75 px -> 10x10 = 100 image tokens
@@ -41,6 +60,16 @@ def get_config(arg=None):
         norm="group",  # GroupNorm
         pos_emb="learn",  # learned 2-D positions (captions name positions)
         freeze=False,  # True: frozen
+    )
+    c.model.memory = "image"  # decoder cross-attends to: "image" tokens | "fused" = fusion(prompt, image) outputs
+    c.model.prompt_len = 8  # "fused": learned prompt tokens fed to the fusion as its text (models/caption.py says why)
+    c.model.fusion = dict(  # "fused" only: the variant making the memory (unused, no parameters, with "image")
+        name="co_attention",  # updates both streams (cross / gated_cross / query change only the prompt tokens)
+        num_layers=1,  # fusion layers
+        num_heads=4,  # heads
+        mlp_dim=256,  # MLP width
+        dropout_rate=0.0,  # dropout
+        freeze=False,  # True: frozen (prompt and fusion)
     )
     c.model.head = dict(  # caption decoder (vocab_size comes from the word vocabulary)
         name="caption_decoder",  # CaptionDecoder
@@ -64,13 +93,14 @@ def get_config(arg=None):
     c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
     c.optim.accum_steps = 1  # must stay 1 for these tasks (the loop has no accumulation)
     c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
-        dict(image_encoder=1.0, head=1.0)  # per-tower lr scale
+        dict(image_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale (fusion: "fused" memory only)
     )
 
     c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
     c.train.global_batch_size = 64  # (image, caption) pairs per step
     c.train.num_steps = 3000  # steps
     c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
+    c.train.nan_policy = "stop"  # NaN/Inf loss or grad: "stop" (names the step; last good ckpt kept) | "skip" it
     c.train.label_smoothing = 0.1  # label smoothing of the teacher-forced targets
     c.train.log_every_steps = 100  # train metrics cadence
     c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)

@@ -3,7 +3,9 @@
 Run: python train.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval
      python eval.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval --split=test
      python predict.py --workdir=runs/soc_retrieval --image=scene.png --retrieve=captions.txt
-The ':' argument picks the ITM fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query).
+The ':' argument picks the ITM fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query) and,
+with manifest=PATH, a user dataset instead of Sort-of-CLEVR (JSON Lines rows {"image": ..., "caption": str | [str]}):
+     python train.py --config=configs/sort_of_clevr_retrieval.py:fusion=cross,manifest=my_data --workdir=runs/my_ret
 """
 
 import ml_collections
@@ -15,8 +17,8 @@ FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottlene
 
 
 def get_config(arg=None):
-    """Returns the locked config; ``arg`` is "fusion=NAME" (default cross)."""
-    arg = parse_arg(arg, fusion="cross")
+    """Returns the locked config; ``arg`` is "fusion=NAME[,manifest=PATH]" (default cross, Sort-of-CLEVR)."""
+    arg = parse_arg(arg, fusion="cross", manifest="")
     if arg.fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
     c = ml_collections.ConfigDict()
@@ -25,15 +27,27 @@ def get_config(arg=None):
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
     c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
-    c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+    if arg.manifest:  # user data: JSON Lines manifests + an image folder (vtfusion_jax/data/manifest.py)
+        c.dataset.name = "manifest"  # TFDS builder over the manifests, in caption mode
+        c.dataset.builder_kwargs = ml_collections.ConfigDict(  # manifest builder options
+            dict(
+                path=arg.manifest,  # folder with train.jsonl, validation.jsonl (model selection) [, test.jsonl]
+                image_size=64,  # stored square side in px (the CNN below: (64 / 8)^2 = 64 image tokens)
+                image_dir=config_dict.placeholder(str),  # image paths are relative to it; None = the manifest folder
+                skip_bad_rows=False,  # True: skip and count bad rows instead of raising (file:line) errors
+                captions=True,  # caption mode: each row needs "caption" (a string or a list); text / label optional
+            )
+        )
+    else:
+        c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
+        c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
+            dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
+        )
     c.dataset.data_dir = config_dict.placeholder(str)  # cache folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
-        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
-    )
     c.dataset.train_split = "train"  # training images
     c.dataset.val_split = "validation"  # model selection
-    c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
-    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS] (the longest scene caption has 44)
+    c.dataset.image_size = config_dict.placeholder(int)  # None = as stored (75 px; a manifest's builder image_size)
+    c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS], longer ones truncated (longest scene caption: 44)
 
     c.model = ml_collections.ConfigDict()  # RetrievalModel spec (vtfusion_jax/models/retrieval.py)
     c.model.width = 128  # token width D
@@ -99,6 +113,7 @@ def get_config(arg=None):
     c.train.global_batch_size = 64  # (image, caption) pairs per step = in-batch negatives
     c.train.num_steps = 3000  # steps
     c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
+    c.train.nan_policy = "stop"  # NaN/Inf loss or grad: "stop" (names the step; last good ckpt kept) | "skip" it
     c.train.label_smoothing = 0.0  # unused by retrieval (kept for the shared loop)
     c.train.log_every_steps = 100  # train metrics cadence
     c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)
