@@ -91,7 +91,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
     c.train.global_batch_size = 256  # examples per micro-step; large batches learn shape far sooner than 32-64
     c.train.images_per_batch = 32  # image-grouped batches: all questions of <= 32 images, each image encoded once
-    c.train.num_epochs = 6.0  # epochs of the train split (used when num_steps <= 0); ~141 grouped batches each
+    c.train.num_epochs = 5.0  # epochs of the train split (used when num_steps <= 0); ~139 grouped batches each
     c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
     c.train.label_smoothing = 0.0  # cross-entropy label smoothing
     c.train.focal_gamma = 2.0  # focal loss: (1 - p)^gamma down-weights examples already right (0 = plain CE), so
