@@ -3,7 +3,7 @@
 Run: python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption
      python eval.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption --split=test
      python predict.py --workdir=runs/soc_caption --image=scene.png --caption
-The ':' argument manifest=PATH trains on a user dataset instead (JSON Lines rows {"image": ..., "caption": str | [str]}):
+The ':' argument manifest=PATH trains on a user dataset (JSON Lines rows {"image": ..., "caption": str | [str]}):
      python train.py --config=configs/sort_of_clevr_caption.py:manifest=my_data --workdir=runs/my_caption
 Fused memory (the decoder reads a fusion variant's output tokens instead of the image tokens):
      python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption_fused \

@@ -155,7 +155,7 @@ def decode_captions(
     """
     if max_len > model.model_config["head"]["max_len"]:
         raise ValueError(f"max_len {max_len} exceeds the decoder's max_len {model.model_config['head']['max_len']}")
-    tokens, mask = model.apply({"params": params}, image, method=type(model).encode_image)
+    tokens, mask = model.apply({"params": params}, image, method=type(model).encode_memory)  # [B, M, Dm], [B, M]
     b = tokens.shape[0]
     rows = beam_size if method == "beam" else 1
     if rows > 1:

@@ -9,6 +9,24 @@ Decoding runs one position at a time (``decode_step``) with a key/value cache: e
 keys and values of the positions decoded so far in ``[B, T_max, H, Dh]`` buffers (written at index t with
 ``dynamic_update_slice``), and the cross-attention keys / values of the image tokens are computed once
 (``cross_kv``). Greedy and beam search over this step live in vtfusion_jax/decoding.py.
+
+The decoder's memory (what cross-attention reads) is chosen by ``model.memory``:
+
+  "image"  the image encoder's tokens [B, N, Di] (a model spec without the key, written before it existed).
+  "fused"  the output tokens of a fusion variant (``model.fusion``, any FUSIONS name) run on (prompt, image):
+           memory = [text_out ; image_out] [B, P + N, D], mask [True * P ; image_mask]. The fusion's text input is
+           ``model.prompt_len`` = P learned prompt tokens, the same for every image.
+
+Why a learned prompt: the caption cannot be the fusion's text -- it is the decoder's output, so teacher forcing would
+leak the targets into the memory and decoding does not know it yet. Any fixed text prompt (or an empty text) through
+a text encoder is a constant input as well, so P learned tokens are the same family of functions without a text tower
+or a dependence on the caption vocabulary. Both fusion outputs are kept because the variants differ in which stream
+they change: cross, gated_cross and query update only the text (here: prompt) stream and return the image tokens
+unchanged; merged, co_attention and bottleneck update both; concat and rn change neither (their interaction lives in
+``pooled``, a vector the decoder does not read), so "fused" with them is "image" plus P learned tokens. The memory is
+computed once per image (``encode_memory``) and its cross-attention keys / values once per decoding (``prepare``), so
+the KV-cache decoding is the same with either memory. Parameters: ``fusion/prompt`` [P, D] and ``fusion/variant``,
+one tower (``model.fusion.freeze``, ``optim.lr_multipliers.fusion``).
 """
 
 from __future__ import annotations
@@ -155,8 +173,53 @@ class CaptionDecoder(nn.Module):
         return jax.lax.dynamic_index_in_dim(self._out(x), index, axis=1, keepdims=False)
 
 
+MEMORIES = ("image", "fused")
+
+
+class FusedMemory(nn.Module):
+    """``prompt_len`` learned prompt tokens and the image tokens through a fusion variant -> decoder memory.
+
+    Attributes:
+      fusion_spec: ``model.fusion`` (name + fields of a FUSIONS variant).
+      shared: the model-wide settings (width, dtype, ...).
+      prompt_len: P >= 1.
+      width: D, width of the prompt tokens (the fusion projects inputs of another width).
+    """
+
+    fusion_spec: Any
+    shared: Any
+    prompt_len: int
+    width: int
+
+    def setup(self):
+        if self.prompt_len < 1:
+            raise ValueError(f'model.prompt_len must be >= 1 with model.memory "fused", got {self.prompt_len}')
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+        self.prompt = self.param("prompt", init, (self.prompt_len, self.width), jnp.float32)
+        self.variant = models.get_fusion(self.fusion_spec, self.shared)
+
+    def __call__(self, image, image_mask, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Image tokens [B, N, Di], mask [B, N] -> (memory [B, P + N, D], mask [B, P + N])."""
+        b = image.shape[0]
+        prompt = jnp.broadcast_to(self.prompt[None], (b, *self.prompt.shape)).astype(image.dtype)  # [B, P, D]
+        prompt_mask = jnp.ones((b, self.prompt_len), bool)
+        text, img, _ = self.variant(prompt, prompt_mask, image, image_mask, deterministic=deterministic)
+        return jnp.concatenate([text, img.astype(text.dtype)], 1), jnp.concatenate([prompt_mask, image_mask], 1)
+
+
+def memory_kind(model_config) -> str:
+    """``model.memory``, validated; a spec without the key (written before it existed) means "image"."""
+    kind = model_config["memory"] if "memory" in model_config else "image"
+    if kind not in MEMORIES:
+        raise ValueError(f"unknown model.memory {kind!r}; valid: {list(MEMORIES)}")
+    return kind
+
+
 class CaptionModel(nn.Module):
-    """Image encoder + CaptionDecoder (``model_config.head`` = {name: "caption_decoder", ...})."""
+    """Image encoder [+ FusedMemory] + CaptionDecoder (``model_config.head`` = {name: "caption_decoder", ...}).
+
+    ``model_config.memory`` "fused" also needs ``fusion`` (a FUSIONS spec) and ``prompt_len`` (module docstring).
+    """
 
     model_config: Any
     vocab_size: int
@@ -165,6 +228,12 @@ class CaptionModel(nn.Module):
         cfg = _as_dict(self.model_config)
         shared = shared_settings(cfg)
         self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
+        self.memory = memory_kind(cfg)
+        if self.memory == "fused":
+            missing = [k for k in ("fusion", "prompt_len", "width") if k not in cfg]
+            if missing:
+                raise ValueError(f'model.memory "fused" needs model.{", model.".join(missing)}')
+            self.fusion = FusedMemory(cfg["fusion"], shared, int(cfg["prompt_len"]), int(cfg["width"]), name="fusion")
         self.head = models._build(
             "head", {"caption_decoder": CaptionDecoder}, cfg["head"], shared, vocab_size=self.vocab_size
         )
@@ -173,8 +242,17 @@ class CaptionModel(nn.Module):
         """image [B, H, W, 3] -> (tokens [B, N, Di], mask [B, N])."""
         return self.image_encoder(image, deterministic=not train)
 
-    def prepare(self, image_tokens):
-        return self.head.prepare(image_tokens)
+    def encode_memory(self, image, train: bool = False):
+        """image [B, H, W, 3] -> what the decoder cross-attends to: (tokens [B, M, Dm], mask [B, M]); M = N for
+        memory "image", P + N for "fused"."""
+        tokens, mask = self.encode_image(image, train)
+        if self.memory == "fused":
+            tokens, mask = self.fusion(tokens, mask, deterministic=not train)
+        return tokens, mask
+
+    def prepare(self, memory):
+        """Memory tokens [B, M, Dm] -> per decoder layer the cross-attention (keys, values)."""
+        return self.head.prepare(memory)
 
     def init_cache(self, batch: int):
         return self.head.init_cache(batch)
@@ -187,5 +265,5 @@ class CaptionModel(nn.Module):
 
     def __call__(self, batch, train: bool = False) -> dict:
         """batch image [B, H, W, 3], caption_in [B, T] -> {"logits": [B, T, V]} (teacher forcing)."""
-        image, image_mask = self.encode_image(batch["image"], train)
-        return {"logits": self.head(batch["caption_in"], image, image_mask, deterministic=not train)}
+        memory, memory_mask = self.encode_memory(batch["image"], train)
+        return {"logits": self.head(batch["caption_in"], memory, memory_mask, deterministic=not train)}
