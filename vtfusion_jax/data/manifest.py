@@ -24,6 +24,15 @@ from its header, before any pixel is decoded: a 20000 x 20000 PNG costs no memor
 scaled to 8 bits, CMYK / palette / grayscale become RGB, JPEGs are decoded at a reduced scale when much larger than
 `image_size`; a 100,000-character text is truncated by the tokenizer to `max_len` tokens.
 
+Caption mode (`captions=True`, for the retrieval and captioning tasks, vtfusion_jax/tasks/data.py): a row needs
+`image` and `caption` -- a non-empty string, or a non-empty list of non-empty strings (several captions of one image;
+repeating the image on several rows also works, the task loader groups rows by image path). `text` and `label` are
+optional and unused (stored as "" and -1 when absent). A row without a caption, or with an empty one, is a bad row
+naming its manifest line, like every other bad row; an unreadable image is the same bad row as in classification mode.
+A list is stored newline-separated in the `caption` feature (newlines inside one caption become spaces). Classification
+mode (the default) is unchanged: `caption` stays an optional free string. The two modes build separate datasets (the
+caption one's name ends in `_captions`).
+
 The config name hashes the manifests' content, so editing a manifest builds a fresh dataset (changing an image file
 in place does not).
 """
@@ -60,16 +69,32 @@ class ManifestConfig(tfds.core.BuilderConfig):
       image_dir: absolute folder that image paths are relative to; no image may resolve outside it.
       image_size: stored square image size.
       skip_bad_rows: skip (and count) bad rows instead of raising.
+      captions: caption mode (module docstring): `caption` required, `text` / `label` optional.
     """
 
     manifests: dict = dataclasses.field(default_factory=dict)
     image_dir: str = ""
     image_size: int = 224
     skip_bad_rows: bool = False
+    captions: bool = False
+
+
+CAPTIONS_SUFFIX = "_captions"
+
+
+def with_captions(config: ManifestConfig) -> ManifestConfig:
+    """``config`` in caption mode (its name gets CAPTIONS_SUFFIX: a separate dataset)."""
+    if config.captions:
+        return config
+    return dataclasses.replace(config, captions=True, name=config.name + CAPTIONS_SUFFIX)
 
 
 def manifest_config(
-    path: str, image_dir: str | None = None, image_size: int = 224, skip_bad_rows: bool = False
+    path: str,
+    image_dir: str | None = None,
+    image_size: int = 224,
+    skip_bad_rows: bool = False,
+    captions: bool = False,
 ) -> ManifestConfig:
     """Builds the config for a dataset folder (or a single .jsonl file, which becomes the train split).
 
@@ -78,6 +103,7 @@ def manifest_config(
       image_dir: folder the rows' image paths are relative to (default: the folder of the manifests).
       image_size: stored square image size.
       skip_bad_rows: skip and count bad rows instead of raising ManifestError.
+      captions: caption mode (module docstring).
 
     Returns:
       A ManifestConfig whose name identifies the manifests' content and the options.
@@ -99,14 +125,15 @@ def manifest_config(
         with open(manifests[split], "rb") as f:
             digest.update(f.read())
     stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(folder).lower()).strip("_") or "data"
-    return ManifestConfig(
-        name=f"{stem}_{digest.hexdigest()[:10]}",
+    config = ManifestConfig(
+        name=f"{stem}_{digest.hexdigest()[:10]}",  # unchanged by caption mode: existing datasets keep their names
         description=f"manifests {manifests}, images under {image_dir}",
         manifests=manifests,
         image_dir=image_dir,
         image_size=int(image_size),
         skip_bad_rows=bool(skip_bad_rows),
     )
+    return with_captions(config) if captions else config
 
 
 def _safe_path(image_dir: str, rel) -> str:
@@ -121,12 +148,25 @@ def _safe_path(image_dir: str, rel) -> str:
     return full
 
 
-def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, str | None]]:
+def _captions(row: dict) -> list[str]:
+    """The row's captions (caption mode): a non-empty string or a non-empty list of non-empty strings."""
+    if "caption" not in row or row["caption"] is None:
+        raise ValueError(f"missing field 'caption' (image {row['image']!r}); caption mode needs one per row")
+    caps = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+    if not caps or not all(isinstance(c, str) for c in caps):
+        raise ValueError(f"'caption' must be a string or a list of strings, got {row['caption']!r}")
+    if not all(c.strip() for c in caps):
+        raise ValueError(f"empty caption (image {row['image']!r})")
+    return [" ".join(c.split()) for c in caps]  # newlines (the list separator in storage) become spaces
+
+
+def parse_rows(manifest: str, image_dir: str, captions: bool = False) -> list[tuple[int, dict | None, str | None]]:
     """Cheap checks of every line (no image decoding).
 
     Args:
       manifest: path of a .jsonl file.
       image_dir: folder image paths are relative to.
+      captions: caption mode (`caption` required, `text` / `label` optional; the row gets "captions": [str]).
 
     Returns:
       (line number, row dict with "path" added, None) for rows that pass, or (line number, None, error message).
@@ -148,23 +188,29 @@ def parse_rows(manifest: str, image_dir: str) -> list[tuple[int, dict | None, st
                     raise ValueError(f"invalid JSON ({e})") from None
                 if not isinstance(row, dict):
                     raise ValueError("a row must be a JSON object")
-                for key in ("image", "text"):
-                    if key not in row:
-                        raise ValueError(f"missing field {key!r}")
-                if not isinstance(row["text"], str):
-                    raise ValueError(f"'text' must be a string, got {row['text']!r}")
-                if not row["text"].strip():
-                    raise ValueError(f"empty text (image {row['image']!r})")
+                if "image" not in row:
+                    raise ValueError("missing field 'image'")
                 label = row.get("label")
-                if label is None or str(label).strip() == "":
-                    raise ValueError(f"empty label (image {row['image']!r})")
+                if captions:
+                    row = dict(row, captions=_captions(row))
+                    row["text"] = row["text"] if isinstance(row.get("text"), str) else ""
+                else:
+                    if "text" not in row:
+                        raise ValueError("missing field 'text'")
+                    if not isinstance(row["text"], str):
+                        raise ValueError(f"'text' must be a string, got {row['text']!r}")
+                    if not row["text"].strip():
+                        raise ValueError(f"empty text (image {row['image']!r})")
+                    if label is None or str(label).strip() == "":
+                        raise ValueError(f"empty label (image {row['image']!r})")
                 path = _safe_path(image_dir, row["image"])
                 if not os.path.isfile(path):
                     raise ValueError(f"image file not found: {path}")
             except ValueError as e:
                 out.append((lineno, None, f"{where}: {e}"))
                 continue
-            row = dict(row, label=str(label).strip(), path=path)
+            has_label = label is not None and str(label).strip() != ""
+            row = dict(row, label=str(label).strip() if has_label else None, path=path)
             if row.get("question_type") is not None:
                 row["question_type"] = str(row["question_type"])
             out.append((lineno, row, None))
@@ -220,16 +266,28 @@ def load_image(path: str, size: int) -> Image.Image:
 
 
 class Manifest(tfds.core.GeneratorBasedBuilder):
-    """User image-text classification data from JSON Lines manifests (see the module docstring)."""
+    """User image-text data from JSON Lines manifests (see the module docstring).
+
+    Args:
+      captions: caption mode; datasets.get_builder passes it through from ``builder_kwargs`` (its other manifest
+        options make the config).
+      **kwargs: tfds builder arguments (``config`` a ManifestConfig, ``data_dir``).
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "JSON Lines manifest + image folder."}
     BUILDER_CONFIGS: list = []  # configs are made per dataset by manifest_config(...)
 
+    def __init__(self, *, captions: bool = False, **kwargs):
+        if captions:
+            kwargs["config"] = with_captions(kwargs["config"])
+        super().__init__(**kwargs)
+
     def _rows(self, split: str):
         cache = self.__dict__.setdefault("_row_cache", {})
         if split not in cache:
-            cache[split] = parse_rows(self.builder_config.manifests[split], self.builder_config.image_dir)
+            cfg = self.builder_config
+            cache[split] = parse_rows(cfg.manifests[split], cfg.image_dir, captions=cfg.captions)
         return cache[split]
 
     def _vocab(self, key: str, default: list[str]) -> list[str]:
@@ -239,9 +297,10 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
         labels = self._vocab("label", [])
-        if not labels:
+        if not labels and not cfg.captions:  # caption mode: labels are optional (none at all is fine)
             raise ManifestError(f"{cfg.manifests['train']}: no valid row with a label; cannot build a vocabulary")
         s = cfg.image_size
+        types = [DEFAULT_TYPE] if cfg.captions else self._vocab("question_type", [DEFAULT_TYPE])
         return tfds.core.DatasetInfo(
             builder=self,
             description=cfg.description,
@@ -250,7 +309,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                     "image": tfds.features.Image(shape=(s, s, 3)),
                     "text": tfds.features.Text(),
                     "label": tfds.features.ClassLabel(names=labels),
-                    "question_type": tfds.features.ClassLabel(names=self._vocab("question_type", [DEFAULT_TYPE])),
+                    "question_type": tfds.features.ClassLabel(names=types),
                     "caption": tfds.features.Text(),
                     "image_path": tfds.features.Text(),
                     "line": np.int32,
@@ -283,7 +342,11 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
             where = f"{cfg.manifests[split]}:{lineno}"
             qtype = row.get("question_type", DEFAULT_TYPE if types == [DEFAULT_TYPE] else None)
             label = row["label"]
-            if label not in labels:
+            if cfg.captions:  # question types are not read in caption mode (the vocabulary is just "all")
+                qtype = DEFAULT_TYPE
+            if label is None and cfg.captions:
+                label = -1  # no label: fine in caption mode (rows without one never reach here otherwise)
+            elif label not in labels:
                 if split == "train":  # cannot happen (the vocabulary is the train split's); kept as a guard
                     bad(f"{where}: label {label!r} does not occur in the train split")
                     continue
@@ -306,7 +369,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                     "text": row["text"],
                     "label": label,
                     "question_type": qtype,
-                    "caption": str(row.get("caption") or ""),
+                    "caption": "\n".join(row["captions"]) if cfg.captions else str(row.get("caption") or ""),
                     "image_path": row["image"],
                     "line": lineno,
                 },

@@ -81,11 +81,11 @@ def evaluate_split(config, workdir: str, split: str, checkpoint="best") -> dict:
 
 
 def _read_image(task, path: str) -> np.ndarray:
-    from PIL import Image
+    """uint8 [1, S, S, 3], decoded and resized like the manifest builder's training images."""
+    from vtfusion_jax.data import manifest
 
     size = task.init_batch["image"].shape[1]
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8)[None]
+    return np.asarray(manifest.load_image(path, size), np.uint8)[None]
 
 
 def caption_image(config, workdir: str, image_path: str, checkpoint="best", method: str = "beam") -> dict:

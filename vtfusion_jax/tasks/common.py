@@ -37,10 +37,11 @@ class TaskBase(abc.ABC):
         else:
             self.vocab = data_lib.WordVocab.build([c for cs in self.train_split["captions"] for c in cs])
         self.model = self.build_model()
-        size = 75  # the Sort-of-CLEVR images (tasks/data.py does not resize)
+        size = data_lib.image_size(config)  # the stored images are used as they are (tasks/data.py does not resize)
         if self.config.dataset.image_size not in (None, size):
             raise ValueError(
-                f"caption tasks use the {size} px images as they are; got image_size {config.dataset.image_size}"
+                f"caption tasks use the {size} px images as they are (a manifest's size is "
+                f"builder_kwargs.image_size); got dataset.image_size {config.dataset.image_size}"
             )
         self.init_batch = {"image": jnp.zeros((1, size, size, 3), jnp.float32), **self.init_batch_extra()}
         self._val = None

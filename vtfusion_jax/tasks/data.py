@@ -1,10 +1,18 @@
 """Image-caption data for the retrieval and captioning tasks: images with one or more captions, a word vocabulary,
 and deterministic global batches.
 
-Sort-of-CLEVR: every image has one scene caption (data/sort_of_clevr.py ``caption``: each object's colour, shape and
-coarse 3x3 position). The TFDS records repeat image and caption once per question, so the images are taken
-straight from the generator, ``generate_image(seed, split, index)`` -- the pure function the TFDS builder writes --
-and cached as one ``.npz`` per split under ``<data_dir>/sort_of_clevr_captions/<builder config>/``.
+Sort-of-CLEVR (``dataset.name = "sort_of_clevr"``): every image has one scene caption (data/sort_of_clevr.py
+``caption``: each object's colour, shape and coarse 3x3 position). The TFDS records repeat image and caption once per
+question, so the images are taken straight from the generator, ``generate_image(seed, split, index)`` -- the pure
+function the TFDS builder writes -- and cached as one ``.npz`` per split under
+``<data_dir>/sort_of_clevr_captions/<builder config>/``.
+
+User manifests (``dataset.name = "manifest"``, ``dataset.builder_kwargs = {path, image_size, captions: True, ...}``):
+the manifest TFDS builder (data/manifest.py) in caption mode, so a row without a caption or with an unreadable image
+raises ``ManifestError`` naming the manifest file and line (or is skipped and counted with ``skip_bad_rows``). Rows
+are grouped by image path (normalised, in manifest order): an image on several rows, and a row whose ``caption`` is a
+list, give one image with several captions -- the form the retrieval protocol scores (tasks/retrieval.py). A
+split's images are held in host memory (N x S x S x 3 bytes at ``image_size`` S).
 
 Captions are tokenised by ``metrics_caption.tokenize`` (lowercase words, no punctuation) and mapped to ids by a
 word vocabulary built from the training captions (``WordVocab``, saved as ``workdir/vocab.json``): the same ids feed
@@ -23,7 +31,7 @@ import jax
 import numpy as np
 
 from vtfusion_jax import sharding
-from vtfusion_jax.data import datasets, pipeline
+from vtfusion_jax.data import datasets, manifest, pipeline
 from vtfusion_jax.data import sort_of_clevr as soc
 from vtfusion_jax.metrics_caption import tokenize
 
@@ -74,6 +82,23 @@ class WordVocab:
         return " ".join(out)
 
 
+DATASETS = ("sort_of_clevr", "manifest")
+
+
+def _check_dataset(config) -> str:
+    name = config.dataset.name
+    if name not in DATASETS:
+        raise ValueError(f"caption tasks support datasets {list(DATASETS)}, got {name!r}")
+    return name
+
+
+def image_size(config) -> int:
+    """Side of the square images a config's split loads: 75 (Sort-of-CLEVR) or ``builder_kwargs.image_size``."""
+    if _check_dataset(config) == "manifest":
+        return int(config.dataset.builder_kwargs.image_size)
+    return soc.IMAGE_SIZE
+
+
 def _cache_path(config, split: str) -> str:
     d = config.dataset
     conf = soc.config_from_kwargs(**d.builder_kwargs.to_dict())
@@ -81,19 +106,7 @@ def _cache_path(config, split: str) -> str:
     return os.path.join(root, "sort_of_clevr_captions", conf.name, f"{split}.npz")
 
 
-def load_split(config, split: str) -> dict:
-    """Images and captions of a split.
-
-    Args:
-      config: experiment config (``dataset.name``, ``dataset.builder_kwargs``, ``dataset.data_dir``).
-      split: "train" | "validation" | "test", optionally sliced "test[:50]".
-
-    Returns:
-      {"image": uint8 [N, H, W, 3], "captions": list of N lists of caption strings}.
-    """
-    name = split.split("[")[0]
-    if config.dataset.name != "sort_of_clevr":
-        raise ValueError(f"caption tasks support dataset 'sort_of_clevr', got {config.dataset.name!r}")
+def _sort_of_clevr_split(config, name: str) -> tuple[np.ndarray, list[list[str]]]:
     path = _cache_path(config, name)
     if not os.path.exists(path):
         kw = config.dataset.builder_kwargs.to_dict()
@@ -104,7 +117,55 @@ def load_split(config, split: str) -> dict:
         np.savez(tmp, image=np.stack([g["image"] for g in gens]), caption=np.array([g["caption"] for g in gens]))
         os.replace(tmp, path)
     with np.load(path) as f:
-        image, caption = f["image"], [[str(c)] for c in f["caption"]]
+        return f["image"], [[str(c)] for c in f["caption"]]
+
+
+def _manifest_split(config, name: str) -> tuple[np.ndarray, list[list[str]]]:
+    """A manifest split grouped by image: (uint8 [N, S, S, 3], N lists of captions), in manifest order."""
+    kwargs = config.dataset.builder_kwargs.to_dict()
+    builder = datasets.get_builder("manifest", data_dir=config.dataset.data_dir, builder_kwargs=kwargs)
+    cfg = builder.builder_config
+    if name not in cfg.manifests:
+        raise FileNotFoundError(
+            f"manifest dataset {kwargs['path']!r} has no {name!r} split: add {name}.jsonl beside train.jsonl"
+        )
+    src = builder.as_data_source(split=name)
+    rows = sorted(src.__getitems__(list(range(len(src)))), key=lambda r: int(r["line"]))
+    images, captions, index = [], [], {}
+    for r in rows:
+        caps = [c for c in r["caption"].decode("utf-8").split("\n") if c.strip()]
+        if not caps:  # only without builder_kwargs.captions (caption mode refuses such rows while building)
+            raise manifest.ManifestError(
+                f"{cfg.manifests[name]}:{int(r['line'])}: no caption (image {r['image_path'].decode()!r}); "
+                "the retrieval / caption tasks need one per row (set builder_kwargs.captions=True to check every "
+                "row while building)"
+            )
+        key = os.path.normpath(r["image_path"].decode("utf-8"))
+        if key not in index:
+            index[key] = len(images)
+            images.append(r["image"])
+            captions.append([])
+        captions[index[key]].extend(caps)
+    if not images:
+        raise manifest.ManifestError(f"{cfg.manifests[name]}: no usable rows")
+    return np.stack(images), captions
+
+
+def load_split(config, split: str) -> dict:
+    """Images and captions of a split.
+
+    Args:
+      config: experiment config (``dataset.name``, ``dataset.builder_kwargs``, ``dataset.data_dir``).
+      split: "train" | "validation" | "test", optionally sliced "test[:50]" (a slice of images, not of rows).
+
+    Returns:
+      {"image": uint8 [N, H, W, 3], "captions": list of N lists of caption strings}.
+    """
+    name = split.split("[")[0]
+    if _check_dataset(config) == "manifest":
+        image, caption = _manifest_split(config, name)
+    else:
+        image, caption = _sort_of_clevr_split(config, name)
     if "[" in split:
         sl = slice(*[int(x) if x else None for x in split[split.index("[") + 1 : -1].split(":")])
         image, caption = image[sl], caption[sl]
