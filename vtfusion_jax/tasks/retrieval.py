@@ -75,20 +75,29 @@ class RetrievalTask(TaskBase):
 
     # ------------------------------------------------------------------------------------------- evaluation
 
+    def _jitted(self) -> dict:
+        """The evaluation functions, jitted once per task (every validation reuses the compiled programs)."""
+        if "_eval_fns" not in self.__dict__:
+            m, pad = self.model, self.vocab.pad_id
+
+            def enc_img(p, x):
+                tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
+                return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_image)
+
+            def enc_txt(p, t):
+                tok, mask = m.apply({"params": p}, t, t != pad, method=RetrievalModel.encode_text)
+                return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_text)
+
+            def itm(p, a, am, b, bm):
+                return m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
+
+            self._eval_fns = {"image": jax.jit(enc_img), "text": jax.jit(enc_txt), "itm": jax.jit(itm)}
+        return self._eval_fns
+
     def _encode(self, params, images: np.ndarray, text_ids: np.ndarray):
         """Token outputs and embeddings of all images and texts (host numpy)."""
-        m, bs = self.model, self.config.train.eval_batch_size
-
-        @jax.jit
-        def enc_img(p, x):
-            tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
-            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_image)
-
-        @jax.jit
-        def enc_txt(p, t):
-            tok, mask = m.apply({"params": p}, t, t != self.vocab.pad_id, method=RetrievalModel.encode_text)
-            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_text)
-
+        bs = self.config.train.eval_batch_size
+        enc_img, enc_txt = self._jitted()["image"], self._jitted()["text"]
         norm = lambda x: data_lib.normalise_images(x, *self.norm)  # noqa: E731
         imgs = self.map_batches(lambda x: enc_img(params, self.put(norm(x))), images, bs)
         txts = self.map_batches(lambda t: enc_txt(params, self.put(t)), text_ids, bs)
@@ -96,8 +105,8 @@ class RetrievalTask(TaskBase):
 
     def _itm_scores(self, params, image, image_mask, text, text_mask, img_idx, txt_idx) -> np.ndarray:
         """ITM log-odds of the pairs (img_idx[j], txt_idx[j])."""
-        m, bs = self.model, self.config.train.eval_batch_size
-        fn = jax.jit(lambda p, a, am, b, bm: m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits))
+        bs = self.config.train.eval_batch_size
+        fn = self._jitted()["itm"]
         out = []
         for s in range(0, len(img_idx), bs):
             i, t = img_idx[s : s + bs], txt_idx[s : s + bs]
