@@ -33,7 +33,9 @@ def main(argv):
         sys.exit(1)
     val = result["val"]
     status = "preempted" if result["preempted"] else "early-stopped" if result["early_stopped"] else "done"
-    status = "stopped (train.steps_per_run)" if result["stopped_for_run_limit"] else status
+    # Task loops (retrieval / captioning) say which limit stopped them; the classification loop has only steps_per_run.
+    limit = result.get("stop_reason", "train.steps_per_run")
+    status = f"stopped ({limit})" if result["stopped_for_run_limit"] else status
     acc = f", validation accuracy {val['accuracy']:.4f}" if val else ""
     print(f"{status} at step {result['step']}{acc}; best step {result['best_step']}", flush=True)
 
