@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from train_testutil import DATA_DIR
 
 from vtfusion_jax.data import datasets
 from vtfusion_jax.data import easy_vqa as ev
@@ -43,11 +42,11 @@ def test_question_type_from_answer():
 
 
 @pytest.fixture(scope="module")
-def data_dir():
-    # The real dataset (48k questions) builds in ~6 s: this is the session's build (train_testutil.DATA_DIR), the one
-    # the training tests read, so it is built once per session and these tests check the build they all use.
-    datasets.get_builder("easy_vqa", data_dir=DATA_DIR)
-    return DATA_DIR
+def data_dir(tmp_path_factory):
+    # The real dataset (48k questions) builds in ~6 s; built once for this module.
+    d = str(tmp_path_factory.mktemp("easy_vqa"))
+    datasets.get_builder("easy_vqa", data_dir=d)
+    return d
 
 
 def test_built_split_sizes_and_meta(data_dir):

@@ -3,8 +3,6 @@
 * One easy-VQA TFDS build per test session, in a temporary folder (about 6 s; never the user's ~/tensorflow_datasets).
 * A persistent XLA compilation cache for the session, shared with subprocesses, so that the identical tiny
   programs compiled by several tests (and by train.py subprocesses) compile once.
-* Under pytest-xdist the workers of one run share that folder (named after the run's id): one dataset build (the
-  builder's file lock lets one worker build while the other waits) and one compilation cache for all of them.
 """
 
 from __future__ import annotations
@@ -19,12 +17,7 @@ import tempfile
 import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_XDIST_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set by pytest-xdist in every worker of one run
-if _XDIST_RUN:
-    _SESSION_DIR = os.path.join(tempfile.gettempdir(), f"vtfusion_train_tests_{_XDIST_RUN}")
-    os.makedirs(_SESSION_DIR, exist_ok=True)
-else:
-    _SESSION_DIR = tempfile.mkdtemp(prefix="vtfusion_train_tests_")
+_SESSION_DIR = tempfile.mkdtemp(prefix="vtfusion_train_tests_")
 DATA_DIR = os.path.join(_SESSION_DIR, "tfds")
 CACHE_DIR = os.path.join(_SESSION_DIR, "xla_cache")
 
