@@ -98,13 +98,13 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
     c.train.global_batch_size = 64  # (image, caption) pairs per step
-    c.train.num_steps = 3000  # steps
+    c.train.num_steps = 2200  # steps (~14 epochs of 9,800 images; ~17 min on 2 CPU cores, docs/results.md)
     c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
     c.train.nan_policy = "stop"  # NaN/Inf loss or grad: "stop" (names the step; last good ckpt kept) | "skip" it
     c.train.label_smoothing = 0.1  # label smoothing of the teacher-forced targets
     c.train.log_every_steps = 100  # train metrics cadence
-    c.train.eval_every_steps = 1000  # validation + checkpoint cadence (0 = only at the end)
-    c.train.checkpoint_every_steps = 1000  # periodic checkpoints
+    c.train.eval_every_steps = 550  # validation + checkpoint cadence (0 = only at the end)
+    c.train.checkpoint_every_steps = 550  # periodic checkpoints
     c.train.keep_checkpoints = 2  # newest kept (+ best)
     c.train.eval_batch_size = 200  # images decoded per call
 
