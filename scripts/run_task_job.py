@@ -5,7 +5,7 @@
 
 Writes results/<name>/{summary.json, metrics.json, config.json} (no checkpoints; captions.jsonl for captioning):
 summary.json holds the exact commands, wall times, the 1-minute load average seen during the run (the machine is
-shared) and the test metrics. scripts/task_tables.py turns these summaries into docs/retrieval_captioning.md tables.
+shared) and the test metrics. scripts/task_tables.py turns these summaries into the docs/results.md tables.
 (scripts/run_job.py is the classification counterpart.)
 """
 

@@ -1,5 +1,5 @@
 """Retrieval and captioning tables from results/*/summary.json (scripts/run_task_job.py), written into
-docs/retrieval_captioning.md between the ``<!-- task-tables:start -->`` / ``<!-- task-tables:end -->`` markers.
+docs/results.md between the ``<!-- task-tables:start -->`` / ``<!-- task-tables:end -->`` markers.
 
   python scripts/task_tables.py            # rewrite the section
   python scripts/task_tables.py --check    # exit 1 if the section is stale
@@ -14,7 +14,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC = os.path.join(REPO, "docs", "retrieval_captioning.md")
+DOC = os.path.join(REPO, "docs", "results.md")
 START, END = "<!-- task-tables:start -->", "<!-- task-tables:end -->"
 
 
