@@ -51,9 +51,12 @@ def test_state_shardings_follow_the_rules_table():
 
 
 def test_every_mesh_trains_like_one_device(tmp_path):
-    """train_and_evaluate on tiny.py: data parallel, FSDP + data, FSDP + tensor parallel == a single device."""
+    """train_and_evaluate on tiny.py: data parallel, and data + FSDP + tensor parallel at once == a single device.
+
+    (2, 2, 2) shards the batch over data x fsdp, the parameters over fsdp and the heads / MLP over tensor in one
+    run: every code path that (2, 4, 1) and (1, 2, 4) took separately, at one compilation instead of two."""
     losses = {}
-    for shape in ((1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 2, 4)):
+    for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2)):
         config = load_config(
             "tiny",
             mesh_shape=shape,
