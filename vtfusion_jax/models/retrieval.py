@@ -1,8 +1,14 @@
 """Image-text retrieval: contrastive alignment (ITC) + image-text matching (ITM), after CLIP and ALBEF.
 
-    image ─► image encoder ─► tokens [B, N, Di] ─► masked mean ─► Dense(E) ─► L2-normalise ─► image embedding [B, E]
-    text  ─► text encoder  ─► tokens [B, L, Dt] ─► masked mean ─► Dense(E) ─► L2-normalise ─► text embedding  [B, E]
+    image ─► image encoder ─► tokens [B, N, Di] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► image embedding [B, E]
+    text  ─► text encoder  ─► tokens [B, L, Dt] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► text embedding  [B, E]
     (image tokens, text tokens) ─► fusion (any FUSIONS variant) ─► pooled ─► Dense(2) ─► ITM logits (match / not)
+    [itm_similarity: logit(match) += w * cos(text embedding, image embedding), w learnt from 0]
+
+The optional token MLP (``pool_mlp_dim`` > 0: Dense, GELU, Dense, residual, per token, one per tower) runs before
+the mean (DeepSets' phi): with a linear pool the embedding of a CNN's tokens is (linear in content) + (mean position),
+so it cannot say *which* object sits *where*; a per-token nonlinearity can emit conjunction features (this colour
+and shape at this position) whose mean is a multi-hot description of the scene, the shape of a caption.
 
 ITC: symmetric InfoNCE over the [B, B] similarity matrix divided by a learnt temperature tau = clip(exp(log_tau),
 min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the bounds). Texts of the same image
@@ -10,6 +16,10 @@ min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the 
 ITM: each image gets a hard negative text and each text a hard negative image, sampled with probability
 softmax(similarity / tau) over the non-matching items of the global batch (ALBEF, Li et al. 2021, sec. 3.2); the
 head classifies the B positive and 2B negative pairs.
+With ``itm_similarity`` the ITM match logit also gets ``w * cos(text_emb, image_emb)`` (the pair's ITC similarity,
+w a learnt scalar starting at 0): a skip feature, so the binary ITM signal does not have to rediscover from scratch
+what the contrastive towers already measure, and the fusion learns the correction (the pair-level binding of
+colour, shape and position that pooled embeddings blur). With w = 0 and no fusion signal the head is plain ITM.
 
 Under data parallelism the embeddings are gathered onto every device (``gather_global``) before the similarity matrix
 is formed, so the negatives are the whole global batch, and the loss equals the single-device loss on that batch.
@@ -33,6 +43,18 @@ def _l2(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
+class TokenMLP(nn.Module):
+    """x + Dense(D)(gelu(Dense(hidden)(x))), per token: [B, N, D] -> [B, N, D]."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.gelu(layers.dense(self.hidden, "embed", "mlp", dtype=self.dtype, name="in")(x))
+        return x + layers.dense(x.shape[-1], "mlp", "embed", dtype=self.dtype, name="out")(h)
+
+
 class RetrievalHead(nn.Module):
     """ITC projections, the learnt temperature and the ITM classifier.
 
@@ -40,6 +62,8 @@ class RetrievalHead(nn.Module):
       embed_dim: E, width of the contrastive embeddings.
       init_temperature: tau at initialisation.
       min_temperature / max_temperature: clip range of tau.
+      itm_similarity: add w * cos(text_emb, image_emb) (w learnt, initialised at 0) to the ITM match logit.
+      pool_mlp_dim: hidden width of the per-token residual MLP before each tower's mean (0 = none).
       dtype: compute dtype.
     """
 
@@ -47,15 +71,22 @@ class RetrievalHead(nn.Module):
     init_temperature: float = 0.07
     min_temperature: float = 0.001
     max_temperature: float = 0.5
+    itm_similarity: bool = False
+    pool_mlp_dim: int = 0
     dtype: Any = jnp.float32
 
     def setup(self):
         self.image_proj = layers.dense(self.embed_dim, None, "embed", dtype=self.dtype, name="image_proj")
         self.text_proj = layers.dense(self.embed_dim, None, "embed", dtype=self.dtype, name="text_proj")
         self.itm = layers.dense(2, None, None, dtype=self.dtype, name="itm")
+        if self.pool_mlp_dim:
+            self.image_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="image_pool_mlp")
+            self.text_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="text_pool_mlp")
         self.log_temperature = self.param(
             "log_temperature", nn.initializers.constant(math.log(self.init_temperature)), (), jnp.float32
         )
+        if self.itm_similarity:
+            self.itm_similarity_scale = self.param("itm_similarity_scale", nn.initializers.zeros_init(), (), jnp.float32)
 
     def temperature(self) -> jax.Array:
         """float32 [] tau, clipped to [min_temperature, max_temperature]."""
@@ -63,22 +94,31 @@ class RetrievalHead(nn.Module):
 
     def embed_image(self, image, image_mask) -> jax.Array:
         """Image tokens [B, N, Di] -> L2-normalised float32 [B, E]."""
+        if self.pool_mlp_dim:
+            image = self.image_pool_mlp(image)
         return _l2(self.image_proj(layers.masked_mean(image, image_mask)).astype(jnp.float32))
 
     def embed_text(self, text, text_mask) -> jax.Array:
         """Text tokens [B, L, Dt] -> L2-normalised float32 [B, E]."""
+        if self.pool_mlp_dim:
+            text = self.text_pool_mlp(text)
         return _l2(self.text_proj(layers.masked_mean(text, text_mask)).astype(jnp.float32))
 
     def embed(self, image, image_mask, text, text_mask) -> tuple[jax.Array, jax.Array]:
         """Token outputs of the encoders -> L2-normalised float32 embeddings (image [B, E], text [B, E])."""
         return self.embed_image(image, image_mask), self.embed_text(text, text_mask)
 
-    def match(self, pooled) -> jax.Array:
-        """Fusion pooled [B, P] -> ITM logits float32 [B, 2] (index 1 = matched)."""
-        return self.itm(pooled).astype(jnp.float32)
+    def match(self, pooled, similarity=None) -> jax.Array:
+        """Fusion pooled [B, P] (+ the pairs' ITC cosine [B] with itm_similarity) -> ITM logits float32 [B, 2]
+        (index 1 = matched)."""
+        logits = self.itm(pooled).astype(jnp.float32)
+        if self.itm_similarity:
+            logits = logits.at[:, 1].add(self.itm_similarity_scale * similarity)
+        return logits
 
     def __call__(self, image, image_mask, text, text_mask, pooled):
-        return (*self.embed(image, image_mask, text, text_mask), self.match(pooled), self.temperature())
+        img, txt = self.embed(image, image_mask, text, text_mask)
+        return img, txt, self.match(pooled, jnp.sum(img * txt, -1)), self.temperature()
 
 
 class RetrievalModel(nn.Module):
@@ -117,7 +157,11 @@ class RetrievalModel(nn.Module):
     def itm_logits(self, image, image_mask, text, text_mask, train: bool = False) -> jax.Array:
         """Encoder tokens of B (image, text) pairs -> ITM logits float32 [B, 2]."""
         _, _, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=not train)
-        return self.head.match(pooled)
+        similarity = None
+        if self.head.itm_similarity:
+            img, txt = self.head.embed(image, image_mask, text, text_mask)
+            similarity = jnp.sum(img * txt, -1)  # cos: both L2-normalised
+        return self.head.match(pooled, similarity)
 
     def __call__(self, batch, train: bool = False) -> dict:
         """Runs every part once (initialisation); returns embeddings, temperature and the ITM logits of the pairs."""
