@@ -28,8 +28,13 @@ TINY_BERT = dict(
     max_position_embeddings=24,
     type_vocab_size=2,
 )
+# 4 steps; the first run stops (with a checkpoint) after 3, so that the resume runs the same compiled step.
 STEPS = dict(
-    train__num_steps=3, train__log_every_steps=1, train__eval_every_steps=-1, train__checkpoint_every_steps=100
+    train__num_steps=4,
+    train__steps_per_run=3,
+    train__log_every_steps=1,
+    train__eval_every_steps=-1,
+    train__checkpoint_every_steps=100,
 )
 
 
@@ -91,7 +96,7 @@ def test_init_from_imports_the_checkpoint_and_freeze_keeps_it(bert_folder, tmp_p
 
     # A few steps of training: the frozen tower is bit-identical, every other tower moved.
     workdir = str(tmp_path / "run")
-    train_lib.train_and_evaluate(config, workdir)
+    assert train_lib.train_and_evaluate(config, workdir)["step"] == 3
     from vtfusion_jax import eval_lib
 
     trained = eval_lib.Restored(config, workdir, "latest").params
@@ -107,7 +112,7 @@ def test_init_from_imports_the_checkpoint_and_freeze_keeps_it(bert_folder, tmp_p
         raise AssertionError("a resumed run re-imported the pretrained weights")
 
     monkeypatch.setattr(pretrained_init, "import_into_params", no_import)
-    train_lib.train_and_evaluate(_config(bert_folder, freeze=True, train__num_steps=4), workdir)
+    assert train_lib.train_and_evaluate(config, workdir)["step"] == 4
 
 
 def test_image_checkpoint_statistics_reach_the_pipeline(tmp_path, monkeypatch):
