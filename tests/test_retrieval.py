@@ -124,3 +124,19 @@ def test_pool_mlp_separates_bindings_a_linear_pool_cannot():
         gap = float(jnp.max(jnp.abs(emb(scene_a) - emb(scene_b))))
         assert (gap > 1e-3) == differ, (pool_mlp_dim, gap)
         assert "image_pool_mlp" in params["params"] if pool_mlp_dim else "image_pool_mlp" not in params["params"]
+
+
+def test_rerank_rule():
+    """Candidates rank above the rest by ITM score (+ itc_scale * ITC); the rest keep their ITC scores."""
+    from vtfusion_jax.tasks.retrieval import rerank
+
+    itc = np.array([[0.9, 0.8, 0.1, 0.0]])  # one text, four images; candidates = images 0 and 1
+    rows, cols = np.array([0, 0]), np.array([0, 1])
+    itm = np.array([0.0, 0.5])  # ITM prefers image 1
+    only = rerank(itc, rows, cols, itm, 0.0)
+    assert np.argmax(only[0]) == 1 and list(np.argsort(-only[0])) == [1, 0, 2, 3]
+    np.testing.assert_array_equal(only[0, 2:], itc[0, 2:])  # non-candidates untouched
+    both = rerank(itc, rows, cols, itm, 10.0)  # ITC logits 9 vs 8 outweigh the ITM margin 0.5
+    assert list(np.argsort(-both[0])) == [0, 1, 2, 3]
+    assert both[0, 0] - both[0, 1] == pytest.approx(10.0 * 0.1 - 0.5)
+    assert itc[0, 0] == 0.9  # the input is not modified

@@ -62,10 +62,14 @@ def evaluate_split(config, workdir: str, split: str, checkpoint="best") -> dict:
         )
     else:
         result = task.evaluate(params, split_data)
+        rule = config.eval.get("rerank_score", "itm")
+        result["rerank_score"] = rule
         result["protocol"] = (
             "ITC score = cosine(text, image); ITM re-rank: the ITC top-k candidates of each query scored by "
-            "logit(match) - logit(no match), ranked above the rest; i2t hit when any caption of the image is in the "
-            "top K, t2i hit when the caption's image is; ties count against the query"
+            "logit(match) - logit(no match)"
+            + (" + cosine(text, image) / temperature (the pair's ITC logit, as in BLIP)" if rule == "itm+itc" else "")
+            + ", ranked above the rest (rerank_itm_only_*: the ITM log-odds alone); i2t hit when any caption of the "
+            "image is in the top K, t2i hit when the caption's image is; ties count against the query"
         )
     result.update(task=name, split=split, checkpoint_step=int(step), num_examples=len(split_data["captions"]))
     out_dir = os.path.join(workdir, "eval", split)

@@ -6,8 +6,10 @@ negative text) pairs and B (hard negative image, text) pairs).
 Evaluation on a split with I images and T captions (T >= I; several captions per image are allowed):
   1. ITC: score(t, i) = <text_emb_t, image_emb_i> (cosine similarity; the temperature does not change ranks).
   2. ITM re-ranking: for each text query its k best ITC images, and for each image query its k best ITC texts
-     (k = eval.rerank_k), are scored by the ITM head, score = logit(match) - logit(no match); these candidates rank
-     above every other item, which keep their ITC order (so recall@K for K > k equals ITC's).
+     (k = eval.rerank_k), are scored by the ITM head, score = logit(match) - logit(no match)
+     [+ <text_emb, image_emb> / tau with eval.rerank_score = "itm+itc", the ITC logit of the pair, as BLIP adds the
+     ITC similarity to the ITM score]; these candidates rank above every other item, which keep their ITC order (so
+     recall@K for K > k equals ITC's). The ITM-only rule is always reported too (``rerank_itm_only_*_R@1``).
   Recall@K (metrics_caption.retrieval_recall): a text query is correct when its image is among the K best; an image
   query when any of its captions is among the K best; ties count against the query.
 """
@@ -23,6 +25,17 @@ from vtfusion_jax import metrics_caption
 from vtfusion_jax.models.retrieval import RetrievalModel, itc_loss, sample_hard_negatives
 from vtfusion_jax.tasks import data as data_lib
 from vtfusion_jax.tasks.common import TaskBase
+
+
+RERANK_SCORES = ("itm", "itm+itc")
+
+
+def rerank(itc: np.ndarray, rows: np.ndarray, cols: np.ndarray, itm: np.ndarray, itc_scale: float) -> np.ndarray:
+    """Score matrix after re-ranking: entries (rows[j], cols[j]) get big + itm[j] + itc_scale * itc[rows[j], cols[j]]
+    (the candidates, above everything else); every other entry keeps its ITC score. Returns a new [T, I] array."""
+    out = itc.astype(np.float64)  # a copy
+    out[rows, cols] = 1e6 + itm + itc_scale * itc[rows, cols]
+    return out
 
 
 class RetrievalTask(TaskBase):
@@ -127,20 +140,23 @@ class RetrievalTask(TaskBase):
         with jax.set_mesh(self.mesh):
             image, image_mask, img_emb, text, text_mask, txt_emb = self._encode(params, split_data["image"], text_ids)
             itc = txt_emb @ img_emb.T  # [T, I]
+            tau = float(self.model.apply({"params": params}, method=RetrievalModel.temperature))
             k = min(int(self.config.eval.rerank_k), itc.shape[1], itc.shape[0])
-            big = 1e6  # candidates rank above all non-candidates
-            # text -> image: each text's k best images
+            # text -> image: each text's k best images; image -> text: each image's k best texts
             t2i_c = np.argsort(-itc, axis=1, kind="stable")[:, :k]  # [T, k]
             ti = np.repeat(np.arange(len(texts)), k)
-            s = self._itm_scores(params, image, image_mask, text, text_mask, t2i_c.ravel(), ti)
-            t2i = itc.copy()
-            t2i[ti, t2i_c.ravel()] = big + s
-            # image -> text: each image's k best texts
+            s_t2i = self._itm_scores(params, image, image_mask, text, text_mask, t2i_c.ravel(), ti)
             i2t_c = np.argsort(-itc.T, axis=1, kind="stable")[:, :k]  # [I, k]
             ii = np.repeat(np.arange(itc.shape[1]), k)
-            s = self._itm_scores(params, image, image_mask, text, text_mask, ii, i2t_c.ravel())
-            i2t = itc.copy()
-            i2t[i2t_c.ravel(), ii] = big + s
+            s_i2t = self._itm_scores(params, image, image_mask, text, text_mask, ii, i2t_c.ravel())
+        rule = self.config.eval.get("rerank_score", "itm")
+        if rule not in RERANK_SCORES:
+            raise ValueError(f"eval.rerank_score must be one of {RERANK_SCORES}, got {rule!r}")
+        scale = 1.0 / tau if rule == "itm+itc" else 0.0
+        t2i = rerank(itc, ti, t2i_c.ravel(), s_t2i, scale)
+        i2t = rerank(itc, i2t_c.ravel(), ii, s_i2t, scale)
+        only_t2i = metrics_caption.retrieval_recall(rerank(itc, ti, t2i_c.ravel(), s_t2i, 0.0), text_image)
+        only_i2t = metrics_caption.retrieval_recall(rerank(itc, i2t_c.ravel(), ii, s_i2t, 0.0), text_image)
         r_itc = metrics_caption.retrieval_recall(itc, text_image)
         r_t2i = metrics_caption.retrieval_recall(t2i, text_image)
         r_i2t = metrics_caption.retrieval_recall(i2t, text_image)
@@ -149,5 +165,7 @@ class RetrievalTask(TaskBase):
         out.update({f"rerank_{key}": v for key, v in r_i2t.items() if key.startswith("i2t")})
         out["itc_mean_R@1"] = (out["itc_i2t_R@1"] + out["itc_t2i_R@1"]) / 2
         out["rerank_mean_R@1"] = (out["rerank_i2t_R@1"] + out["rerank_t2i_R@1"]) / 2
+        out["rerank_itm_only_t2i_R@1"], out["rerank_itm_only_i2t_R@1"] = only_t2i["t2i_R@1"], only_i2t["i2t_R@1"]
+        out["temperature"] = tau
         out["num_images"], out["num_texts"], out["rerank_k"] = int(itc.shape[1]), int(itc.shape[0]), k
         return out
