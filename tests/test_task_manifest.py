@@ -53,13 +53,14 @@ def _config(name, folder, **kw):
     c.dataset.builder_kwargs.image_size = SIZE
     c.mesh_shape = (1, 1, 1)
     c.model.width = 16
-    c.model.image_encoder = dict(c.model.image_encoder, channels=(4, 8), strides=(2, 2))  # 16 px -> 16 tokens
-    if name == "retrieval":
+    if name == "retrieval":  # ViT tower, 16 px / 4 = 4x4 tokens
+        c.model.image_encoder = dict(c.model.image_encoder, patch_size=4, depth=1, mlp_dim=32, num_heads=2)
         c.model.text_encoder = dict(c.model.text_encoder, depth=1, mlp_dim=32, num_heads=2)
         c.model.fusion = dict(c.model.fusion, num_layers=1, mlp_dim=32, num_heads=2)
         c.model.head = dict(c.model.head, embed_dim=8)
         c.eval.rerank_k = 2
     else:
+        c.model.image_encoder = dict(c.model.image_encoder, channels=(4, 8), strides=(2, 2))  # 16 px -> 16 tokens
         c.model.head = dict(c.model.head, num_layers=1, mlp_dim=32, num_heads=2)
         c.eval.beam_size = 2
         c.eval.measure_cache_speedup = False

@@ -16,13 +16,14 @@ def _config(name):
     c = train_testutil.load_config(name)
     c.dataset.builder_kwargs = dict(num_train=32, num_validation=8, num_test=8, seed=0)
     c.model.width = 16
-    c.model.image_encoder = dict(c.model.image_encoder, channels=(4, 8, 8))
-    if c.task == "retrieval":
+    if c.task == "retrieval":  # ViT tower: 75 px / 15 = 5x5 tokens
+        c.model.image_encoder = dict(c.model.image_encoder, depth=1, mlp_dim=32, num_heads=2)
         c.model.text_encoder = dict(c.model.text_encoder, depth=1, mlp_dim=32, num_heads=2)
         c.model.fusion = dict(c.model.fusion, num_layers=1, mlp_dim=32, num_heads=2)
         c.model.head = dict(c.model.head, embed_dim=8)
         c.eval.rerank_k = 4
     else:  # one device: the cross-device part (global-batch ITC) is the retrieval test's
+        c.model.image_encoder = dict(c.model.image_encoder, channels=(4, 8, 8))
         c.mesh_shape = (1, 1, 1)
         c.model.head = dict(c.model.head, num_layers=1, mlp_dim=32, num_heads=2)
         c.eval.beam_size = 2
