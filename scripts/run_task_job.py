@@ -3,7 +3,8 @@
   python scripts/run_task_job.py --name=sort_of_clevr_retrieval --config=configs/sort_of_clevr_retrieval.py \
       [--workdir=runs/NAME] [--nice=19] [-- --config.train.num_steps=2000]
 
-Writes results/<name>/{summary.json, metrics.json, config.json} (no checkpoints; captions.jsonl for captioning):
+Writes results/<name>/{summary.json, metrics.json, config.json, history.json} (no checkpoints; captions.jsonl for
+captioning; history.json = every validation point and the logged training losses, from workdir/metrics.jsonl):
 summary.json holds the exact commands, wall times, the 1-minute load average seen during the run (the machine is
 shared) and the test metrics. scripts/task_tables.py turns these summaries into the docs/results.md tables.
 (scripts/run_job.py is the classification counterpart.)
@@ -22,6 +23,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_job import _LoadSampler, _run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def history(metrics_jsonl: str) -> dict:
+    """{"validation": [{step, <val metrics>}], "train": [{step, <train metrics>}]} from a task run's metrics.jsonl."""
+    val, train = [], []
+    with open(metrics_jsonl) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{metrics_jsonl}:{n}: not JSON ({e})") from None
+            for prefix, out in (("val/", val), ("train/", train)):
+                part = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+                if part:
+                    out.append({"step": int(row["step"]), **part})
+    return {"validation": val, "train": train}
 
 
 def main() -> None:
@@ -87,6 +104,8 @@ def main() -> None:
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(history(os.path.join(REPO, workdir, "metrics.jsonl")), f, indent=1)
     print(json.dumps(summary, indent=2))
 
 

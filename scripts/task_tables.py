@@ -43,8 +43,8 @@ def _common(s: dict) -> str:
 def retrieval_table(rows: list[dict]) -> str:
     head = (
         "| run | images / texts | ITC i2t R@1/5/10 | ITC t2i R@1/5/10 | ITM re-ranked i2t R@1/5/10 | "
-        "ITM re-ranked t2i R@1/5/10 | k | steps | train + eval s | load | command |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "ITM re-ranked t2i R@1/5/10 | ITM-only i2t / t2i R@1 | k | rule | steps | train + eval s | load | command |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for s in rows:
@@ -53,9 +53,15 @@ def retrieval_table(rows: list[dict]) -> str:
         def r(p, m=m):
             return " / ".join(_pct(m[f"{p}_R@{k}"]) for k in (1, 5, 10))
 
+        only = (
+            f"{_pct(m['rerank_itm_only_i2t_R@1'])} / {_pct(m['rerank_itm_only_t2i_R@1'])}"
+            if "rerank_itm_only_i2t_R@1" in m
+            else "-"
+        )
         lines.append(
             f"| {s['name']} | {m['num_images']} / {m['num_texts']} | {r('itc_i2t')} | {r('itc_t2i')} | "
-            f"{r('rerank_i2t')} | {r('rerank_t2i')} | {m['rerank_k']} | {_common(s)} |"
+            f"{r('rerank_i2t')} | {r('rerank_t2i')} | {only} | {m['rerank_k']} | {m.get('rerank_score', 'itm')} | "
+            f"{_common(s)} |"
         )
     return head + "\n".join(lines)
 
@@ -81,6 +87,22 @@ def caption_table(rows: list[dict]) -> str:
             f"{_common(s)} |"
         )
     return head + "\n".join(lines)
+
+
+def curves(rows: list[dict]) -> list[str]:
+    """One line per run with results/<name>/history.json: the validation metric at each evaluation."""
+    keys = {"retrieval": ("itc_mean_R@1", "rerank_mean_R@1"), "caption": ("greedy_exact_match", "greedy_cider_d")}
+    out = []
+    for s in rows:
+        path = os.path.join(REPO, "results", s["name"], "history.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            val = json.load(f)["validation"]
+        a, b = keys[s["task"]]
+        pts = ", ".join(f"{v['step']}: {v[a]:.3f} / {v[b]:.3f}" for v in val if a in v and b in v)
+        out.append(f"- `{s['name']}` validation ({a} / {b}) by step: {pts}.")
+    return out
 
 
 def targets(ret: list[dict], cap: list[dict]) -> list[str]:
@@ -120,6 +142,8 @@ def section() -> str:
     parts += [retrieval_table(ret) if ret else "No retrieval run recorded yet.", ""]
     parts += ["**Captioning** (test split)", ""]
     parts += [caption_table(cap) if cap else "No captioning run recorded yet.", ""]
+    if any(curves(ret + cap)):
+        parts += ["**Validation curves** (`results/<run>/history.json`)", "", *curves(ret + cap), ""]
     if ret or cap:
         parts += ["**Issue-7 targets** (from the rows above)", "", *targets(ret, cap), ""]
     return "\n".join(parts)

@@ -1,7 +1,7 @@
 """Image-text retrieval: contrastive alignment (ITC) + image-text matching (ITM), after CLIP and ALBEF.
 
-    image ─► image encoder ─► tokens [B, N, Di] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► image embedding [B, E]
-    text  ─► text encoder  ─► tokens [B, L, Dt] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► text embedding  [B, E]
+    image ─► image encoder ─► tokens [B, N, Di] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► image emb. [B, E]
+    text  ─► text encoder  ─► tokens [B, L, Dt] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► text emb.  [B, E]
     (image tokens, text tokens) ─► fusion (any FUSIONS variant) ─► pooled ─► Dense(2) ─► ITM logits (match / not)
     [itm_similarity: logit(match) += w * cos(text embedding, image embedding), w learnt from 0]
 
@@ -86,7 +86,9 @@ class RetrievalHead(nn.Module):
             "log_temperature", nn.initializers.constant(math.log(self.init_temperature)), (), jnp.float32
         )
         if self.itm_similarity:
-            self.itm_similarity_scale = self.param("itm_similarity_scale", nn.initializers.zeros_init(), (), jnp.float32)
+            self.itm_similarity_scale = self.param(
+                "itm_similarity_scale", nn.initializers.zeros_init(), (), jnp.float32
+            )
 
     def temperature(self) -> jax.Array:
         """float32 [] tau, clipped to [min_temperature, max_temperature]."""

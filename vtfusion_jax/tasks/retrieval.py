@@ -26,7 +26,6 @@ from vtfusion_jax.models.retrieval import RetrievalModel, itc_loss, sample_hard_
 from vtfusion_jax.tasks import data as data_lib
 from vtfusion_jax.tasks.common import TaskBase
 
-
 RERANK_SCORES = ("itm", "itm+itc")
 
 
