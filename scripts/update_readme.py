@@ -130,10 +130,44 @@ def sort_of_clevr_section() -> str | None:
     return f"{line} Regenerate: `{table.COMMAND}` (the table), then `python scripts/update_readme.py` (this line)."
 
 
+def tasks_section() -> str | None:
+    """Headline numbers of the retrieval and captioning runs (results/sort_of_clevr_{retrieval,caption}/summary.json,
+    written by scripts/run_task_job.py)."""
+    parts = []
+    ret = os.path.join(ROOT, "results", "sort_of_clevr_retrieval", "summary.json")
+    cap = os.path.join(ROOT, "results", "sort_of_clevr_caption", "summary.json")
+    if os.path.exists(ret):
+        s = _read_json(ret)
+        m = s["metrics"]
+        parts.append(
+            f"Retrieval (`configs/sort_of_clevr_retrieval.py`, {m['num_images']} test images): recall@1 image->text / "
+            f"text->image {100 * m['rerank_i2t_R@1']:.1f} / {100 * m['rerank_t2i_R@1']:.1f} % with ITM re-ranking "
+            f"({100 * m['itc_i2t_R@1']:.1f} / {100 * m['itc_t2i_R@1']:.1f} % ITC alone; target 90 %), "
+            f"{s['train_steps']} steps, {s['train_seconds'] + s['eval_seconds']:.0f} s train + eval."
+        )
+    if os.path.exists(cap):
+        s = _read_json(cap)
+        m = s["metrics"]
+        parts.append(
+            f"Captioning (`configs/sort_of_clevr_caption.py`): beam search reproduces the scene description exactly "
+            f"for {100 * m['beam_exact_match']:.1f} % of {m['num_images']} test images (greedy "
+            f"{100 * m['greedy_exact_match']:.1f} %), BLEU-4 {m['beam_bleu4']:.3f}, CIDEr-D {m['beam_cider_d']:.2f}; "
+            f"the KV cache decodes the same captions {m.get('kv_cache_speedup', float('nan')):.2f}x faster; "
+            f"{s['train_steps']} steps, {s['train_seconds'] + s['eval_seconds']:.0f} s train + eval."
+        )
+    if not parts:
+        return None
+    return (
+        " ".join(parts) + " Each: `python scripts/run_task_job.py --name=NAME --config=CONFIG`; tables: "
+        "`python scripts/task_tables.py`; this line: `python scripts/update_readme.py`."
+    )
+
+
 SECTIONS = {
     "input_pipeline": input_pipeline_section,
     "main_job": main_job_section,
     "sort_of_clevr": sort_of_clevr_section,
+    "tasks": tasks_section,
 }
 
 
