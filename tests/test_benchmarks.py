@@ -113,17 +113,27 @@ def test_performance_doc_is_generated_from_results(step_result, peer_result):
     assert "GPU" in doc and "not measured" in doc
 
 
-def test_gpu_bench_tiny_smoke(tmp_path):
+def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     """benchmarks/gpu_bench.py --tiny (the GPU script's code path on a tiny bf16 model): without a GPU the cuDNN run
     is recorded as skipped with its reason, the XLA run is measured, and the JSON files are written."""
     import gpu_bench  # noqa: PLC0415  (benchmarks/gpu_bench.py)
 
+    # On one device, as on the one-GPU machine it is written for (conftest's 8 fake CPU devices would partition the
+    # bf16 program 8 ways: several times the compile time, no code path of the script's own).
+    load_config, loaded = bench_lib.load_config, []
+
+    def one_device(spec, overrides):
+        loaded.append(load_config(spec, [*overrides, *ONE_DEVICE]))
+        return loaded[-1]
+
+    monkeypatch.setattr(bench_lib, "load_config", one_device)
     summary = gpu_bench.main(["--tiny", "--steps=2", f"--out_dir={tmp_path}"])
     runs = summary["runs"]
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in runs["cudnn"]["skipped"]
     assert runs["xla"]["step_s_median"] > 0 and runs["xla"]["num_params"] > 0
     assert 0 < runs["xla"]["mfu_measured_peak"] < 1.5
+    assert [c["mesh_shape"] for c in loaded] == [(1, 1, 1)]  # the script ran on one device
     written = json.load(open(tmp_path / "gpu_tiny_xla.json"))
     assert len(written["step_s_all"]) == 2 and np.isfinite(written["final_loss"])
     assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"cudnn", "xla"}
