@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_testutil import REPO, config_flags, load_config, read_jsonl, run_script, subprocess_env
+from train_testutil import REPO, config_flags, load_config, read_jsonl, subprocess_env
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import eval_lib, train_lib
@@ -87,13 +87,12 @@ def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
     logged = max(r["step"] for r in read_jsonl(str(metrics)))
     assert logged == stopped  # the checkpoint is at the step training had reached
 
-    again = run_script(
-        "train.py",
-        "--config=configs/tiny.py",
-        f"--workdir={tmp_path}",
-        *config_flags(train__num_steps=stopped + 2, train__log_every_steps=1, train__eval_every_steps=-1),
+    # The next run (in this process: a second train.py would add seconds of imports; the exit-code contract is the
+    # preempted process's above) continues from the saved step.
+    again = train_lib.train_and_evaluate(
+        load_config("tiny", train__num_steps=stopped + 2, train__log_every_steps=1, train__eval_every_steps=-1),
+        str(tmp_path),
     )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"done at step {stopped + 2}" in again.stdout
+    assert again["step"] == stopped + 2 and not again["preempted"]
     steps = [r["step"] for r in read_jsonl(str(metrics))]
     assert steps[-2:] == [stopped + 1, stopped + 2]
