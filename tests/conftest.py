@@ -16,3 +16,40 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# Scheduling only (no test depends on the order of files): the most expensive files first, so that the two workers of
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the README's test command) start with the long end-to-end
+# files and the many short files fill in at the end, instead of one worker finishing a long file alone. `loadfile`
+# keeps each file on one worker, so module-scoped fixtures (e.g. test_eval_predict's smoke run) and functools caches
+# run once. Files not listed keep their collection order after these.
+_EXPENSIVE_FILES_FIRST = (
+    "test_multiprocess.py",
+    "test_sharding.py",
+    "test_eval_predict.py",
+    "test_sort_of_clevr_table.py",
+    "test_fusion.py",
+    "test_faults.py",
+    "test_tasks.py",
+    "test_train_failures.py",
+    "test_notebook.py",
+    "test_train_resume.py",
+    "test_benchmarks.py",
+    "test_pretrained_init.py",
+    "test_numerics.py",
+    "test_attention_maps.py",
+    "test_data_grouped.py",
+    "test_layers.py",
+    "test_speed_switches.py",
+    "test_models.py",
+    "test_encoders.py",
+    "test_flops.py",
+    "test_optim.py",
+    "test_pretrained.py",
+    "test_caption.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_EXPENSIVE_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
