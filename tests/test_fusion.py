@@ -209,6 +209,32 @@ def test_relation_network_is_a_sum_over_object_pairs():
     np.testing.assert_allclose(np.asarray(pooled[1]), expected, rtol=2e-4, atol=2e-4)
 
 
+def test_relation_network_token_pool_pairs_the_pooled_grid():
+    """token_pool=2 on a 4 x 4 token grid == the unpooled RN on the 2 x 2 grid of cell means (same parameters);
+    a cell whose tokens are all padding drops out of the pairs; a grid that cannot be pooled is refused."""
+    spec = dict(name="rn", **SIZE)
+    grid = _tokens(4, (B, 16, D))
+    pooled_grid = grid.reshape(B, 2, 2, 2, 2, D).mean((2, 4)).reshape(B, 4, D)  # rows of 2x2 cells, row-major
+    mask16, mask4 = jnp.ones((B, 16), bool), jnp.ones((B, 4), bool)
+    rn2, rn1 = get_fusion(dict(spec, token_pool=2)), get_fusion(spec)
+    params = _randomize(jax.jit(rn1.init)(jax.random.key(0), TEXT, TEXT_MASK, pooled_grid, mask4))
+    out2 = rn2.apply(params, TEXT, TEXT_MASK, grid, mask16)[2]
+    np.testing.assert_allclose(
+        np.asarray(out2), np.asarray(rn1.apply(params, TEXT, TEXT_MASK, pooled_grid, mask4)[2]), rtol=1e-5, atol=1e-5
+    )
+    # The bottom-right cell (tokens 10, 11, 14, 15) all padding -> the 3 other cells only.
+    pad = mask16.at[:, [10, 11, 14, 15]].set(False)
+    np.testing.assert_allclose(
+        np.asarray(rn2.apply(params, TEXT, TEXT_MASK, grid, pad)[2]),
+        np.asarray(rn1.apply(params, TEXT, TEXT_MASK, pooled_grid, mask4.at[:, 3].set(False))[2]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert rn2.flops_per_example(L, 16) == rn1.flops_per_example(L, 4)
+    with pytest.raises(ValueError, match="square grid"):
+        rn2.apply(params, TEXT, TEXT_MASK, IMAGE, IMAGE_MASK)  # 9 tokens: 3 x 3 is not divisible by 2
+
+
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_cross_image_pool_appends_a_masked_image_summary(pool):
     fusion, params, apply, _ = _model("cross", image_pool=pool)

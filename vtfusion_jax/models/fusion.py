@@ -27,6 +27,7 @@ excluded) and ``param_count`` below gives its parameters at a given size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -469,25 +470,50 @@ class RelationNetworkFusion(FusionBase):
     pairs (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q), which computes the same function with N instead of N^2
     first-layer matmuls. f is ``f_layers`` ReLU layers of width ``mlp_dim`` (the classification head follows).
     Tokens pass through unchanged (no token-level fusion). pooled P = mlp_dim. ``num_layers``/``num_heads`` unused.
+
+    ``token_pool`` = k > 1 average-pools the image tokens, read as a square s x s grid in row-major order (s * s = N,
+    s divisible by k), over k x k cells before pairing: (N / k^2)^2 pairs instead of N^2 (g's cost is quadratic in the
+    objects; Santoro et al.'s RN pairs the 25 cells of a 5 x 5 map, so a 10 x 10 tower shared with the attention
+    variants is pooled with k = 2). A pooled cell is real when any of its tokens is (a CNN/ViT grid has no padding).
     """
 
     g_layers: int = 4
     f_layers: int = 1
+    token_pool: int = 1
+
+    def pool_tokens(self, image: jax.Array, image_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, N, D], [B, N] -> the k x k average-pooled grid [B, N / k^2, D] and its mask (identity for k = 1)."""
+        k = self.token_pool
+        if k == 1:
+            return image, image_mask
+        b, n, d = image.shape
+        s = math.isqrt(n)
+        if k < 1 or s * s != n or s % k:
+            raise ValueError(
+                f"rn fusion token_pool={k} needs a square grid of image tokens with a side divisible by {k}; "
+                f"got {n} tokens"
+            )
+        grid = image.reshape(b, s // k, k, s // k, k, d)
+        m = image_mask.reshape(b, s // k, k, s // k, k).astype(image.dtype)
+        count = m.sum((2, 4))
+        pooled = jnp.einsum("bikjld,bikjl->bijd", grid, m) / jnp.maximum(count, 1.0)[..., None]
+        return pooled.reshape(b, -1, d), (count > 0).reshape(b, -1)
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t = self.project(text, "text_proj")  # [B, L, D]
         i = self.project(image, "image_proj")  # [B, N, D]
+        objects, object_mask = self.pool_tokens(i, image_mask)  # [B, N', D], N' = N / token_pool^2
         q = layers.masked_mean(t, text_mask)  # [B, D]
         h = self.mlp_dim
         dense = lambda name, in_axis="embed": layers.dense(h, in_axis, "mlp", dtype=self.dtype, name=name)  # noqa: E731
-        left = dense("g0_left")(i)[:, :, None, :]  # [B, N, 1, H]
-        right = dense("g0_right")(i)[:, None, :, :]  # [B, 1, N, H]
+        left = dense("g0_left")(objects)[:, :, None, :]  # [B, N', 1, H]
+        right = dense("g0_right")(objects)[:, None, :, :]  # [B, 1, N', H]
         cond = dense("g0_question")(q)[:, None, None, :]  # [B, 1, 1, H]
         x = nn.relu(left + right + cond)  # [B, N, N, H]
         for k in range(1, self.g_layers):
             x = nn.relu(layers.dense(h, None, "mlp", dtype=self.dtype, name=f"g{k}")(x))
-        pair_mask = (image_mask[:, :, None] & image_mask[:, None, :]).astype(x.dtype)  # [B, N, N]
+        pair_mask = (object_mask[:, :, None] & object_mask[:, None, :]).astype(x.dtype)  # [B, N', N']
         x = jnp.einsum("bijh,bij->bh", x, pair_mask)  # sum over real pairs, [B, H]
         for k in range(self.f_layers):
             x = nn.relu(layers.dense(h, None, "mlp", dtype=self.dtype, name=f"f{k}")(x))
@@ -495,7 +521,7 @@ class RelationNetworkFusion(FusionBase):
         return t, i, x
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
-        d, h, n = self.width, self.mlp_dim, image_len
+        d, h, n = self.width, self.mlp_dim, image_len // self.token_pool**2  # pooling itself: N * D adds, not counted
         first = 2 * 2 * n * d * h + 2 * d * h
         return first + (self.g_layers - 1) * 2 * n * n * h * h + 2 * n * n * h + self.f_layers * 2 * h * h
 
