@@ -66,9 +66,15 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     for seed, acc in ((0, 0.5), (1, 0.7)):  # concat: two seeds -> mean ± sample std = 60.0 ± 14.1
         _fake_run(results, "concat", seed, acc, dict(per, closest=0.5), val=acc)
     _fake_run(results, "cross", 0, 0.98, per, val=0.99)
+    explore = tmp_path / "explore" / "cross_learned_pos"  # a calibration run: curve + command, not a table row
+    explore.mkdir(parents=True)
+    (explore / "config.json").write_text(json.dumps({"dataset": {"builder_kwargs": KW, "val_split": "validation"}}))
+    (explore / "curve.json").write_text(json.dumps([{"step": 250, "seconds": 99.0, "val_accuracy": 0.51}]))
+    (explore / "command.txt").write_text("python train.py --config.model.image_encoder.pos_emb=learn\n")
     out = tmp_path / "results.md"
     out.write_text("# Results\n\nkeep me\n\n<!-- sort_of_clevr:begin -->\nold\n<!-- sort_of_clevr:end -->\n\ntail\n")
-    table.main(["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")])
+    argv = ["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")]
+    table.main([*argv, "--explore", str(explore.parent)])
     text = out.read_text()
     assert "keep me" in text and text.rstrip().endswith("tail") and "\nold\n" not in text
     body = text[text.index(table.BEGIN) : text.index(table.END)]
@@ -80,10 +86,12 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert "Best attention variant on validation, `cross`" in body and "**met**" in body
     assert "`rn`: no run yet (**not met**)" in body
     assert "600 steps x 160 questions (8 images per batch; 2400.00 epochs of 40 training questions)" in body
-    assert body.count("python train.py") == 3  # one command line per run
+    assert body.count("python train.py") == 4  # one command line per run + the calibration run's
+    assert f"explore/`: {table.EXPLORE}" in body
+    assert "- `cross_learned_pos`: `python train.py --config.model.image_encoder.pos_emb=learn` — " in body
     assert "Flat rows (validation accuracy never rose 3 points above its first point): `concat`, `cross`." in body
     # Rewriting replaces the section in place (idempotent).
-    table.main(["--results", str(results), "--out", str(out), "--beyond", str(tmp_path / "none")])
+    table.main([*argv, "--explore", str(explore.parent)])
     assert out.read_text() == text
 
 
@@ -127,6 +135,8 @@ def test_run_two_variants_end_to_end(tmp_path, monkeypatch):
         "--out",
         str(out),
         "--beyond",
+        "/nonexistent",
+        "--explore",
         "/nonexistent",
     ]
     table.main([*argv, "--workdirs", str(tmp_path / "runs"), "--", *overrides])
