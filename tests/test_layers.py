@@ -93,6 +93,26 @@ def test_unknown_remat_policy_raises():
         _init(CASES["co_attention"][0], remat_policy="some")
 
 
+@pytest.mark.parametrize("hw", [(4, 5), (10, 10)])
+def test_sincos2d_xy_adds_a_linear_map_of_centred_coordinates(hw):
+    """sincos2d_xy = sincos2d + [x, y] @ K with (x, y) the cell centres in [-1, 1] (row-major): the sin-cos part is
+    exact, the rest is linear in the coordinates, mirror cells cancel, and K starts at unit scale."""
+    h, w = hw
+    tokens = jnp.zeros((1, h * w, 16))
+    module = layers.PositionEmbedding2D("sincos2d_xy")
+    params = module.init(jax.random.key(0), tokens, hw)
+    kernel = np.asarray(layers.unbox(params)["params"]["xy_kernel"])
+    assert kernel.shape == (2, 16) and 0.5 < kernel.std() < 2.0
+    extra = np.asarray(module.apply(params, tokens, hw))[0] - layers.sincos_2d(h, w, 16)
+    cols, rows = np.arange(h * w) % w, np.arange(h * w) // w
+    xy = np.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], -1)
+    np.testing.assert_allclose(extra, xy @ kernel, atol=1e-5)
+    np.testing.assert_allclose(extra.sum(0), 0.0, atol=1e-4)  # centred: each cell has a mirror image
+    assert xy[0, 0] < 0 < xy[w - 1, 0] and xy[0, 1] < 0 < xy[-1, 1]  # x grows to the right, y downwards
+    with pytest.raises(ValueError, match="sincos2d_xy"):
+        layers.PositionEmbedding2D("xy").init(jax.random.key(0), tokens, hw)
+
+
 def test_sincos_2d_is_distinct_per_position():
     pe = layers.sincos_2d(4, 5, 16)
     assert pe.shape == (20, 16)

@@ -313,8 +313,14 @@ def sincos_2d(h: int, w: int, d: int, temperature: float = 10_000.0) -> np.ndarr
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+POS_EMBS = ("learn", "sincos2d", "sincos2d_xy", "none")
+
+
 class PositionEmbedding2D(nn.Module):
-    """Adds a 2-D position embedding to a [B, h*w, D] token grid: learned ("learn") or fixed ("sincos2d")."""
+    """Adds a 2-D position embedding to a [B, h*w, D] token grid: learned ("learn"), fixed ("sincos2d"), or fixed
+    plus a learned linear map of the cell centre's (x, y) in [-1, 1] ("sincos2d_xy": the coordinate channels of
+    Santoro et al.'s RN, so "is X left of the middle" is one sign away; the map starts at unit scale, as large as
+    the sin-cos part, so positions are readable from step 0)."""
 
     kind: str = "learn"
 
@@ -329,12 +335,19 @@ class PositionEmbedding2D(nn.Module):
                 (h * w, d),
                 jnp.float32,
             )
-        elif self.kind == "sincos2d":
+        elif self.kind in ("sincos2d", "sincos2d_xy"):
             pe = jnp.asarray(sincos_2d(h, w, d))
+            if self.kind == "sincos2d_xy":
+                rows, cols = np.mgrid[:h, :w]
+                xy = np.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], -1).reshape(h * w, 2)
+                kernel = self.param(
+                    "xy_kernel", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")), (2, d)
+                )
+                pe = pe + jnp.asarray(xy, jnp.float32) @ kernel
         elif self.kind == "none":
             return x
         else:
-            raise ValueError(f"unknown position embedding {self.kind!r}; valid: ('learn', 'sincos2d', 'none')")
+            raise ValueError(f"unknown position embedding {self.kind!r}; valid: {POS_EMBS}")
         return x + pe[None].astype(x.dtype)
 
 

@@ -185,7 +185,7 @@ class CNN(nn.Module):
       channels: output channels of each 3x3 conv.
       strides: stride of each conv (same length as channels).
       norm: "group" | "layer" | "none".
-      pos_emb: "learn" | "sincos2d" | "none".
+      pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
       scales: conv layers whose outputs become tokens (multi-scale; negative = from the end); () = the last only.
       downsample: "conv" (a strided conv) | "max" (a stride-1 conv, then ReLU and a stride x stride max-pool, as in
         the easy-VQA Keras reference: 4x the conv FLOPs of a layer, but small shapes keep their edges).
@@ -287,7 +287,7 @@ class ResNet(nn.Module):
       stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, for 224 px) or "small" (one 3x3/2 conv, for 64–75 px).
       norm: "group" | "layer" | "frozen_bn" | "none" (no batch statistics to carry in the train state; "frozen_bn"
         is an imported BatchNorm folded into a per-channel affine, see FrozenBatchNorm).
-      pos_emb: "learn" | "sincos2d" | "none".
+      pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
       torch_layout: PyTorch / HF ResNet conventions, for imported checkpoints: convolutions and the stem max-pool
         pad k//2 on each side (instead of SAME), and every strided block has a projection shortcut.
       project: project the last feature map to ``width``; False keeps its channels (tokens = the raw features,
