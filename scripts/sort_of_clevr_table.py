@@ -216,9 +216,9 @@ NOTES = (
     "forward matmul/conv FLOPs per question (vtfusion_jax/flops.py, image tower counted per question).",
     "",
     "Where a target is not met, the validation curves below show whether the row was still climbing at the end of "
-    "the budget, and the runs beyond the budget what more steps buy. The shared config (10x10 image tokens with "
-    "fixed sin-cos positions, 32 images per step) comes from the calibration runs listed last: with learned "
-    "positions the left / top questions stayed near chance (<= 56 %) for 1,500 steps.",
+    "the budget. The shared config (10x10 image tokens with fixed sin-cos positions plus a linear map of (x, y), 32 "
+    "images per step) comes from the calibration runs listed last (`cross`, some trained beyond the budget): with "
+    "learned positions the left / top questions stayed near chance (<= 56 %) for 1,500 steps.",
 )
 
 
