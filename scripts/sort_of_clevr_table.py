@@ -325,7 +325,7 @@ EXPLORE = (
 def beyond_budget(folder: str, what: str = BEYOND) -> list[str]:
     """Lines for runs outside the matched budget (longer training of one variant, or the calibration runs of the
     shared config): not table rows, only curves that show what more training or another setting buys. Each
-    <folder>/<entry>/ holds config.json, curve.json and command.txt."""
+    <folder>/<entry>/ holds config.json, curve.json and command.txt, and metrics.json when it was also tested."""
     if not os.path.isdir(folder):
         return []
     lines = []
@@ -338,7 +338,15 @@ def beyond_budget(folder: str, what: str = BEYOND) -> list[str]:
         curve = [add_families(c, counts) for c in _read(os.path.join(d, "curve.json"))]
         with open(os.path.join(d, "command.txt")) as f:
             command = f.read().strip()
-        lines.append(f"- `{entry}`: `{command}` — {_curve_text(curve)}")
+        line = f"- `{entry}`: `{command}` — {_curve_text(curve)}"
+        if os.path.exists(os.path.join(d, "metrics.json")):  # tested too (a run_job.py run): quote the test split
+            m = _read(os.path.join(d, "metrics.json"))
+            t = add_families(m["per_type"], subtype_counts(config["dataset"]["builder_kwargs"], m["split"]))
+            line += (
+                f"; {m['split']} (step-{m['checkpoint_step']} checkpoint, best on validation): "
+                f"{100 * m['accuracy']:.1f}/{100 * t['relational']:.1f}/{100 * t['non_relational']:.1f}"
+            )
+        lines.append(line)
     if not lines:
         return []
     rel = os.path.relpath(folder, ROOT)

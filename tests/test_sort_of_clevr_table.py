@@ -95,6 +95,26 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert out.read_text() == text
 
 
+def test_beyond_budget_run_quotes_its_test_split(tmp_path):
+    """A longer run with metrics.json (run_job.py's test output) lists its test accuracy, with the relational /
+    non-relational split recomputed from the subtypes weighted by the test split's question counts."""
+    d = tmp_path / "cross_seed0_long"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"dataset": {"builder_kwargs": KW, "val_split": "validation"}}))
+    (d / "curve.json").write_text(json.dumps([{"step": 400, "seconds": 200.0, "val_accuracy": 0.8}]))
+    (d / "command.txt").write_text("python train.py --config.train.num_steps=400\n")
+    per = {"shape": 1.0, "horizontal": 1.0, "vertical": 1.0, "closest": 0.0, "furthest": 0.0, "count": 0.0}
+    metrics = {"split": "test", "accuracy": 0.5, "checkpoint_step": 300, "per_type": per}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    lines = table.beyond_budget(str(tmp_path))
+    assert lines[-1] == (
+        "- `cross_seed0_long`: `python train.py --config.train.num_steps=400` — step 400 (200 s): 80.0; "
+        "test (step-300 checkpoint, best on validation): 50.0/0.0/100.0"
+    )
+    (d / "metrics.json").unlink()  # not tested: the curve alone
+    assert table.beyond_budget(str(tmp_path))[-1].endswith("step 400 (200 s): 80.0")
+
+
 def test_curve_from_logged_points(tmp_path):
     log = tmp_path / "metrics.jsonl"
     rows = [
