@@ -115,6 +115,22 @@ def test_beyond_budget_run_quotes_its_test_split(tmp_path):
     assert table.beyond_budget(str(tmp_path))[-1].endswith("step 400 (200 s): 80.0")
 
 
+def test_concat_gap_must_exceed_five_points_and_concat_seed_noise():
+    def run(rel):
+        per = {**dict.fromkeys(table.SUBTYPES, 0.5), "relational": rel, "non_relational": 0.5}
+        return {"accuracy": 0.5, "best_val_accuracy": 0.5, "per_type": per}
+
+    def gap_line(concat_rels, other_rel):
+        runs = {"concat": [run(x) for x in concat_rels], "merged": [run(other_rel)]}
+        return next(line for line in table.targets(runs) if line.startswith("- `concat`"))
+
+    assert gap_line([0.60], 0.66).endswith("**shown**.")  # +6 points, one seed
+    assert gap_line([0.60], 0.64).endswith("**not shown**.")  # +4 points: under 5
+    # concat 56.8 ± 8.0 (these three seeds) vs 63.0: +6.2 points, inside concat's seed std -> not shown
+    line = gap_line([0.659, 0.534, 0.512], 0.63)
+    assert "best other row `merged` 63.0 % (+6.2 points)" in line and line.endswith("**not shown**.")
+
+
 def test_curve_from_logged_points(tmp_path):
     log = tmp_path / "metrics.jsonl"
     rows = [
