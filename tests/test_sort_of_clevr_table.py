@@ -90,6 +90,9 @@ def test_table_mean_std_targets_and_markers(tmp_path):
     assert f"explore/`: {table.EXPLORE}" in body
     assert "- `cross_learned_pos`: `python train.py --config.model.image_encoder.pos_emb=learn` — " in body
     assert "Flat rows (validation accuracy never rose 3 points above its first point): `concat`, `cross`." in body
+    head = table.headline(table.collect(str(results)))  # the README line: best on validation, its test numbers
+    assert head.startswith("Sort-of-CLEVR, best of 2 fusion variants on validation: `cross` — test 98.0 % overall")
+    assert "100.0 % relational" in head and "is met. 2 of 2 rows never left the answer prior" in head
     # Rewriting replaces the section in place (idempotent).
     table.main([*argv, "--explore", str(explore.parent)])
     assert out.read_text() == text
