@@ -120,9 +120,18 @@ def build(results: dict[str, dict]) -> str:
     verdicts: list[str] = []
     peer = results.get("cpu_torch_peer")
     fusions = {k[len("cpu_fusion_") :]: v for k, v in results.items() if k.startswith("cpu_fusion_")}
-    any_cpu = peer or next(iter(fusions.values()), None)
-    if any_cpu:
-        lines += [f"CPU runs: {_host(any_cpu)}. Peak: the measured float32 matmul peak of each run.", ""]
+    # Runs may come from different sessions on different hosts: name every CPU host and the runs it measured, so
+    # that no figure is read against another machine's.
+    by_host: dict[str, list[str]] = {}
+    for key, r in sorted(results.items()):
+        if key.startswith("cpu_"):
+            by_host.setdefault(_host(r), []).append(key)
+    if len(by_host) == 1:
+        lines += [f"CPU runs: {next(iter(by_host))}. Peak: the measured float32 matmul peak of each run.", ""]
+    elif by_host:
+        lines += ["CPU runs on more than one host (compare rows only within one host; ratios inside a run hold):", ""]
+        lines += [f"- {host}: {', '.join(f'`{k}`' for k in keys)}" for host, keys in by_host.items()]
+        lines += ["", "Peak: the measured float32 matmul peak of each run.", ""]
     n_head = len(lines)
 
     # --- PyTorch peer -----------------------------------------------------------------------------------------

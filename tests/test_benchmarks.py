@@ -111,6 +111,16 @@ def test_performance_doc_is_generated_from_results(step_result, peer_result):
     assert "| `co_attention` |" in doc and "python benchmarks/train_step.py --smoke" in doc  # rows name commands
     assert "than torch eager (CPU): **" in doc and "than torch compile (CPU): **" in doc  # verdicts
     assert "GPU" in doc and "not measured" in doc
+    assert "CPU runs: " in doc and "more than one host" not in doc  # one host: one line
+
+    # Runs from two hosts: each host is named with the runs it measured (no figure read against another machine's).
+    other = json.loads(json.dumps(step))
+    other["host"] = {**other.get("host", {}), "cpu": "Other CPU 9000"}
+    doc2 = perf_table.build({"cpu_torch_peer": peer_result, "cpu_fusion_co_attention": step, "cpu_fusion_cross": other})
+    assert "more than one host" in doc2
+    host_lines = [ln for ln in doc2.splitlines() if ln.startswith("- ") and "cores, backend" in ln]
+    assert len(host_lines) == 2
+    assert any("Other CPU 9000" in ln and "`cpu_fusion_cross`" in ln and "co_attention" not in ln for ln in host_lines)
 
 
 def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
