@@ -159,6 +159,7 @@ def image_preprocessing(source: str) -> dict[str, Any]:
     """
     folder = resolve(source)
     cfg = read_config(folder)
+    # ``cfg`` / ``pre`` are the checkpoint's HF files, not our config: missing keys take HF's own defaults.
     cfg = cfg.get("vision_config", cfg)
     pre = {}
     if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
@@ -265,7 +266,7 @@ HF_ACTIVATIONS.update(relu="relu", silu="silu", swish="silu")
 
 
 def _activation(cfg: Mapping[str, Any], key: str) -> str:
-    act = cfg.get(key, "gelu")
+    act = cfg.get(key, "gelu")  # HF config.json; "gelu" is HF's default when the key is absent
     if act not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported {key}={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[act]
@@ -282,7 +283,7 @@ class Plan:
 
 
 def _bert(cfg: Mapping[str, Any]) -> Plan:
-    if cfg.get("position_embedding_type", "absolute") != "absolute":
+    if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
     spec = dict(
         name="bert",

@@ -59,7 +59,7 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
     src = _source(tower_spec)
     folder = pretrained.resolve(src)
     cfg = pretrained.read_config(folder)
-    family = cfg.get("model_type")
+    family = cfg.get("model_type")  # the checkpoint's HF config.json; None (absent) is rejected below
     if family not in families:
         raise ValueError(
             f"model.{tower}.init_from={src!r}: {folder}/config.json has model_type {family!r}; "
