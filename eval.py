@@ -24,9 +24,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from vtfusion_jax import eval_lib, train_lib
+    from vtfusion_jax import eval_lib, host_memory, train_lib
 
     train_lib.maybe_initialize_distributed()
+    host_memory.reuse_freed_memory_on_cpu()  # before the first compile: reuse XLA:CPU's step buffers
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
-from vtfusion_jax import speed  # noqa: E402
+from vtfusion_jax import host_memory, speed  # noqa: E402
 
 
 class MHA(nn.Module):
@@ -320,9 +320,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if bad:
         p.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
     cfg = jax_bench.load_config(args.config, [a[len("--config.") :] for a in rest])
+    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does; process-wide, so torch runs under it too
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))
     result["quiet_wait"] = quiet
+    result["host_memory"] = host_mem
     text = json.dumps(result, indent=1, default=float)
     print(text, flush=True)
     if args.out:

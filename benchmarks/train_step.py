@@ -42,7 +42,7 @@ from flax import struct
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vtfusion_jax import flops as flops_lib  # noqa: E402
-from vtfusion_jax import optim, sharding, speed  # noqa: E402
+from vtfusion_jax import host_memory, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
@@ -349,9 +349,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does, before the first compile
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
     result["quiet_wait"] = quiet
+    result["host_memory"] = host_mem
     text = json.dumps(result, indent=1, default=float)
     print(text, flush=True)
     if args.out:

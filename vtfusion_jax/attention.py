@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from vtfusion_jax import linear
+
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 
 
@@ -281,10 +283,7 @@ class HeadsProjection(nn.Module):
             self.features,
             self.param_dtype,
         )
-        contracted = tuple(range(x.ndim - self.in_dims, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contracted, tuple(range(self.in_dims))), ((), ()))
-        )
+        y = linear.linear(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
         return y + bias.astype(self.dtype)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from vtfusion_jax import linear
 from vtfusion_jax.attention import MultiHeadAttention, attention_flops
 
 REMAT_POLICIES = ("none", "minimal", "full")
@@ -26,10 +27,34 @@ REMAT_POLICIES = ("none", "minimal", "full")
 # Activation names tagged with jax.ad_checkpoint.checkpoint_name; "minimal" remat keeps only these.
 MINIMAL_SAVE_NAMES = ("qkv_proj", "attn_out", "mlp_out")
 
+_SQRT_HALF = float(np.sqrt(0.5))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
+
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2: torch's and HF BERT / ViT's formula.
+
+    Same function as ``jax.nn.gelu(x, approximate=False)`` (which writes Phi with erfc; the two differ by float32
+    rounding, <= 1e-6 absolute), but with its derivative Phi(x) + x phi(x) written out: autodiff of the erfc form
+    keeps several element-wise passes over the [B, L, mlp_dim] activation (erfc evaluates two branches), this keeps
+    one in the forward and one in the backward (tests/test_linear.py checks values, first and second derivatives).
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
+    pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return x * cdf, t * (cdf + x * pdf)
+
+
 # MLP activations by name. "gelu" is the exact (erf) GELU of BERT and ViT; "gelu_tanh" is the tanh approximation
 # (HF "gelu_new"); "quick_gelu" is CLIP's x * sigmoid(1.702 x).
 ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": gelu_exact,
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": nn.relu,
@@ -53,6 +78,7 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
+        dot_general=linear.dot_general,  # hand-written backward (vtfusion_jax/linear.py)
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (in_axis, out_axis)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
         name=name,

@@ -39,7 +39,7 @@ class ClassificationHead(nn.Module):
         x = (layers.LayerNorm(name="ln")(pooled) if self.ln else pooled).astype(self.dtype)
         if self.hidden_dim:
             x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-            x = nn.gelu(layers.dense(self.hidden_dim, "embed", "mlp", dtype=self.dtype, name="hidden")(x), False)
+            x = layers.gelu_exact(layers.dense(self.hidden_dim, "embed", "mlp", dtype=self.dtype, name="hidden")(x))
             in_axis = "mlp"
         else:
             in_axis = "embed"

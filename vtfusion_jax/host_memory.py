@@ -1,0 +1,85 @@
+"""Keeps freed host memory for reuse, so that XLA:CPU's per-step buffers are not mapped and page-faulted anew.
+
+On the CPU backend every execution of a compiled step allocates its temporary buffer (675 MiB for the shared
+benchmark model of configs/perf.py) with malloc and frees it at the end. glibc serves blocks that large with a fresh
+``mmap`` and returns them with ``munmap``, so each step touches ~170,000 new 4 KiB pages: the kernel faults and
+zeroes every one of them (measured: 178,000 minor page faults per step, ~18 % of the step time on this 2-core VM).
+
+``reuse_freed_memory()`` sets three glibc malloc options (``mallopt``): one arena (M_ARENA_MAX=1, so that every thread
+allocates from the main heap), no mmap for large blocks (M_MMAP_MAX=0: they come from the heap) and no trimming of
+the heap top below 2 GiB (M_TRIM_THRESHOLD). The buffer freed at the end of a step is then reused by the next step:
+0 page faults per step. The cost: the process keeps its peak heap (it was going to need it again next step) and all
+threads share one malloc arena (small allocations still go through glibc's per-thread cache).
+
+It must run before the first compilation (threads pick their arena at their first allocation): the entry points
+(train.py, eval.py, benchmarks/train_step.py, benchmarks/torch_peer.py) call it first thing, on the CPU backend only
+(on GPU/TPU the step's buffers live on the device). ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off. It is a no-op where
+glibc is not the C library (macOS, musl). Stdlib only: importing this module does not import jax.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# glibc <malloc.h> parameter numbers for mallopt().
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+ENV_SWITCH = "VTFUSION_REUSE_HOST_MEMORY"
+TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap top kept before glibc returns memory to the OS (mallopt takes an int)
+
+_applied: dict | None = None
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+    except (OSError, AttributeError):
+        return None  # not glibc
+    return libc, version
+
+
+def reuse_freed_memory(force: bool = False) -> dict:
+    """Applies the malloc options above once per process; returns what it did.
+
+    Args:
+      force: apply even when ``VTFUSION_REUSE_HOST_MEMORY=0`` (tests).
+
+    Returns:
+      {"applied": bool, "reason": str, "glibc": version or None}.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    if not force and os.environ.get(ENV_SWITCH, "1") == "0":
+        _applied = {"applied": False, "reason": f"{ENV_SWITCH}=0", "glibc": None}
+        return _applied
+    found = _glibc()
+    if found is None:
+        _applied = {"applied": False, "reason": "the C library is not glibc", "glibc": None}
+        return _applied
+    libc, version = found
+    ok = all(
+        libc.mallopt(param, value) == 1
+        for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    )
+    _applied = {"applied": ok, "reason": "mallopt" if ok else "mallopt refused a parameter", "glibc": version}
+    return _applied
+
+
+def reuse_freed_memory_on_cpu() -> dict:
+    """``reuse_freed_memory()`` when jax's default backend is the CPU (initialises the backend, compiles nothing)."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return {"applied": False, "reason": f"backend {backend!r}: step buffers live on the device", "glibc": None}
+    return reuse_freed_memory()
