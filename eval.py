@@ -26,8 +26,8 @@ def main(argv):
     del argv
     from vtfusion_jax import eval_lib, host_memory, train_lib
 
+    host_memory.reuse_freed_memory_on_cpu()  # before jax starts a backend: reuse XLA:CPU's step buffers
     train_lib.maybe_initialize_distributed()
-    host_memory.reuse_freed_memory_on_cpu()  # before the first compile: reuse XLA:CPU's step buffers
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

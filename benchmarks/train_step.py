@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does, before the first compile
+    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does, before jax starts a backend
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
     result["quiet_wait"] = quiet

@@ -109,6 +109,50 @@ def _host(r: dict) -> str:
     )
 
 
+PROFILE_BUCKETS = ("matmul", "attention", "mlp", "layernorm", "embeddings", "optimizer+loss", "other model")
+
+
+def _profile_section(prof: dict) -> list[str]:
+    """'Where the time goes': benchmarks/profile_step.py's one-core buckets, ours beside torch eager."""
+    ours, torch = prof["ours"], prof.get("torch_eager")
+    gflop = prof["flops_per_step_train"] / 1e9
+    out = [
+        "## Where the time goes (CPU, one core, co_attention, shared size, batch 32)",
+        "",
+        "`benchmarks/profile_step.py` pins itself to one core, so that XLA:CPU runs one thunk at a time and each "
+        "thunk's time in a `jax.profiler` trace is its own cost; PyTorch eager (the same model, one thread) is "
+        "profiled with `torch.profiler` in the same process. Buckets: `matmul` = dot thunks / aten mm, addmm, bmm, "
+        "convolution; `attention` = softmax, masking and head transposes (torch: its fused SDPA kernel, which "
+        "includes the score and value products); `mlp` = GELU and bias; the rest by where the op sits "
+        f"(benchmarks/profile_step.py). {prof['steps']} profiled steps per side; load average (1-min) "
+        f"{_load_str(prof)}.",
+        "",
+        "| Bucket | ours ms / step | torch eager ms / step |",
+        "|---|---:|---:|",
+    ]
+    for b in PROFILE_BUCKETS:
+        t = f"{torch['bucket_ms'][b]:,.0f}" if torch else "-"
+        out.append(f"| {b} | {ours['bucket_ms'][b]:,.0f} | {t} |")
+    t_total = f"{torch['total_ms']:,.0f}" if torch else "-"
+    t_step = f"{torch['step_ms']:,.0f}" if torch else "-"
+    out += [
+        f"| **sum of profiled ops** | **{ours['total_ms']:,.0f}** | **{t_total}** |",
+        f"| step wall time (unprofiled) | {ours['step_ms']:,.0f} | {t_step} |",
+        "",
+        f"Our dot thunks run {ours['matmul_gflop']:.1f} GFLOP per step (the formula: {gflop:.1f}) at "
+        f"{ours['matmul_gflop_per_s'] / 1e9:.0f} GFLOP/s on one core. Minor page faults per step: {ours['page_faults_per_step']:,.0f} (host memory reuse: "
+        f"{'on' if prof['host_memory'].get('applied') else 'off'}, `vtfusion_jax/host_memory.py`). Slowest dot "
+        "shapes (engine, pass, lhs -> output):",
+        "",
+        "| Dot | count | ms / step | GFLOP/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for d in ours["top_dots"][:8]:
+        out.append(f"| `{d['dot']}` | {d['count']} | {d['ms']:,.1f} | {d['gflop_per_s'] / 1e9:.0f} |")
+    out += ["", f"Command: {_cmd(prof)}", ""]
+    return out
+
+
 def build(results: dict[str, dict]) -> str:
     lines = [
         "# Performance",
@@ -169,6 +213,11 @@ def build(results: dict[str, dict]) -> str:
                 )
     else:
         lines += ["Not measured yet.", ""]
+
+    # --- profile ----------------------------------------------------------------------------------------------
+    prof = results.get("cpu_profile")
+    if prof:
+        lines += _profile_section(prof)
 
     # --- fusion variants --------------------------------------------------------------------------------------
     lines += [

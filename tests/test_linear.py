@@ -131,3 +131,11 @@ def test_reuse_freed_memory_env_switch(monkeypatch):
     monkeypatch.setenv(host_memory.ENV_SWITCH, "0")
     assert host_memory.reuse_freed_memory() == {"applied": False, "reason": "VTFUSION_REUSE_HOST_MEMORY=0", "glibc": None}
     monkeypatch.setattr(host_memory, "_applied", None)  # do not leave the decision cached for this process
+
+
+def test_cpu_backend_expected_reads_jax_platforms(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert host_memory.cpu_backend_expected()[0] is False
+    assert host_memory.reuse_freed_memory_on_cpu()["applied"] is False
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.cpu_backend_expected() == (True, "JAX_PLATFORMS=cpu")

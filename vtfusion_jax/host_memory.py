@@ -11,9 +11,10 @@ the heap top below 2 GiB (M_TRIM_THRESHOLD). The buffer freed at the end of a st
 0 page faults per step. The cost: the process keeps its peak heap (it was going to need it again next step) and all
 threads share one malloc arena (small allocations still go through glibc's per-thread cache).
 
-It must run before the first compilation (threads pick their arena at their first allocation): the entry points
-(train.py, eval.py, benchmarks/train_step.py, benchmarks/torch_peer.py) call it first thing, on the CPU backend only
-(on GPU/TPU the step's buffers live on the device). ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off. It is a no-op where
+It must run before jax starts its backend (XLA's threads pick their malloc arena when they start; measured: called
+after ``jax.default_backend()`` it changes nothing): the entry points (train.py, eval.py, benchmarks/train_step.py,
+benchmarks/torch_peer.py, benchmarks/profile_step.py) call it first thing, when jax will run on the CPU (on GPU/TPU
+the step's buffers live on the device). ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off. It is a no-op where
 glibc is not the C library (macOS, musl). Stdlib only: importing this module does not import jax.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 
 # glibc <malloc.h> parameter numbers for mallopt().
@@ -75,11 +77,28 @@ def reuse_freed_memory(force: bool = False) -> dict:
     return _applied
 
 
-def reuse_freed_memory_on_cpu() -> dict:
-    """``reuse_freed_memory()`` when jax's default backend is the CPU (initialises the backend, compiles nothing)."""
-    import jax
+# Accelerator plugins whose presence means jax's default backend is not the CPU.
+ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
-    backend = jax.default_backend()
-    if backend != "cpu":
-        return {"applied": False, "reason": f"backend {backend!r}: step buffers live on the device", "glibc": None}
+
+def cpu_backend_expected() -> tuple[bool, str]:
+    """Whether jax will run on the CPU, decided WITHOUT starting a backend (starting one creates XLA's threads, whose
+    malloc arenas are then fixed): JAX_PLATFORMS when set, else whether an accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        first = platforms.split(",")[0].strip().lower()
+        return first == "cpu", f"JAX_PLATFORMS={platforms}"
+    for name in ACCELERATOR_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            return False, f"accelerator plugin {name} installed"
+    return True, "no accelerator plugin installed"
+
+
+def reuse_freed_memory_on_cpu() -> dict:
+    """``reuse_freed_memory()`` when jax will run on the CPU (``cpu_backend_expected``). Call it before anything
+    starts a jax backend (``jax.devices()``, a first jit): XLA's pool threads take their malloc arena when they start,
+    and the option only helps threads that allocate from the main one."""
+    cpu, why = cpu_backend_expected()
+    if not cpu:
+        return {"applied": False, "reason": f"{why}: step buffers live on the device", "glibc": None}
     return reuse_freed_memory()
