@@ -15,6 +15,9 @@ python -c "from vtfusion_jax import speed; print('quiet wait:', speed.wait_for_q
 # Ours vs PyTorch eager and torch.compile, alternating, shared size (co_attention, D=256, 4+4 layers, batch 32).
 python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch_peer.json
 
+# Where the time goes: one core, per XLA thunk beside torch eager's per-op profile.
+python benchmarks/profile_step.py --config=configs/perf.py $W --out=$OUT/cpu_profile.json
+
 # Every fusion variant at the shared size (float32, unrolled, no remat).
 for f in co_attention merged cross gated_cross bottleneck query concat rn; do
   python benchmarks/train_step.py --config=configs/perf.py:fusion=$f $W --out=$OUT/cpu_fusion_$f.json

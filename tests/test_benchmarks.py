@@ -147,3 +147,31 @@ def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     written = json.load(open(tmp_path / "gpu_tiny_xla.json"))
     assert len(written["step_s_all"]) == 2 and np.isfinite(written["final_loss"])
     assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"cudnn", "xla"}
+
+
+def test_profile_step_smoke(tmp_path):
+    """benchmarks/profile_step.py on the tiny config (a subprocess: it pins itself to one core): every bucket is
+    reported for both sides, the dot thunks it found carry the model's matmul FLOPs, and the doc section renders."""
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), f"--config={TINY}", "--steps=2",
+           f"--out={out}", "--config.mesh_shape=(1, 1, 1)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(out))
+    ours, torch_side = r["ours"], r["torch_eager"]
+    for side in (ours, torch_side):
+        assert set(side["bucket_ms"]) == {"matmul", "attention", "mlp", "layernorm", "embeddings", "optimizer+loss",
+                                          "other model"}
+        assert side["bucket_ms"]["matmul"] > 0 and side["step_ms"] > 0
+        assert side["total_ms"] == pytest.approx(sum(side["bucket_ms"].values()))
+    # The classified dots are the model's matmuls: their FLOPs match the analytic count (the patch convolution,
+    # not a dot, is the only matmul work outside them).
+    assert 0.6 * r["flops_per_step_train"] / 1e9 < ours["matmul_gflop"] <= 1.05 * r["flops_per_step_train"] / 1e9
+    assert ours["top_dots"] and all(d["gflop_per_s"] > 0 for d in ours["top_dots"])
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    doc = "\n".join(perf_table._profile_section(r))
+    assert "## Where the time goes" in doc and "| matmul |" in doc and "python benchmarks/profile_step.py" in doc
