@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import resource
@@ -183,10 +182,9 @@ TORCH_BUCKETS = {
 
 def profile_torch(cfg: dict, steps: int) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
     import torch_peer
     import train_step as jax_bench
+    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(1)
     torch.manual_seed(int(cfg["seed"]))
@@ -210,13 +208,17 @@ def profile_torch(cfg: dict, steps: int) -> dict:
             b = "attention"
         elif name in TORCH_BUCKETS:
             b = TORCH_BUCKETS[name]
-        elif "Optimizer" in name or "adamw" in name or "norm" in name and "layer" not in name:
+        elif "Optimizer" in name or "adamw" in name or ("norm" in name and "layer" not in name):  # AdamW, clipping
             b = "optimizer+loss"
         else:
             b = "other model"
         buckets[b] += ms
-    return {"bucket_ms": {b: buckets.get(b, 0.0) for b in BUCKETS}, "total_ms": sum(buckets.values()),
-            "step_ms": wall * 1e3, "torch": torch.__version__}
+    return {
+        "bucket_ms": {b: buckets.get(b, 0.0) for b in BUCKETS},
+        "total_ms": sum(buckets.values()),
+        "step_ms": wall * 1e3,
+        "torch": torch.__version__,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -259,13 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result["torch_eager"] = profile_torch(cfg, args.steps)
     result["loadavg_end"] = speed.loadavg()
     result["quiet_wait"] = quiet
-    text = json.dumps(result, indent=1, default=float)
-    print(text, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return speed.emit_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -325,13 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))
     result["quiet_wait"] = quiet
     result["host_memory"] = host_mem
-    text = json.dumps(result, indent=1, default=float)
-    print(text, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return speed.emit_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def _profile_section(prof: dict) -> list[str]:
         f"| step wall time (unprofiled) | {ours['step_ms']:,.0f} | {t_step} |",
         "",
         f"Our dot thunks run {ours['matmul_gflop']:.1f} GFLOP per step (the formula: {gflop:.1f}) at "
-        f"{ours['matmul_gflop_per_s']:.0f} GFLOP/s on one core. Minor page faults per step: {ours['page_faults_per_step']:,.0f} (host memory reuse: "
+        f"{ours['matmul_gflop_per_s']:.0f} GFLOP/s on one core. Minor page faults per step: "
+        f"{ours['page_faults_per_step']:,.0f} (host memory reuse: "
         f"{'on' if prof['host_memory'].get('applied') else 'off'}, `vtfusion_jax/host_memory.py`). Slowest dot "
         "shapes (engine, pass, lhs -> output):",
         "",

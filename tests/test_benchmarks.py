@@ -155,15 +155,28 @@ def test_profile_step_smoke(tmp_path):
     import subprocess
 
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), f"--config={TINY}", "--steps=2",
-           f"--out={out}", "--config.mesh_shape=(1, 1, 1)"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "profile_step.py"),
+        f"--config={TINY}",
+        "--steps=2",
+        f"--out={out}",
+        "--config.mesh_shape=(1, 1, 1)",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(out))
     ours, torch_side = r["ours"], r["torch_eager"]
     for side in (ours, torch_side):
-        assert set(side["bucket_ms"]) == {"matmul", "attention", "mlp", "layernorm", "embeddings", "optimizer+loss",
-                                          "other model"}
+        assert set(side["bucket_ms"]) == {
+            "matmul",
+            "attention",
+            "mlp",
+            "layernorm",
+            "embeddings",
+            "optimizer+loss",
+            "other model",
+        }
         assert side["bucket_ms"]["matmul"] > 0 and side["step_ms"] > 0
         assert side["total_ms"] == pytest.approx(sum(side["bucket_ms"].values()))
     # The classified dots are the model's matmuls: their FLOPs match the analytic count (the patch convolution,

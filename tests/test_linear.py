@@ -23,7 +23,9 @@ def _reference(x, w, in_dims):
     return jax.lax.dot_general(x, w, ((contracted, tuple(range(in_dims))), ((), ())))
 
 
-@pytest.mark.parametrize("x_shape,w_shape,in_dims", [((3, 5, 4), (4, 6), 1), ((2, 7, 3, 4), (3, 4, 5), 2), ((4,), (4, 2), 1)])
+@pytest.mark.parametrize(
+    "x_shape,w_shape,in_dims", [((3, 5, 4), (4, 6), 1), ((2, 7, 3, 4), (3, 4, 5), 2), ((4,), (4, 2), 1)]
+)
 def test_linear_matches_dot_general_values_and_gradients(x_shape, w_shape, in_dims):
     kx, kw, kc = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, x_shape)
@@ -37,7 +39,7 @@ def test_linear_matches_dot_general_values_and_gradients(x_shape, w_shape, in_di
     np.testing.assert_allclose(linear.linear(x, w, in_dims), _reference(x, w, in_dims), rtol=1e-5, atol=1e-5)
     got = jax.grad(loss(linear.linear), argnums=(0, 1))(x, w)
     want = jax.grad(loss(_reference), argnums=(0, 1))(x, w)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
@@ -52,8 +54,9 @@ def test_dot_general_falls_through_for_other_patterns():
     batched = (((2,), (1,)), ((0,), (0,)))  # a batch axis: not the Dense pattern
     np.testing.assert_array_equal(linear.dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
     # preferred_element_type is honoured (lax path)
-    out = linear.dot_general(a.astype(jnp.bfloat16), b[0].astype(jnp.bfloat16), (((2,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+    out = linear.dot_general(
+        a.astype(jnp.bfloat16), b[0].astype(jnp.bfloat16), (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
     assert out.dtype == jnp.float32
 
 
@@ -68,7 +71,7 @@ def test_dense_with_linear_matches_flax_dense_gradients():
 
     g_ours = jax.grad(lambda p: loss(ours, p))(params)
     g_plain = jax.grad(lambda p: loss(plain, p))(params)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain)):
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -101,7 +104,8 @@ _FAULTS = textwrap.dedent(
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):
         f(x).block_until_ready()
-    print(json.dumps({{"faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3, "info": info}}))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3
+    print(json.dumps({{"faults_per_call": faults, "info": info}}))
     """
 )
 
@@ -129,7 +133,11 @@ def test_reuse_freed_memory_removes_per_call_page_faults():
 def test_reuse_freed_memory_env_switch(monkeypatch):
     monkeypatch.setattr(host_memory, "_applied", None)
     monkeypatch.setenv(host_memory.ENV_SWITCH, "0")
-    assert host_memory.reuse_freed_memory() == {"applied": False, "reason": "VTFUSION_REUSE_HOST_MEMORY=0", "glibc": None}
+    assert host_memory.reuse_freed_memory() == {
+        "applied": False,
+        "reason": "VTFUSION_REUSE_HOST_MEMORY=0",
+        "glibc": None,
+    }
     monkeypatch.setattr(host_memory, "_applied", None)  # do not leave the decision cached for this process
 
 

@@ -3,7 +3,8 @@
 On the CPU backend every execution of a compiled step allocates its temporary buffer (675 MiB for the shared
 benchmark model of configs/perf.py) with malloc and frees it at the end. glibc serves blocks that large with a fresh
 ``mmap`` and returns them with ``munmap``, so each step touches ~170,000 new 4 KiB pages: the kernel faults and
-zeroes every one of them (measured: 178,000 minor page faults per step, ~18 % of the step time on this 2-core VM).
+zeroes every one of them (~178,000 minor page faults per step for that model; tests/test_linear.py checks that the
+options below remove them, and benchmarks/profile_step.py reports the count per step).
 
 ``reuse_freed_memory()`` sets three glibc malloc options (``mallopt``): one arena (M_ARENA_MAX=1, so that every thread
 allocates from the main heap), no mmap for large blocks (M_MMAP_MAX=0: they come from the heap) and no trimming of

@@ -5,8 +5,8 @@ Every Dense layer of the library (``layers.dense`` through ``nn.Dense(dot_genera
 automatic transpose of that ``dot_general`` contracts the [B, L] axes of a 3-D activation for the kernel gradient,
 and XLA:CPU then materialises a transposed copy of ``dy`` and runs a dot whose operands are both transposed. Here the
 operands are flattened to 2-D first and the backward is written out: ``dx = dy @ w^T``, ``dw = x^T @ dy``. The
-values are the same products (tests/test_linear.py compares outputs and gradients with ``jax.lax.dot_general``); on
-the shared CPU benchmark size the train step is ~4 % faster (docs/performance.md, "where the time goes").
+values are the same products (tests/test_linear.py compares outputs and gradients with ``jax.lax.dot_general``); the
+per-dot cost on CPU is in docs/performance.md ("Where the time goes", benchmarks/profile_step.py).
 
 Anything other than that pattern (batch dimensions, contracting non-trailing axes, a ``preferred_element_type``)
 falls through to ``jax.lax.dot_general`` unchanged.

@@ -9,6 +9,7 @@ Donated buffers are ``donate_argnums=0`` on the jitted train step, and device pr
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -129,3 +130,14 @@ def host_info() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
     }
+
+
+def emit_result(result: dict, out: str = "") -> dict:
+    """Prints a benchmark's JSON result and, when ``out`` is given, also writes it there (folders created)."""
+    text = json.dumps(result, indent=1, default=float)
+    print(text, flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return result
