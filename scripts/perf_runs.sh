@@ -13,7 +13,11 @@ mkdir -p "$OUT"
 python -c "from vtfusion_jax import speed; print('quiet wait:', speed.wait_for_quiet(max_wait_s=1200))"
 
 # Ours vs PyTorch eager and torch.compile, alternating, shared size (co_attention, D=256, 4+4 layers, batch 32).
+# (On a second host, keep the first host's file: --out=$OUT/cpu_torch_peer_<host>.json; the doc shows both.)
 python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch_peer.json
+
+# The step's dots replayed one by one in XLA and in torch: the part of the step-time ratio the GEMM kernels explain.
+python benchmarks/matmul_shapes.py --config=configs/perf.py $W --out=$OUT/cpu_matmul_shapes.json
 
 # Where the time goes: one core, per XLA thunk beside torch eager's per-op profile.
 python benchmarks/profile_step.py --config=configs/perf.py $W --out=$OUT/cpu_profile.json

@@ -2,7 +2,8 @@
 
 Run: python scripts/perf_table.py [--results=results/perf] [--out=docs/performance.md]
 
-File names say what a result is (scripts/perf_runs.sh writes them): cpu_torch_peer.json, cpu_fusion_<variant>.json,
+File names say what a result is (scripts/perf_runs.sh writes them): cpu_torch_peer[_<host>].json,
+cpu_matmul_shapes[_<host>].json, cpu_profile.json, cpu_fusion_<variant>.json,
 cpu_switch_<switch>.json, cpu_compile_depth<N>_<scan|unrolled>.json, gpu_<impl>.json. Every row names the command
 that produced it and the load average it ran under. Targets are issue 8's; each is stated as met or missed with the
 measured figure.
@@ -154,6 +155,82 @@ def _profile_section(prof: dict) -> list[str]:
     return out
 
 
+def _peer_section(peer: dict, verdicts: list[str], several: bool) -> list[str]:
+    """One benchmarks/torch_peer.py run: the step times side by side, and the speed verdicts for its host."""
+    med, mn, mfu = peer["step_s_median"], peer["step_s_min"], peer["mfu_measured_peak"]
+    peaks = peer["peak_flops_per_s"]
+    cpu = peer.get("host", {}).get("cpu", "?")
+    out = [f"### {cpu}", ""] if several else []
+    out += [
+        "Same architecture in `benchmarks/torch_peer.py` (ViT + BERT towers, co-attention fusion, classification "
+        f"head; {peer['num_params']['torch']:,d} parameters in torch, {peer['num_params']['jax']:,d} in ours), "
+        "AdamW + global-norm clipping, same synthetic batch and thread count "
+        f"({peer['threads']['torch']} torch threads, {peer['threads']['xla_cpu_count']} cores for XLA), "
+        f"timed alternately in one process ({len(peer['step_s_all']['jax'])} rounds, order rotating). "
+        f"Host: {_host(peer)}. "
+        f"Formula: {peer['flops_per_step_train'] / 1e9:.1f} GFLOP per step; torch's FLOP counter: "
+        f"{peer['torch_flop_counter_per_step'] / 1e9:.1f} GFLOP (forward + backward). "
+        f"Matmul peaks measured in the same run: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, "
+        f"torch {peaks['torch'] / 1e9:.0f} GFLOP/s. Load average (1-min) {_load_str(peer)}.",
+        "",
+        "| Implementation | step ms (median) | step ms (min) | MFU (own measured peak) | torch / ours (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for n in ("jax", "torch_eager", "torch_compile"):
+        if n in med:
+            ratio = "1.00" if n == "jax" else f"{peer['speedup_vs'][n]:.2f}x"
+            label = {"jax": "ours (jax)", "torch_eager": "PyTorch eager", "torch_compile": "torch.compile"}[n]
+            out.append(f"| {label} | {_ms(med[n])} | {_ms(mn[n])} | {_pct(mfu[n])} | {ratio} |")
+    out += ["", f"Command: {_cmd(peer)}", ""]
+    where = f" on {cpu}" if several else ""
+    for n in ("torch_eager", "torch_compile"):
+        if n in peer["speedup_vs"]:
+            s = peer["speedup_vs"][n]
+            verdicts.append(
+                f"- Ours >= {TARGET_SPEEDUP}x faster than {n.replace('_', ' ')} (CPU{where}): "
+                f"{_verdict(s >= TARGET_SPEEDUP)}"
+                f" — measured {s:.2f}x (median step {_ms(med['jax'])} ms vs {_ms(med[n])} ms)."
+            )
+    return out
+
+
+def _matmul_section(r: dict) -> list[str]:
+    """benchmarks/matmul_shapes.py: the step's dots replayed alone in XLA and in torch."""
+    ms, rate = r["step_dot_ms"], r["step_dot_gflop_per_s"]
+    eng = r["by_xla_engine"]
+    out = [
+        f"### The step's matmuls alone: XLA's kernels vs PyTorch's ({r['host'].get('cpu', '?')})",
+        "",
+        "`benchmarks/matmul_shapes.py` reads every dot of our compiled train step (shapes, dimension numbers, and "
+        "the engine XLA:CPU picked: a YNNPACK/XNNPACK fusion or XLA's Eigen dot) and replays each alone, in jax and "
+        "as the torch call PyTorch's step makes for it (`torch.mm` on transposed views, `einsum` for batched dots), "
+        f"same thread count ({r['threads']['torch']}), alternating, {r['rounds']} rounds; both results agree to "
+        f"float32 rounding (largest difference {max(d['max_abs_diff_over_scale'] for d in r['dots']):.1e} of the "
+        f"output's scale). Host: {_host(r)}. Load average (1-min) {_load_str(r)}.",
+        "",
+        f"The step's {r['step_dot_gflop']:.1f} GFLOP of dots take **{ms['xla']:,.0f} ms with XLA's kernels** "
+        f"({rate['xla']:.0f} GFLOP/s) and **{ms['torch']:,.0f} ms with PyTorch's** ({rate['torch']:.0f} GFLOP/s): "
+        f"torch / XLA time {r['torch_over_xla_time']:.2f}. By XLA engine: "
+        + "; ".join(
+            f"{name} {e['gflop']:.1f} GFLOP, {e['xla_ms']:,.0f} ms in XLA vs {e['torch_ms']:,.0f} ms in torch"
+            for name, e in sorted(eng.items())
+        )
+        + ". Largest dots of the step (count x time):",
+        "",
+        "| Dot (engine, form, lhs x rhs -> out) | count | XLA GFLOP/s | torch GFLOP/s | XLA ms / step "
+        "| torch ms / step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    top = sorted(r["dots"], key=lambda d: -d["count"] * d["ms"]["xla"])[:12]
+    for d in top:
+        out.append(
+            f"| `{d['name']}` | {d['count']} | {d['gflop_per_s']['xla']:.0f} | {d['gflop_per_s']['torch']:.0f} "
+            f"| {d['count'] * d['ms']['xla']:,.1f} | {d['count'] * d['ms']['torch']:,.1f} |"
+        )
+    out += ["", f"Command: {_cmd(r)}", ""]
+    return out
+
+
 def build(results: dict[str, dict]) -> str:
     lines = [
         "# Performance",
@@ -163,7 +240,6 @@ def build(results: dict[str, dict]) -> str:
         "",
     ]
     verdicts: list[str] = []
-    peer = results.get("cpu_torch_peer")
     fusions = {k[len("cpu_fusion_") :]: v for k, v in results.items() if k.startswith("cpu_fusion_")}
     # Runs may come from different sessions on different hosts: name every CPU host and the runs it measured, so
     # that no figure is read against another machine's.
@@ -179,41 +255,15 @@ def build(results: dict[str, dict]) -> str:
         lines += ["", "Peak: the measured float32 matmul peak of each run.", ""]
     n_head = len(lines)
 
-    # --- PyTorch peer -----------------------------------------------------------------------------------------
+    # --- PyTorch peer (one run per host: cpu_torch_peer.json, cpu_torch_peer_<host>.json) ------------------------
     lines += ["## Ours vs PyTorch (CPU, float32, shared size, batch 32)", ""]
-    if peer:
-        med, mn, mfu = peer["step_s_median"], peer["step_s_min"], peer["mfu_measured_peak"]
-        peaks = peer["peak_flops_per_s"]
-        lines += [
-            "Same architecture in `benchmarks/torch_peer.py` (ViT + BERT towers, co-attention fusion, classification "
-            f"head; {peer['num_params']['torch']:,d} parameters in torch, {peer['num_params']['jax']:,d} in ours), "
-            "AdamW + global-norm clipping, same synthetic batch and thread count "
-            f"({peer['threads']['torch']} torch threads, {peer['threads']['xla_cpu_count']} cores for XLA), "
-            f"timed alternately in one process ({len(peer['step_s_all']['jax'])} rounds, order rotating). "
-            f"Formula: {peer['flops_per_step_train'] / 1e9:.1f} GFLOP per step; torch's FLOP counter: "
-            f"{peer['torch_flop_counter_per_step'] / 1e9:.1f} GFLOP (forward + backward). "
-            f"Matmul peaks measured in the same run: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, "
-            f"torch {peaks['torch'] / 1e9:.0f} GFLOP/s. Load average (1-min) {_load_str(peer)}.",
-            "",
-            "| Implementation | step ms (median) | step ms (min) | MFU (own measured peak) | torch / ours (median) |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for n in ("jax", "torch_eager", "torch_compile"):
-            if n in med:
-                ratio = "1.00" if n == "jax" else f"{peer['speedup_vs'][n]:.2f}x"
-                label = {"jax": "ours (jax)", "torch_eager": "PyTorch eager", "torch_compile": "torch.compile"}[n]
-                lines.append(f"| {label} | {_ms(med[n])} | {_ms(mn[n])} | {_pct(mfu[n])} | {ratio} |")
-        lines += ["", f"Command: {_cmd(peer)}", ""]
-        for n in ("torch_eager", "torch_compile"):
-            if n in peer["speedup_vs"]:
-                s = peer["speedup_vs"][n]
-                verdicts.append(
-                    f"- Ours >= {TARGET_SPEEDUP}x faster than {n.replace('_', ' ')} (CPU): "
-                    f"{_verdict(s >= TARGET_SPEEDUP)}"
-                    f" — measured {s:.2f}x (median step {_ms(med['jax'])} ms vs {_ms(med[n])} ms)."
-                )
-    else:
+    peers = [results[k] for k in sorted(results) if k.startswith("cpu_torch_peer")]
+    for peer in peers:
+        lines += _peer_section(peer, verdicts, several=len(peers) > 1)
+    if not peers:
         lines += ["Not measured yet.", ""]
+    for key in sorted(k for k in results if k.startswith("cpu_matmul_shapes")):
+        lines += _matmul_section(results[key])
 
     # --- profile ----------------------------------------------------------------------------------------------
     prof = results.get("cpu_profile")

@@ -13,6 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import matmul_shapes  # noqa: E402
 import torch_peer  # noqa: E402
 import train_step as bench_lib  # noqa: E402
 
@@ -188,3 +189,56 @@ def test_profile_step_smoke(tmp_path):
 
     doc = "\n".join(perf_table._profile_section(r))
     assert "## Where the time goes" in doc and "| matmul |" in doc and "python benchmarks/profile_step.py" in doc
+
+
+def test_matmul_shapes_reads_every_dot_and_replays_it_in_torch():
+    """benchmarks/matmul_shapes.py finds each dot of a compiled program (shapes, dimension numbers, count, FLOPs), and
+    the torch call it replays for each (mm on transposed views, einsum for batched dots) computes the same product."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((64, 32), np.float32), rng.standard_normal((32, 48), np.float32)
+    dy = rng.standard_normal((64, 48), np.float32)
+    q, k = rng.standard_normal((2, 3, 16, 8), np.float32), rng.standard_normal((2, 3, 16, 8), np.float32)
+
+    def f(x, w, dy, q, k):
+        return x @ w, x.T @ dy, dy @ w.T, jax.numpy.einsum("bhqd,bhkd->bhqk", q, k), (2 * x) @ w
+
+    dots = matmul_shapes.step_dots(jax.jit(f).lower(x, w, dy, q, k).compile().as_text())
+    by_flops = sorted((d["flops"], d["count"]) for d in dots)
+    # x @ w twice (one group, count 2); x^T dy; dy w^T; the batched score product.
+    assert by_flops == sorted(
+        [(2 * 64 * 32 * 48, 2), (2 * 32 * 48 * 64, 1), (2 * 64 * 48 * 32, 1), (2 * 6 * 16 * 16 * 8, 1)]
+    )
+    for d in dots:
+        a = rng.standard_normal(d["lhs"], np.float32)
+        b = rng.standard_normal(d["rhs"], np.float32)
+        dims = d["dims"]
+        dn = (
+            (dims["lhs_contracting_dims"], dims["rhs_contracting_dims"]),
+            (dims["lhs_batch_dims"], dims["rhs_batch_dims"]),
+        )
+        want = np.asarray(jax.lax.dot_general(a, b, dn))
+        got = matmul_shapes.torch_fn(d)(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert got.shape == tuple(d["out"])
+
+
+def test_matmul_shapes_smoke(tmp_path):
+    """The whole benchmark on the tiny config: the replayed dots carry the model's matmul FLOPs, the step totals are
+    the count-weighted sums, both libraries agree, and the doc section renders."""
+    out = tmp_path / "mm.json"
+    r = matmul_shapes.main(
+        [f"--config={TINY}", "--rounds=1", "--reps=1", "--pause=0", f"--out={out}", "--config.mesh_shape=(1, 1, 1)"]
+    )
+    assert json.load(open(out))["step_dot_gflop"] == pytest.approx(r["step_dot_gflop"])
+    assert 0.6 * r["flops_per_step_train"] / 1e9 < r["step_dot_gflop"] <= 1.05 * r["flops_per_step_train"] / 1e9
+    for side in ("xla", "torch"):
+        assert r["step_dot_ms"][side] == pytest.approx(sum(d["count"] * d["ms"][side] for d in r["dots"]))
+    assert max(d["max_abs_diff_over_scale"] for d in r["dots"]) < 1e-4
+    assert {d["engine"] for d in r["dots"]} <= {"ynn/xnn", "eigen"}
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    doc = "\n".join(perf_table._matmul_section(r))
+    assert "XLA's kernels vs PyTorch's" in doc and "python benchmarks/matmul_shapes.py" in doc
