@@ -16,8 +16,7 @@ the step's matmul time with each library's kernels, sum of count x time. benchma
 step-time ratio; this gives the part of it the GEMM kernels alone explain. Counts are HLO occurrences: for an
 unrolled step (configs/perf.py's default) that is per step; a scanned layer body is counted once.
 Each call is timed after a short idle (``--pause``), as a dot runs inside a step between other work: absolute
-GFLOP/s come out below a back-to-back loop's (measured: 145 vs 188 GFLOP/s for XLA's [2048, 256]^T [2048, 256]
-weight gradient), the same for both libraries; read the torch / XLA ratio.
+GFLOP/s come out below a back-to-back loop's, for both libraries alike; read the torch / XLA ratio.
 Runs on jax + numpy + torch.
 """
 
