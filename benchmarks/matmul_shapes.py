@@ -22,7 +22,6 @@ Runs on jax + numpy + torch.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -31,6 +30,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_args  # noqa: E402  (benchmarks/bench_args.py, stdlib only)
 
 _DIMS = ("lhs_batch_dims", "lhs_contracting_dims", "rhs_batch_dims", "rhs_contracting_dims")
 
@@ -211,24 +213,17 @@ def summarize(timed: list[dict]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/perf.py", help="config file[:arg]")
-    p.add_argument("--out", default="", help="also write the JSON result here")
+    p = bench_args.parser(__doc__)
     p.add_argument("--rounds", type=int, default=15, help="timed rounds per dot and library")
     p.add_argument("--reps", type=int, default=4, help="independent operand pairs per timed call")
     p.add_argument("--pause", type=float, default=0.01, help="seconds of idle before each timed call")
-    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    args, overrides = bench_args.parse(p, argv)
     import torch
     import train_step as jax_bench
 
     from vtfusion_jax import host_memory, speed
 
-    cfg = jax_bench.load_config(args.config, [a[len("--config.") :] for a in rest])
+    cfg = jax_bench.load_config(args.config, overrides)
     host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does
     torch.set_num_threads(os.cpu_count() or 1)  # the thread count XLA:CPU uses
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None

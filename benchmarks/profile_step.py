@@ -20,7 +20,6 @@ Runs on jax + flax + optax + numpy (+ torch unless --no_torch).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import os
@@ -30,6 +29,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_args  # noqa: E402  (benchmarks/bench_args.py, stdlib only)
 
 THUNK_THREADS = ("tf_XLAEigen", "tf_XLAPjRtCpuClient")  # trace lines (threads) where XLA:CPU runs thunks
 BUCKETS = ("matmul", "attention", "mlp", "layernorm", "embeddings", "optimizer+loss", "other model")
@@ -226,23 +228,16 @@ def profile_torch(cfg: dict, steps: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/perf.py", help="config file[:arg]")
-    p.add_argument("--out", default="", help="also write the JSON result here")
+    p = bench_args.parser(__doc__)
     p.add_argument("--steps", type=int, default=3, help="profiled steps per side")
     p.add_argument("--no_torch", action="store_true", help="profile ours only")
-    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
+    args, overrides = bench_args.parse(p, argv)
     core = _pin_one_core()  # before jax starts: XLA sizes its thread pool from the affinity mask
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import train_step as jax_bench
 
     from vtfusion_jax import host_memory, speed
 
-    cfg = jax_bench.load_config(args.config, [a[len("--config.") :] for a in rest])
+    cfg = jax_bench.load_config(args.config, overrides)
     host_mem = host_memory.reuse_freed_memory_on_cpu()
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     bench = jax_bench.Bench(cfg)

@@ -19,7 +19,6 @@ counts of both models (they must be equal) and torch's FLOP counter beside our a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_args  # noqa: E402  (benchmarks/bench_args.py)
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
 from vtfusion_jax import host_memory, speed  # noqa: E402
@@ -308,17 +308,11 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/perf.py", help="config file[:arg]")
-    p.add_argument("--out", default="", help="also write the JSON result here")
+    p = bench_args.parser(__doc__)
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend, or 'none' to skip it")
     p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
-    cfg = jax_bench.load_config(args.config, [a[len("--config.") :] for a in rest])
+    args, overrides = bench_args.parse(p, argv)
+    cfg = jax_bench.load_config(args.config, overrides)
     host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does; process-wide, so torch runs under it too
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))

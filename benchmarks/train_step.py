@@ -24,7 +24,6 @@ file cannot import because train_lib pulls in the data pipeline.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib.util
 import os
@@ -40,6 +39,9 @@ import optax
 from flax import struct
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_args  # noqa: E402  (benchmarks/bench_args.py, stdlib only)
+
 from vtfusion_jax import flops as flops_lib  # noqa: E402
 from vtfusion_jax import host_memory, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
@@ -329,19 +331,10 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
     return result
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/perf.py", help="config file[:arg] (default configs/perf.py)")
-    p.add_argument("--out", default="", help="also write the JSON result here")
+def parse_args(argv: Sequence[str]) -> tuple[Any, list[str]]:
+    p = bench_args.parser(__doc__)
     p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
-    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for a in rest:
-        if not a.startswith("--config."):
-            p.error(f"unrecognised argument {a!r} (overrides are --config.KEY=VALUE)")
-        overrides.append(a[len("--config.") :])
-    return args, overrides
+    return bench_args.parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
