@@ -123,6 +123,17 @@ def test_performance_doc_is_generated_from_results(step_result, peer_result):
     assert len(host_lines) == 2
     assert any("Other CPU 9000" in ln and "`cpu_fusion_cross`" in ln and "co_attention" not in ln for ln in host_lines)
 
+    # A torch-peer run per host: one subsection and one pair of verdicts per host, each with its own ratio.
+    peer2 = json.loads(json.dumps(peer_result))
+    peer2["host"] = {**peer2.get("host", {}), "cpu": "Other CPU 9000"}
+    peer2["speedup_vs"] = {k: 2.0 for k in peer2["speedup_vs"]}
+    doc3 = perf_table.build({"cpu_torch_peer": peer_result, "cpu_torch_peer_other": peer2})
+    assert "### Other CPU 9000" in doc3 and doc3.count("### ") == 2
+    verdicts = [ln for ln in doc3.splitlines() if ln.startswith("- Ours >= ")]
+    assert len(verdicts) == 4
+    other_verdicts = [ln for ln in verdicts if "on Other CPU 9000" in ln]
+    assert len(other_verdicts) == 2 and all("**met** — measured 2.00x" in ln for ln in other_verdicts)
+
 
 def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     """benchmarks/gpu_bench.py --tiny (the GPU script's code path on a tiny bf16 model): without a GPU the cuDNN run
