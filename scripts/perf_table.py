@@ -231,6 +231,38 @@ def _matmul_section(r: dict) -> list[str]:
     return out
 
 
+def _target_needs(peer: dict, mm: dict) -> list[str]:
+    """What the CPU speed target asks of the GEMM kernels on one host (a torch-peer run and a matmul_shapes run
+    with the same CPU): the step time the target allows, and our step estimated with PyTorch's kernels in place of
+    XLA's (our measured step scaled by the two libraries' time ratio on the step's dots, measured in isolation)."""
+    med = peer["step_s_median"]
+    torch_names = [n for n in ("torch_eager", "torch_compile") if n in med]
+    if not torch_names or "jax" not in med:
+        return []
+    fastest = min(torch_names, key=lambda n: med[n])
+    allowed = med[fastest] / TARGET_SPEEDUP
+    flops = peer["flops_per_step_train"]
+    peak = peer["peak_flops_per_s"]["jax"]
+    dots = mm["step_dot_ms"]
+    ratio = dots["torch"] / dots["xla"]
+    with_torch_kernels = med["jax"] * ratio
+    out = [
+        f"**What the {TARGET_SPEEDUP}x target needs here ({peer['host'].get('cpu', '?')}).** The faster PyTorch "
+        f"step is {fastest.replace('_', ' ')} at {_ms(med[fastest])} ms, so the target allows our step at most "
+        f"{_ms(allowed)} ms: {flops / allowed / 1e9:.0f} GFLOP/s, {_pct(flops / allowed / peak)} of jax's measured "
+        f"matmul peak ({peak / 1e9:.0f} GFLOP/s). The step's dots alone, replayed one by one, take "
+        f"{dots['xla']:,.0f} ms with XLA's kernels and {dots['torch']:,.0f} ms with PyTorch's (the section above): "
+        f"time ratio {ratio:.2f}. Our {_ms(med['jax'])} ms step scaled by that ratio estimates it with PyTorch's "
+        f"kernels at {_ms(with_torch_kernels)} ms."
+    ]
+    if with_torch_kernels > allowed:
+        out[-1] += (
+            " That is still above the allowed step: on this host the target needs float32 GEMMs faster than "
+            "PyTorch's, not only as fast."
+        )
+    return out + [""]
+
+
 def build(results: dict[str, dict]) -> str:
     lines = [
         "# Performance",
@@ -263,7 +295,11 @@ def build(results: dict[str, dict]) -> str:
     if not peers:
         lines += ["Not measured yet.", ""]
     for key in sorted(k for k in results if k.startswith("cpu_matmul_shapes")):
-        lines += _matmul_section(results[key])
+        mm = results[key]
+        lines += _matmul_section(mm)
+        same_host = [p for p in peers if p.get("host", {}).get("cpu") == mm.get("host", {}).get("cpu")]
+        if same_host:
+            lines += _target_needs(same_host[0], mm)
 
     # --- profile ----------------------------------------------------------------------------------------------
     prof = results.get("cpu_profile")
