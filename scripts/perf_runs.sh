@@ -17,6 +17,7 @@ python -c "from vtfusion_jax import speed; print('quiet wait:', speed.wait_for_q
 python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch_peer.json
 
 # The step's dots replayed one by one in XLA and in torch: the part of the step-time ratio the GEMM kernels explain.
+# (The doc pairs it with the torch-peer run of the same CPU; on a second host: --out=$OUT/cpu_matmul_shapes_<host>.json.)
 python benchmarks/matmul_shapes.py --config=configs/perf.py $W --out=$OUT/cpu_matmul_shapes.json
 
 # Where the time goes: one core, per XLA thunk beside torch eager's per-op profile.
