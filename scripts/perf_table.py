@@ -243,8 +243,7 @@ def _target_needs(peer: dict, mm: dict) -> list[str]:
     allowed = med[fastest] / TARGET_SPEEDUP
     flops = peer["flops_per_step_train"]
     peak = peer["peak_flops_per_s"]["jax"]
-    dots = mm["step_dot_ms"]
-    ratio = dots["torch"] / dots["xla"]
+    dots, ratio = mm["step_dot_ms"], mm["torch_over_xla_time"]  # ratio: torch / XLA time on the step's dots
     with_torch_kernels = med["jax"] * ratio
     out = [
         f"**What the {TARGET_SPEEDUP}x target needs here ({peer['host'].get('cpu', '?')}).** The faster PyTorch "
