@@ -20,6 +20,10 @@ python benchmarks/torch_peer.py --config=configs/perf.py $W --out=$OUT/cpu_torch
 # (The doc pairs it with the torch-peer run of the same CPU; on a second host: --out=$OUT/cpu_matmul_shapes_<host>.json.)
 python benchmarks/matmul_shapes.py --config=configs/perf.py $W --out=$OUT/cpu_matmul_shapes.json
 
+# The step's Dense GEMMs vs the rest, inside the step (ours and torch eager, each also with the Dense matmuls stubbed
+# out): their in-step GFLOP/s and the ceiling of our step with every Dense GEMM at the measured peak.
+python benchmarks/step_ceiling.py --config=configs/perf.py $W --out=$OUT/cpu_step_ceiling.json
+
 # Where the time goes: one core, per XLA thunk beside torch eager's per-op profile.
 python benchmarks/profile_step.py --config=configs/perf.py $W --out=$OUT/cpu_profile.json
 

@@ -3,7 +3,7 @@
 Run: python scripts/perf_table.py [--results=results/perf] [--out=docs/performance.md]
 
 File names say what a result is (scripts/perf_runs.sh writes them): cpu_torch_peer[_<host>].json,
-cpu_matmul_shapes[_<host>].json, cpu_profile.json, cpu_fusion_<variant>.json,
+cpu_matmul_shapes[_<host>].json, cpu_step_ceiling[_<host>].json, cpu_profile.json, cpu_fusion_<variant>.json,
 cpu_switch_<switch>.json, cpu_compile_depth<N>_<scan|unrolled>.json, gpu_<impl>.json. Every row names the command
 that produced it and the load average it ran under. Targets are issue 8's; each is stated as met or missed with the
 measured figure.
@@ -231,6 +231,65 @@ def _matmul_section(r: dict) -> list[str]:
     return out
 
 
+def _ceiling_section(r: dict) -> list[str]:
+    """benchmarks/step_ceiling.py: the in-step time of the Dense GEMMs and of the rest of the step, ours and torch
+    eager's, and what that leaves for the speed target."""
+    sides, peak = r["sides"], r["peak_flops_per_s"]
+    out = [
+        f"### Dense GEMMs vs the rest of the step, inside the step ({r['host'].get('cpu', '?')})",
+        "",
+        "`benchmarks/step_ceiling.py` times four steps alternately in one process: ours and torch eager's, each as "
+        "is and with every Dense-layer matmul (forward and both gradients) replaced by a stand-in that reads its "
+        "operands and writes an output of the same shape without the multiply-adds. The difference is the Dense "
+        f"GEMMs' time in the step; their FLOPs ({r['dense_gflop']:.1f} of the step's {r['step_dot_gflop']:.1f} GFLOP "
+        "of dots: the rest are the attention score and value products) are read from the compiled HLO; convolutions "
+        "(the ViT patch embedding) are not dots and stay in both steps. "
+        "Ceiling = the step without Dense GEMMs + their FLOPs at the measured peak (a lower bound: nothing else "
+        f"gets faster). {r['rounds']} rounds, {r['pause_between_steps_s'] * 1e3:.0f} ms pause between steps. "
+        f"Host: {_host(r)}. Load average (1-min) {_load_str(r)}.",
+        "",
+        "| Step | step ms | without Dense GEMMs ms | Dense GEMMs ms | Dense GFLOP/s | % of measured peak "
+        "| ceiling ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, lib in (("jax", "jax"), ("torch_eager", "torch")):
+        x = sides[name]
+        rate = f"{x['dense_gflop_per_s']:.0f}" if x["dense_gflop_per_s"] else "n/a"
+        frac = _pct(x["dense_fraction_of_peak"]) if x["dense_fraction_of_peak"] else "n/a"
+        out.append(
+            f"| {'ours' if name == 'jax' else 'torch eager'} (peak {peak[lib] / 1e9:.0f} GFLOP/s) "
+            f"| {_ms(x['step_ms'] / 1e3)} | {_ms(x['no_dense_ms'] / 1e3)} | {_ms(x['dense_ms'] / 1e3)} | {rate} "
+            f"| {frac} | {_ms(x['ceiling_ms'] / 1e3)} |"
+        )
+    ours, torch_eager = sides["jax"], sides["torch_eager"]
+    allowed = torch_eager["step_ms"] / TARGET_SPEEDUP
+    out += [
+        "",
+        f"Against this run's torch eager step the {TARGET_SPEEDUP}x target allows our step {_ms(allowed / 1e3)} ms.",
+    ]
+    if ours["ceiling_ms"] > allowed:
+        dense_budget = allowed - ours["no_dense_ms"]
+        need = (
+            f"{r['dense_gflop'] / (dense_budget / 1e3):.0f} GFLOP/s, "
+            f"{_pct(r['dense_gflop'] * 1e9 / (dense_budget / 1e3) / peak['jax'])} of the measured peak"
+            if dense_budget > 0
+            else "none at all: the rest alone exceeds the allowed step"
+        )
+        out[-1] += (
+            f" Our ceiling, every Dense GEMM at jax's measured peak and the rest unchanged, is "
+            f"**{_ms(ours['ceiling_ms'] / 1e3)} ms: above it**. In the {_ms(allowed / 1e3)} ms the Dense GEMMs would "
+            f"have {_ms(max(dense_budget, 0) / 1e3)} ms beside the {_ms(ours['no_dense_ms'] / 1e3)} ms the rest of "
+            f"our step takes, i.e. {need}; or the rest of the step must shrink to "
+            f"{_ms((allowed - ours['ceiling_ms'] + ours['no_dense_ms']) / 1e3)} ms with the GEMMs at the peak."
+        )
+    else:
+        out[-1] += (
+            f" Our ceiling (every Dense GEMM at the measured peak) is {_ms(ours['ceiling_ms'] / 1e3)} ms, below it: "
+            "faster Dense GEMMs alone could meet the target here."
+        )
+    return out + ["", f"Command: {_cmd(r)}", ""]
+
+
 def _target_needs(peer: dict, mm: dict) -> list[str]:
     """What the CPU speed target asks of the GEMM kernels on one host (a torch-peer run and a matmul_shapes run
     with the same CPU): the step time the target allows, and our step estimated with PyTorch's kernels in place of
@@ -299,6 +358,8 @@ def build(results: dict[str, dict]) -> str:
         same_host = [p for p in peers if p.get("host", {}).get("cpu") == mm.get("host", {}).get("cpu")]
         if same_host:
             lines += _target_needs(same_host[0], mm)
+    for key in sorted(k for k in results if k.startswith("cpu_step_ceiling")):
+        lines += _ceiling_section(results[key])
 
     # --- profile ----------------------------------------------------------------------------------------------
     prof = results.get("cpu_profile")

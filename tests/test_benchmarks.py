@@ -302,3 +302,112 @@ def test_performance_doc_states_what_the_speed_target_needs_of_the_kernels(peer_
 
     other = {**mm, "host": {"cpu": "Other CPU"}}
     assert "What the 1.25x target needs" not in perf_table.build({"cpu_torch_peer": peer, "cpu_matmul_shapes": other})
+
+
+def test_step_ceiling_standins_keep_shapes_and_drop_the_multiply_adds():
+    """benchmarks/step_ceiling.py's stand-ins: the same output and gradient shapes as the Dense matmul they replace
+    (jax: vtfusion_jax.linear; torch: nn.Linear), no dot / mm left (XLA's HLO; torch's FLOP counter), every operand
+    still read (the gradients depend on it), and the real layers back after the context."""
+    import step_ceiling
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtfusion_jax import linear
+
+    x, w = jax.random.normal(jax.random.key(0), (3, 5, 8)), jax.random.normal(jax.random.key(1), (8, 6))
+
+    def loss(x, w):
+        return (linear.linear(x, w) ** 2).sum()
+
+    real = jax.grad(loss, argnums=(0, 1))(x, w)
+    real_matmul = linear._matmul
+    with step_ceiling.jax_dense_ablated():
+        y = linear.linear(x, w)
+        grads = jax.grad(loss, argnums=(0, 1))(x, w)
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+        x_other = x.at[0, 0, 0].add(1.0)
+        dw_other = jax.grad(loss, argnums=1)(x_other, w)
+    assert linear._matmul is real_matmul
+    assert y.shape == (3, 5, 6) and [g.shape for g in grads] == [g.shape for g in real]
+    assert " dot(" not in hlo and " dot(" in jax.jit(jax.grad(loss)).lower(x, w).compile().as_text()
+    assert not np.allclose(dw_other, grads[1])  # the weight gradient still reads x
+
+    real_forward = torch.nn.Linear.forward
+    layer = torch.nn.Linear(8, 6)
+    xt = torch.randn(3, 5, 8, requires_grad=True)
+    with step_ceiling.torch_dense_ablated(), FlopCounterMode(display=False) as counter:
+        out = layer(xt)
+        out.pow(2).sum().backward()
+    assert torch.nn.Linear.forward is real_forward
+    assert counter.get_total_flops() == 0
+    assert out.shape == (3, 5, 6) and xt.grad.shape == xt.shape
+    assert layer.weight.grad.shape == layer.weight.shape and layer.bias.grad.shape == layer.bias.shape
+
+
+def test_step_ceiling_smoke(tiny):
+    """The whole benchmark on the tiny config (reusing the shared tiny step): four steps timed, the ablated step keeps
+    no unbatched dot while the real one has them, the Dense FLOPs are most of the step's dots, and the doc section
+    renders with the run's own figures."""
+    import step_ceiling
+
+    cfg, bench = tiny
+    r = step_ceiling.run(cfg, rounds=2, pause_s=0.0, bench=bench, command="python benchmarks/step_ceiling.py --smoke")
+    json.dumps(r)
+    assert set(r["step_s_median"]) == {"jax", "jax_no_dense", "torch_eager", "torch_eager_no_dense"}
+    assert all(len(t) == 2 for t in r["step_s_all"].values())
+    assert r["unbatched_dots"]["ablated_step"] == 0 < r["unbatched_dots"]["step"]
+    assert 0 < r["other_dot_gflop"] < r["dense_gflop"]
+    assert r["dense_gflop"] + r["other_dot_gflop"] == pytest.approx(r["step_dot_gflop"])
+    for name, side in r["sides"].items():
+        assert side["step_ms"] == pytest.approx(1e3 * r["step_s_median"][name])
+        assert side["dense_ms"] == pytest.approx(side["step_ms"] - side["no_dense_ms"])
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    doc = "\n".join(perf_table._ceiling_section(r))
+    assert "python benchmarks/step_ceiling.py --smoke" in doc and "Dense GEMMs vs the rest of the step" in doc
+
+
+def test_performance_doc_states_the_step_ceiling_against_the_target():
+    """From a step_ceiling run: the step the 1.25x target allows (this run's torch eager step / 1.25), our ceiling
+    (no-Dense step + Dense FLOPs at the measured peak), and, when the ceiling is above the allowed step, the Dense
+    GEMM rate and the rest-of-step time the target would need."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    def run(jax_no_dense_ms):
+        side = {"step_ms": 900.0, "no_dense_ms": jax_no_dense_ms, "dense_ms": 900.0 - jax_no_dense_ms}
+        ours = {
+            **side,
+            "dense_gflop_per_s": 150.0,
+            "dense_fraction_of_peak": 0.75,
+            "ceiling_ms": jax_no_dense_ms + 500.0,
+        }  # 100 GFLOP at 200 GFLOP/s
+        torch_side = {
+            "step_ms": 1000.0,
+            "no_dense_ms": 300.0,
+            "dense_ms": 700.0,
+            "dense_gflop_per_s": None,
+            "dense_fraction_of_peak": None,
+            "ceiling_ms": 800.0,
+        }
+        return {
+            "host": {"cpu": "Test CPU"},
+            "rounds": 3,
+            "pause_between_steps_s": 0.05,
+            "dense_gflop": 100.0,
+            "step_dot_gflop": 104.0,
+            "peak_flops_per_s": {"jax": 200e9, "torch": 200e9},
+            "sides": {"jax": ours, "torch_eager": torch_side},
+            "command": "python benchmarks/step_ceiling.py -t",
+        }
+
+    doc = perf_table.build({"cpu_step_ceiling": run(400.0)})
+    assert "| ours (peak 200 GFLOP/s) | 900 | 400 | 500 | 150 | 75.0 % | 900 |" in doc
+    assert "| torch eager (peak 200 GFLOP/s) | 1,000 | 300 | 700 | n/a | n/a | 800 |" in doc
+    line = [ln for ln in doc.splitlines() if ln.startswith("Against this run's torch eager step")][0]
+    assert "allows our step 800 ms" in line and "**900 ms: above it**" in line  # 1000 / 1.25; 400 + 500
+    assert "have 400 ms beside the 400 ms" in line and "250 GFLOP/s, 125.0 %" in line  # 100 GFLOP in 0.4 s
+    assert "must shrink to 300 ms" in line  # 800 - 500 at the peak
+    below = [ln for ln in perf_table.build({"cpu_step_ceiling": run(250.0)}).splitlines() if ln.startswith("Against")]
+    assert "750 ms, below it" in below[0] and "above it" not in below[0]
