@@ -119,3 +119,22 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert max(jax.tree.leaves(changed)) > 1e-4  # the update really happened
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 100.0])
+def test_clip_by_global_norm_matches_optax(max_norm):
+    """optim.clip_by_global_norm (one scalar factor) == optax.clip_by_global_norm (per-element division): identical
+    below the threshold, within float32 rounding above it, and the clipped tree has the norm max_norm."""
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.normal(size=(7, 5)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=(11,)))}}
+    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(grads))))
+    for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        if norm < max_norm:
+            np.testing.assert_array_equal(o, r)
+        else:
+            np.testing.assert_allclose(o, r, rtol=2e-7, atol=0)
+    clipped = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(ours)))
+    assert clipped == pytest.approx(min(norm, max_norm), rel=1e-6)
+    assert norm > 1.0  # the 0.5 and 1.0 cases clip, the 100.0 case does not

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -125,12 +126,28 @@ def make_optimizer(
         # Frozen gradients are zeroed first so that they do not count towards the clipping norm.
         chain.append(_zero_frozen(labels))
     if float(c["grad_clip_norm"]) > 0:
-        chain.append(optax.clip_by_global_norm(float(c["grad_clip_norm"])))
+        chain.append(clip_by_global_norm(float(c["grad_clip_norm"])))
     chain.append(optax.multi_transform(per_tower, labels))
     tx = optax.chain(*chain)
     if int(c["accum_steps"]) > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(c["accum_steps"]))
     return tx, sched
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales the gradients by min(1, max_norm / global norm), as ``optax.clip_by_global_norm`` does, but as one
+    scalar factor multiplied in: optax divides every element by the norm, and XLA does not copy a division into
+    each consumer, so on CPU every gradient was written out once more, clipped, before AdamW read it (configs/perf.py's
+    23M parameters on a 2-core CPU, both versions alternating in one process: clipping + AdamW 43 -> 37 ms per
+    update). Same values up to float32 rounding of the factor; identical when no clipping happens."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(updates)))
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def _zero_frozen(labels) -> optax.GradientTransformation:
