@@ -26,3 +26,15 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Nam
             p.error(f"unrecognised argument {a!r} (overrides are --config.KEY=VALUE)")
         overrides.append(a[len("--config.") :])
     return args, overrides
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """What every CPU benchmark does before it builds anything: keeps freed host memory for reuse, as train.py does
+    (vtfusion_jax/host_memory.py; it must run before jax starts a backend), then waits up to ``--wait_quiet`` seconds
+    for a quiet machine. Returns the two records every result carries: {"host_memory": ..., "quiet_wait": ...}.
+    (Imported here, not at the top: this module stays stdlib-only for benchmarks that parse flags before jax.)"""
+    from vtfusion_jax import host_memory, speed
+
+    host_mem = host_memory.reuse_freed_memory_on_cpu()
+    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    return {"host_memory": host_mem, "quiet_wait": quiet}

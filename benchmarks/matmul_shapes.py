@@ -221,12 +221,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch
     import train_step as jax_bench
 
-    from vtfusion_jax import host_memory, speed
+    from vtfusion_jax import speed
 
     cfg = jax_bench.load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does
+    env = bench_args.prepare(args)
     torch.set_num_threads(os.cpu_count() or 1)  # the thread count XLA:CPU uses
-    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     bench = jax_bench.Bench(cfg)
     bench.compile()
     dots = step_dots(bench.compiled.as_text())
@@ -243,12 +242,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "config": cfg,
         "rounds": args.rounds,
         "reps": args.reps,
-        "host_memory": host_mem,
         "flops_per_step_train": jax_bench.analytic_flops(cfg)["train"] * int(cfg["bench"]["batch_size"]),
         **summarize(timed),
         "dots": timed,
         "loadavg_end": speed.loadavg(),
-        "quiet_wait": quiet,
+        **env,
     }
     return speed.emit_result(result, args.out)
 

@@ -235,11 +235,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     core = _pin_one_core()  # before jax starts: XLA sizes its thread pool from the affinity mask
     import train_step as jax_bench
 
-    from vtfusion_jax import host_memory, speed
+    from vtfusion_jax import speed
 
     cfg = jax_bench.load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()
-    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    env = bench_args.prepare(args)
     bench = jax_bench.Bench(cfg)
     bench.compile()
     result = {
@@ -251,15 +250,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "loadavg_start": speed.loadavg(),
         "config": cfg,
         "steps": args.steps,
-        "host_memory": host_mem,
         "flops_per_step_train": jax_bench.analytic_flops(cfg)["train"] * int(cfg["bench"]["batch_size"]),
         "ours": profile_ours(bench, args.steps),
     }
     if not args.no_torch:
         result["torch_eager"] = profile_torch(cfg, args.steps)
     result["loadavg_end"] = speed.loadavg()
-    result["quiet_wait"] = quiet
-    return speed.emit_result(result, args.out)
+    return speed.emit_result({**result, **env}, args.out)
 
 
 if __name__ == "__main__":

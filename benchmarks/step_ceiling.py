@@ -25,11 +25,11 @@ Runs on jax + flax + optax + numpy + torch.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from collections.abc import Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -58,17 +58,11 @@ def jax_standin():
     return standin
 
 
-@contextlib.contextmanager
 def jax_dense_ablated():
-    """While active, ``vtfusion_jax.linear`` (every Dense layer of the library) traces the stand-in."""
+    """A context in which ``vtfusion_jax.linear`` (every Dense layer of the library) traces the stand-in."""
     from vtfusion_jax import linear
 
-    real = linear._matmul
-    linear._matmul = jax_standin()
-    try:
-        yield
-    finally:
-        linear._matmul = real
+    return mock.patch.object(linear, "_matmul", jax_standin())
 
 
 def torch_standin_linear():
@@ -97,16 +91,11 @@ def torch_standin_linear():
     return forward
 
 
-@contextlib.contextmanager
 def torch_dense_ablated():
+    """A context in which every ``nn.Linear`` runs the stand-in."""
     from torch import nn
 
-    real = nn.Linear.forward
-    nn.Linear.forward = torch_standin_linear()
-    try:
-        yield
-    finally:
-        nn.Linear.forward = real
+    return mock.patch.object(nn.Linear, "forward", torch_standin_linear())
 
 
 def dot_summary(hlo_text: str) -> dict:
@@ -219,15 +208,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args, overrides = bench_args.parse(p, argv)
     import train_step as jax_bench
 
-    from vtfusion_jax import host_memory, speed
+    from vtfusion_jax import speed
 
     cfg = jax_bench.load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does, before jax starts a backend
-    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    env = bench_args.prepare(args)
     result = run(cfg, args.rounds, args.pause, "python benchmarks/step_ceiling.py " + " ".join(argv))
-    result["quiet_wait"] = quiet
-    result["host_memory"] = host_mem
-    return speed.emit_result(result, args.out)
+    return speed.emit_result({**result, **env}, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_args  # noqa: E402  (benchmarks/bench_args.py)
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
-from vtfusion_jax import host_memory, speed  # noqa: E402
+from vtfusion_jax import speed  # noqa: E402
 
 
 class MHA(nn.Module):
@@ -321,12 +321,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
     args, overrides = bench_args.parse(p, argv)
     cfg = jax_bench.load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does; process-wide, so torch runs under it too
-    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    env = bench_args.prepare(args)  # host-memory reuse is process-wide: torch runs under it too
     result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))
-    result["quiet_wait"] = quiet
-    result["host_memory"] = host_mem
-    return speed.emit_result(result, args.out)
+    return speed.emit_result({**result, **env}, args.out)
 
 
 if __name__ == "__main__":

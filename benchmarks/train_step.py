@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_args  # noqa: E402  (benchmarks/bench_args.py, stdlib only)
 
 from vtfusion_jax import flops as flops_lib  # noqa: E402
-from vtfusion_jax import host_memory, optim, sharding, speed  # noqa: E402
+from vtfusion_jax import optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
@@ -341,12 +341,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    host_mem = host_memory.reuse_freed_memory_on_cpu()  # as train.py does, before jax starts a backend
-    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    env = bench_args.prepare(args)
     result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
-    result["quiet_wait"] = quiet
-    result["host_memory"] = host_mem
-    return speed.emit_result(result, args.out)
+    return speed.emit_result({**result, **env}, args.out)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ the heap top below 2 GiB (M_TRIM_THRESHOLD). The buffer freed at the end of a st
 threads share one malloc arena (small allocations still go through glibc's per-thread cache).
 
 It must run before jax starts its backend (XLA's threads pick their malloc arena when they start; measured: called
-after ``jax.default_backend()`` it changes nothing): the entry points (train.py, eval.py, benchmarks/train_step.py,
-benchmarks/torch_peer.py, benchmarks/profile_step.py) call it first thing, when jax will run on the CPU (on GPU/TPU
+after ``jax.default_backend()`` it changes nothing): the entry points (train.py, eval.py, and every CPU
+benchmark through ``bench_args.prepare`` in benchmarks/) call it first thing, when jax will run on the CPU (on GPU/TPU
 the step's buffers live on the device). ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off. It is a no-op where
 glibc is not the C library (macOS, musl). Stdlib only: importing this module does not import jax.
 """
