@@ -101,10 +101,20 @@ STEP_HEADER = (
 )
 
 
+def _cpu(r: dict) -> str:
+    """The CPU of a run: its model name, plus family, model and widest SIMD where the run recorded them (runs
+    before speed.cpu_identity have the name alone; a masked name such as "AMD EPYC" spans CPUs 2x apart)."""
+    h = r.get("host", {})
+    name = h.get("cpu", "?")
+    if not h.get("cpu_family"):
+        return name
+    return f"{name} (family {h['cpu_family']} model {h.get('cpu_model', '?')}, {h.get('cpu_isa') or 'ISA ?'})"
+
+
 def _host(r: dict) -> str:
     h = r.get("host", {})
     return (
-        f"{h.get('cpu', '?')}, {h.get('cpu_count', '?')} cores, backend {h.get('backend', '?')} "
+        f"{_cpu(r)}, {h.get('cpu_count', '?')} cores, backend {h.get('backend', '?')} "
         f"({h.get('device_kind', '?')}), jax {h.get('jax', '?')}, flax {h.get('flax', '?')}, "
         f"optax {h.get('optax', '?')}"
     )
@@ -159,7 +169,7 @@ def _peer_section(peer: dict, verdicts: list[str], several: bool) -> list[str]:
     """One benchmarks/torch_peer.py run: the step times side by side, and the speed verdicts for its host."""
     med, mn, mfu = peer["step_s_median"], peer["step_s_min"], peer["mfu_measured_peak"]
     peaks = peer["peak_flops_per_s"]
-    cpu = peer.get("host", {}).get("cpu", "?")
+    cpu = _cpu(peer)
     out = [f"### {cpu}", ""] if several else []
     out += [
         "Same architecture in `benchmarks/torch_peer.py` (ViT + BERT towers, co-attention fusion, classification "
@@ -189,7 +199,8 @@ def _peer_section(peer: dict, verdicts: list[str], several: bool) -> list[str]:
             verdicts.append(
                 f"- Ours >= {TARGET_SPEEDUP}x faster than {n.replace('_', ' ')} (CPU{where}): "
                 f"{_verdict(s >= TARGET_SPEEDUP)}"
-                f" — measured {s:.2f}x (median step {_ms(med['jax'])} ms vs {_ms(med[n])} ms)."
+                f" — measured {s:.2f}x (median step {_ms(med['jax'])} ms vs {_ms(med[n])} ms; float32 matmul peaks "
+                f"measured in the run: jax {peaks['jax'] / 1e9:.0f}, torch {peaks['torch'] / 1e9:.0f} GFLOP/s)."
             )
     return out
 
@@ -199,7 +210,7 @@ def _matmul_section(r: dict) -> list[str]:
     ms, rate = r["step_dot_ms"], r["step_dot_gflop_per_s"]
     eng = r["by_xla_engine"]
     out = [
-        f"### The step's matmuls alone: XLA's kernels vs PyTorch's ({r['host'].get('cpu', '?')})",
+        f"### The step's matmuls alone: XLA's kernels vs PyTorch's ({_cpu(r)})",
         "",
         "`benchmarks/matmul_shapes.py` reads every dot of our compiled train step (shapes, dimension numbers, and "
         "the engine XLA:CPU picked: a YNNPACK/XNNPACK fusion or XLA's Eigen dot) and replays each alone, in jax and "
@@ -236,7 +247,7 @@ def _ceiling_section(r: dict) -> list[str]:
     eager's, and what that leaves for the speed target."""
     sides, peak = r["sides"], r["peak_flops_per_s"]
     out = [
-        f"### Dense GEMMs vs the rest of the step, inside the step ({r['host'].get('cpu', '?')})",
+        f"### Dense GEMMs vs the rest of the step, inside the step ({_cpu(r)})",
         "",
         "`benchmarks/step_ceiling.py` times four steps alternately in one process: ours and torch eager's, each as "
         "is and with every Dense-layer matmul (forward and both gradients) replaced by a stand-in that reads its "
@@ -313,7 +324,7 @@ def _target_needs(peer: dict, mm: dict) -> list[str]:
     dots, ratio = mm["step_dot_ms"], mm["torch_over_xla_time"]  # ratio: torch / XLA time on the step's dots
     with_torch_kernels = med["jax"] * ratio
     out = [
-        f"**What the {TARGET_SPEEDUP}x target needs here ({peer['host'].get('cpu', '?')}).** The faster PyTorch "
+        f"**What the {TARGET_SPEEDUP}x target needs here ({_cpu(peer)}).** The faster PyTorch "
         f"step is {fastest.replace('_', ' ')} at {_ms(med[fastest])} ms, so the target allows our step at most "
         f"{_ms(allowed)} ms: {flops / allowed / 1e9:.0f} GFLOP/s, {_pct(flops / allowed / peak)} of jax's measured "
         f"matmul peak ({peak / 1e9:.0f} GFLOP/s). The step's dots alone, replayed one by one, take "
@@ -363,7 +374,7 @@ def build(results: dict[str, dict]) -> str:
     for key in sorted(k for k in results if k.startswith("cpu_matmul_shapes")):
         mm = results[key]
         lines += _matmul_section(mm)
-        same_host = [p for p in peers if p.get("host", {}).get("cpu") == mm.get("host", {}).get("cpu")]
+        same_host = [p for p in peers if _cpu(p) == _cpu(mm)]
         if same_host:
             lines += _target_needs(same_host[0], mm)
     for key in sorted(k for k in results if k.startswith("cpu_step_ceiling")):

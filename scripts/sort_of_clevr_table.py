@@ -386,9 +386,10 @@ def headline(runs: dict[str, list[dict]]) -> str | None:
     )
     rs = runs[best]
     pct = lambda k: _pct([r["accuracy"] if k == "overall" else r["per_type"][k] for r in rs])  # noqa: E731
-    met = s["relational"] >= TARGETS["attention_relational"] and s["non_relational"] >= TARGETS[
-        "attention_non_relational"
-    ]
+    met = (
+        s["relational"] >= TARGETS["attention_relational"]
+        and s["non_relational"] >= TARGETS["attention_non_relational"]
+    )
     seeds = f" ({len(rs)} seeds)" if len(rs) > 1 else ""
     return (
         f"Sort-of-CLEVR, best of {len(runs)} fusion variants on validation: `{best}`{seeds} — test {pct('overall')} %"

@@ -50,7 +50,11 @@ def input_pipeline_section() -> str | None:
 
 # The easy-VQA rows of the README results table, in order: results/<name>/ (written by scripts/run_job.py).
 MAIN_JOB_ROWS = (
-    ("easy_vqa", "main job: max-pool CNN + 2-layer BERT from scratch, cross fusion + image summary + their product, focal loss, grouped batches"),
+    (
+        "easy_vqa",
+        "main job: max-pool CNN + 2-layer BERT from scratch, cross fusion + image summary + their product, "
+        "focal loss, grouped batches",
+    ),
     ("easy_vqa_minilm", "pretrained MiniLM text tower (fine-tuned, lr x0.1), CNN, cross fusion"),
     ("easy_vqa_linear_probe", "the method's baseline: logistic regression on frozen [MiniLM CLS; 8x8 pixels]"),
 )

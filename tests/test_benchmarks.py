@@ -135,6 +135,49 @@ def test_performance_doc_is_generated_from_results(step_result, peer_result):
     other_verdicts = [ln for ln in verdicts if "on Other CPU 9000" in ln]
     assert len(other_verdicts) == 2 and all("**met** — measured 2.00x" in ln for ln in other_verdicts)
 
+    # Same masked model name, different CPUs (family / SIMD width recorded): two hosts, not one.
+    zen5 = json.loads(json.dumps(peer_result))
+    zen5["host"] = {
+        **zen5.get("host", {}),
+        "cpu": "AMD EPYC",
+        "cpu_family": "26",
+        "cpu_model": "2",
+        "cpu_isa": "AVX-512",
+    }
+    old = json.loads(json.dumps(peer_result))
+    old["host"] = {k: v for k, v in old.get("host", {}).items() if not k.startswith("cpu_")} | {"cpu": "AMD EPYC"}
+    doc4 = perf_table.build({"cpu_torch_peer": zen5, "cpu_torch_peer_earlier": old})
+    assert "### AMD EPYC (family 26 model 2, AVX-512)" in doc4 and "### AMD EPYC\n" in doc4
+    assert "more than one host" in doc4
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse4_2 avx fma avx2 avx512f avx512bw
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: Something else
+"""
+
+
+def test_cpu_identity_reads_family_model_and_widest_simd():
+    from vtfusion_jax import speed
+
+    got = speed.cpu_identity(CPUINFO)
+    assert got == {
+        "cpu": "AMD EPYC",
+        "cpu_vendor": "AuthenticAMD",
+        "cpu_family": "26",
+        "cpu_model": "2",
+        "cpu_isa": "AVX-512",
+    }
+    assert speed.cpu_identity(CPUINFO.replace(" avx512f avx512bw", ""))["cpu_isa"] == "AVX2"
+    assert speed.cpu_identity("")["cpu_isa"] == ""
+
 
 def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     """benchmarks/gpu_bench.py --tiny (the GPU script's code path on a tiny bf16 model): without a GPU the cuDNN run
@@ -265,7 +308,7 @@ def test_performance_doc_states_what_the_speed_target_needs_of_the_kernels(peer_
     import perf_table
 
     peer = json.loads(json.dumps(peer_result))
-    peer["host"] = {**peer.get("host", {}), "cpu": "Test CPU"}
+    peer["host"] = {k: v for k, v in peer.get("host", {}).items() if not k.startswith("cpu_")} | {"cpu": "Test CPU"}
     peer["step_s_median"] = {"jax": 0.9, "torch_eager": 1.0, "torch_compile": 0.8}
     peer["flops_per_step_train"] = 128e9
     peer["peak_flops_per_s"] = {"jax": 200e9, "torch": 200e9}

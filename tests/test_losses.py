@@ -64,8 +64,10 @@ def test_focal_loss_shifts_the_gradient_to_the_wrong_examples():
 
     assert easy_over_wrong(0.0) == pytest.approx(0.01 / 0.9, rel=1e-4)  # CE: dL/dlogits = p - y
     assert easy_over_wrong(2.0) < easy_over_wrong(0.0) / 100  # the right example's pull all but vanishes
-    per_wrong = lambda gamma: float(  # noqa: E731
-        train_lib.cross_entropy(logits[1:], labels[1:], valid[1:], focal_gamma=gamma)
+    per_wrong = (
+        lambda gamma: float(  # noqa: E731
+            train_lib.cross_entropy(logits[1:], labels[1:], valid[1:], focal_gamma=gamma)
+        )
     )
     assert per_wrong(2.0) == pytest.approx(0.81 * per_wrong(0.0), rel=1e-5)  # (1 - 0.1)^2
     assert float(train_lib.cross_entropy(logits[:1], labels[:1], valid[:1], focal_gamma=2.0)) == pytest.approx(

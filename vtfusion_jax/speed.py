@@ -105,13 +105,40 @@ def wait_for_quiet(threshold: float = 1.5, poll_s: float = 60.0, max_wait_s: flo
         time.sleep(poll_s)
 
 
+_ISA_ORDER = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))  # widest first
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """The CPU of a /proc/cpuinfo text: model name, vendor, family, model and the widest float SIMD it offers.
+
+    Cloud VMs often mask the model name ("AMD EPYC" covers Zen 2 to Zen 5), and a 2x difference in matmul peak
+    between two hosts of the same name comes from the vector width (AVX2 vs AVX-512), so the benchmarks record the
+    family, model and ISA beside the name and docs/performance.md tells hosts apart by all of them.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block describes them all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in _ISA_ORDER if flag in flags), "")
+    return {
+        "cpu": fields.get("model name", ""),
+        "cpu_vendor": fields.get("vendor_id", ""),
+        "cpu_family": fields.get("cpu family", ""),
+        "cpu_model": fields.get("model", ""),
+        "cpu_isa": isa,
+    }
+
+
 def host_info() -> dict:
-    """Backend, devices, CPU model and thread count, library versions."""
-    cpu = platform.processor() or platform.machine()
+    """Backend, devices, CPU (name, family, model, widest SIMD) and thread count, library versions."""
+    cpu = {"cpu": platform.processor() or platform.machine()}
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+            found = cpu_identity(f.read())
+        cpu = {**found, "cpu": found["cpu"] or cpu["cpu"]}
     except OSError:
         pass
     import flax
@@ -122,7 +149,7 @@ def host_info() -> dict:
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "num_devices": jax.device_count(),
-        "cpu": cpu,
+        **cpu,
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "flax": flax.__version__,
