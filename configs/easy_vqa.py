@@ -98,8 +98,7 @@ def get_config(arg=None):
     # the rare negated-colour "no" answers (3.6 % of questions) drive the late gradient
     c.train.nan_policy = "stop"  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
     c.train.log_every_steps = 20  # train metrics to TensorBoard / metrics.jsonl
-    # validation + checkpoint (~2 epochs; each pass ~10 s); 0 = only at the end, -1 = never
-    c.train.eval_every_steps = 300
+    c.train.eval_every_steps = 300  # validation + checkpoint (~2 epochs; pass ~10 s); 0 = only at end, -1 = never
     c.train.checkpoint_every_steps = 300  # periodic checkpoints (asynchronous)
     c.train.keep_checkpoints = 2  # newest checkpoints kept (plus the best by validation accuracy)
     c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
