@@ -24,6 +24,9 @@ python benchmarks/matmul_shapes.py --config=configs/perf.py $W --out=$OUT/cpu_ma
 # out): their in-step GFLOP/s and the ceiling of our step with every Dense GEMM at the measured peak.
 python benchmarks/step_ceiling.py --config=configs/perf.py $W --out=$OUT/cpu_step_ceiling.json
 
+# The Dense kernel gradient x^T @ dy on CPU: as XLA's Eigen A^T B dot vs with its operand transposed first (linear.py).
+python benchmarks/weight_grad.py --config=configs/perf.py $W --out=$OUT/cpu_weight_grad.json
+
 # Where the time goes: one core, per XLA thunk beside torch eager's per-op profile.
 python benchmarks/profile_step.py --config=configs/perf.py $W --out=$OUT/cpu_profile.json
 

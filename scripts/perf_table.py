@@ -320,6 +320,41 @@ def _ceiling_section(r: dict) -> list[str]:
     return out + ["", f"Command: {_cmd(r)}", ""]
 
 
+def _weight_grad_section(r: dict) -> list[str]:
+    """benchmarks/weight_grad.py: the Dense kernel gradient as XLA's ``A^T B`` dot vs with its operand transposed
+    first (vtfusion_jax/linear.py), the same step timed alternately."""
+    med, low = r["step_s_median"], r["step_s_min"]
+    forms = r["dot_gflop_by_form"]
+    names = sorted({f for side in forms.values() for f in side})
+    out = [
+        f"### The Dense kernel gradient's dot form ({_cpu(r)})",
+        "",
+        "`benchmarks/weight_grad.py` builds our train step twice, with the kernel gradient `x^T @ dy` as one dot "
+        "(`plain`: XLA:CPU runs it in its Eigen dot, which contracts the lhs on its leading axis) and with the "
+        "smaller operand transposed first (`transposed`, the default on CPU: `vtfusion_jax/linear.py`; the dot then "
+        "runs in a YNNPACK/XNNPACK fusion), and times them alternately in one process "
+        f"({r['rounds']} rounds). Final losses: {r['final_loss']['plain']:.6f} / {r['final_loss']['transposed']:.6f}. "
+        f"Host: {_host(r)}. Load average (1-min) {_load_str(r)}.",
+        "",
+        "| Kernel gradient | step ms (median) | step ms (min) | " + " | ".join(f"GFLOP in {n}" for n in names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for side in ("plain", "transposed"):
+        out.append(
+            f"| {side} | {_ms(med[side])} | {_ms(low[side])} | "
+            + " | ".join(f"{forms[side].get(n, 0.0):.1f}" for n in names)
+            + " |"
+        )
+    out += [
+        "",
+        f"Step time plain / transposed: **{r['plain_over_transposed']:.2f}x**.",
+        "",
+        f"Command: {_cmd(r)}",
+        "",
+    ]
+    return out
+
+
 def _target_needs(peer: dict, mm: dict) -> list[str]:
     """What the CPU speed target asks of the GEMM kernels on one host (a torch-peer run and a matmul_shapes run
     with the same CPU): the step time the target allows, and our step estimated with PyTorch's kernels in place of
@@ -392,6 +427,8 @@ def build(results: dict[str, dict]) -> str:
             lines += _target_needs(same_host[0], mm)
     for key in sorted(k for k in results if k.startswith("cpu_step_ceiling")):
         lines += _ceiling_section(results[key])
+    for key in sorted(k for k in results if k.startswith("cpu_weight_grad")):
+        lines += _weight_grad_section(results[key])
 
     # --- profile ----------------------------------------------------------------------------------------------
     prof = results.get("cpu_profile")

@@ -506,3 +506,26 @@ def test_performance_doc_states_the_step_ceiling_against_the_target():
     assert "shrink to 300 ms" in rest_too_slow
     met = [ln for ln in perf_table.build({"cpu_step_ceiling": run(200.0, 700.0)}).splitlines() if "Against" in ln][0]
     assert "Our step in this run, 700 ms, is within it." in met and "ceiling" not in met  # 700 <= 800: met as is
+
+
+def test_weight_grad_smoke(tmp_path):
+    """The whole benchmark on the tiny config: the plain step has an Eigen ``A^T B`` dot (the kernel gradient) and
+    the transposed one has none, with the same total dot FLOPs and the same loss; the doc section renders."""
+    import weight_grad
+
+    out = tmp_path / "wg.json"
+    r = weight_grad.main(
+        [f"--config={TINY}", "--rounds=2", "--pause=0", f"--out={out}", *map("--config.".__add__, ONE_DEVICE)]
+    )
+    assert json.load(open(out))["plain_over_transposed"] == pytest.approx(r["plain_over_transposed"])
+    forms = r["dot_gflop_by_form"]
+    assert forms["plain"].get("eigen A^T B", 0) > 0 and not any("A^T B" in f for f in forms["transposed"])
+    assert sum(forms["plain"].values()) == pytest.approx(sum(forms["transposed"].values()))
+    assert r["final_loss"]["plain"] == pytest.approx(r["final_loss"]["transposed"], rel=1e-4)
+    assert all(len(t) == 2 for t in r["step_s_all"].values())
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_table
+
+    doc = perf_table.build({"cpu_weight_grad": r})
+    assert "### The Dense kernel gradient's dot form" in doc and "python benchmarks/weight_grad.py" in doc
+    assert f"plain / transposed: **{r['plain_over_transposed']:.2f}x**" in doc

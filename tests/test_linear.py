@@ -75,6 +75,33 @@ def test_dense_with_linear_matches_flax_dense_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,k,n", [(64, 16, 48), (64, 48, 16), (32, 24, 24)])  # x smaller, dy smaller, equal
+def test_cpu_kernel_gradient_is_not_an_lhs_transposed_dot(m, k, n, monkeypatch):
+    """On CPU the kernel gradient x^T @ dy is computed with the smaller operand transposed first, so that no dot of
+    the compiled gradient contracts its lhs on the leading axis (XLA:CPU's slow Eigen path); the plain path (the
+    switch off) has such a dot. Both give the same gradients."""
+    import re
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the transposed kernel gradient is a CPU path")
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, w, cot = jax.random.normal(kx, (m, k)), jax.random.normal(kw, (k, n)), jax.random.normal(kc, (m, n))
+
+    def grads_and_lhs_contracting(transposed):
+        monkeypatch.setattr(linear, "CPU_TRANSPOSED_WEIGHT_GRAD", transposed)
+        fn = jax.jit(jax.grad(lambda x, w: jnp.sum(linear.linear(x, w) * cot), argnums=(0, 1)))
+        hlo = fn.lower(x, w).compile().as_text()
+        return fn(x, w), re.findall(r" dot\(.*lhs_contracting_dims=\{(\d+)\}", hlo)
+
+    (dx, dw), contracting = grads_and_lhs_contracting(True)
+    (dx_plain, dw_plain), contracting_plain = grads_and_lhs_contracting(False)
+    assert len(contracting) == 2 and "0" not in contracting  # dx = dy @ w^T and dw, both with lhs contracted last
+    assert "0" in contracting_plain  # the plain kernel gradient: x^T @ dy as one dot
+    np.testing.assert_allclose(dw, dw_plain, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(cot), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(dx, dx_plain)
+
+
 def test_gelu_exact_matches_jax_gelu_and_its_derivatives():
     x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2001), jnp.array([0.0, -0.5, 3.7, -40.0, 40.0])])
     ref = lambda t: jax.nn.gelu(t, approximate=False)  # noqa: E731
