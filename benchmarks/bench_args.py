@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -38,3 +39,34 @@ def prepare(args: argparse.Namespace) -> dict:
     host_mem = host_memory.reuse_freed_memory_on_cpu()
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
     return {"host_memory": host_mem, "quiet_wait": quiet}
+
+
+def alternate(runners: dict[str, Callable[[], float]], rounds: int, pause_s: float, warmup: int) -> dict:
+    """Times several steps side by side: ``warmup`` untimed calls of each, then ``rounds`` rounds in which each runner
+    is called once, in an order rotated by one each round (no runner always runs after the same neighbour), after
+    ``pause_s`` of idle. Each runner returns its own wall time in seconds. Returns {name: [seconds per round]}."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(pause_s)
+            times[n].append(runners[n]())
+    return times
+
+
+def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
+    """The fields every benchmark result starts with: what ran, when, where, under which load and config."""
+    from vtfusion_jax import speed
+
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": speed.host_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": speed.loadavg(),
+        "config": cfg,
+    }

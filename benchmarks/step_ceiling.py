@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Sequence
 from unittest import mock
 
@@ -149,15 +148,7 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "", bench=None) -
         "torch_eager": t_real.step,
         "torch_eager_no_dense": t_ablated_step,
     }
-    for fn in runners.values():
-        for _ in range(max(1, int(b["warmup"]))):
-            fn()
-    names = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            time.sleep(pause_s)
-            times[n].append(runners[n]())
+    times = bench_args.alternate(runners, rounds, pause_s, warmup=max(1, int(b["warmup"])))
     peak = {
         "jax": speed.matmul_peak(jnp.float32, int(b["matmul_size"]))["flops_per_s"],
         "torch": torch_peer.torch_matmul_peak(int(b["matmul_size"])),
@@ -177,15 +168,9 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "", bench=None) -
             "ceiling_ms": (med[side + "_no_dense"] + dense_gflop * 1e9 / peak[lib]) * 1e3,
         }
     return {
-        "benchmark": "step_ceiling",
-        "command": command,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": speed.host_info(),
+        **bench_args.record("step_ceiling", command, cfg, load_start),
         "torch": torch.__version__,
         "threads": {"torch": torch.get_num_threads(), "xla_cpu_count": os.cpu_count()},
-        "loadavg_start": load_start,
-        "loadavg_end": speed.loadavg(),
-        "config": cfg,
         "rounds": rounds,
         "pause_between_steps_s": pause_s,
         "step_dot_gflop": dots_all["gflop"],

@@ -270,16 +270,7 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
     runners = {"jax": ours.step, **{n: t.step for n, t in trainers.items()}}
     fl = jax_bench.analytic_flops(cfg)
     fb_flops = torch_flops(trainers["torch_eager"])
-    for fn in runners.values():
-        for _ in range(int(b["warmup"])):
-            fn()
-    names = list(runners)
-    times = {n: [] for n in names}
-    for r in range(int(b["steps"])):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            time.sleep(pause_s)
-            times[n].append(runners[n]())
+    times = bench_args.alternate(runners, int(b["steps"]), pause_s, warmup=int(b["warmup"]))
     import jax.numpy as jnp
 
     jax_peak = speed.matmul_peak(jnp.float32, int(b["matmul_size"]))["flops_per_s"]
@@ -287,15 +278,9 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
     step_flops = fl["train"] * int(b["batch_size"])
     med = {n: float(np.median(t)) for n, t in times.items()}
     result = {
-        "benchmark": "torch_peer",
-        "command": command,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": speed.host_info(),
+        **bench_args.record("torch_peer", command, cfg, load_start),
         "torch": torch.__version__,
         "threads": {"torch": torch.get_num_threads(), "xla_cpu_count": os.cpu_count()},
-        "loadavg_start": load_start,
-        "loadavg_end": speed.loadavg(),
-        "config": cfg,
         "num_params": {"jax": ours.num_params, "torch": sum(p.numel() for p in eager_model.parameters())},
         "flops_per_step_train": step_flops,
         "torch_flop_counter_per_step": fb_flops,
@@ -307,8 +292,8 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
         "step_s_min": {n: float(np.min(t)) for n, t in times.items()},
         "step_s_all": times,
         "peak_flops_per_s": {"jax": jax_peak, "torch": t_peak},
-        "mfu_measured_peak": {n: step_flops / med[n] / (jax_peak if n == "jax" else t_peak) for n in names},
-        "speedup_vs": {n: med[n] / med["jax"] for n in names if n != "jax"},
+        "mfu_measured_peak": {n: step_flops / med[n] / (jax_peak if n == "jax" else t_peak) for n in runners},
+        "speedup_vs": {n: med[n] / med["jax"] for n in runners if n != "jax"},
         "final_loss": {"jax": ours.loss(), **{n: trainers[n].last_loss for n in trainers}},
     }
     return result

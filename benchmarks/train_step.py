@@ -312,13 +312,7 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
     n_dev = bench.mesh.size
     analytic_step = fl["train"] * int(b["batch_size"])
     result = {
-        "benchmark": "train_step",
-        "command": command,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": speed.host_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": speed.loadavg(),
-        "config": cfg,
+        **bench_args.record("train_step", command, cfg, load_start),
         "num_params": bench.num_params,
         "flops_per_example": fl,
         "flops_per_step_train": analytic_step,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Sequence
 from unittest import mock
 
@@ -58,23 +57,11 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "") -> dict:
         with mock.patch.object(linear, "CPU_TRANSPOSED_WEIGHT_GRAD", side == "transposed"):
             benches[side] = jax_bench.Bench(cfg)  # same seed: the same initial state (each side donates its own)
             benches[side].compile()
-    for side in SIDES:
-        for _ in range(max(1, int(cfg["bench"]["warmup"]))):
-            benches[side].step()
-    times: dict[str, list[float]] = {s: [] for s in SIDES}
-    for r in range(rounds):
-        for side in SIDES[r % 2 :] + SIDES[: r % 2]:
-            time.sleep(pause_s)
-            times[side].append(benches[side].step())
+    runners = {side: benches[side].step for side in SIDES}
+    times = bench_args.alternate(runners, rounds, pause_s, warmup=max(1, int(cfg["bench"]["warmup"])))
     med = {s: float(np.median(t)) for s, t in times.items()}
     return {
-        "benchmark": "weight_grad",
-        "command": command,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": speed.host_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": speed.loadavg(),
-        "config": cfg,
+        **bench_args.record("weight_grad", command, cfg, load_start),
         "rounds": rounds,
         "pause_between_steps_s": pause_s,
         "step_s_median": med,

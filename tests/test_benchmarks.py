@@ -529,3 +529,25 @@ def test_weight_grad_smoke(tmp_path):
     doc = perf_table.build({"cpu_weight_grad": r})
     assert "### The Dense kernel gradient's dot form" in doc and "python benchmarks/weight_grad.py" in doc
     assert f"plain / transposed: **{r['plain_over_transposed']:.2f}x**" in doc
+
+
+def test_alternate_rotates_the_order_and_returns_each_runners_times():
+    """bench_args.alternate: warm-up calls untimed, then every runner once per round, the order rotated by one each
+    round (so no runner always follows the same one), and each runner's own returned times in round order."""
+    import bench_args
+
+    calls = []
+
+    def runner(name):
+        def fn():
+            calls.append(name)
+            return float(len(calls))  # a distinct "time" per call, so misattribution shows
+
+        return fn
+
+    times = bench_args.alternate({n: runner(n) for n in "abc"}, rounds=4, pause_s=0.0, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, untimed
+    rounds = [calls[6 + 3 * r : 9 + 3 * r] for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    for name, ts in times.items():
+        assert ts == [float(i + 1) for i, n in enumerate(calls) if n == name and i >= 6]
