@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_args  # noqa: E402  (benchmarks/bench_args.py)
+
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
 from vtfusion_jax import speed  # noqa: E402
@@ -270,7 +270,7 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
     runners = {"jax": ours.step, **{n: t.step for n, t in trainers.items()}}
     fl = jax_bench.analytic_flops(cfg)
     fb_flops = torch_flops(trainers["torch_eager"])
-    times = bench_args.alternate(runners, int(b["steps"]), pause_s, warmup=int(b["warmup"]))
+    times = jax_bench.alternate(runners, int(b["steps"]), pause_s, warmup=int(b["warmup"]))
     import jax.numpy as jnp
 
     jax_peak = speed.matmul_peak(jnp.float32, int(b["matmul_size"]))["flops_per_s"]
@@ -278,7 +278,7 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
     step_flops = fl["train"] * int(b["batch_size"])
     med = {n: float(np.median(t)) for n, t in times.items()}
     result = {
-        **bench_args.record("torch_peer", command, cfg, load_start),
+        **jax_bench.record("torch_peer", command, cfg, load_start),
         "torch": torch.__version__,
         "threads": {"torch": torch.get_num_threads(), "xla_cpu_count": os.cpu_count()},
         "num_params": {"jax": ours.num_params, "torch": sum(p.numel() for p in eager_model.parameters())},
@@ -301,12 +301,12 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = bench_args.parser(__doc__)
+    p = jax_bench.parser(__doc__)
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend, or 'none' to skip it")
     p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    args, overrides = bench_args.parse(p, argv)
+    args, overrides = jax_bench.parse(p, argv)
     cfg = jax_bench.load_config(args.config, overrides)
-    env = bench_args.prepare(args)  # host-memory reuse is process-wide: torch runs under it too
+    env = jax_bench.prepare(args)  # host-memory reuse is process-wide: torch runs under it too
     result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))
     return speed.emit_result({**result, **env}, args.out)
 

@@ -24,12 +24,14 @@ file cannot import because train_lib pulls in the data pipeline.
 
 from __future__ import annotations
 
+import argparse
 import ast
+import functools
 import importlib.util
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,11 +41,8 @@ import optax
 from flax import struct
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_args  # noqa: E402  (benchmarks/bench_args.py, stdlib only)
-
 from vtfusion_jax import flops as flops_lib  # noqa: E402
-from vtfusion_jax import optim, sharding, speed  # noqa: E402
+from vtfusion_jax import losses, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
@@ -59,6 +58,63 @@ BENCH_DEFAULTS = dict(
     compilation_cache_dir="",
 )
 DEFAULT_VOCAB = 30522
+
+
+# --------------------------------------------------------------------------------------- shared by the benchmarks
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: ``--config=FILE[:ARG]``, ``--out``, ``--wait_quiet`` (+ --config.KEY=VALUE)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/perf.py", help="config file[:arg] (default configs/perf.py)")
+    p.add_argument("--out", default="", help="also write the JSON result here")
+    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this many s for 1-min load <= 1.5")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parsed flags and the config overrides as 'KEY=VALUE' strings; any other unknown argument is an error."""
+    args, rest = p.parse_known_args(list(argv))
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognised argument {bad[0]!r} (overrides are --config.KEY=VALUE)")
+    return args, [a[len("--config.") :] for a in rest]
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Before building anything: keep freed host memory for reuse as train.py does (host_memory.py), then wait up to
+    ``--wait_quiet`` s for a quiet machine. Returns {"host_memory", "quiet_wait"} for the result."""
+    from vtfusion_jax import host_memory
+
+    host_mem = host_memory.reuse_freed_memory_on_cpu()
+    quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
+    return {"host_memory": host_mem, "quiet_wait": quiet}
+
+
+def alternate(runners: dict[str, Callable[[], float]], rounds: int, pause_s: float, warmup: int) -> dict:
+    """Times several steps side by side: ``warmup`` untimed calls of each, then ``rounds`` rounds calling each runner
+    once in an order rotated by one per round, after ``pause_s`` of idle. Returns {name: [seconds per round]}."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(pause_s)
+            times[n].append(runners[n]())
+    return times
+
+
+def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
+    """The fields every benchmark result starts with: provenance (commit, host, command), load and config."""
+    return {
+        "benchmark": benchmark,
+        **speed.provenance(command),
+        "loadavg_start": load_start,
+        "loadavg_end": speed.loadavg(),
+        "config": cfg,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -127,7 +183,7 @@ def _set(cfg: dict, key: str, raw: str) -> None:
 
 @struct.dataclass
 class TrainState:
-    """Same fields as train_lib.TrainState (step, params, opt_state, rng)."""
+    """train_lib.TrainState's fields (step, params, opt_state, rng)."""
 
     step: jax.Array
     params: Any
@@ -135,31 +191,28 @@ class TrainState:
     rng: jax.Array
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over valid rows (train_lib.cross_entropy without label smoothing)."""
-    per = optax.softmax_cross_entropy(logits.astype(jnp.float32), jax.nn.one_hot(labels, logits.shape[-1]))
-    w = valid.astype(jnp.float32)
-    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
+    """The shape of ``train_lib.make_train_step``: ``loss_fn(params, batch, rng) -> (loss, aux)`` -> ``step(state,
+    batch) -> (state, metrics)``. Kept here only while train_lib cannot be imported without the data pipeline;
+    STEP below is the one line to switch to the library's."""
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        skip = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)) & skip_nonfinite
+        params, opt_state = jax.tree.map(
+            lambda a, b: jnp.where(skip, a, b), (state.params, state.opt_state), (params, opt_state)
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": skip.astype(jnp.int32), **aux}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
-    """Forward, backward, optimiser update: the computation of train_lib.train_step."""
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})["logits"]
-        return cross_entropy(logits, batch["label"], batch["valid"]), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    valid = batch["valid"].astype(jnp.float32)
-    acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # train_lib's nan_policy test (XLA drops it when unused)
-    del finite
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "skipped": jnp.zeros((), jnp.int32)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+STEP = make_train_step  # the switch: train_lib.make_train_step once it imports without TFDS
 
 
 def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
@@ -224,8 +277,9 @@ class Bench:
         self.state = state
         batch_sh = sharding.batch_sharding(self.mesh)
         self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
+        step = STEP(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
         self.step_fn = jax.jit(
-            lambda st, bt: train_step(st, bt, model=self.model, tx=self.tx),
+            step,
             in_shardings=(self.state_shardings, batch_sh),
             out_shardings=(self.state_shardings, rep),
             donate_argnums=0,
@@ -312,7 +366,7 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
     n_dev = bench.mesh.size
     analytic_step = fl["train"] * int(b["batch_size"])
     result = {
-        **bench_args.record("train_step", command, cfg, load_start),
+        **record("train_step", command, cfg, load_start),
         "num_params": bench.num_params,
         "flops_per_example": fl,
         "flops_per_step_train": analytic_step,
@@ -326,16 +380,16 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
 
 
 def parse_args(argv: Sequence[str]) -> tuple[Any, list[str]]:
-    p = bench_args.parser(__doc__)
+    p = parser(__doc__)
     p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
-    return bench_args.parse(p, argv)
+    return parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    env = bench_args.prepare(args)
+    env = prepare(args)
     result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
     return speed.emit_result({**result, **env}, args.out)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.0) -> None:
@@ -156,6 +159,34 @@ def host_info() -> dict:
         "optax": optax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
+    }
+
+
+def provenance(command: str) -> dict:
+    """What every run summary under results/ records (DESIGN convention 10): where and from what it ran.
+
+    Args:
+      command: the exact command line that produced the result.
+
+    Returns:
+      {"git_commit": HEAD or None outside a checkout, "git_dirty": tracked files differ from HEAD, "command",
+      "time", "host": host_info() (CPU model / family / ISA, accelerator, library versions)}.
+    """
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or None
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "command": command,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": host_info(),
     }
 
 

@@ -1,0 +1,612 @@
+"""Regenerates every generated section of README.md and docs/*.md from the files under results/.
+
+  python scripts/report.py            # rewrite the sections
+  python scripts/report.py --check    # exit 1 (naming them) if any section is stale
+
+A section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``; everything outside the
+markers is left alone. Rows come from run summaries written by ``python scripts/run.py`` (results/NAME/) and from
+benchmark JSON files (results/perf/); each row names the command that produced it, and its commit and CPU where the
+run recorded them ("commit not recorded" for runs older than that record). The variant table is
+scripts/fusion_table.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------------------------- reading runs
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def provenance(r: dict) -> str:
+    """'`abc1234`, CPU (ISA)' of a run summary or benchmark result; says so where a field was not recorded."""
+    c = r.get("git_commit")
+    commit = f"`{c[:7]}`" + (" (dirty)" if r.get("git_dirty") else "") if c else "commit not recorded"
+    h = r.get("host") or {}
+    if h.get("backend") not in (None, "cpu"):
+        return f"{commit}, {h.get('device_kind', '?')}"
+    cpu = h.get("cpu") and h["cpu"] + (f" ({h['cpu_isa']})" if h.get("cpu_isa") else "")
+    return f"{commit}, {cpu or 'CPU not recorded'}"
+
+
+def run(path: str) -> dict:
+    """One run summary (results/NAME/summary.json) in one shape, whichever runner wrote it: metrics, best
+    validation, steps, times, load, command and provenance."""
+    s = _read(path)
+    train = s.get("train", {})
+    best = [train.get(k, s.get(k)) for k in ("best_val_accuracy", "best_val")]
+    return {
+        "name": s["name"],
+        "metrics": s.get("metrics") or {k: s[k] for k in ("accuracy", "per_type", "num_examples") if k in s},
+        "best_val": next((b for b in best if b is not None), None),
+        "steps": train.get("step", s.get("train_steps")),
+        "train_s": s.get("total_train_seconds", s["train_seconds"]),
+        "eval_s": s["eval_seconds"],
+        "load": s.get("load") or s.get("load_average_1min"),
+        "command": s.get("command") or "` then `".join(s["commands"]),  # before run.py: train.py, eval.py
+        "provenance": provenance(s),
+        "config": _read(os.path.join(os.path.dirname(path), "config.json")),
+        "summary": s,
+    }
+
+
+def runs(pattern: str) -> list[dict]:
+    """Every run summary under results/ matching ``pattern`` (a glob of folders), sorted by path."""
+    return [run(p) for p in sorted(glob.glob(os.path.join(RESULTS, pattern, "summary.json")))]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def pct(xs: list[float]) -> str:
+    """Percent, mean ± sample std when there are several values."""
+    m, s = _mean_std([100 * x for x in xs])
+    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+
+
+def _load(rs: list[dict]) -> str:
+    loads = [r["load"] for r in rs if r["load"]]
+    if not loads:
+        return "not recorded"
+    return f"{sum(x['mean'] for x in loads) / len(loads):.1f} / {max(x['max'] for x in loads):.1f}"
+
+
+def fusion_names() -> list[str]:
+    """Registered fusion variants, in registration order (the table order)."""
+    from vtfusion_jax.models import FUSIONS
+
+    return list(FUSIONS)
+
+
+# ----------------------------------------------------------------------------------------------- README sections
+
+MAIN_ROWS = {  # results/NAME (one run, or NAME/seed*/ runs shown as mean ± std): what the row is
+    "easy_vqa": "main job: CNN + 2-layer BERT from scratch, cross fusion + image summary + product, focal loss",
+    "easy_vqa_minilm": "pretrained MiniLM text tower (fine-tuned, lr x0.1), CNN, cross fusion",
+    "easy_vqa_linear_probe": "baseline: logistic regression on frozen [MiniLM CLS; 8x8 pixels]",
+}
+RUN = "python scripts/run.py --name=NAME --config=CONFIG [--seed=S]"
+
+
+def _group(name: str) -> list[dict]:
+    return runs(name) or runs(os.path.join(name, "*"))
+
+
+def main_job() -> str:
+    """The easy-VQA rows, and the main job against its target."""
+    lines = [
+        f"Each row: `{RUN}` (`python train.py`, then `python eval.py --split=test`, both timed; files in "
+        "`results/NAME/`). Load: mean / max 1-minute load average during the run (above the CPU count the times "
+        "are inflated by other jobs).",
+        "",
+        "| Run | Test accuracy % | Per question type % | Best val. % | Train s | Eval s | Load | Commit, CPU "
+        "| Command |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, what in MAIN_ROWS.items():
+        rs = _group(name)
+        if not rs:
+            continue
+        m = [r["metrics"] for r in rs]
+        types = ", ".join(f"{k} {pct([x['per_type'][k] for x in m])}" for k in m[0]["per_type"])
+        cmds = "; ".join(f"`{r['command']}`" for r in rs)
+        lines.append(
+            f"| {name}: {what} | **{pct([x['accuracy'] for x in m])}** ({len(rs)} run{'s' * (len(rs) > 1)}) | "
+            f"{types} | {pct([r['best_val'] for r in rs])} | {_mean_std([r['train_s'] for r in rs])[0]:.0f} | "
+            f"{_mean_std([r['eval_s'] for r in rs])[0]:.0f} | {_load(rs)} | {rs[0]['provenance']} | {cmds} |"
+        )
+    rs = _group("easy_vqa")
+    if rs:
+        worst = min(r["metrics"]["accuracy"] for r in rs)
+        minutes = max(r["train_s"] + r["eval_s"] for r in rs) / 60
+        ok = worst >= 0.98 and minutes <= 10
+        lines += [
+            "",
+            f"Target: every run >= 98.0 % test accuracy in <= 10 min train + eval on this CPU: "
+            f"**{'met' if ok else 'not met'}** (lowest {100 * worst:.2f} %, longest {minutes:.1f} min).",
+        ]
+    return "\n".join(lines)
+
+
+SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")
+_COUNTS: dict = {}
+
+
+def families(per_type: dict, config: dict, split: str) -> dict:
+    """per_type plus "relational" / "non_relational" accuracy, weighted by the split's question counts per subtype
+    (a pure function of the generator's seed and sizes)."""
+    if "relational" in per_type:
+        return per_type
+    from vtfusion_jax.data import sort_of_clevr
+
+    kw = {"num_train": 9800, "num_validation": 200, "num_test": 200, "seed": 0, **config["dataset"]["builder_kwargs"]}
+    key = (json.dumps(kw, sort_keys=True), split)
+    if key not in _COUNTS:
+        counts = dict.fromkeys(SUBTYPES, 0)
+        for i in range(kw[f"num_{split}"]):
+            for q in sort_of_clevr.generate_image(kw["seed"], split, i)["questions"]:
+                counts[SUBTYPES[q["subtype"]]] += 1
+        _COUNTS[key] = counts
+    out, c = dict(per_type), _COUNTS[key]
+    for fam, subs in (("non_relational", SUBTYPES[:3]), ("relational", SUBTYPES[3:])):
+        out[fam] = sum(per_type[k] * c[k] for k in subs) / sum(c[k] for k in subs)
+    return out
+
+
+def sort_of_clevr_runs() -> dict[str, list[dict]]:
+    """{variant: runs} from results/sort_of_clevr/<variant>_seed<K>/, variants in registry order."""
+    out: dict[str, list[dict]] = {}
+    for r in runs("sort_of_clevr/*"):
+        variant = re.sub(r"_seed\d+$", "", r["name"].split("/")[-1])
+        r["metrics"]["per_type"] = families(r["metrics"]["per_type"], r["config"], r["summary"]["split"])
+        out.setdefault(variant, []).append(r)
+    order = {v: i for i, v in enumerate(fusion_names())}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _soc_best(rs: dict[str, list[dict]]) -> str:
+    return max(rs, key=lambda v: _mean_std([r["best_val"] for r in rs[v]])[0])
+
+
+def sort_of_clevr() -> str:
+    """README: the best Sort-of-CLEVR variant on validation, with its test numbers."""
+    rs = sort_of_clevr_runs()
+    if not rs:
+        return "No Sort-of-CLEVR runs recorded yet."
+    best = _soc_best(rs)
+    t = [r["metrics"]["per_type"] for r in rs[best]]
+    return (
+        f"Best of {len(rs)} fusion variants on validation: `{best}` ({len(rs[best])} seeds): test "
+        f"{pct([r['metrics']['accuracy'] for r in rs[best]])} % overall, {pct([x['relational'] for x in t])} % "
+        f"relational, {pct([x['non_relational'] for x in t])} % non-relational (target >= 97 / 99 %). Table: "
+        "[docs/results.md](docs/results.md#sort-of-clevr-every-fusion-variant-under-one-budget); each row "
+        "`python scripts/run.py --name=sort_of_clevr/VARIANT_seedK --config=configs/sort_of_clevr.py:fusion=VARIANT "
+        "--seed=K`."
+    )
+
+
+def tasks() -> str:
+    """README: the headline numbers of the retrieval and captioning runs."""
+    parts = []
+    for r in runs("sort_of_clevr_retrieval"):
+        m = r["metrics"]
+        parts.append(
+            f"Retrieval ({m['num_images']} test images): R@1 image->text / text->image "
+            f"{100 * m['rerank_i2t_R@1']:.1f} / {100 * m['rerank_t2i_R@1']:.1f} % with ITM re-ranking "
+            f"({100 * m['itc_i2t_R@1']:.1f} / {100 * m['itc_t2i_R@1']:.1f} % ITC alone)."
+        )
+    for r in runs("sort_of_clevr_caption"):
+        m = r["metrics"]
+        parts.append(
+            f"Captioning: beam search reproduces the scene description exactly for {100 * m['beam_exact_match']:.1f} "
+            f"% of {m['num_images']} test images (greedy {100 * m['greedy_exact_match']:.1f} %), CIDEr-D "
+            f"{m['beam_cider_d']:.2f}."
+        )
+    return " ".join(parts + [f"Each: `{RUN}` with configs/sort_of_clevr_{{retrieval,caption}}.py."])
+
+
+def input_pipeline() -> str:
+    """README: benchmarks/input_pipeline.py's throughput table."""
+    folder = os.path.join(RESULTS, "input_pipeline")
+    meta = _read(os.path.join(folder, "run.json"))
+    with open(os.path.join(folder, "benchmark.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    lines = [
+        f"`{meta['command']}` on {meta['date'][:10]} ({provenance(meta)}; load {meta['loadavg_before']}–"
+        f"{meta['loadavg_after']}).",
+        "",
+        "| Dataset | Train examples | Build s (once) | Host decode, 1 thread (ex/s) "
+        "| Train iterator, batch 256 (ex/s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "(already built)"
+        lines.append(
+            f"| {r['dataset']} | {r['num_train_examples']:,d} | {build} | "
+            f"{r['host_single_thread_examples_per_s']:,.0f} | {r['iterator_examples_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def reliability() -> str:
+    """README: the archived reliability figures (results/archive/reliability/figures.json)."""
+    f = _read(os.path.join(RESULTS, "archive", "reliability", "figures.json"))
+    c, mp, st = f["chaos"], f["multiprocess"], f["sigterm"]
+    lines = [
+        f"Measured on {f['measured']} ({f['machine']}; commit not recorded); `results/archive/reliability/`.",
+        "",
+        "| Figure | Value | Command |",
+        "|---|---|---|",
+        f"| SIGKILLs survived | **{c['kills_survived']}** ({c['kills_mid_checkpoint_write']} mid-checkpoint-write), "
+        f"final params bit-identical: {c['params_bit_identical']} | `{c['command']}` |",
+        f"| 2 processes x 4 devices vs 1 x 8 | max loss difference **{mp['max_abs_loss_difference']:.1e}** "
+        f"| `{mp['command']}` |",
+        f"| SIGTERM to a clean exit 0 | **{st['max_seconds']:.1f} s** at most (limit {st['limit_seconds']} s) "
+        f"| `{st['command']}` |",
+    ]
+    for name, outcomes in sorted(f["bad_input"]["classes"].items()):
+        text = "; ".join(f"{n} x {o}" for o, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| bad input: {name} | {text} | `pytest tests/test_bad_input.py` |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- docs/results.md
+
+
+def task_tables() -> str:
+    """docs/results.md: retrieval and captioning rows (every results/*/ run of those tasks)."""
+    all_runs = [r for r in runs("*") if r["summary"].get("task") in ("retrieval", "caption")]
+    lines = []
+    for r in all_runs:
+        m = r["metrics"]
+        if r["summary"]["task"] == "retrieval":
+
+            def rk(p, m=m):
+                return " / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10))
+
+            lines += [
+                "| Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i | steps "
+                "| train + eval s | load | commit, CPU | command |",
+                "|---|---:|---|---|---|---|---:|---:|---:|---|---|",
+                f"| {r['name']} | {m['num_images']} | {rk('itc_i2t')} | {rk('itc_t2i')} | {rk('rerank_i2t')} | "
+                f"{rk('rerank_t2i')} | {r['steps']} | {r['train_s']:.0f} + {r['eval_s']:.0f} | {_load([r])} | "
+                f"{r['provenance']} | `{r['command']}` |",
+                "",
+            ]
+        else:
+            kv = f"{m['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in m else "not measured"
+            lines += [
+                "| Captioning run | images | greedy BLEU-4 / CIDEr-D / exact % | beam BLEU-4 / CIDEr-D / exact % "
+                "| KV-cache speedup | steps | train + eval s | load | commit, CPU | command |",
+                "|---|---:|---|---|---:|---:|---:|---:|---|---|",
+                f"| {r['name']} | {m['num_images']} | {m['greedy_bleu4']:.3f} / {m['greedy_cider_d']:.2f} / "
+                f"{100 * m['greedy_exact_match']:.1f} | {m['beam_bleu4']:.3f} / {m['beam_cider_d']:.2f} / "
+                f"{100 * m['beam_exact_match']:.1f} | {kv} | {r['steps']} | {r['train_s']:.0f} + {r['eval_s']:.0f} "
+                f"| {_load([r])} | {r['provenance']} | `{r['command']}` |",
+                "",
+            ]
+    return "\n".join(lines).strip() or "No retrieval or captioning run recorded yet."
+
+
+def multiscale() -> str:
+    """docs/results.md: single- vs multi-scale image tokens (results/multiscale/<dataset>_<single|multi>/)."""
+    lines = []
+    for dataset in ("easy_vqa", "sort_of_clevr"):
+        rs = runs(f"multiscale/{dataset}_*")
+        if not rs:
+            continue
+        for r in rs:
+            r["metrics"]["per_type"] = (
+                families(r["metrics"]["per_type"], r["config"], r["summary"]["split"])
+                if dataset == "sort_of_clevr"
+                else r["metrics"]["per_type"]
+            )
+        types = ["relational", "non_relational"] if dataset == "sort_of_clevr" else list(rs[0]["metrics"]["per_type"])
+        lines += [
+            f"**{dataset}**",
+            "",
+            "| Run | image scales | test % | " + " | ".join(f"{t} %" for t in types) + " | train s | load | "
+            "commit, CPU | command |",
+            "|---|---|---:|" + "---:|" * len(types) + "---:|---:|---|---|",
+        ]
+        for r in rs:
+            m = r["metrics"]
+            scales = r["config"]["model"]["image_encoder"].get("scales") or "last"
+            lines.append(
+                f"| {r['name']} | {scales} | {100 * m['accuracy']:.2f} | "
+                + " | ".join(f"{100 * m['per_type'][t]:.2f}" for t in types)
+                + f" | {r['train_s']:.0f} | {_load([r])} | {r['provenance']} | `{r['command']}` |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip() or "No multi-scale runs recorded yet."
+
+
+def sort_of_clevr_table() -> str:
+    """docs/results.md: every Sort-of-CLEVR variant under one budget, mean ± std over seeds."""
+    rs = sort_of_clevr_runs()
+    if not rs:
+        return "No Sort-of-CLEVR runs recorded yet."
+    t0 = next(iter(rs.values()))[0]["config"]["train"]
+    lines = [
+        f"Each row: `python scripts/run.py --name=sort_of_clevr/VARIANT_seedK "
+        f"--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K`; budget {t0['num_steps']} steps x "
+        f"{t0['global_batch_size']} questions. Test accuracy %, mean ± std over seeds; model selection on validation.",
+        "",
+        "| Variant | Seeds | Overall | Relational | Non-rel. | "
+        + " | ".join(s.capitalize() for s in SUBTYPES)
+        + " | Best val. | Train s | Load | Commit, CPU |",
+        "|---|---|" + "---:|" * (4 + len(SUBTYPES)) + "---:|---:|---|",
+    ]
+    for v, group in rs.items():
+        seeds = ",".join(re.sub(r".*_seed", "", r["name"]) for r in group)
+        cells = [pct([r["metrics"]["accuracy"] for r in group])]
+        cells += [
+            pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)
+        ]
+        cells += [pct([r["best_val"] for r in group]), f"{_mean_std([r['train_s'] for r in group])[0]:.0f}"]
+        lines.append(f"| `{v}` | {seeds} | " + " | ".join([*cells, _load(group), group[0]["provenance"]]) + " |")
+    budgets = {
+        (r["config"]["train"]["num_steps"], r["config"]["train"]["global_batch_size"]) for g in rs.values() for r in g
+    }
+    if len(budgets) > 1:
+        lines += ["", f"**The rows do not share one budget**: {sorted(budgets)} (steps, batch)."]
+    lines += ["", f"Best on validation: `{_soc_best(rs)}`."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- docs/performance.md
+
+PERF = os.path.join(RESULTS, "perf")
+TARGET_SPEEDUP, TARGET_COMPILE_S, TARGET_COMPILE_RATIO, TARGET_GPU_MFU = 1.25, 10.0, 1.3, 0.45
+
+
+def _perf(prefix: str) -> dict[str, dict]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(PERF, f"{prefix}*.json"))):
+        r = _read(path)
+        if "step_s_median" in r or "compile" in r:
+            out[os.path.basename(path)[len(prefix) : -len(".json")]] = r
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{1e3 * x:,.0f}"
+
+
+def _perf_load(r: dict) -> str:
+    a, b = r.get("loadavg_start"), r.get("loadavg_end")
+    return f"{a[0]:.2f}" + (f" / {b[0]:.2f}" if b else "") if a else "-"
+
+
+def _step_rows(rows: dict[str, dict], order: list[str]) -> str:
+    lines = [
+        "| Run | examples/s | step ms (median) | GFLOP / step | GFLOP/s | MFU (measured peak) | compile s | params (M) "
+        "| load 1-min | commit, CPU | command |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+        r = rows[name]
+        mfu = f"{100 * r['mfu_measured_peak']:.1f} %" if r.get("mfu_measured_peak") else "-"
+        lines.append(
+            f"| `{name}` | {r['examples_per_s']:.1f} | {_ms(r['step_s_median'])} "
+            f"| {r['flops_per_step_train'] / 1e9:.1f} "
+            f"| {r['achieved_flops_per_s'] / 1e9:.0f} | {mfu} | {r['compile']['total_s']:.1f} "
+            f"| {r['num_params'] / 1e6:.2f} | {_perf_load(r)} | {provenance(r)} | `{r['command']}` |"
+        )
+    return "\n".join(lines)
+
+
+def perf_peer() -> str:
+    """docs/performance.md: ours vs PyTorch eager / torch.compile, one table row per implementation and host."""
+    lines = [
+        "| Host | Implementation | step ms (median) | step ms (min) | MFU (own measured peak) | slower than ours "
+        "| load 1-min | commit, CPU | command |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for host, r in _perf("cpu_torch_peer").items():
+        for impl, t in r["step_s_median"].items():
+            ratio = "1.00" if impl == "jax" else f"{r['speedup_vs'][impl]:.2f}x"
+            lines.append(
+                f"| {host.strip('_') or 'latest'} | {impl} | {_ms(t)} | {_ms(r['step_s_min'][impl])} | "
+                f"{100 * r['mfu_measured_peak'][impl]:.1f} % | {ratio} | {_perf_load(r)} | {provenance(r)} "
+                f"| `{r['command']}` |"
+            )
+    return "\n".join(lines)
+
+
+def perf_weight_grad() -> str:
+    """docs/performance.md: the Dense kernel gradient, plain vs transposed-first (benchmarks/weight_grad.py)."""
+    lines = [
+        "| Kernel gradient | step ms (median) | step ms (min) | final loss | commit, CPU | command |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in _perf("cpu_weight_grad").values():
+        for side, t in r["step_s_median"].items():
+            lines.append(
+                f"| {side} | {_ms(t)} | {_ms(r['step_s_min'][side])} | {r['final_loss'][side]:.6f} | {provenance(r)} "
+                f"| `{r['command']}` |"
+            )
+        lines += ["", f"plain / transposed step time: **{r['plain_over_transposed']:.2f}x**."]
+    return "\n".join(lines)
+
+
+def perf_fusions() -> str:
+    """docs/performance.md: every fusion variant's train step at the shared size."""
+    return _step_rows(_perf("cpu_fusion_"), fusion_names())
+
+
+def perf_switches() -> str:
+    """docs/performance.md: the speed switches on the co_attention model, beside its baseline row."""
+    base = _perf("cpu_fusion_").get("co_attention")
+    rows = {"baseline": base} if base else {}
+    return _step_rows({**rows, **_perf("cpu_switch_")}, ["baseline", "scan", "remat_minimal", "remat_full", "bf16"])
+
+
+def perf_compile() -> str:
+    """docs/performance.md: compile time by depth (scan vs unrolled) and with the persistent cache."""
+    rows = _perf("cpu_compile_") | {f"cache_{k}": v for k, v in _perf("cpu_cache_").items()}
+    lines = [
+        "| Run | trace s | compile s | total s | params (M) | load 1-min | commit, CPU | command |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, r in sorted(rows.items()):
+        c = r["compile"]
+        lines.append(
+            f"| `{name}` | {c['trace_s']:.1f} | {c['compile_s']:.1f} | {c['total_s']:.1f} "
+            f"| {r['num_params'] / 1e6:.1f} "
+            f"| {_perf_load(r)} | {provenance(r)} | `{r['command']}` |"
+        )
+    return "\n".join(lines)
+
+
+def perf_gpu() -> str:
+    """docs/performance.md: benchmarks/gpu_bench.py's runs, or how to make them."""
+    rows = {k: r for k, r in _perf("gpu_").items() if not k.startswith("tiny")}
+    if not rows:
+        return (
+            "Not measured yet: `python benchmarks/gpu_bench.py` on one H100/H200, then commit results/perf/gpu_*.json."
+        )
+    out = _step_rows(rows, ["cudnn", "xla"])
+    mfu = [f"`{k}` {100 * r['mfu_datasheet']:.1f} %" for k, r in rows.items() if r.get("mfu_datasheet")]
+    return out + ("\n\nMFU against the 989 TFLOP/s bf16 datasheet peak: " + ", ".join(mfu) + "." if mfu else "")
+
+
+def perf_targets() -> str:
+    """docs/performance.md: each issue-8 target, met or missed, with the measured figure."""
+    verdict = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
+    lines = []
+    for r in _perf("cpu_torch_peer").values():
+        for impl, s in r["speedup_vs"].items():
+            lines.append(
+                f"- Ours >= {TARGET_SPEEDUP}x faster than {impl} ({provenance(r)}): {verdict(s >= TARGET_SPEEDUP)}"
+                f" — {s:.2f}x."
+            )
+    comp = _perf("cpu_compile_")
+    if "depth12_scan" in comp:
+        t12 = comp["depth12_scan"]["compile"]["total_s"]
+        lines.append(
+            f"- 12 layers per tower, scan_layers, compiles in <= {TARGET_COMPILE_S:.0f} s: "
+            f"{verdict(t12 <= TARGET_COMPILE_S)} — {t12:.1f} s."
+        )
+        if "depth24_scan" in comp:
+            ratio = comp["depth24_scan"]["compile"]["total_s"] / t12
+            lines.append(
+                f"- Doubling the depth costs <= {TARGET_COMPILE_RATIO}x compile time: "
+                f"{verdict(ratio <= TARGET_COMPILE_RATIO)} — {ratio:.2f}x."
+            )
+    gpu = _perf("gpu_")
+    if "cudnn" in gpu:
+        m = gpu["cudnn"].get("mfu_datasheet") or 0.0
+        lines.append(f"- GPU MFU >= 45 % with cuDNN attention: {verdict(m >= TARGET_GPU_MFU)} — {100 * m:.1f} %.")
+    else:
+        lines.append("- GPU MFU >= 45 % with cuDNN attention: **not measured**.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def variants(check: bool) -> dict[tuple[str, str], str]:
+    """The variant tables: {(file, section name): body} from scripts/fusion_table.py's render_sections()."""
+    spec = importlib.util.spec_from_file_location("fusion_table", os.path.join(ROOT, "scripts", "fusion_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "render_sections"):  # {name: body}, for each of its TARGETS files
+        return {(t, n): body for t in module.TARGETS for n, body in module.render_sections().items()}
+    if not check:  # a fusion_table.py that writes its own file
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fusion_table.py")], cwd=ROOT, check=True)
+    return {}
+
+
+SECTIONS: dict[str, dict[str, Callable[[], str]]] = {
+    "README.md": {
+        "main_job": main_job,
+        "sort_of_clevr": sort_of_clevr,
+        "tasks": tasks,
+        "input_pipeline": input_pipeline,
+        "reliability": reliability,
+    },
+    "docs/results.md": {
+        "task_tables": task_tables,
+        "multiscale": multiscale,
+        "sort_of_clevr_table": sort_of_clevr_table,
+    },
+    "docs/performance.md": {
+        "perf_targets": perf_targets,
+        "perf_peer": perf_peer,
+        "perf_weight_grad": perf_weight_grad,
+        "perf_fusions": perf_fusions,
+        "perf_switches": perf_switches,
+        "perf_compile": perf_compile,
+        "perf_gpu": perf_gpu,
+    },
+}
+
+
+def replace(text: str, name: str, body: str) -> str:
+    """``text`` with the body of its generated:``name`` section replaced (ValueError if the markers are missing)."""
+    pattern = re.compile(
+        rf"(<!-- BEGIN generated:{re.escape(name)} -->\n).*?(<!-- END generated:{re.escape(name)} -->)", re.S
+    )
+    if not pattern.search(text):
+        raise ValueError(f"no generated:{name} markers")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text, count=1)
+
+
+def render(root: str = ROOT, check: bool = False) -> dict[str, tuple[str, str]]:
+    """{file: (current text, regenerated text)} for every file with generated sections."""
+    bodies: dict[tuple[str, str], str] = {(f, n): fn() for f, fns in SECTIONS.items() for n, fn in fns.items()}
+    bodies.update(variants(check))
+    out = {}
+    for (file, name), body in bodies.items():
+        path = os.path.join(root, file)
+        if path not in out:
+            with open(path) as f:
+                text = f.read()
+            out[path] = (text, text)
+        try:
+            out[path] = (out[path][0], replace(out[path][1], name, body))
+        except ValueError as e:
+            raise SystemExit(f"{file}: {e}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrites the sections (or, with --check, returns 1 when any is stale)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if a section differs from what results/ gives")
+    a = p.parse_args(argv)
+    stale = []
+    for path, (old, new) in render(check=a.check).items():
+        if old != new:
+            stale.append(os.path.relpath(path, ROOT))
+            if not a.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    verb = "stale" if a.check else "updated"
+    print(f"{verb}: {', '.join(stale)}" if stale else "all generated sections are current")
+    return 1 if (a.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
