@@ -1,5 +1,5 @@
-"""Evaluates a trained checkpoint on a split and writes DIR/eval/<split>/ (metrics.json, predictions.jsonl,
-confusion_matrix.png, attention_*.png).
+"""Evaluates a trained checkpoint of any task on a split and writes DIR/eval/<split>/ (metrics.json and the task's
+files: VQA predictions.jsonl, confusion_matrix.png, attention_*.png; captioning captions.jsonl).
 
   python eval.py --config=configs/easy_vqa.py --workdir=runs/easy_vqa --split=test [--checkpoint=best]
 
@@ -17,7 +17,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config (default: the
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split, e.g. test).")
 flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint).")
-flags.DEFINE_integer("num_attention_maps", None, "Attention-map PNGs (default: config.eval.num_attention_maps).")
+flags.DEFINE_integer("num_attention_maps", None, "VQA attention-map PNGs (default: config.eval.num_attention_maps).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,18 +32,13 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = FLAGS.config if FLAGS.config is not None else eval_lib.load_config(FLAGS.workdir)
+    if FLAGS.num_attention_maps is not None:
+        with config.unlocked():
+            config.eval.num_attention_maps = FLAGS.num_attention_maps
     split = FLAGS.split or config.eval.split
-    if "task" in config and config.task != "vqa":  # retrieval / captioning (vtfusion_jax/tasks)
-        from vtfusion_jax import tasks
-
-        result = tasks.evaluate_split(config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint)
-        print(f"{split}: {json.dumps({k: v for k, v in result.items() if k != 'protocol'})}", flush=True)
-        return
-    n_maps = config.eval.num_attention_maps if FLAGS.num_attention_maps is None else FLAGS.num_attention_maps
-    result = eval_lib.evaluate_split(
-        config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint, num_attention_maps=n_maps
-    )
-    brief = {k: result[k] for k in ("accuracy", "num_examples", "checkpoint_step", "per_type")}
+    result = eval_lib.evaluate_split(config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint)
+    brief = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "protocol"}
+    brief.update({"per_type": result["per_type"]} if "per_type" in result else {})
     print(f"{split}: {json.dumps(brief)}", flush=True)
 
 

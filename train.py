@@ -32,13 +32,9 @@ def main(argv):
     except train_lib.NonFiniteLossError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    val = result["val"]
-    status = "preempted" if result["preempted"] else "early-stopped" if result["early_stopped"] else "done"
-    # Task loops (retrieval / captioning) say which limit stopped them; the classification loop has only steps_per_run.
-    limit = result.get("stop_reason", "train.steps_per_run")
-    status = f"stopped ({limit})" if result["stopped_for_run_limit"] else status
-    acc = f", validation accuracy {val['accuracy']:.4f}" if val else ""
-    print(f"{status} at step {result['step']}{acc}; best step {result['best_step']}", flush=True)
+    status = "done" if result["stop_reason"] == "num_steps" else f"stopped ({result['stop_reason']})"
+    print(f"{status} at step {result['step']}; best validation {result['best_val']:.4f} at step {result['best_step']}",
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

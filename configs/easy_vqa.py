@@ -9,11 +9,16 @@ Override any field: --config.optim.lr=3e-4 --config.model.fusion.name=co_attenti
 import ml_collections
 from ml_collections import config_dict
 
+from vtfusion_jax import config_lib
+
+common = config_lib.sibling(__file__, "common")
+
 
 def get_config(arg=None):
     """Returns the locked config (``arg`` is unused: easy-VQA has a single setting)."""
     del arg
     c = ml_collections.ConfigDict()
+    c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
@@ -73,45 +78,13 @@ def get_config(arg=None):
         freeze=False,  # True: frozen
     )
 
-    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
-    c.optim.lr = 2e-3  # peak learning rate
-    c.optim.warmup_steps = 50  # linear warmup (optimiser updates)
-    c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant
-    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.weight_decay = 0.01  # decoupled weight decay (never on biases / norm parameters)
-    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
-    c.optim.accum_steps = 1  # micro-batches per update (optax.MultiSteps); effective batch = global * accum
-    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
-        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    c.optim = common.optim()
+    c.train = common.train(
+        images_per_batch=32,  # image-grouped batches: all questions of <= 32 images, each image encoded once
+        num_epochs=5.0,  # ~139 grouped batches each (num_steps <= 0: the length comes from the epochs)
+        focal_gamma=2.0,  # the rare negated-colour "no" answers (3.6 % of questions) drive the late gradient
     )
-
-    c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
-    c.train.global_batch_size = 256  # examples per micro-step; large batches learn shape far sooner than 32-64
-    c.train.images_per_batch = 32  # image-grouped batches: all questions of <= 32 images, each image encoded once
-    c.train.num_epochs = 5.0  # epochs of the train split (used when num_steps <= 0); ~139 grouped batches each
-    c.train.num_steps = -1  # training length in micro-steps; <= 0: from num_epochs
-    c.train.label_smoothing = 0.0  # cross-entropy label smoothing
-    c.train.focal_gamma = 2.0  # focal loss: (1 - p)^gamma down-weights examples already right (0 = plain CE), so
-    # the rare negated-colour "no" answers (3.6 % of questions) drive the late gradient
-    c.train.nan_policy = "stop"  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
-    c.train.log_every_steps = 20  # train metrics to TensorBoard / metrics.jsonl
-    c.train.eval_every_steps = 300  # validation + checkpoint (~2 epochs; pass ~10 s); 0 = only at end, -1 = never
-    c.train.checkpoint_every_steps = 300  # periodic checkpoints (asynchronous)
-    c.train.keep_checkpoints = 2  # newest checkpoints kept (plus the best by validation accuracy)
-    c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
-    c.train.early_stopping_patience = 0  # stop after this many evaluations without improvement (0 = off)
-    c.train.eval_batch_size = 256  # validation / test batch size
-    c.train.prefetch = 2  # batches prepared ahead on a background thread
-    c.train.data_workers = 0  # grain worker processes (0 = threads)
-    c.train.progress_bar = True  # tqdm bar with loss, steps/s, examples/s, ETA
-
-    c.eval = ml_collections.ConfigDict()  # eval.py defaults
-    c.eval.split = "test"  # default split of eval.py
-    c.eval.checkpoint = "best"  # best | latest | a step number
-    c.eval.num_attention_maps = 8  # attention-map PNGs written by eval.py
+    c.eval = common.evaluation()
 
     c.lock()
     return c

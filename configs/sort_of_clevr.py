@@ -24,6 +24,7 @@ fields that exist for one variant only. The table: python scripts/sort_of_clevr_
 import ml_collections
 from ml_collections import config_dict
 
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 FUSIONS = ("concat", "rn", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
@@ -33,12 +34,16 @@ FUSIONS = ("concat", "rn", "merged", "cross", "co_attention", "gated_cross", "bo
 FUSION_EXTRAS = {"rn": dict(g_layers=3, f_layers=1, mlp_dim=64, token_pool=2)}
 
 
+common = config_lib.sibling(__file__, "common")
+
+
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME" (default co_attention)."""
     arg = parse_arg(arg, fusion="co_attention")
     if arg.fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
     c = ml_collections.ConfigDict()
+    c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
@@ -95,44 +100,18 @@ def get_config(arg=None):
         freeze=False,  # True: frozen
     )
 
-    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
-    c.optim.lr = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 50  # linear warmup (updates)
-    c.optim.schedule = "cosine"  # cosine | linear | constant
-    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
-    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
-    c.optim.accum_steps = 1  # micro-batches per update
-    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
-        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    c.optim = common.optim(lr=1e-3)
+    c.train = common.train(
+        global_batch_size=640,  # questions per micro-step (= 32 images x 20 questions)
+        images_per_batch=32,  # image-grouped batches (data/grouped.py): each image encoded once per batch
+        num_epochs=10.0,
+        num_steps=900,  # the matched budget of the variant comparison (576,000 questions, ~2.9 epochs)
+        log_every_steps=50,
+        eval_every_steps=150,  # the points of the accuracy-vs-time curve
+        checkpoint_every_steps=150,
+        progress_bar=False,  # run logs stay readable
     )
-
-    c.train = ml_collections.ConfigDict()  # loop, logging and checkpointing (vtfusion_jax/train_lib.py)
-    c.train.global_batch_size = 640  # questions per micro-step (= 32 images x 20 questions)
-    c.train.images_per_batch = 32  # image-grouped batches (data/grouped.py): each image encoded once per batch
-    c.train.num_epochs = 10.0  # epochs over the train split (used when num_steps <= 0)
-    c.train.num_steps = 900  # micro-steps: the matched budget (576,000 questions, ~2.9 epochs; co_attention ~27 min)
-    c.train.label_smoothing = 0.0  # label smoothing
-    c.train.focal_gamma = 0.0  # focal-loss exponent: (1 - p)^gamma down-weights examples already right (0 = plain CE)
-    c.train.log_every_steps = 50  # train metrics cadence
-    c.train.eval_every_steps = 150  # validation + checkpoint cadence: the points of the accuracy-vs-time curve
-    c.train.checkpoint_every_steps = 150  # periodic checkpoints
-    c.train.keep_checkpoints = 2  # newest kept (+ best)
-    c.train.steps_per_run = 0  # stop with a checkpoint after this many steps in one process (0 = no limit)
-    c.train.early_stopping_patience = 0  # 0 = off
-    c.train.nan_policy = "stop"  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
-    c.train.eval_batch_size = 256  # validation batch size
-    c.train.prefetch = 2  # batches prepared ahead
-    c.train.data_workers = 0  # grain worker processes
-    c.train.progress_bar = False  # tqdm bar (off: run logs stay readable)
-
-    c.eval = ml_collections.ConfigDict()  # eval.py defaults
-    c.eval.split = "test"  # default split of eval.py
-    c.eval.checkpoint = "best"  # best | latest | step
-    c.eval.num_attention_maps = 8  # attention-map PNGs
+    c.eval = common.evaluation()
 
     c.lock()
     return c

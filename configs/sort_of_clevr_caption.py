@@ -13,7 +13,10 @@ Fused memory (the decoder reads a fusion variant's output tokens instead of the 
 import ml_collections
 from ml_collections import config_dict
 
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
+
+common = config_lib.sibling(__file__, "common")
 
 
 def get_config(arg=None):
@@ -45,6 +48,7 @@ def get_config(arg=None):
     c.dataset.train_split = "train"  # training images
     c.dataset.val_split = "validation"  # model selection
     c.dataset.image_size = config_dict.placeholder(int)  # None = as stored (75 px; a manifest's builder image_size)
+    c.dataset.augment = False  # random crops (captions name positions)
     c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS], longer ones truncated (longest scene caption: 44)
 
     c.model = ml_collections.ConfigDict()  # CaptionModel spec (vtfusion_jax/models/caption.py)
@@ -81,40 +85,26 @@ def get_config(arg=None):
         freeze=False,  # True: frozen
     )
 
-    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
-    c.optim.lr = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 200  # linear warmup (updates)
-    c.optim.schedule = "cosine"  # cosine | linear | constant
-    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
-    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
-    c.optim.accum_steps = 1  # must stay 1 for these tasks (the loop has no accumulation)
-    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
-        dict(image_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale (fusion: "fused" memory only)
+    c.optim = common.optim(
+        lr=1e-3,
+        warmup_steps=200,
+        lr_multipliers=ml_collections.ConfigDict(dict(image_encoder=1.0, fusion=1.0, head=1.0)),  # no text tower
     )
-
-    c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
-    c.train.global_batch_size = 64  # (image, caption) pairs per step
-    c.train.num_steps = 2200  # steps (~14 epochs of 9,800 images; ~17 min on 2 CPU cores, docs/results.md)
-    c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
-    c.train.nan_policy = "stop"  # NaN/Inf loss or grad: "stop" (names the step; last good ckpt kept) | "skip" it
-    c.train.label_smoothing = 0.1  # label smoothing of the teacher-forced targets
-    c.train.log_every_steps = 100  # train metrics cadence
-    c.train.eval_every_steps = 550  # validation + checkpoint cadence (0 = only at the end)
-    c.train.checkpoint_every_steps = 550  # periodic checkpoints
-    c.train.keep_checkpoints = 2  # newest kept (+ best)
-    c.train.eval_batch_size = 200  # images decoded per call
-
-    c.eval = ml_collections.ConfigDict()  # eval.py defaults
-    c.eval.split = "test"  # default split of eval.py
-    c.eval.checkpoint = "best"  # best | latest | step
-    c.eval.beam_size = 4  # beam search width
-    c.eval.length_penalty = 0.6  # GNMT length penalty alpha (0 = raw log-probability)
-    c.eval.measure_cache_speedup = True  # also time greedy decoding without the KV cache
-    c.eval.num_attention_maps = 0  # unused (captioning writes no attention maps)
+    c.train = common.train(
+        global_batch_size=64,  # (image, caption) pairs per step
+        num_steps=2200,  # ~14 epochs of 9,800 images
+        label_smoothing=0.1,  # of the teacher-forced targets
+        log_every_steps=100,
+        eval_every_steps=550,
+        checkpoint_every_steps=550,
+        eval_batch_size=200,  # images decoded per call
+        progress_bar=False,
+    )
+    c.eval = common.evaluation(num_attention_maps=0)  # captioning writes no attention maps
+    with c.eval.unlocked():
+        c.eval.beam_size = 4  # beam search width
+        c.eval.length_penalty = 0.6  # GNMT length penalty alpha (0 = raw log-probability)
+        c.eval.measure_cache_speedup = True  # also time greedy decoding without the KV cache
 
     c.lock()
     return c

@@ -11,9 +11,13 @@ with manifest=PATH, a user dataset instead of Sort-of-CLEVR (JSON Lines rows {"i
 import ml_collections
 from ml_collections import config_dict
 
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+
+
+common = config_lib.sibling(__file__, "common")
 
 
 def get_config(arg=None):
@@ -47,6 +51,7 @@ def get_config(arg=None):
     c.dataset.train_split = "train"  # training images
     c.dataset.val_split = "validation"  # model selection
     c.dataset.image_size = config_dict.placeholder(int)  # None = as stored (75 px; a manifest's builder image_size)
+    c.dataset.augment = False  # random crops (captions name positions)
     c.dataset.max_len = 48  # caption tokens incl. [BOS]/[EOS], longer ones truncated (longest scene caption: 44)
 
     c.model = ml_collections.ConfigDict()  # RetrievalModel spec (vtfusion_jax/models/retrieval.py)
@@ -97,39 +102,20 @@ def get_config(arg=None):
     c.loss.itc_weight = 1.0  # symmetric InfoNCE over the global batch
     c.loss.itm_weight = 1.0  # matching CE on B positives + 2B hard negatives
 
-    c.optim = ml_collections.ConfigDict()  # AdamW + schedule (vtfusion_jax/optim.py)
-    c.optim.lr = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 100  # linear warmup (updates)
-    c.optim.schedule = "cosine"  # cosine | linear | constant
-    c.optim.end_lr_factor = 0.01  # final lr = lr * end_lr_factor
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.weight_decay = 0.01  # decoupled weight decay (not on biases / norms)
-    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
-    c.optim.accum_steps = 1  # must stay 1 for these tasks (the loop has no accumulation)
-    c.optim.lr_multipliers = ml_collections.ConfigDict(  # per-tower learning-rate scale
-        dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)  # per-tower lr scale
+    c.optim = common.optim(lr=1e-3, warmup_steps=100)
+    c.train = common.train(
+        global_batch_size=64,  # (image, caption) pairs per step = in-batch negatives
+        num_steps=1300,  # ~8.5 epochs of 9,800 images
+        log_every_steps=100,
+        eval_every_steps=325,
+        checkpoint_every_steps=325,
+        eval_batch_size=200,  # evaluation chunk (images, texts or ITM pairs)
+        progress_bar=False,
     )
-
-    c.train = ml_collections.ConfigDict()  # loop (vtfusion_jax/tasks/loop.py)
-    c.train.global_batch_size = 64  # (image, caption) pairs per step = in-batch negatives
-    c.train.num_steps = 1300  # steps (~8.5 epochs of 9,800 images; ~18 min on 2 CPU cores, docs/results.md)
-    c.train.time_limit_seconds = 0  # > 0: stop (validate + save) after this much wall time (shared machines)
-    c.train.nan_policy = "stop"  # NaN/Inf loss or grad: "stop" (names the step; last good ckpt kept) | "skip" it
-    c.train.label_smoothing = 0.0  # unused by retrieval (kept for the shared loop)
-    c.train.log_every_steps = 100  # train metrics cadence
-    c.train.eval_every_steps = 325  # validation + checkpoint cadence (0 = only at the end)
-    c.train.checkpoint_every_steps = 325  # periodic checkpoints
-    c.train.keep_checkpoints = 2  # newest kept (+ best)
-    c.train.eval_batch_size = 200  # evaluation chunk (images, texts or ITM pairs)
-
-    c.eval = ml_collections.ConfigDict()  # eval.py defaults
-    c.eval.split = "test"  # default split of eval.py
-    c.eval.checkpoint = "best"  # best | latest | step
-    c.eval.rerank_k = 16  # ITC candidates re-ranked by ITM per query
-    c.eval.rerank_score = "itm+itc"  # candidate score: "itm" log-odds | "itm+itc" log-odds + cos / tau (BLIP)
-    c.eval.num_attention_maps = 0  # unused (retrieval writes no attention maps)
+    c.eval = common.evaluation(num_attention_maps=0)  # retrieval writes no attention maps
+    with c.eval.unlocked():
+        c.eval.rerank_k = 16  # ITC candidates re-ranked by ITM per query
+        c.eval.rerank_score = "itm+itc"  # candidate score: "itm" log-odds | "itm+itc" log-odds + cos / tau (BLIP)
 
     c.lock()
     return c

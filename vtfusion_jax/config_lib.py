@@ -29,6 +29,16 @@ def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
     return types.SimpleNamespace(**values)
 
 
+def sibling(config_file: str, name: str) -> types.ModuleType:
+    """The module ``name``.py beside ``config_file`` (configs load configs/common.py this way: config files are
+    loaded by path, not as a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"_vtfusion_configs_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str):
     """The config of ``spec`` = ``path/to/config.py[:arg]`` (its ``get_config(arg)``), loaded from the file path."""
     path, _, arg = spec.partition(":")

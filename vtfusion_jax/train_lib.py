@@ -1,12 +1,18 @@
-"""TrainState, the sharded train / eval steps and ``train_and_evaluate(config, workdir)``.
+"""The one training loop: ``train_and_evaluate(config, workdir)`` trains any task (tasks/) the same way.
 
 Flow (each box sharded over the ('data', 'fsdp', 'tensor') mesh of sharding.py):
 
-    eval_shape(init) ─► shardings ─► jit(init, out_shardings) ─► [restore newest checkpoint] ─►
-    loop: batch ─► jit(train_step, donate state) ─► log / validate / save (async) ─► ... ─► final save
+    Task(config) ─► eval_shape(init) ─► shardings ─► jit(init, out_shardings) ─► [restore newest checkpoint |
+    import init_from towers] ─► loop: task batch ─► jit(step, donate state) ─► log / validate / save (async) ─► ...
 
-Resume is exact: the state holds params, optimiser state, step and RNG, and the data iterator's batch at step s is
-a pure function of (seed, s), so k steps + restart + (N - k) steps equals N steps straight.
+Resume is exact: the state holds params, optimiser state, step and RNG, and the task's data iterator's batch at
+step s is a pure function of (seed, s), so k steps + restart + (N - k) steps equals N steps straight.
+
+Stops, each saving a checkpoint first: the last step; SIGTERM (preemption); ``train.steps_per_run`` steps in one
+process; ``train.time_limit_seconds`` of wall time; ``train.early_stopping_patience`` evaluations without a better
+``task.main_metric``. A NaN / Inf loss follows ``train.nan_policy``: "stop" raises NonFiniteLossError naming the
+step and the newest checkpoint (the last good one: a step's metrics are checked before it is saved); "skip" keeps
+params and optimiser state of that step (the data moves on) and counts it.
 """
 
 from __future__ import annotations
@@ -19,10 +25,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,11 +38,11 @@ from flax import struct
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
 from vtfusion_jax import optim, preflight, pretrained_init, sharding
-from vtfusion_jax.data import pipeline
-from vtfusion_jax.data.tokenizer import Tokenizer
-from vtfusion_jax.models.vtfusion import VisionTextModel
 
 log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
+STOP_REASONS = ("num_steps", "preempted", "train.steps_per_run", "train.time_limit_seconds", "early_stopping")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,84 +84,15 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(**explicit)
 
 
-def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """The tokenizer named by ``config.dataset`` (None path = the MiniLM WordPiece vocabulary)."""
-    return Tokenizer(config.dataset.tokenizer_path, max_len=config.dataset.max_len)
-
-
-def get_meta(config: ml_collections.ConfigDict) -> dict:
-    """Dataset metadata (builds the dataset on first use)."""
-    d = config.dataset
-    return pipeline.dataset_meta(d.name, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
-
-
-def model_spec(config: ml_collections.ConfigDict, vocab_size: int, sow_weights: bool = False) -> dict:
-    """``config.model`` as a plain dict, with the tokenizer's vocabulary size filled in and the architecture of
-    towers with ``init_from`` taken from their checkpoint (pretrained_init.resolve_model_spec)."""
-    spec = config.model.to_dict()
-    spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=int(vocab_size))
-    if sow_weights:
-        spec["fusion"] = dict(spec["fusion"], sow_weights=True)
-    return pretrained_init.resolve_model_spec(spec)
-
-
-def build_model(config, num_classes: int, vocab_size: int, sow_weights: bool = False) -> VisionTextModel:
-    """The VisionTextModel of ``config.model`` (``sow_weights`` records attention maps; params are unchanged)."""
-    return VisionTextModel(model_spec(config, vocab_size, sow_weights), int(num_classes))
-
-
-def image_size(config, meta: Mapping[str, Any]) -> int:
-    """Side of the images fed to the model."""
-    return int(config.dataset.image_size or meta["image_shape"][0])
-
-
-def init_batch(config, meta: Mapping[str, Any]) -> dict:
-    """A one-example batch of zeros with the model's input shapes (parameter shapes do not depend on B)."""
-    s, length = image_size(config, meta), config.dataset.max_len
-    return {
-        "image": jnp.zeros((1, s, s, 3), jnp.float32),
-        "text_ids": jnp.zeros((1, length), jnp.int32),
-        "text_mask": jnp.ones((1, length), bool),
-    }
-
-
-def _images_per_batch(config) -> int:
-    """``train.images_per_batch``; configs written before the field existed (old workdirs) mean 0 (ungrouped)."""
-    return int(config.train.images_per_batch) if "images_per_batch" in config.train else 0
-
-
-def num_train_steps(config, meta: Mapping[str, Any]) -> int:
-    """``train.num_steps`` if > 0, else ``num_epochs`` over the train split, rounded up to whole updates."""
-    t = config.train
-    accum = int(config.optim.accum_steps)
-    if t.num_steps > 0:
-        steps = int(t.num_steps)
-    elif _images_per_batch(config) > 0:  # image-grouped batches: epochs come from the packing plan
-        d = config.dataset
-        steps = pipeline.grouped_steps_for_epochs(
-            dataset=d.name,
-            split=d.train_split,
-            seed=config.seed,
-            global_batch_size=t.global_batch_size,
-            images_per_batch=t.images_per_batch,
-            num_epochs=t.num_epochs,
-            data_dir=d.data_dir,
-            builder_kwargs=d.builder_kwargs.to_dict(),
-        )
-    else:
-        n = meta["num_examples"][config.dataset.train_split.split("[")[0]]
-        steps = math.ceil(t.num_epochs * n / t.global_batch_size)
-    return int(math.ceil(steps / accum) * accum)
-
-
-def state_layout(config, model: nn.Module, tx: optax.GradientTransformation, meta, mesh) -> tuple[Any, Any]:
-    """Shapes and shardings of the train state, from ``eval_shape`` alone (nothing is initialised).
+def state_layout(model, init_batch: dict, tx: optax.GradientTransformation, mesh) -> tuple[Any, Any]:
+    """Shapes and shardings of the train state, from ``eval_shape`` alone (nothing is initialised or compiled).
 
     Returns:
       (abstract state: TrainState of ShapeDtypeStructs carrying their shardings, state shardings).
     """
-    batch = init_batch(config, meta)
-    boxed = jax.eval_shape(lambda k: model.init({"params": k}, batch, train=False)["params"], jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(
+        lambda k: model.init({"params": k}, init_batch, train=False)["params"], jax.random.PRNGKey(0)
+    )
     p_sh = sharding.param_shardings(boxed, mesh)
     params = sharding.unbox(boxed)
     opt = jax.eval_shape(tx.init, params)
@@ -167,21 +103,20 @@ def state_layout(config, model: nn.Module, tx: optax.GradientTransformation, met
     return abstract_state(state_sh, shapes), state_sh
 
 
-def create_train_state(config, model: nn.Module, tx: optax.GradientTransformation, meta, mesh) -> tuple[Any, Any]:
+def create_train_state(model, init_batch: dict, tx, mesh, seed: int) -> tuple[TrainState, Any]:
     """Sharded initialisation: eval_shape -> shardings -> jit(init, out_shardings).
 
     Returns:
       (state, state_shardings), the state already laid out on ``mesh``.
     """
-    batch = init_batch(config, meta)
-    _, state_sh = state_layout(config, model, tx, meta, mesh)
+    _, state_sh = state_layout(model, init_batch, tx, mesh)
     rep = sharding.replicated(mesh)
     # Three small programs rather than one: the parameter init (the slow compile: one RNG kernel per parameter)
     # then depends only on the model, so the persistent compilation cache reuses it across optimiser settings.
-    k = jax.random.PRNGKey(config.seed)
+    k = jax.random.PRNGKey(seed)
 
     def init_params():
-        return sharding.unbox(model.init({"params": jax.random.fold_in(k, 0)}, batch, train=False)["params"])
+        return sharding.unbox(model.init({"params": jax.random.fold_in(k, 0)}, init_batch, train=False)["params"])
 
     with jax.set_mesh(mesh):
         params = jax.jit(init_params, out_shardings=state_sh.params)()
@@ -197,126 +132,64 @@ def abstract_state(state_shardings: Any, state_or_shapes: Any) -> Any:
     )
 
 
-# ----------------------------------------------------------------------------------------------- steps
+def make_optimizer(config, task, total_steps: int):
+    """(tx, schedule) for ``total_steps`` micro-steps (``optim.accum_steps`` micro-steps per update)."""
+    accum = int(config.optim.accum_steps)
+    return optim.make_optimizer(config.optim, max(total_steps // accum, 1), optim.frozen_towers(config.model))
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, valid: jax.Array, label_smoothing: float = 0.0, focal_gamma: float = 0.0
-):
-    """Mean (label-smoothed) softmax cross-entropy over valid rows. logits [B, C], labels [B], valid [B].
+def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=None):
+    """A trained model: (task, params, checkpoint step) from ``workdir``'s checkpoint ("best" | "latest" | step).
 
-    ``focal_gamma`` > 0 gives the focal loss (Lin et al. 2017), sum_c y_c (1 - p_c)^gamma (-log p_c): examples the
-    model already gets right with confidence p weigh (1 - p)^gamma, so once the common cases are learnt the gradient
-    comes from the rare ones still wrong (easy-VQA's negated-colour "no" answers, 3.6 % of training questions).
-    gamma = 0 is plain cross-entropy.
+    The restore target comes from ``state_layout`` (shapes and shardings), so nothing is initialised or compiled,
+    and nothing reads the train split (the optimiser state's shapes do not depend on the schedule's length).
     """
-    onehot = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    logits = logits.astype(jnp.float32)
-    if focal_gamma:
-        logp = jax.nn.log_softmax(logits)
-        weight = (1.0 - jnp.exp(logp)) ** focal_gamma  # gradients flow through the weight too, as in Lin et al.
-        per = -jnp.sum(onehot * weight * logp, axis=-1)
-    else:
-        per = optax.softmax_cross_entropy(logits, onehot)  # [B]
-    w = valid.astype(jnp.float32)
-    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+    from vtfusion_jax import tasks
+
+    task = tasks.make_task(config, mesh, workdir)
+    tx, _ = make_optimizer(config, task, 1)
+    target, _ = state_layout(task.model, task.init_batch(), tx, task.mesh)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=task.main_metric, read_only=True)
+    try:
+        step = ckpt_lib.resolve_step(ckpt, checkpoint)
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return task, state.params, step
 
 
-def train_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    model,
-    tx,
-    label_smoothing: float = 0.0,
-    focal_gamma: float = 0.0,
-    skip_nonfinite=False,
-):
-    """One (micro-)step: forward, backward, optimiser update. Returns (new state, {loss, accuracy, grad_norm,
-    skipped}). ``skip_nonfinite`` (train.nan_policy="skip"): a NaN / Inf loss or gradient leaves params and
-    optimiser state unchanged (the step counter still advances, so the data moves on) and sets skipped = 1."""
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})["logits"]
-        loss = cross_entropy(logits, batch["label"], batch["valid"], label_smoothing, focal_gamma)
-        return loss, logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    valid = batch["valid"].astype(jnp.float32)
-    acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
-    skipped = jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32)
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "skipped": skipped}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+# ----------------------------------------------------------------------------------------------- the step
 
 
-def predict_step(params, batch: dict, *, model, top_k: int = 5) -> dict:
-    """Eval forward pass. Returns per-example {pred [B], loss [B], top_ids [B, k], top_probs [B, k]}."""
-    logits = model.apply({"params": params}, batch, train=False)["logits"].astype(jnp.float32)
-    k = min(top_k, logits.shape[-1])
-    top_probs, top_ids = jax.lax.top_k(jax.nn.softmax(logits), k)
-    # Label -1 (a validation / test label never seen in training): counted wrong, left out of the loss.
-    label = batch["label"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
-    loss = jnp.where(label >= 0, loss, jnp.nan)
-    return {"pred": jnp.argmax(logits, -1), "loss": loss, "top_ids": top_ids, "top_probs": top_probs}
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
+    """The (unjitted) training step of any task: ``step(state, batch) -> (state, metrics)``.
 
-
-def make_predict_fn(model, mesh, params_shardings):
-    """jit(predict_step) with replicated outputs (every process sees every prediction)."""
-    fn = jax.jit(
-        lambda p, b: predict_step(p, b, model=model),
-        in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
-    return fn
-
-
-def evaluate(predict_fn, params, batches: Iterable[dict], meta: Mapping[str, Any], mesh) -> tuple[dict, dict]:
-    """Runs ``predict_fn`` over eval batches.
+    Args:
+      loss_fn: ``(params, batch, rng) -> (loss, aux dict of scalars)`` (a task's ``loss``).
+      tx: the optimiser.
+      skip_nonfinite: train.nan_policy "skip": a NaN / Inf loss or gradient leaves params and optimiser state
+        unchanged (the step counter still advances, so the data moves on) and sets ``skipped`` = 1.
 
     Returns:
-      (summary {"accuracy", "loss", "num_examples", "per_type"}, per-example numpy arrays {"index", "label",
-      "question_type", "pred", "top_ids", "top_probs"} over the valid rows, in record order). per_type holds the
-      accuracy of each question type and, for datasets with question families (Sort-of-CLEVR), of each family.
+      The step; its metrics are the aux scalars plus loss, grad_norm and skipped.
     """
-    keep = ("index", "label", "question_type", "family", "valid")
-    rows: dict[str, list] = {k: [] for k in (*keep, "pred", "loss", "top_ids", "top_probs")}
-    with jax.set_mesh(mesh), sharding.activation_rules():
-        for batch in batches:
-            out = predict_fn(params, batch)
-            host = {k: np.asarray(_fully_replicated(batch[k], mesh)) for k in keep if k in batch}
-            for k, v in {**host, **jax.device_get(out)}.items():
-                rows[k].append(np.asarray(v))
-    cat = {k: np.concatenate(v) for k, v in rows.items() if v}
-    valid = cat.pop("valid").astype(bool)
-    cat = {k: v[valid] for k, v in cat.items()}
-    summary = {
-        "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
-        "loss": float(np.nanmean(cat["loss"])) if np.isfinite(cat["loss"]).any() else float("nan"),
-        "num_examples": int(valid.sum()),
-        "per_type": metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["question_type"], meta["type_names"]),
-    }
-    if "family" in cat and "family_names" in meta:
-        families = metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["family"], meta["family_names"])
-        summary["per_type"].update(families)
-    return summary, cat
 
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, rng), has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        skipped = jnp.zeros((), jnp.int32)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
+            skipped = jnp.logical_not(finite).astype(jnp.int32)
+        metrics = dict(aux, loss=loss, grad_norm=grad_norm, skipped=skipped)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-def _fully_replicated(x: jax.Array, mesh) -> jax.Array:
-    """A batch array gathered onto every device (so every process can read it)."""
-    if x.is_fully_addressable:
-        return x
-    return jax.jit(lambda a: a, out_shardings=sharding.replicated(mesh))(x)
+    return step
 
 
 # ----------------------------------------------------------------------------------------------- loop helpers
@@ -366,28 +239,18 @@ def write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-NAN_POLICIES = ("stop", "skip")
-
-
-def _nan_policy(config) -> str:
-    """``train.nan_policy``, validated. Configs without the field (written before it existed) mean "stop"."""
-    policy = config.train.nan_policy if "nan_policy" in config.train else "stop"
-    if policy not in NAN_POLICIES:
-        raise ValueError(f"train.nan_policy {policy!r} is not one of {sorted(NAN_POLICIES)}")
-    return policy
-
-
-def _window_scalar(key: str, window: list[dict]) -> float:
+def window_scalar(key: str, window: list[dict]) -> float:
     """Log value of a metric over the steps since the last log: skipped updates are summed; the others are
     averaged over the steps that were not skipped (NaN when all were)."""
     if key == "skipped":
         return float(np.sum([w[key] for w in window]))
-    kept = [w[key] for w in window if not w.get("skipped", 0)]
+    kept = [w[key] for w in window if not w["skipped"]]
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def _check_finite(step: int, m: Mapping[str, Any], ckpt: ckpt_lib.Checkpointer) -> None:
-    if int(m.get("skipped", 0)):
+def check_finite(step: int, m: Mapping[str, Any], ckpt: ckpt_lib.Checkpointer) -> None:
+    """Raises NonFiniteLossError for a non-finite step that was not skipped (naming the last good checkpoint)."""
+    if int(m["skipped"]):
         log.warning("non-finite loss %s at step %d: update skipped (train.nan_policy='skip')", float(m["loss"]), step)
         return
     if all(np.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
@@ -405,44 +268,44 @@ def _check_finite(step: int, m: Mapping[str, Any], ckpt: ckpt_lib.Checkpointer) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains ``config`` in ``workdir``, resuming from its newest complete checkpoint.
+    """Trains ``config``'s task in ``workdir``, resuming from its newest complete checkpoint.
 
-    Writes workdir/config.json, workdir/checkpoints/, TensorBoard events and workdir/metrics.jsonl.
+    Writes workdir/config.json, workdir/checkpoints/, TensorBoard events, workdir/metrics.jsonl and the task's
+    assets (the caption tasks' vocab.json).
 
     Args:
       config: a locked experiment config (configs/*.py).
       workdir: output folder.
 
     Returns:
-      {"step", "best_step", "best_val_accuracy", "val": last validation summary, "preempted", "early_stopped",
-      "stopped_for_run_limit", "wall_seconds"} (also written to workdir/train_summary.json).
+      {"step", "best_step", "best_val" (the task's main metric), "val": last validation metrics, "stop_reason"
+      (STOP_REASONS), "preempted", "early_stopped", "stopped_for_run_limit", "skipped_steps", "wall_seconds"}
+      (also written to workdir/train_summary.json).
 
     Raises:
       NonFiniteLossError: a NaN / Inf loss or gradient; the newest checkpoint stays the last good one.
+      preflight.WorkdirError: an unwritable workdir, too little disk, or another model's checkpoints in it.
     """
-    if "task" in config and config.task != "vqa":  # retrieval / captioning have their own loop (vtfusion_jax/tasks)
-        from vtfusion_jax import tasks
+    from vtfusion_jax import tasks
 
-        return tasks.train_and_evaluate(config, workdir)
     started = time.time()
-    nan_policy = _nan_policy(config)
+    t = config.train
+    if t.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"train.nan_policy {t.nan_policy!r} is not one of {sorted(NAN_POLICIES)}")
     maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         preflight.check_writable(workdir)  # before any slow work
-    t, d = config.train, config.dataset
-    mesh = sharding.make_mesh(config.mesh_shape)
-    meta = get_meta(config)
-    tokenizer = make_tokenizer(config)
-    model = build_model(config, meta["num_classes"], tokenizer.vocab_size)
-    total = num_train_steps(config, meta)
+    task = tasks.make_task(config, workdir=workdir)
+    mesh, model, init_batch = task.mesh, task.model, task.init_batch()
+    total = task.num_train_steps()
     accum = int(config.optim.accum_steps)
-    tx, sched = optim.make_optimizer(config.optim, total // accum, optim.frozen_towers(config.model))
+    tx, sched = make_optimizer(config, task, total)
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, best_metric="accuracy", best_mode="max"
+        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, best_metric=task.main_metric, best_mode="max"
     )
-    abstract, _ = state_layout(config, model, tx, meta, mesh)  # shapes only: the checks cost no compilation
+    abstract, _ = state_layout(model, init_batch, tx, mesh)  # shapes only: the checks cost no compilation
     try:
         if ckpt.latest_step() is not None:  # refuse another model's checkpoint before restoring it
             step = ckpt.latest_step()
@@ -454,77 +317,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except preflight.WorkdirError:
         ckpt.close()
         raise
-    state, state_sh = create_train_state(config, model, tx, meta, mesh)
+    state, state_sh = create_train_state(model, init_batch, tx, mesh, config.seed)
     data_state, best = None, (-math.inf, None)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state(state_sh, state))
         best_step = ckpt.best_step()
         best_metrics = ckpt.metrics(best_step) if best_step is not None else None
         if best_metrics:
-            best = (float(best_metrics["accuracy"]), best_step)
+            best = (float(best_metrics[task.main_metric]), best_step)
         log.info("Resumed from step %d in %s", int(state.step), ckpt.directory)
     else:  # a fresh run: towers with model.<tower>.init_from start from their pretrained checkpoint
-        size = image_size(config, meta)
-        state = pretrained_init.import_into_state(state, state_sh, model.model_config, size, config.seed)
+        spec = getattr(model, "model_config", None) or config.model.to_dict()
+        state = pretrained_init.import_into_state(state, state_sh, spec, task.image_size, config.seed)
     start = int(state.step)
     write_config(config, workdir)
+    task.save_assets(workdir)
     writer = metrics_lib.create_writer(workdir, is_main=is_main)
     if start == 0:
         writer.write_hparams({k: str(v) for k, v in config.items()})
-
-    common = dict(
-        dataset=d.name,
-        global_batch_size=t.global_batch_size,
-        mesh=mesh,
-        tokenizer=tokenizer,
-        image_size=d.image_size,
-        data_dir=d.data_dir,
-        builder_kwargs=d.builder_kwargs.to_dict(),
-        **pretrained_init.image_normalization(model.model_config),  # a pretrained image tower's mean / std
-    )
-    train_iter = pipeline.make_train_iterator(
-        split=d.train_split,
-        seed=config.seed,
-        augment=d.augment,
-        start_step=start,
-        prefetch=t.prefetch,
-        worker_count=t.data_workers,
-        images_per_batch=_images_per_batch(config),
-        **common,
-    )
+    train_iter = task.train_iter(start)
     if data_state:
         train_iter.set_state(data_state)
-    eval_batches = pipeline.make_eval_iterator(split=d.val_split, **dict(common, global_batch_size=t.eval_batch_size))
-
     step_fn = jax.jit(
-        lambda s, b: train_step(
-            s,
-            b,
-            model=model,
-            tx=tx,
-            label_smoothing=t.label_smoothing,
-            focal_gamma=t.focal_gamma,
-            skip_nonfinite=nan_policy == "skip",
-        ),
+        make_train_step(task.loss, tx, skip_nonfinite=t.nan_policy == "skip"),
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    predict_fn = make_predict_fn(model, mesh, state_sh.params)
 
     def validate(step: int) -> dict:
-        summary, _ = evaluate(predict_fn, state.params, eval_batches, meta, mesh)
-        scalars = {"val/accuracy": summary["accuracy"], "val/loss": summary["loss"]}
-        scalars.update({f"val/accuracy_{k}": v for k, v in summary["per_type"].items()})
-        writer.write_scalars(step, scalars)
-        log.info("step %d: validation accuracy %.4f (%d examples)", step, summary["accuracy"], summary["num_examples"])
-        return summary
+        val = task.evaluate(state.params, config.dataset.val_split)
+        scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
+        scalars.update({f"accuracy_{k}": v for k, v in val.get("per_type", {}).items()})
+        writer.write_scalars(step, {f"val/{k}": v for k, v in scalars.items()})
+        log.info("step %d: validation %s %.4f", step, task.main_metric, val[task.main_metric])
+        return val
 
     def save(step: int, val: dict | None) -> None:
-        metrics = {"accuracy": val["accuracy"], "loss": val["loss"]} if val else None
+        metrics = {k: v for k, v in val.items() if isinstance(v, (int, float))} if val else None
         ckpt.save(step, state, train_iter.get_state(), metrics)
 
-    result = {"preempted": False, "early_stopped": False, "stopped_for_run_limit": False, "val": None}
+    val, reason = None, "num_steps"
     pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
     window: list[dict] = []
     bad_evals = skipped_steps = 0
@@ -538,27 +371,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ):
             step = start
             while step < total:
-                batch = next(train_iter)
-                state, m = step_fn(state, batch)
+                state, m = step_fn(state, next(train_iter))
                 step += 1
                 if pending is not None:  # the previous step's metrics: one step of lag keeps dispatch async
                     window.append(jax.device_get(pending[1]))
-                    _check_finite(pending[0], window[-1], ckpt)
+                    check_finite(pending[0], window[-1], ckpt)
                 pending = (step, m)
-                is_last = step == total
+                if 0 < t.time_limit_seconds < time.time() - started and step < total:
+                    reason = "train.time_limit_seconds"
+                elif t.steps_per_run > 0 and step - start >= t.steps_per_run and step < total:
+                    reason = "train.steps_per_run"
+                elif preempt.reached(step):
+                    reason = "preempted"
+                is_last = step == total or reason != "num_steps"
+                # validate at the cadence, at the end and at the time limit; a preempted or steps_per_run stop
+                # only saves (the grace period after SIGTERM is short)
+                finishing = step == total or reason == "train.time_limit_seconds"
                 do_eval = t.eval_every_steps >= 0 and (
-                    is_last or (t.eval_every_steps > 0 and step % t.eval_every_steps == 0)
+                    finishing or (t.eval_every_steps > 0 and step % t.eval_every_steps == 0)
                 )
                 do_save = do_eval or is_last or step % t.checkpoint_every_steps == 0
-                stop = preempt.reached(step)
-                if do_eval or do_save or stop or step % t.log_every_steps == 0:
+                if do_eval or do_save or step % t.log_every_steps == 0:  # checked before the step is saved
                     window.append(jax.device_get(pending[1]))
-                    _check_finite(step, window[-1], ckpt)
+                    check_finite(step, window[-1], ckpt)
                     pending = None
                 if step % t.log_every_steps == 0 or is_last:
                     now = time.time()
                     sps = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                    scalars = {f"train/{k}": _window_scalar(k, window) for k in window[0]}
+                    scalars = {f"train/{k}": window_scalar(k, window) for k in window[0]}
                     skipped_steps += int(scalars["train/skipped"])
                     scalars.update(
                         {
@@ -569,60 +409,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                     writer.write_scalars(step, scalars)
                     if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{scalars['train/loss']:.4f}",
-                            steps_s=f"{sps:.2f}",
-                            ex_s=f"{sps * t.global_batch_size:.0f}",
-                            refresh=False,
-                        )
+                        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", steps_s=f"{sps:.2f}", refresh=False)
                     window, last_log_time, last_log_step = [], now, step
-                val = None
-                if do_eval:
-                    val = result["val"] = validate(step)
-                    if val["accuracy"] > best[0]:
-                        best, bad_evals = (val["accuracy"], step), 0
+                new_val = validate(step) if do_eval else None
+                if new_val is not None:
+                    val = new_val
+                    if val[task.main_metric] > best[0]:
+                        best, bad_evals = (val[task.main_metric], step), 0
                     else:
                         bad_evals += 1
-                if do_save or stop:
-                    save(step, val)
+                    if 0 < t.early_stopping_patience <= bad_evals and not is_last:
+                        reason, is_last = "early_stopping", True
+                if do_save or is_last:
+                    save(step, new_val)
                 if bar is not None:
                     bar.update(1)
-                if stop:
-                    log.warning("Preempted (SIGTERM): saved a checkpoint at step %d; exiting.", step)
-                    result["preempted"] = True
-                    break
-                if t.steps_per_run > 0 and step - start >= t.steps_per_run and step < total:
-                    log.warning(
-                        "Stopping after %d steps in this run (train.steps_per_run); saved step %d.",
-                        t.steps_per_run,
-                        step,
-                    )
-                    result["stopped_for_run_limit"] = True
-                    save(step, val)
-                    break
-                if t.early_stopping_patience > 0 and bad_evals >= t.early_stopping_patience:
-                    log.warning(
-                        "Early stopping at step %d: no better validation accuracy for %d evaluations "
-                        "(best %.4f at step %s).",
-                        step,
-                        bad_evals,
-                        best[0],
-                        best[1],
-                    )
-                    result["early_stopped"] = True
-                    save(step, val)
+                if is_last:
                     break
     finally:
         train_iter.close()
         writer.close()
         ckpt.close()
-    result.update(
-        skipped_steps=skipped_steps,
-        step=int(step),
-        best_step=best[1],
-        best_val_accuracy=best[0],
-        wall_seconds=time.time() - started,
-    )
+    if reason != "num_steps":
+        log.warning("Stopped at step %d (%s); saved a checkpoint: rerun the same command to resume.", step, reason)
+    result = {
+        "step": int(step),
+        "best_step": best[1],
+        "best_val": best[0],
+        "val": val,
+        "stop_reason": reason,
+        "preempted": reason == "preempted",
+        "early_stopped": reason == "early_stopping",
+        "stopped_for_run_limit": reason in ("train.steps_per_run", "train.time_limit_seconds"),
+        "skipped_steps": skipped_steps,
+        "wall_seconds": time.time() - started,
+    }
     if is_main:
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(result, f, indent=2, default=float)

@@ -17,6 +17,7 @@ Images travel to the devices as uint8 and are normalised there ((x / 255 - mean)
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtfusion_jax.data.captions import CaptionIndex, CaptionReader
 from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F401  (public API)
 from vtfusion_jax.data.reader import BatchReader, grouped_steps_for_epochs, train_indices  # noqa: F401  (public API)
 from vtfusion_jax.data.tokenizer import Tokenizer
@@ -79,16 +81,20 @@ def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice
     return slice(start, stop)
 
 
+def normalize_images(images: jax.Array, image_mean: Sequence[float], image_std: Sequence[float]) -> jax.Array:
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std: the one image normalisation (run on device)."""
+    std = np.asarray(image_std, np.float32)
+    return images.astype(jnp.float32) * (1.0 / (255.0 * std)) - np.asarray(image_mean, np.float32) / std
+
+
 class _ToGlobal:
     """Host batch (this process's rows, uint8 images) -> global sharded arrays, images normalised on device."""
 
     def __init__(self, sharding, global_batch_size: int, image_mean, image_std, images_per_batch: int = 0):
-        std = np.asarray(image_std, np.float32)
-        scale, bias = 1.0 / (255.0 * std), -np.asarray(image_mean, np.float32) / std  # [3]
         self._sharding, self._size = sharding, global_batch_size
         # Image-grouped batches (data/grouped.py) carry K images for B questions.
         self._sizes = {"image": images_per_batch} if images_per_batch > 0 else {}
-        self._normalize = jax.jit(lambda x: x.astype(jnp.float32) * scale + bias, out_shardings=sharding)
+        self._normalize = jax.jit(lambda x: normalize_images(x, image_mean, image_std), out_shardings=sharding)
 
     def __call__(self, batch: dict) -> dict:
         out = {
@@ -257,7 +263,9 @@ class EvalIterable:
             prefetcher.close()
 
 
-def _reader_for(mesh, batch_axes, global_batch_size, image_mean, image_std, images_per_batch=0, **kwargs):
+def _reader_for(
+    mesh, batch_axes, global_batch_size, image_mean, image_std, images_per_batch=0, captions=False, **kwargs
+):
     sharding = batch_sharding(mesh, batch_axes)
     shards = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
     for what, size in (("global_batch_size", global_batch_size), ("images_per_batch", images_per_batch)):
@@ -267,7 +275,10 @@ def _reader_for(mesh, batch_axes, global_batch_size, image_mean, image_std, imag
             )
     rows = local_rows(sharding, global_batch_size)
     image_rows = local_rows(sharding, images_per_batch) if images_per_batch > 0 else None
-    reader = BatchReader(
+    make = BatchReader
+    if captions:  # True or the split's CaptionIndex
+        make = functools.partial(CaptionReader, index=captions if isinstance(captions, CaptionIndex) else None)
+    reader = make(
         global_batch_size=global_batch_size,
         rows=rows,
         normalize=False,
@@ -298,6 +309,7 @@ def make_train_iterator(
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
     num_threads: int = 2,
     images_per_batch: int = 0,
+    captions: CaptionIndex | bool = False,
 ) -> TrainIterator:
     """Infinite, deterministic, resumable training batches as global jax.Arrays (see the module docstring).
 
@@ -321,6 +333,8 @@ def make_train_iterator(
       num_threads: grain threads each building whole batches in parallel.
       images_per_batch: K > 0: image-grouped batches (data/grouped.py): "image" is [K,H,W,3], "image_index" i32
         [B] points each question at its image, "valid" is False on padding rows; divisible like B.
+      captions: (image, caption) pair batches of data/captions.py instead of questions: True, or the split's
+        CaptionIndex if already built; ``tokenizer`` is then a captions.WordVocab.
 
     Returns:
       A TrainIterator yielding {"image": f32 [B,H,W,3], "text_ids": i32 [B,L], "text_mask": bool [B,L],
@@ -341,6 +355,7 @@ def make_train_iterator(
         image_mean=image_mean,
         image_std=image_std,
         images_per_batch=images_per_batch,
+        captions=captions,
     )
     return TrainIterator(
         reader, to_global, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads
@@ -361,6 +376,7 @@ def make_eval_iterator(
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
     prefetch: int = 2,
+    captions: CaptionIndex | bool = False,
 ) -> EvalIterable:
     """Eval batches: each example exactly once, in record order; the last batch is padded.
 
@@ -368,6 +384,8 @@ def make_eval_iterator(
       dataset, split, global_batch_size, mesh, tokenizer, image_size, data_dir, builder_kwargs, batch_axes,
       image_mean, image_std: as in `make_train_iterator` (no augmentation, no shuffling).
       prefetch: batches kept ready by the background thread.
+      captions: as in `make_train_iterator`: eval batches then hold each image of the split once
+        ({"image", "index", "valid"}; the captions are in the CaptionIndex).
 
     Returns:
       A re-iterable of len ceil(N / B) batches like the training ones, with "valid" bool [B] False on padding and
@@ -385,5 +403,6 @@ def make_eval_iterator(
         builder_kwargs=builder_kwargs,
         image_mean=image_mean,
         image_std=image_std,
+        captions=captions,
     )
     return EvalIterable(reader, to_global, prefetch=prefetch)

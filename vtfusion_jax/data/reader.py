@@ -257,6 +257,34 @@ class BatchReader:
         return batch
 
 
+class ImageReader:
+    """uint8 images [b, H, W, 3] of records of a data source: decoded, resized to ``image_size`` (PIL bilinear; None
+    keeps the stored size) and, with ``augment``, randomly cropped like BatchReader (offsets drawn for the whole
+    global batch from (seed, step), then this process's rows taken). Picklable."""
+
+    def __init__(self, source, image_size: int | None, augment: bool, seed: int):
+        self.source, self.image_size, self.augment, self.seed = source, image_size, augment, int(seed)
+        self._decode = RecordDecoder(source.dataset_info.features, ["image"])
+        self.out_size = int(image_size or source[0]["image"].shape[0])
+
+    def __call__(self, records, step: int | None = None, rows: slice = slice(None), total: int = 0) -> np.ndarray:
+        images = np.stack([self._resize(self._decode(r)["image"]) for r in self.source.data_source.__getitems__(
+            [int(i) for i in records])])  # fmt: skip
+        if self.augment and step is not None:
+            pad = _crop_pad(self.out_size)
+            rng = np.random.default_rng([_SEED_SALT, self.seed, step])
+            offsets = rng.integers(0, 2 * pad + 1, size=(total, 2))[rows]
+            padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+            for i, (dy, dx) in enumerate(offsets):
+                images[i] = padded[i, dy : dy + self.out_size, dx : dx + self.out_size]
+        return images
+
+    def _resize(self, img: np.ndarray) -> np.ndarray:
+        if self.image_size is None or img.shape[:2] == (self.image_size, self.image_size):
+            return img
+        return np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR))
+
+
 def read_image_ids(source) -> np.ndarray:
     """int64 [N]: the ``image_id`` of every record of a TFDS data source, in record order."""
     decode = RecordDecoder(source.dataset_info.features, ["image_id"])

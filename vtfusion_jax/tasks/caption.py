@@ -9,96 +9,102 @@ required) and the speed ratio is reported.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from vtfusion_jax import decoding, metrics_caption
+from vtfusion_jax import decoding, losses, metrics_caption
 from vtfusion_jax.models.caption import CaptionModel
-from vtfusion_jax.tasks import data as data_lib
-from vtfusion_jax.tasks.common import TaskBase
+from vtfusion_jax.tasks.retrieval import CaptionDataTask
+
+PROTOCOL = (
+    "captions tokenised lowercase without punctuation; BLEU-4 corpus-level (closest reference length), "
+    "CIDEr-D (coco-caption, sigma 6, idf from this split's references), exact match = equal to a reference"
+)
 
 
-class CaptionTask(TaskBase):
+class CaptionTask(CaptionDataTask):
     main_metric = "greedy_cider_d"
 
-    def build_model(self):
+    def build_model(self, sow_weights: bool = False):
         if self.config.model.head.max_len < self.config.dataset.max_len:
             raise ValueError("model.head.max_len must be >= dataset.max_len")
         return CaptionModel(self.config.model.to_dict(), self.vocab.size)
 
-    def init_batch_extra(self):
-        return {"caption_in": jnp.zeros((1, self.config.dataset.max_len - 1), jnp.int32)}
-
-    def host_batch(self, step: int) -> dict:
-        d = self.train_data
-        rows = data_lib.train_rows(self.config.seed, step, self.config.train.global_batch_size, len(d["text_image"]))
-        ids = d["text_ids"][rows]  # [B, L]: [BOS] words [EOS] [PAD]...
+    def init_batch(self):
+        s = self.stored_image_size()
         return {
-            "image": data_lib.normalise_images(d["image"][d["text_image"][rows]], *self.norm),
-            "caption_in": ids[:, :-1],
-            "caption_out": ids[:, 1:],
+            "image": jnp.zeros((1, s, s, 3), jnp.float32),
+            "caption_in": jnp.zeros((1, self.config.dataset.max_len - 1), jnp.int32),
         }
 
     def loss(self, params, batch, rng):
-        out = self.model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})["logits"]  # [B, T, V]
-        target = batch["caption_out"]
-        valid = (target != self.vocab.pad_id).astype(jnp.float32)
-        onehot = optax.smooth_labels(jax.nn.one_hot(target, out.shape[-1]), self.config.train.label_smoothing)
-        per = optax.softmax_cross_entropy(out, onehot)
-        loss = jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-        acc = jnp.sum((jnp.argmax(out, -1) == target) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+        ids = batch["text_ids"]  # [B, L]: [BOS] words [EOS] [PAD]...; input [BOS] w1 .. wn, target w1 .. wn [EOS]
+        inputs = {"image": batch["image"], "caption_in": ids[:, :-1]}
+        logits = self.model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})["logits"]
+        loss, acc = losses.sequence_loss(logits, ids[:, 1:], self.vocab.pad_id, self.config.train.label_smoothing)
         return loss, {"token_accuracy": acc}
 
-    def decode(self, params, images: np.ndarray, method: str, use_cache: bool = True) -> tuple[list[str], np.ndarray]:
-        """Captions of uint8 images [N, H, W, 3] -> (strings, scores [N])."""
-        e = self.config.eval
-        cache = self.__dict__.setdefault("_decoders", {})  # one compiled decoder per (method, cache)
-        fn = cache.get((method, use_cache)) or jax.jit(
-            lambda p, x: decoding.decode_captions(
-                self.model, p, x, method=method, max_len=self.config.dataset.max_len - 1, bos_id=self.vocab.bos_id,
-                eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id, beam_size=int(e.beam_size),
-                length_penalty=float(e.length_penalty), use_cache=use_cache,
-            )
-        )  # fmt: skip
-        cache[(method, use_cache)] = fn
-        norm = lambda x: data_lib.normalise_images(x, *self.norm)  # noqa: E731
-        with jax.set_mesh(self.mesh):
-            toks, scores = self.map_batches(
-                lambda x: (lambda o: (o["tokens"], o["score"]))(fn(params, self.put(norm(x)))),
-                images,
-                int(self.config.train.eval_batch_size),
-            )
-        return [self.vocab.decode(t) for t in toks], scores
+    def _decoder(self, method: str, use_cache: bool = True):
+        """(params, normalised images [B, H, W, 3]) -> (tokens [B, T], scores [B]); one compile per (method, cache)."""
+        key = ("decode", method, use_cache)
+        if key not in self._eval_cache:
+            e = self.config.eval
 
-    def evaluate(self, params, split_data: dict, methods=("greedy",), timing: bool = False) -> dict:
-        """Caption metrics of each decoding method on a split {"image", "captions"}."""
-        out: dict = {}
-        refs = split_data["captions"]
-        self.last_captions = {}
-        for method in methods:
+            def fn(p, x):
+                out = decoding.decode_captions(
+                    self.model, p, x, method=method, max_len=self.config.dataset.max_len - 1,
+                    bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id,
+                    beam_size=int(e.beam_size), length_penalty=float(e.length_penalty), use_cache=use_cache,
+                )  # fmt: skip
+                return out["tokens"], out["score"]
+
+            self._eval_cache[key] = fn
+        return self._eval_cache[key]
+
+    def captions(self, params, split: str, method: str, use_cache: bool = True) -> list[str]:
+        """Decoded captions of every image of ``split``, in index order."""
+        toks, _ = self.map_images(self._decoder(method, use_cache), params, split)
+        return [self.vocab.decode(t) for t in toks]
+
+    def caption_image(self, params, image_uint8: np.ndarray, method: str = "beam") -> dict:
+        """{"caption", "score"} of one image uint8 [H, W, 3]."""
+        with jax.set_mesh(self.mesh):
+            toks, scores = jax.device_get(jax.jit(self._decoder(method))(params, self.normalize(image_uint8[None])))
+        return {"caption": self.vocab.decode(toks[0]), "score": float(scores[0])}
+
+    def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
+        """Caption metrics on ``split``: greedy while training; with ``out_dir`` (eval.py) beam search too, the
+        captions (captions.jsonl) and, with ``eval.measure_cache_speedup``, the KV cache's speed-up."""
+        refs = self.split_index(split).captions
+        out: dict = {"num_images": len(refs)}
+        decoded = {}
+        for method in ("greedy", "beam") if out_dir else ("greedy",):
             t0 = time.time()
-            caps, _ = self.decode(params, split_data["image"], method)
-            secs = time.time() - t0
-            self.last_captions[method] = caps
-            for k, v in metrics_caption.caption_scores(caps, refs).items():
-                out[f"{method}_{k}"] = v
-            out[f"{method}_seconds"] = secs
-        if timing:  # compile once for each, then time a second pass of each
-            imgs = split_data["image"]
-            cached, _ = self.decode(params, imgs, "greedy", use_cache=True)
-            t0 = time.time()
-            cached, _ = self.decode(params, imgs, "greedy", use_cache=True)
-            t_cache = time.time() - t0
-            uncached, _ = self.decode(params, imgs, "greedy", use_cache=False)
-            t0 = time.time()
-            uncached, _ = self.decode(params, imgs, "greedy", use_cache=False)
-            t_full = time.time() - t0
-            out["kv_cache_same_captions"] = float(np.mean([a == b for a, b in zip(cached, uncached, strict=True)]))
-            out["kv_cache_seconds"], out["no_cache_seconds"] = t_cache, t_full
-            out["kv_cache_speedup"] = t_full / max(t_cache, 1e-9)
-        out["num_images"] = len(refs)
+            decoded[method] = self.captions(params, split, method)
+            out[f"{method}_seconds"] = time.time() - t0
+            out.update({f"{method}_{k}": v for k, v in metrics_caption.caption_scores(decoded[method], refs).items()})
+        if out_dir is None:
+            return out
+        if self.config.eval.measure_cache_speedup:  # compiled above / once here; a second pass of each is timed
+            self.captions(params, split, "greedy", use_cache=False)
+            seconds = {}
+            for cache in (True, False):
+                t0 = time.time()
+                decoded[cache] = self.captions(params, split, "greedy", use_cache=cache)
+                seconds[cache] = time.time() - t0
+            out["kv_cache_same_captions"] = float(np.mean([a == b for a, b in zip(decoded[True], decoded[False])]))
+            out["kv_cache_seconds"], out["no_cache_seconds"] = seconds[True], seconds[False]
+            out["kv_cache_speedup"] = seconds[False] / max(seconds[True], 1e-9)
+        out.update(beam_size=int(self.config.eval.beam_size), length_penalty=float(self.config.eval.length_penalty))
+        out["protocol"] = PROTOCOL
+        if jax.process_index() == 0:
+            with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+                for i, r in enumerate(refs):
+                    f.write(json.dumps({"index": i, "references": r, "greedy": decoded["greedy"][i],
+                                        "beam": decoded["beam"][i]}) + "\n")  # fmt: skip
         return out

@@ -16,17 +16,21 @@ Evaluation on a split with I images and T captions (T >= I; several captions per
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vtfusion_jax import metrics_caption
+from vtfusion_jax import metrics_caption, sharding
+from vtfusion_jax.data import pipeline
+from vtfusion_jax.data.captions import CaptionIndex, WordVocab
 from vtfusion_jax.models.retrieval import RetrievalModel, itc_loss, sample_hard_negatives
-from vtfusion_jax.tasks import data as data_lib
-from vtfusion_jax.tasks.common import TaskBase
+from vtfusion_jax.tasks.base import Task
 
 RERANK_SCORES = ("itm", "itm+itc")
+DATASETS = ("sort_of_clevr", "manifest")
 
 
 def rerank(itc: np.ndarray, rows: np.ndarray, cols: np.ndarray, itm: np.ndarray, itc_scale: float) -> np.ndarray:
@@ -37,28 +41,101 @@ def rerank(itc: np.ndarray, rows: np.ndarray, cols: np.ndarray, itm: np.ndarray,
     return out
 
 
-class RetrievalTask(TaskBase):
+class CaptionDataTask(Task):
+    """What the retrieval and captioning tasks share: (image, caption) data through data/captions.py and a word
+    vocabulary built from the training captions (saved as workdir/vocab.json; loaded from there afterwards, so
+    evaluation never reads the train split)."""
+
+    def __init__(self, config, mesh=None, workdir=None):
+        super().__init__(config, mesh, workdir)
+        if config.dataset.name not in DATASETS:
+            raise ValueError(
+                f"the {type(self).__name__} supports datasets {list(DATASETS)}, got {config.dataset.name!r}"
+            )
+        self._index: dict[str, CaptionIndex] = {}
+        path = os.path.join(workdir, "vocab.json") if workdir else None
+        max_len = config.dataset.max_len
+        if path and os.path.exists(path):
+            self.vocab = WordVocab.load(path, max_len)
+        else:
+            self.vocab = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
+        self.model = self.build_model()
+
+    def split_index(self, split: str) -> CaptionIndex:
+        """The split's images and captions (read once per task)."""
+        if split not in self._index:
+            d = self.config.dataset
+            src = pipeline.get_data_source(
+                d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict()
+            )
+            self._index[split] = CaptionIndex(src, f"{d.name}/{split}")
+        return self._index[split]
+
+    def save_assets(self, workdir: str) -> None:
+        if jax.process_index() == 0:
+            self.vocab.save(os.path.join(workdir, "vocab.json"))
+
+    def stored_image_size(self) -> int:
+        d = self.config.dataset
+        if d.image_size:
+            return int(d.image_size)
+        if d.name == "manifest":
+            return int(d.builder_kwargs.image_size)
+        from vtfusion_jax.data import sort_of_clevr
+
+        return sort_of_clevr.IMAGE_SIZE
+
+    def train_iter(self, start_step: int):
+        t = self.config.train
+        return pipeline.make_train_iterator(
+            split=self.config.dataset.train_split,
+            global_batch_size=t.global_batch_size,
+            seed=self.config.seed,
+            augment=self.config.dataset.augment,
+            start_step=start_step,
+            prefetch=t.prefetch,
+            worker_count=t.data_workers,
+            images_per_batch=t.images_per_batch,
+            captions=self.split_index(self.config.dataset.train_split),
+            **self.data_kwargs(self.vocab),
+        )
+
+    def image_batches(self, split: str):
+        """Eval batches holding each image of ``split`` once ({"image", "index", "valid"}, global arrays)."""
+        return pipeline.make_eval_iterator(
+            split=split,
+            global_batch_size=self.config.train.eval_batch_size,
+            captions=self.split_index(split),
+            **self.data_kwargs(self.vocab),
+        )
+
+    def map_images(self, fn, params, split: str) -> tuple[np.ndarray, ...]:
+        """``fn(params, image batch) -> tuple of [B, ...]`` over every image of the split (each once); host outputs
+        of the real rows, in index order. ``fn`` is jitted once per task (keep passing the same function)."""
+        if fn not in self._eval_cache:
+            self._eval_cache[fn] = jax.jit(lambda p, x, v: (fn(p, x), v), out_shardings=sharding.replicated(self.mesh))
+        outs = []
+        with jax.set_mesh(self.mesh):
+            for b in self.image_batches(split):
+                out, keep = jax.device_get(self._eval_cache[fn](params, b["image"], b["valid"]))
+                outs.append([np.asarray(o)[np.asarray(keep)] for o in out])
+        return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(outs[0])))
+
+
+class RetrievalTask(CaptionDataTask):
     main_metric = "rerank_mean_R@1"
 
-    def build_model(self):
+    def build_model(self, sow_weights: bool = False):
         spec = self.config.model.to_dict()
         spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=self.vocab.size)
         return RetrievalModel(spec)
 
-    def init_batch_extra(self):
-        length = self.config.dataset.max_len
-        return {"text_ids": jnp.zeros((1, length), jnp.int32), "text_mask": jnp.ones((1, length), bool)}
-
-    def host_batch(self, step: int) -> dict:
-        d = self.train_data
-        rows = data_lib.train_rows(self.config.seed, step, self.config.train.global_batch_size, len(d["text_image"]))
-        img = d["text_image"][rows]
-        ids = d["text_ids"][rows]
+    def init_batch(self):
+        length, s = self.config.dataset.max_len, self.stored_image_size()
         return {
-            "image": data_lib.normalise_images(d["image"][img], *self.norm),
-            "text_ids": ids,
-            "text_mask": ids != self.vocab.pad_id,
-            "image_id": img.astype(np.int32),
+            "image": jnp.zeros((1, s, s, 3), jnp.float32),
+            "text_ids": jnp.zeros((1, length), jnp.int32),
+            "text_mask": jnp.ones((1, length), bool),
         }
 
     def loss(self, params, batch, rng):
@@ -86,85 +163,90 @@ class RetrievalTask(TaskBase):
         return loss, {"itc_loss": itc, "itm_loss": itm, "itm_accuracy": itm_acc, "temperature": tau}
 
     # ------------------------------------------------------------------------------------------- evaluation
+    def _fns(self) -> dict:
+        if "fns" in self._eval_cache:
+            return self._eval_cache["fns"]
+        m, pad = self.model, self.vocab.pad_id
 
-    def _jitted(self) -> dict:
-        """The evaluation functions, jitted once per task (every validation reuses the compiled programs)."""
-        if "_eval_fns" not in self.__dict__:
-            m, pad = self.model, self.vocab.pad_id
+        def enc_img(p, x):
+            tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
+            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_image)
 
-            def enc_img(p, x):
-                tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
-                return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_image)
+        def enc_txt(p, t):
+            tok, mask = m.apply({"params": p}, t, t != pad, method=RetrievalModel.encode_text)
+            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_text)
 
-            def enc_txt(p, t):
-                tok, mask = m.apply({"params": p}, t, t != pad, method=RetrievalModel.encode_text)
-                return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_text)
+        def itm(p, a, am, b, bm):
+            return m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
 
-            def itm(p, a, am, b, bm):
-                return m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
+        self._eval_cache["fns"] = {"image": enc_img, "text": jax.jit(enc_txt), "itm": jax.jit(itm)}
+        return self._eval_cache["fns"]
 
-            self._eval_fns = {"image": jax.jit(enc_img), "text": jax.jit(enc_txt), "itm": jax.jit(itm)}
-        return self._eval_fns
+    def encode_texts(self, params, texts: list[str]) -> tuple[np.ndarray, ...]:
+        """(tokens, mask, embeddings) of texts, host arrays."""
+        fn = self._fns()["text"]
+        ids = self.vocab(texts)["text_ids"]
+        with jax.set_mesh(self.mesh):
+            return self.map_batches(lambda t: fn(params, self.put(t)), ids, self.config.train.eval_batch_size)
 
-    def _encode(self, params, images: np.ndarray, text_ids: np.ndarray):
-        """Token outputs and embeddings of all images and texts (host numpy)."""
-        bs = self.config.train.eval_batch_size
-        enc_img, enc_txt = self._jitted()["image"], self._jitted()["text"]
-        norm = lambda x: data_lib.normalise_images(x, *self.norm)  # noqa: E731
-        imgs = self.map_batches(lambda x: enc_img(params, self.put(norm(x))), images, bs)
-        txts = self.map_batches(lambda t: enc_txt(params, self.put(t)), text_ids, bs)
-        return (*imgs, *txts)
-
-    def _itm_scores(self, params, image, image_mask, text, text_mask, img_idx, txt_idx) -> np.ndarray:
+    def itm_scores(self, params, image, image_mask, text, text_mask, img_idx, txt_idx) -> np.ndarray:
         """ITM log-odds of the pairs (img_idx[j], txt_idx[j])."""
         bs = self.config.train.eval_batch_size
-        fn = self._jitted()["itm"]
+        fn = self._fns()["itm"]
         out = []
-        for s in range(0, len(img_idx), bs):
-            i, t = img_idx[s : s + bs], txt_idx[s : s + bs]
-            n = len(i)
-            if n < bs:  # one compiled shape: pad the last chunk
-                i, t = np.pad(i, (0, bs - n)), np.pad(t, (0, bs - n))
-            lg = np.asarray(
-                jax.device_get(fn(params, *map(self.put, (image[i], image_mask[i], text[t], text_mask[t]))))
-            )
-            lg = lg[:n]
-            out.append(lg[:, 1] - lg[:, 0])
+        with jax.set_mesh(self.mesh):
+            for s in range(0, len(img_idx), bs):
+                i, t = img_idx[s : s + bs], txt_idx[s : s + bs]
+                n = len(i)
+                if n < bs:  # one compiled shape: pad the last chunk
+                    i, t = np.pad(i, (0, bs - n)), np.pad(t, (0, bs - n))
+                args = map(self.put, (image[i], image_mask[i], text[t], text_mask[t]))
+                lg = np.asarray(jax.device_get(fn(params, *args)))[:n]
+                out.append(lg[:, 1] - lg[:, 0])
         return np.concatenate(out) if out else np.zeros(0)
 
-    def evaluate(self, params, split_data: dict) -> dict:
-        """Retrieval metrics (ITC and ITM re-ranked) on a split {"image", "captions"}."""
-        text_image, texts = data_lib.pairs(split_data["captions"])
-        text_ids = np.stack([self.vocab.encode(t, self.config.dataset.max_len) for t in texts])
-        with jax.set_mesh(self.mesh):
-            image, image_mask, img_emb, text, text_mask, txt_emb = self._encode(params, split_data["image"], text_ids)
-            itc = txt_emb @ img_emb.T  # [T, I]
-            tau = float(self.model.apply({"params": params}, method=RetrievalModel.temperature))
-            k = min(int(self.config.eval.rerank_k), itc.shape[1], itc.shape[0])
-            # text -> image: each text's k best images; image -> text: each image's k best texts
-            t2i_c = np.argsort(-itc, axis=1, kind="stable")[:, :k]  # [T, k]
-            ti = np.repeat(np.arange(len(texts)), k)
-            s_t2i = self._itm_scores(params, image, image_mask, text, text_mask, t2i_c.ravel(), ti)
-            i2t_c = np.argsort(-itc.T, axis=1, kind="stable")[:, :k]  # [I, k]
-            ii = np.repeat(np.arange(itc.shape[1]), k)
-            s_i2t = self._itm_scores(params, image, image_mask, text, text_mask, ii, i2t_c.ravel())
-        rule = self.config.eval.get("rerank_score", "itm")
+    def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
+        """Retrieval metrics (ITC and ITM re-ranked) on ``split`` (module docstring)."""
+        index = self.split_index(split)
+        text_image, texts = index.pair_image, index.pair_text
+        image, image_mask, img_emb = self.map_images(self._fns()["image"], params, split)
+        text, text_mask, txt_emb = self.encode_texts(params, texts)
+        itc = txt_emb @ img_emb.T  # [T, I]
+        tau = float(self.model.apply({"params": params}, method=RetrievalModel.temperature))
+        k = min(int(self.config.eval.rerank_k), itc.shape[1], itc.shape[0])
+        # text -> image: each text's k best images; image -> text: each image's k best texts
+        t2i_c = np.argsort(-itc, axis=1, kind="stable")[:, :k]  # [T, k]
+        ti = np.repeat(np.arange(len(texts)), k)
+        s_t2i = self.itm_scores(params, image, image_mask, text, text_mask, t2i_c.ravel(), ti)
+        i2t_c = np.argsort(-itc.T, axis=1, kind="stable")[:, :k]  # [I, k]
+        ii = np.repeat(np.arange(itc.shape[1]), k)
+        s_i2t = self.itm_scores(params, image, image_mask, text, text_mask, ii, i2t_c.ravel())
+        rule = self.config.eval.rerank_score
         if rule not in RERANK_SCORES:
             raise ValueError(f"eval.rerank_score must be one of {RERANK_SCORES}, got {rule!r}")
         scale = 1.0 / tau if rule == "itm+itc" else 0.0
-        t2i = rerank(itc, ti, t2i_c.ravel(), s_t2i, scale)
-        i2t = rerank(itc, i2t_c.ravel(), ii, s_i2t, scale)
-        only_t2i = metrics_caption.retrieval_recall(rerank(itc, ti, t2i_c.ravel(), s_t2i, 0.0), text_image)
-        only_i2t = metrics_caption.retrieval_recall(rerank(itc, i2t_c.ravel(), ii, s_i2t, 0.0), text_image)
-        r_itc = metrics_caption.retrieval_recall(itc, text_image)
-        r_t2i = metrics_caption.retrieval_recall(t2i, text_image)
-        r_i2t = metrics_caption.retrieval_recall(i2t, text_image)
-        out = {f"itc_{key}": v for key, v in r_itc.items()}
+        recall = metrics_caption.retrieval_recall
+        r_t2i = recall(rerank(itc, ti, t2i_c.ravel(), s_t2i, scale), text_image)
+        r_i2t = recall(rerank(itc, i2t_c.ravel(), ii, s_i2t, scale), text_image)
+        out = {f"itc_{key}": v for key, v in recall(itc, text_image).items()}
         out.update({f"rerank_{key}": v for key, v in r_t2i.items() if key.startswith("t2i")})
         out.update({f"rerank_{key}": v for key, v in r_i2t.items() if key.startswith("i2t")})
         out["itc_mean_R@1"] = (out["itc_i2t_R@1"] + out["itc_t2i_R@1"]) / 2
         out["rerank_mean_R@1"] = (out["rerank_i2t_R@1"] + out["rerank_t2i_R@1"]) / 2
-        out["rerank_itm_only_t2i_R@1"], out["rerank_itm_only_i2t_R@1"] = only_t2i["t2i_R@1"], only_i2t["i2t_R@1"]
+        out["rerank_itm_only_t2i_R@1"] = recall(rerank(itc, ti, t2i_c.ravel(), s_t2i, 0.0), text_image)["t2i_R@1"]
+        out["rerank_itm_only_i2t_R@1"] = recall(rerank(itc, i2t_c.ravel(), ii, s_i2t, 0.0), text_image)["i2t_R@1"]
         out["temperature"] = tau
         out["num_images"], out["num_texts"], out["rerank_k"] = int(itc.shape[1]), int(itc.shape[0]), k
+        out["rerank_score"] = rule
         return out
+
+    def rank_captions(self, params, image_uint8: np.ndarray, captions: list[str]) -> list[dict]:
+        """The captions ranked for one image uint8 [H, W, 3]: [{"caption", "itc", "itm"}], best ITM log-odds first."""
+        with jax.set_mesh(self.mesh):
+            image, image_mask, img_emb = jax.device_get(self._fns()["image"](params, self.normalize(image_uint8[None])))
+        text, text_mask, txt_emb = self.encode_texts(params, captions)
+        n = len(captions)
+        itm = self.itm_scores(params, image, image_mask, text, text_mask, np.zeros(n, int), np.arange(n))
+        itc = (txt_emb @ np.asarray(img_emb).T)[:, 0]
+        rows = [{"caption": c, "itc": float(a), "itm": float(b)} for c, a, b in zip(captions, itc, itm, strict=True)]
+        return sorted(rows, key=lambda r: -r["itm"])

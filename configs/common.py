@@ -1,0 +1,78 @@
+"""The blocks every experiment config shares; each field is described once, here.
+
+An experiment config (configs/<name>.py) loads this file with ``config_lib.sibling(__file__, "common")`` and
+overrides only what differs, e.g. ``c.train = common.train(global_batch_size=64, num_steps=1300)``. An override of
+a field that does not exist raises (the blocks are locked ConfigDicts).
+"""
+
+import ml_collections
+
+
+def _block(fields: dict, overrides: dict) -> ml_collections.ConfigDict:
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise KeyError(f"unknown field(s) {unknown}; valid: {sorted(fields)}")
+    block = ml_collections.ConfigDict({**fields, **overrides})
+    block.lock()
+    return block
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+    """AdamW + learning-rate schedule (vtfusion_jax/optim.py)."""
+    return _block(
+        dict(
+            lr=2e-3,  # peak learning rate
+            warmup_steps=50,  # linear warmup (optimiser updates)
+            schedule="cosine",  # decay after warmup: cosine | linear | constant
+            end_lr_factor=0.01,  # final lr = lr * end_lr_factor
+            b1=0.9,  # Adam beta1
+            b2=0.999,  # Adam beta2
+            eps=1e-8,  # Adam epsilon
+            weight_decay=0.01,  # decoupled weight decay (never on biases / norm parameters)
+            grad_clip_norm=1.0,  # global-norm clipping (0 = off)
+            accum_steps=1,  # micro-batches per update (optax.MultiSteps); effective batch = global * accum
+            lr_multipliers=ml_collections.ConfigDict(  # per-tower learning-rate scale
+                dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)
+            ),
+        ),
+        overrides,
+    )
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+    """The loop, logging and checkpointing (vtfusion_jax/train_lib.py)."""
+    return _block(
+        dict(
+            global_batch_size=256,  # examples per micro-step (divisible by the batch mesh axes)
+            images_per_batch=0,  # VQA: > 0 = image-grouped batches (data/grouped.py), each image encoded once
+            num_epochs=1.0,  # VQA: epochs of the train split, used when num_steps <= 0
+            num_steps=-1,  # training length in micro-steps; <= 0: from num_epochs
+            label_smoothing=0.0,  # cross-entropy label smoothing (VQA answers, caption tokens)
+            focal_gamma=0.0,  # VQA focal loss: (1 - p)^gamma down-weights examples already right (0 = plain CE)
+            nan_policy="stop",  # non-finite loss: "stop" (names the step) | "skip" the update (train/skipped)
+            log_every_steps=20,  # train metrics to TensorBoard / metrics.jsonl
+            eval_every_steps=300,  # validation + checkpoint cadence; 0 = only at the end, -1 = never
+            checkpoint_every_steps=300,  # periodic checkpoints (asynchronous)
+            keep_checkpoints=2,  # newest checkpoints kept (plus the best by the task's validation metric)
+            steps_per_run=0,  # stop with a checkpoint after this many steps in one process (0 = no limit)
+            time_limit_seconds=0,  # > 0: validate, save and stop after this much wall time (0 = no limit)
+            early_stopping_patience=0,  # stop after this many evaluations without improvement (0 = off)
+            eval_batch_size=256,  # validation / test batch size
+            prefetch=2,  # batches prepared ahead on a background thread
+            data_workers=0,  # grain worker processes (0 = threads)
+            progress_bar=True,  # tqdm bar with loss and steps/s
+        ),
+        overrides,
+    )
+
+
+def evaluation(**overrides) -> ml_collections.ConfigDict:
+    """eval.py's defaults (task-specific fields are added by the task's configs)."""
+    return _block(
+        dict(
+            split="test",  # default split of eval.py
+            checkpoint="best",  # best | latest | a step number
+            num_attention_maps=8,  # VQA: attention-map PNGs written by eval.py
+        ),
+        overrides,
+    )

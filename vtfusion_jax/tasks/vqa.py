@@ -1,0 +1,285 @@
+"""VQA / multimodal classification: a VisionTextModel answering a question (or labelling a text) about an image.
+
+Loss: (label-smoothed / focal) cross-entropy over the answer vocabulary (losses.classification_loss).
+Evaluation: accuracy overall, per question type (and per family, Sort-of-CLEVR), the loss; with an output folder
+also predictions.jsonl (question, answer, prediction, top 5), confusion_matrix.png and attention-map PNGs
+(viz.py: what each fusion variant's attention shows, attention_maps.json indexes them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from vtfusion_jax import losses, models, pretrained_init, sharding, viz
+from vtfusion_jax import metrics as metrics_lib
+from vtfusion_jax.data import manifest, pipeline
+from vtfusion_jax.data.tokenizer import Tokenizer
+from vtfusion_jax.models import vision
+from vtfusion_jax.models.vtfusion import VisionTextModel, shared_settings
+from vtfusion_jax.tasks.base import Task
+
+
+class PredictError(ValueError):
+    """A bad input to predict (unreadable image, empty question): reported in one line, without a traceback."""
+
+
+def predict_step(params, batch: dict, *, model, top_k: int = 5) -> dict:
+    """Eval forward pass. Returns per-example {pred [B], loss [B], top_ids [B, k], top_probs [B, k]}."""
+    logits = model.apply({"params": params}, batch, train=False)["logits"].astype(jnp.float32)
+    k = min(top_k, logits.shape[-1])
+    top_probs, top_ids = jax.lax.top_k(jax.nn.softmax(logits), k)
+    # Label -1 (a validation / test label never seen in training): counted wrong, left out of the loss.
+    label = batch["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
+    loss = jnp.where(label >= 0, loss, jnp.nan)
+    return {"pred": jnp.argmax(logits, -1), "loss": loss, "top_ids": top_ids, "top_probs": top_probs}
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+class VqaTask(Task):
+    main_metric = "accuracy"
+
+    def __init__(self, config, mesh=None, workdir=None):
+        super().__init__(config, mesh, workdir)
+        d = config.dataset
+        self.meta = pipeline.dataset_meta(d.name, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
+        self.tokenizer = Tokenizer(d.tokenizer_path, max_len=d.max_len)
+        self.model = self.build_model()
+
+    # ------------------------------------------------------------------------------------------- model
+    def build_model(self, sow_weights: bool = False) -> VisionTextModel:
+        spec = self.config.model.to_dict()
+        spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=int(self.tokenizer.vocab_size))
+        if sow_weights:
+            spec["fusion"] = dict(spec["fusion"], sow_weights=True)
+        # towers with init_from take their architecture from the checkpoint
+        return VisionTextModel(pretrained_init.resolve_model_spec(spec), int(self.meta["num_classes"]))
+
+    def init_batch(self) -> dict:
+        s, length = int(self.config.dataset.image_size or self.meta["image_shape"][0]), self.config.dataset.max_len
+        return {
+            "image": jnp.zeros((1, s, s, 3), jnp.float32),
+            "text_ids": jnp.zeros((1, length), jnp.int32),
+            "text_mask": jnp.ones((1, length), bool),
+        }
+
+    def loss(self, params, batch, rng):
+        t = self.config.train
+        return losses.classification_loss(
+            self.model, params, batch, rng, label_smoothing=t.label_smoothing, focal_gamma=t.focal_gamma
+        )
+
+    # ------------------------------------------------------------------------------------------- data
+    def num_train_steps(self) -> int:
+        """``train.num_steps`` if > 0, else ``num_epochs`` over the train split, rounded up to whole updates."""
+        t, d = self.config.train, self.config.dataset
+        accum = int(self.config.optim.accum_steps)
+        if t.num_steps > 0:
+            steps = int(t.num_steps)
+        elif t.images_per_batch > 0:  # image-grouped batches: epochs come from the packing plan
+            steps = pipeline.grouped_steps_for_epochs(
+                dataset=d.name,
+                split=d.train_split,
+                seed=self.config.seed,
+                global_batch_size=t.global_batch_size,
+                images_per_batch=t.images_per_batch,
+                num_epochs=t.num_epochs,
+                data_dir=d.data_dir,
+                builder_kwargs=d.builder_kwargs.to_dict(),
+            )
+        else:
+            n = self.meta["num_examples"][d.train_split.split("[")[0]]
+            steps = math.ceil(t.num_epochs * n / t.global_batch_size)
+        return int(math.ceil(steps / accum) * accum)
+
+    def train_iter(self, start_step: int):
+        t = self.config.train
+        return pipeline.make_train_iterator(
+            split=self.config.dataset.train_split,
+            global_batch_size=t.global_batch_size,
+            seed=self.config.seed,
+            augment=self.config.dataset.augment,
+            start_step=start_step,
+            prefetch=t.prefetch,
+            worker_count=t.data_workers,
+            images_per_batch=t.images_per_batch,
+            **self.data_kwargs(self.tokenizer),
+        )
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def predictions(self, params, split: str) -> tuple[dict, dict]:
+        """Runs the model over ``split``.
+
+        Returns:
+          (summary {"accuracy", "loss", "num_examples", "per_type"}, per-example numpy arrays {"index", "label",
+          "question_type", "pred", "top_ids", "top_probs"} over the valid rows, in record order). per_type holds the
+          accuracy of each question type and, for datasets with question families (Sort-of-CLEVR), of each family.
+        """
+        if split not in self._eval_cache:
+            batches = pipeline.make_eval_iterator(
+                split=split, global_batch_size=self.config.train.eval_batch_size, **self.data_kwargs(self.tokenizer)
+            )
+            fn = jax.jit(
+                lambda p, b: predict_step(p, b, model=self.model), out_shardings=sharding.replicated(self.mesh)
+            )
+            self._eval_cache[split] = (batches, fn)
+        batches, fn = self._eval_cache[split]
+        keep = ("index", "label", "question_type", "family", "valid")
+        rows: dict[str, list] = {k: [] for k in (*keep, "pred", "loss", "top_ids", "top_probs")}
+        gather = jax.jit(lambda b: b, out_shardings=sharding.replicated(self.mesh))  # every process reads every row
+        with jax.set_mesh(self.mesh), sharding.activation_rules():
+            for batch in batches:
+                host = gather({k: batch[k] for k in keep if k in batch})
+                for k, v in {**jax.device_get(host), **jax.device_get(fn(params, batch))}.items():
+                    rows[k].append(np.asarray(v))
+        cat = {k: np.concatenate(v) for k, v in rows.items() if v}
+        valid = cat.pop("valid").astype(bool)
+        cat = {k: v[valid] for k, v in cat.items()}
+        meta = self.meta
+        summary = {
+            "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
+            "loss": float(np.nanmean(cat["loss"])) if np.isfinite(cat["loss"]).any() else float("nan"),
+            "num_examples": int(valid.sum()),
+            "per_type": metrics_lib.per_type_accuracy(
+                cat["pred"], cat["label"], cat["question_type"], meta["type_names"]
+            ),
+        }
+        if "family" in cat and "family_names" in meta:
+            summary["per_type"].update(
+                metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["family"], meta["family_names"])
+            )
+        return summary, cat
+
+    def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
+        summary, rows = self.predictions(params, split)
+        names = self.meta["label_names"]
+        seen = rows["label"] >= 0  # label -1: unseen in training (manifest datasets), counted wrong above
+        cm = metrics_lib.confusion_matrix(rows["pred"], rows["label"], len(names), valid=seen)
+        summary.update(label_names=names, confusion_matrix=cm.tolist(), num_unseen_label=int((~seen).sum()))
+        if out_dir is None or jax.process_index() != 0:
+            return summary
+        d = self.config.dataset
+        source = pipeline.get_data_source(d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
+        text_key, type_names = self.meta["text_key"], self.meta["type_names"]
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for i in range(len(rows["index"])):
+                idx, label, pred = int(rows["index"][i]), int(rows["label"][i]), int(rows["pred"][i])
+                top5 = [[names[int(k)], round(float(p), 5)] for k, p in zip(rows["top_ids"][i], rows["top_probs"][i])]
+                row = {
+                    "index": idx,
+                    "question": _text(source[idx][text_key]),
+                    "answer": names[label] if label >= 0 else None,  # None: unseen in training
+                    "prediction": names[pred],
+                    "correct": pred == label,
+                    "question_type": type_names[int(rows["question_type"][i])],
+                    "top5": top5,
+                }
+                f.write(json.dumps(row) + "\n")
+        title = f"{d.name} {split}: accuracy {summary['accuracy']:.4f}"
+        viz.save_confusion_matrix(os.path.join(out_dir, "confusion_matrix.png"), cm, names, title)
+        self._attention_maps(params, source, out_dir, min(int(self.config.eval.num_attention_maps), len(source)))
+        return summary
+
+    # ------------------------------------------------------------------------------------------- attention
+    def attention_views(self, params, batch: dict) -> tuple[np.ndarray, viz.AttentionViews]:
+        """(probs [B, C], viz.AttentionViews: every map the fusion variant offers) for a host batch."""
+        if "sow" not in self._eval_cache:  # one compile per task (per input shape)
+            sow = self.build_model(sow_weights=True)
+            self._eval_cache["sow"] = (
+                sow,
+                jax.jit(lambda p, b: sow.apply({"params": p}, b, mutable=["intermediates"])),
+            )
+        sow, apply = self._eval_cache["sow"]
+        out, variables = apply(params, batch)
+        probs = np.asarray(jax.nn.softmax(out["logits"]))
+        encode = lambda p, b: sow.apply({"params": p}, b, method=lambda m, b: m.image_encoder(b["image"])[0])  # noqa: E731
+        tokens = jax.eval_shape(encode, params, {"image": batch["image"]})
+        views = viz.attention_views(jax.device_get(variables.get("intermediates", {})), batch["text_mask"],
+                                    int(tokens.shape[1]))  # fmt: skip
+        return probs, views
+
+    def token_grids(self) -> list[tuple[int, int]]:
+        """(h, w) of each scale's image-token grid, in token order (one entry unless image_encoder.scales)."""
+        spec = self.model.model_config
+        encoder = models.get_image_encoder(spec["image_encoder"], shared_settings(spec))
+        return [tuple(g) for g in vision.token_grids(encoder, (self.image_size, self.image_size))]
+
+    def _host_batch(self, images_uint8: np.ndarray, questions: list[str]) -> dict:
+        return {"image": self.normalize(images_uint8), **self.tokenizer(questions)}
+
+    def _attention_maps(self, params, source, out_dir: str, n: int) -> None:
+        """attention_XX.png for the first ``n`` examples and attention_maps.json: per PNG the question, the
+        prediction, the panels drawn and the gate values of gated variants."""
+        if n <= 0:
+            return
+        records = [source[i] for i in range(n)]
+        images = np.stack([_resize(np.asarray(rec["image"]), self.image_size) for rec in records])
+        questions = [_text(rec[self.meta["text_key"]]) for rec in records]
+        batch = self._host_batch(images, questions)
+        probs, views = self.attention_views(params, batch)
+        fusion = self.config.model.fusion.name
+        if views.text_to_image is None:
+            print(f"fusion {fusion!r} has no question-to-image attention: no attention maps")
+            return
+        grids = self.token_grids()
+        gates = viz.gate_values(params.get("fusion", {})) if fusion == "gated_cross" else []
+        gate_note = f"\ngates tanh(alpha) per layer: {', '.join(f'{g:+.3f}' for g in gates)}" if gates else ""
+        names, index = self.meta["label_names"], {}
+        for i in range(n):
+            ids = batch["text_ids"][i][batch["text_mask"][i]]
+            tokens = [self.tokenizer.decode([t]) or "[special]" for t in ids]  # [CLS] / [SEP] decode to ""
+            pred = names[int(np.argmax(probs[i]))]
+            title = f"{fusion}: Q: {questions[i]}\npredicted: {pred}{gate_note}"
+            png = f"attention_{i:02d}.png"
+            panels = viz.save_attention_figure(os.path.join(out_dir, png), images[i], views, i, grids, tokens, title)
+            index[png] = {"question": questions[i], "prediction": pred, "fusion": fusion, "panels": panels}
+            index[png].update({"gates": gates} if gates else {})
+        with open(os.path.join(out_dir, "attention_maps.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+    # ------------------------------------------------------------------------------------------- predict
+    def predict(self, params, image_path: str, question: str, attention_map: str | None = None, top_k: int = 5):
+        """Answers ``question`` about the image at ``image_path``.
+
+        Returns:
+          {"answer": str, "top": [(answer, probability), ...]}.
+
+        Raises:
+          PredictError: unreadable image, empty question, or an attention map asked of a variant without one.
+        """
+        if not question or not question.strip():
+            raise PredictError("the question is empty")
+        try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
+            img = np.asarray(manifest.decode_image(image_path))
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            raise PredictError(f"cannot read image {image_path!r}: {type(e).__name__}: {e}") from None
+        img = _resize(img, self.image_size)
+        probs, views = self.attention_views(params, self._host_batch(img[None], [question.strip()]))
+        names = self.meta["label_names"]
+        order = np.argsort(-probs[0])[:top_k]
+        if attention_map:
+            if views.text_to_image is None:
+                raise PredictError(f"fusion {self.config.model.fusion.name!r} has no question-to-image attention")
+            q = question.strip()
+            q = q if len(q) <= 200 else q[:200] + "..."  # a title, not the 100,000-character question
+            title = f"Q: {q}\nA: {names[int(order[0])]}"
+            viz.save_attention_map(attention_map, img, views.text_to_image[0], title, self.token_grids())
+        return {"answer": names[int(order[0])], "top": [(names[int(k)], float(probs[0, k])) for k in order]}
