@@ -2,7 +2,7 @@
 
 Run: python train.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross
      python eval.py --config=configs/sort_of_clevr.py:fusion=cross --workdir=runs/soc_cross --split=test
-The ':' argument picks the fusion (concat | rn | merged | cross | co_attention | gated_cross | bottleneck | query).
+The ':' argument picks the fusion: any registered variant (README "Fusion variants").
 
 Matched budget: every variant shares the image tower, text tower, head, optimiser, batch (640 questions of 32
 images, image-grouped) and number of steps (900, sized so the slowest variant, co_attention, trains in <= 30 min on 2
@@ -24,10 +24,10 @@ fields that exist for one variant only. The table: python scripts/sort_of_clevr_
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib
+from vtfusion_jax import config_lib, models
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = ("concat", "rn", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+FUSIONS = tuple(models.FUSIONS)  # every registered variant (vtfusion_jax/models/registry.py)
 # Variant-only fields (they replace the shared ones). rn: g over all 10,000 ordered pairs of the 100 image tokens
 # would cost ~12x the cross fusion, so rn pairs the 25 cells of the 2x2-average-pooled 5x5 grid (token_pool=2, the
 # grid of Santoro et al.'s own CNN) with g 3 layers of width 64 (the paper: 4 x 256).

@@ -3,7 +3,7 @@
 Run: python train.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval
      python eval.py --config=configs/sort_of_clevr_retrieval.py --workdir=runs/soc_retrieval --split=test
      python predict.py --workdir=runs/soc_retrieval --image=scene.png --retrieve=captions.txt
-The ':' argument picks the ITM fusion (concat | merged | cross | co_attention | gated_cross | bottleneck | query) and,
+The ':' argument picks the ITM fusion (any registered variant, README "Fusion variants") and,
 with manifest=PATH, a user dataset instead of Sort-of-CLEVR (JSON Lines rows {"image": ..., "caption": str | [str]}):
      python train.py --config=configs/sort_of_clevr_retrieval.py:fusion=cross,manifest=my_data --workdir=runs/my_ret
 """
@@ -11,10 +11,10 @@ with manifest=PATH, a user dataset instead of Sort-of-CLEVR (JSON Lines rows {"i
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib
+from vtfusion_jax import config_lib, models
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = ("concat", "merged", "cross", "co_attention", "gated_cross", "bottleneck", "query")
+FUSIONS = tuple(models.FUSIONS)  # every registered variant (vtfusion_jax/models/registry.py)
 
 
 common = config_lib.sibling(__file__, "common")

@@ -1,14 +1,15 @@
 """Whole-model analytic FLOPs (vtfusion_jax/flops.py): exact against the traced program's matmuls for every
 encoder and fusion variant, and within 10 % of XLA's cost_analysis (which also counts element-wise work)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 from vtfusion_jax import flops
-from vtfusion_jax.models import get_fusion
-from vtfusion_jax.models.fusion import FUSIONS
+from vtfusion_jax.models import FUSIONS, get_fusion
 from vtfusion_jax.models.vtfusion import VisionTextModel
 
 B, S, L, C = 2, 32, 8, 7
@@ -27,6 +28,12 @@ TEXT_ENCODERS = [
 ]
 
 
+def _fusion_spec(name, **fields):
+    """``{"name": name}`` plus those of ``fields`` the variant has (the probe has no sizes)."""
+    have = {f.name for f in dataclasses.fields(FUSIONS[name].cls)}
+    return dict(name=name, **{k: v for k, v in fields.items() if k in have})
+
+
 def _batch(b=B, s=S, length=L):
     return {
         "image": jnp.zeros((b, s, s, 3)),
@@ -39,9 +46,9 @@ def _abstract(model, batch):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
 
 
-def test_pooled_width_table_matches_the_variants():
+def test_registered_pooled_width_matches_the_variants():
     for name in FUSIONS:
-        fusion = get_fusion(dict(name=name, width=16, num_layers=1, num_heads=2, mlp_dim=24))
+        fusion = get_fusion(_fusion_spec(name, width=16, num_layers=1, num_heads=2, mlp_dim=24))
         assert flops.pooled_width(fusion, 3, 5, 16, 16) == flops.traced_pooled_width(fusion, 3, 5, 16, 16), name
     for extra in (dict(image_pool="max"), dict(image_pool="mean", pool_product=True)):  # cross's pooled options
         fusion = get_fusion(dict(name="cross", width=16, num_layers=1, num_heads=2, mlp_dim=24, **extra))
@@ -58,7 +65,7 @@ def test_analytic_equals_traced_matmul_flops(i, fusion):
             scan_layers=scan,
             image_encoder=IMAGE_ENCODERS[i % len(IMAGE_ENCODERS)],
             text_encoder=TEXT_ENCODERS[i % len(TEXT_ENCODERS)],
-            fusion=dict(name=fusion, num_layers=2, num_heads=2, mlp_dim=48),
+            fusion=_fusion_spec(fusion, num_layers=2, num_heads=2, mlp_dim=48),
             head=dict(name="classification", hidden_dim=16),
         )
         model, batch = VisionTextModel(cfg, C), _batch()

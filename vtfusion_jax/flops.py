@@ -16,7 +16,7 @@ Per piece, for one example (D = width, M = MLP width, L = text tokens, N = image
     ViT                     patch conv (2*N*p*p*3*D) + depth * block(N (+1 CLS))
     BERT                    depth * block(L)                        (embeddings are gathers: 0)
     GRU (per direction)     L * 2 * 3 * (Din*H + H*H)  + projection 2*L*(dirs*H)*D
-    fusion                  the variant's own ``flops_per_example`` (models/fusion.py) + input projections
+    fusion                  the variant's own ``flops_per_example`` (its registered class) + input projections
     head                    ClassificationHead.flops_per_example(pooled width)
 
 ``model_flops(model_config, ...)`` returns a dict with each part and the total; tests/test_flops.py checks the
@@ -145,27 +145,19 @@ def text_encoder_flops(encoder: Any, text_len: int) -> tuple[int, int]:
     raise ValueError(f"no FLOPs formula for text encoder {name}")
 
 
-# Width of each variant's pooled vector (models/fusion.py docstrings), as a multiple of width or "mlp".
-POOLED = {
-    "concat": 2,
-    "merged": 2,
-    "cross": 1,
-    "co_attention": 2,
-    "gated_cross": 1,
-    "bottleneck": 2,
-    "query": 1,
-    "rn": "mlp",
-}
-
-
 def pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, image_dim: int) -> int:
-    """Width P of the fusion's pooled vector (a variant missing from POOLED is evaluated abstractly)."""
-    name = next((k for k, cls in models.fusion.FUSIONS.items() if type(fusion) is cls), None)
-    if name == "cross" and fusion.image_pool != "none":  # [text; image summary (; their product)]
-        return (3 if fusion.pool_product else 2) * fusion.width
-    if name in POOLED:
-        return fusion.mlp_dim if POOLED[name] == "mlp" else POOLED[name] * fusion.width
-    return traced_pooled_width(fusion, text_len, image_len, text_dim, image_dim)
+    """Width P of the fusion's pooled vector: its registry entry's ``pooled``, else an abstract evaluation.
+
+    Args:
+      fusion: a built fusion module.
+      text_len, image_len: tokens L and N.
+      text_dim, image_dim: widths of the encoders' tokens.
+
+    Returns:
+      P.
+    """
+    p = models.fusion_info(fusion).pooled_width(fusion)
+    return traced_pooled_width(fusion, text_len, image_len, text_dim, image_dim) if p is None else p
 
 
 def traced_pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, image_dim: int) -> int:
@@ -208,11 +200,10 @@ def model_flops(
     image_dim = _image_token_width(image_enc)
     f_fusion = fusion.flops_per_example(text_len, n_image)
     # Fusions project inputs whose width differs from theirs (FusionBase.project; merged builds both always but
-    # applies them only on a mismatch, like the others).
-    if text_dim != fusion.width:
-        f_fusion += 2 * text_len * text_dim * fusion.width
-    if image_dim != fusion.width:
-        f_fusion += 2 * n_image * image_dim * fusion.width
+    # applies them only on a mismatch, like the others). A variant without a width (the probe) projects nothing.
+    width = getattr(fusion, "width", None)
+    for length, dim in ((text_len, text_dim), (n_image, image_dim)):
+        f_fusion += 2 * length * dim * width if width and dim != width else 0
     p = pooled_width(fusion, text_len, n_image, text_dim, image_dim)
     f_head = head.flops_per_example(p)
     forward = f_image + f_text + f_fusion + f_head

@@ -78,7 +78,7 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        dot_general=linear.dot_general,  # hand-written backward (vtfusion_jax/linear.py)
+        dot_general=linear.dot_general,  # 2-D products (vtfusion_jax/linear.py)
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (in_axis, out_axis)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
         name=name,

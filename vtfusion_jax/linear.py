@@ -1,17 +1,24 @@
-"""Dense-layer matmul with a hand-written backward pass (kernel gradient as ``x^T @ dy`` on flattened 2-D operands).
+"""Dense-layer matmul on flattened 2-D operands, with an opt-in CPU kernel-gradient trick.
 
 Every Dense layer of the library (``layers.dense`` through ``nn.Dense(dot_general=...)`` and
-``attention.HeadsProjection``) contracts the trailing axes of ``x`` with the leading axes of the kernel. jax's
-automatic transpose of that ``dot_general`` contracts the [B, L] axes of a 3-D activation for the kernel gradient,
-and XLA:CPU then materialises a transposed copy of ``dy`` and runs a dot whose operands are both transposed. Here the
-operands are flattened to 2-D first and the backward is written out: ``dx = dy @ w^T``, ``dw = x^T @ dy``. The
-values are the same products (tests/test_linear.py compares outputs and gradients with ``jax.lax.dot_general``); the
-per-dot cost on CPU is in docs/performance.md ("Where the time goes", benchmarks/profile_step.py). On CPU the
-kernel gradient is computed with one operand transposed first (``CPU_TRANSPOSED_WEIGHT_GRAD`` below; the step-time
-effect is measured side by side by benchmarks/weight_grad.py).
+``attention.HeadsProjection``) contracts the trailing axes of ``x`` with the leading axes of the kernel. ``linear``
+flattens both operands to 2-D first and makes one product, ``_matmul`` (the single name through which every Dense
+product passes: benchmarks/step_ceiling.py swaps it out). By default that product is plain ``x2 @ w2``, so jax
+differentiates it in every mode: ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and Hessian-vector
+products work through every model (tests/test_linear.py checks them for every fusion variant).
 
-Anything other than that pattern (batch dimensions, contracting non-trailing axes, a ``preferred_element_type``)
-falls through to ``jax.lax.dot_general`` unchanged.
+``CPU_TRANSPOSED_WEIGHT_GRAD = True`` (opt-in) routes the product through a ``jax.custom_vjp`` whose kernel
+gradient ``x^T @ dy`` is computed, on CPU only, with the smaller operand transposed first: XLA:CPU's fast GEMM path
+(YNNPACK/XNNPACK fusions) takes ``A @ B`` and ``A @ B^T`` but runs ``A^T @ B`` in its Eigen dot at about half the
+speed (docs/performance.md, benchmarks/matmul_shapes.py); ``optimization_barrier`` keeps XLA's simplifier from
+folding the transpose back into the dot. The values are the same products (gradients equal to float32 rounding),
+but a custom_vjp has no forward-mode rule, so with the switch on ``jax.jvp`` / ``jax.hessian`` raise. It is a
+module-level switch, read while tracing, rather than a model config field: it is a CPU-only speed knob that every
+Dense layer of every tower, the attention projections and the heads would otherwise all have to carry. Set it
+before building (tracing) a step; benchmarks/weight_grad.py times both settings side by side.
+
+Anything other than the Dense pattern (batch dimensions, contracting non-trailing axes, a
+``preferred_element_type``) falls through to ``jax.lax.dot_general`` unchanged.
 """
 
 from __future__ import annotations
@@ -20,25 +27,17 @@ import math
 
 import jax
 
+CPU_TRANSPOSED_WEIGHT_GRAD = False  # opt-in CPU speed trick (module docstring); off: forward-mode autodiff works
+
+
+def _matmul(x2: jax.Array, w2: jax.Array) -> jax.Array:
+    """[M, K] @ [K, N] -> [M, N], the product of every Dense layer."""
+    return _matmul_transposed_weight_grad(x2, w2) if CPU_TRANSPOSED_WEIGHT_GRAD else x2 @ w2
+
 
 @jax.custom_vjp
-def _matmul(x2: jax.Array, w2: jax.Array) -> jax.Array:
-    """[M, K] @ [K, N] -> [M, N]."""
+def _matmul_transposed_weight_grad(x2: jax.Array, w2: jax.Array) -> jax.Array:
     return x2 @ w2
-
-
-def _matmul_fwd(x2, w2):
-    return x2 @ w2, (x2, w2)
-
-
-# XLA:CPU's fast GEMM path (YNNPACK/XNNPACK fusions) takes ``A @ B`` and ``A @ B^T`` but not ``A^T @ B``: a dot that
-# contracts the lhs on its leading axis, as the kernel gradient ``x^T @ dy`` does, runs in XLA's Eigen dot at about
-# half the speed (docs/performance.md, benchmarks/matmul_shapes.py). On CPU the smaller operand's transpose is
-# materialised instead; optimization_barrier keeps XLA's simplifier from folding the transpose back into the dot
-# (and, when dy is the one transposed, the product's transpose too). Other platforms keep the plain product (GPU
-# and TPU GEMMs read transposed operands natively). Read while tracing: set it to False before building a step to
-# trace the plain product (benchmarks/weight_grad.py times both).
-CPU_TRANSPOSED_WEIGHT_GRAD = True
 
 
 def _weight_grad_cpu(x2: jax.Array, dy: jax.Array) -> jax.Array:
@@ -47,25 +46,25 @@ def _weight_grad_cpu(x2: jax.Array, dy: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy.T) @ x2).T
 
 
-def _weight_grad(x2: jax.Array, dy: jax.Array) -> jax.Array:
-    """The kernel gradient ``x2^T @ dy`` ([M, K], [M, N] -> [K, N])."""
-    if not CPU_TRANSPOSED_WEIGHT_GRAD:
-        return x2.T @ dy
-    return jax.lax.platform_dependent(x2, dy, cpu=_weight_grad_cpu, default=lambda a, b: a.T @ b)
-
-
-def _matmul_bwd(res, dy):
+def _bwd(res, dy):
     x2, w2 = res
-    return dy @ w2.T, _weight_grad(x2, dy)
+    dw = jax.lax.platform_dependent(x2, dy, cpu=_weight_grad_cpu, default=lambda a, b: a.T @ b)
+    return dy @ w2.T, dw
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_transposed_weight_grad.defvjp(lambda x2, w2: (x2 @ w2, (x2, w2)), _bwd)
 
 
 def linear(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
     """Contracts the last ``in_dims`` axes of ``x`` with the first ``in_dims`` axes of ``kernel``.
 
-    x: [..., *in], kernel: [*in, *out] -> [..., *out] (both in the same dtype).
+    Args:
+      x: [..., *in].
+      kernel: [*in, *out], in the dtype of ``x``.
+      in_dims: number of contracted axes.
+
+    Returns:
+      [..., *out].
     """
     if x.shape[x.ndim - in_dims :] != kernel.shape[:in_dims]:
         raise ValueError(f"linear: x {x.shape} and kernel {kernel.shape} disagree on the {in_dims} contracted axes")

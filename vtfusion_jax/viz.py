@@ -2,9 +2,10 @@
 
 Attention maps come from the ``intermediates`` collection: a model built with ``fusion.sow_weights=True`` and
 applied with ``mutable=["intermediates"]`` stores every fusion attention's probabilities ``[B, H, Lq, Lk]``
-(``[layers, B, H, Lq, Lk]`` under nn.scan). ``attention_views`` reduces them, per variant, to the question's
-attention over the image tokens plus what the variant adds (co_attention: image -> text; query / bottleneck: one map
-per learned token); ``save_attention_figure`` draws them, one panel per scale of multi-scale image tokens.
+(``[layers, B, H, Lq, Lk]`` under nn.scan). ``attention_views`` reduces them to the question's attention over the
+image tokens plus what the variant adds (image -> text bars, one map per learned token), reading which module plays
+which role from the variant's registry entry (``attention_maps``, models/registry.py); ``save_attention_figure``
+draws them, one panel per scale of multi-scale image tokens.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ import jax
 import matplotlib
 import numpy as np
 
-from vtfusion_jax import layers
+from vtfusion_jax import layers, models
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
-
-# Attention modules whose queries come from the text (or learned queries) and whose keys are image tokens.
-TEXT_TO_IMAGE_MODULES = ("cross_attn", "text_to_image", "image_attn")
 
 
 def _attention_leaves(intermediates: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
@@ -54,10 +52,10 @@ def _by_module(intermediates: Mapping[str, Any]) -> dict[str, list[np.ndarray]]:
     return {k: [x for _, x in sorted(v, key=lambda t: t[0])] for k, v in found.items()}
 
 
-def _module(by_module: dict[str, list[np.ndarray]], name: str) -> list[np.ndarray]:
+def _module(by_module: dict[str, list[np.ndarray]], name: str | None) -> list[np.ndarray]:
     """The per-layer head-averaged [B, Lq, Lk] maps of the fusion module whose path ends in ``name``."""
     for key, maps in by_module.items():
-        if key.startswith("fusion") and key.split("/")[-1] == name:
+        if name and key.startswith("fusion/") and key.endswith(f"/{name}"):
             return [m.mean(axis=1) for m in maps]
     return []
 
@@ -95,38 +93,57 @@ class AttentionViews:
     how: str = ""
 
 
-def attention_views(intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int) -> AttentionViews:
-    """Reduces a sow_weights model's ``intermediates`` to the maps eval draws, per fusion variant.
+def attention_views(
+    intermediates: Mapping[str, Any],
+    text_mask: np.ndarray,
+    num_image_tokens: int,
+    fusion: str | None = None,
+) -> AttentionViews:
+    """Reduces a sow_weights model's ``intermediates`` to the maps eval draws, from the variant's attention roles.
 
-      cross, gated_cross  text -> image cross-attention (``cross_attn``), mean over the real question tokens.
-      co_attention        ``text_to_image`` as above, and ``image_to_text`` [B, L] (mean over image tokens).
-      merged              text rows of the joint self-attention restricted to the image columns, renormalised.
-      query               per query: q -> image (``image_attn``); the question's map composes its readout
-                          (text -> q, ``text_readout``) with them: sum_q a(t, q) a(q, image).
-      bottleneck          the question reaches the image only through z: per z token, z -> image in the image stream
-                          (``image_block``); the question's map composes text -> z (``text_block``, layer l) with
-                          z -> image of layer l - 1 (what z carried into layer l); with one layer, where z looks.
+      text_to_image   mean over the real question tokens (over layers and heads); with image_to_text, that
+                      module's mean over the image tokens gives the image -> text bars.
+      joint           text rows of the [text; image] self-attention restricted to the image columns, renormalised.
+      query_to_image  per learned query its map over the image; the question's map composes the readout
+                      (text_to_query, last layer) with them: sum_q a(t, q) a(q, image) (a plain mean without one).
+      text_stream     + image_stream: the question reaches the image only through z: per z token, z -> image in the
+                      image stream; the question's map composes text -> z (layer l) with z -> image of layer l - 1
+                      (what z carried into layer l); with one layer, where z looks.
 
     Args:
       intermediates: the ``intermediates`` collection of a sow_weights model.
       text_mask: bool [B, L].
       num_image_tokens: N.
+      fusion: the variant's registry name; None tries every registered variant's roles (most roles first) and keeps
+        the first whose modules and shapes fit.
 
     Returns:
       AttentionViews (text_to_image None when the fusion has no attention, e.g. concat, rn).
     """
-    text_mask = np.asarray(text_mask, bool)
-    b, length = text_mask.shape
-    n = int(num_image_tokens)
     mods = _by_module(intermediates)
-    t2i = _module(mods, "cross_attn") or _module(mods, "text_to_image")
+    text_mask = np.asarray(text_mask, bool)
+    if fusion is not None:
+        candidates = [models.fusion_info(fusion).attention_maps]
+    else:
+        candidates = sorted((i.attention_maps for i in models.FUSIONS.values() if i.attention_maps), key=len)[::-1]
+    for roles in candidates:
+        views = _views({r: _module(mods, m) for r, m in roles.items()}, text_mask, int(num_image_tokens))
+        if views is not None:
+            views.text_to_image = _renorm(views.text_to_image)
+            return views
+    return AttentionViews(None)
+
+
+def _views(maps: dict[str, list[np.ndarray]], text_mask: np.ndarray, n: int) -> AttentionViews | None:
+    """attention_views for one variant's role -> per-layer [B, Lq, Lk] maps; None when they do not fit."""
+    length = text_mask.shape[1]
+    t2i = maps.get("text_to_image")
     if t2i and t2i[0].shape[-1] == n:
         views = AttentionViews(_rows_mean(np.mean(t2i, 0), text_mask), how="text -> image cross-attention")
-        i2t = _module(mods, "image_to_text")
-        if i2t:
-            views.image_to_text = np.mean(i2t, 0).mean(1)  # [B, L]: over layers, then image-token rows
-        return _normalised(views)
-    q2i, readout = _module(mods, "image_attn"), _module(mods, "text_readout")
+        if maps.get("image_to_text"):
+            views.image_to_text = np.mean(maps["image_to_text"], 0).mean(1)  # [B, L]: over layers, image rows
+        return views
+    q2i, readout = maps.get("query_to_image"), maps.get("text_to_query")
     if q2i and q2i[0].shape[-1] == n:
         per_query = np.mean(q2i, 0)  # [B, Q, N]
         if readout:
@@ -134,20 +151,12 @@ def attention_views(intermediates: Mapping[str, Any], text_mask: np.ndarray, num
             how = "sum over queries of (text -> query) x (query -> image)"
         else:
             weight, how = np.full(per_query.shape[:2], 1.0 / per_query.shape[1], np.float32), "mean over queries"
-        return _normalised(
-            AttentionViews(np.einsum("bq,bqn->bn", weight, per_query), None, per_query, weight, "query", how)
-        )
-    joint = [
-        w.mean(1)
-        for key, maps in mods.items()
-        if key.startswith("fusion") and "_block" not in key  # not bottleneck's text_block / image_block
-        for w in maps
-        if w.shape[-2:] == (length + n, length + n)
-    ]
-    if joint:  # merged: [text; image] joint self-attention
+        return AttentionViews(np.einsum("bq,bqn->bn", weight, per_query), None, per_query, weight, "query", how)
+    joint = maps.get("joint")
+    if joint and joint[0].shape[-2:] == (length + n, length + n):
         w = _renorm(np.mean(joint, 0)[:, :length, length:])
-        return _normalised(AttentionViews(_rows_mean(w, text_mask), how="text rows of the joint self-attention"))
-    tz, iz = _module(_sub(mods, "text_block"), "self_attn"), _module(_sub(mods, "image_block"), "self_attn")
+        return AttentionViews(_rows_mean(w, text_mask), how="text rows of the joint self-attention")
+    tz, iz = maps.get("text_stream"), maps.get("image_stream")
     if tz and iz and iz[0].shape[-1] > n:
         z2i = [_renorm(w[:, n:, :n]) for w in iz]  # per layer [B, nz, N]
         t2z = [_renorm(w[:, :length, length:]) for w in tz]  # per layer [B, L, nz]
@@ -158,21 +167,12 @@ def attention_views(intermediates: Mapping[str, Any], text_mask: np.ndarray, num
             comp = [_rows_mean(t2z[0] @ z2i[0], text_mask)]
             how = "one layer: (text -> z) x (z -> image) of the same layer (z reaches the text only after it)"
         weight = np.mean([_rows_mean(w, text_mask) for w in t2z], 0)  # [B, nz]
-        return _normalised(AttentionViews(np.mean(comp, 0), None, np.mean(z2i, 0), weight, "bottleneck token", how))
-    return AttentionViews(None)
-
-
-def _sub(mods: dict[str, list[np.ndarray]], block: str) -> dict[str, list[np.ndarray]]:
-    return {k.replace(f"/{block}", ""): v for k, v in mods.items() if f"/{block}/" in k}
-
-
-def _normalised(v: AttentionViews) -> AttentionViews:
-    v.text_to_image = _renorm(v.text_to_image)
-    return v
+        return AttentionViews(np.mean(comp, 0), None, np.mean(z2i, 0), weight, "bottleneck token", how)
+    return None
 
 
 def image_attention(
-    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int
+    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int, fusion: str | None = None
 ) -> np.ndarray | None:
     """Attention that the question pays to each image token (``attention_views(...).text_to_image``).
 
@@ -180,15 +180,16 @@ def image_attention(
       intermediates: the ``intermediates`` collection of a sow_weights model.
       text_mask: bool [B, L].
       num_image_tokens: N.
+      fusion: the variant's registry name (None: found from the intermediates, see attention_views).
 
     Returns:
       float32 [B, N] summing to 1 per example, or None if the fusion has no attention (concat, rn).
     """
-    return attention_views(intermediates, text_mask, num_image_tokens).text_to_image
+    return attention_views(intermediates, text_mask, num_image_tokens, fusion).text_to_image
 
 
 def gate_values(params: Mapping[str, Any]) -> list[float]:
-    """tanh of every ``attn_gate`` of a gated_cross fusion, in layer order (empty for other variants)."""
+    """tanh of every ``attn_gate`` parameter, in layer order (a variant registered with ``has_gates``; else empty)."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(layers.unbox(params))[0]:
         names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]

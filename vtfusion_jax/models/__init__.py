@@ -4,27 +4,32 @@ A component spec is a mapping ``{"name": <registry key>, <field>: <value>, ...}`
 module's dataclass fields. Model-wide settings (``shared``: width, dtype, attention_impl, scan_layers,
 remat_policy) fill the fields a module has and the spec leaves unset. An unknown name or field raises a ValueError
 that lists the valid ones.
+
+Fusion variants register themselves (``@register_fusion``, models/registry.py) with what their consumers need;
+``fusion_info(name)`` returns that entry. Modules outside the package are imported here from the comma-separated
+``VTFUSION_PLUGINS`` environment variable (module names on ``sys.path``), so a variant defined in one is known to
+train.py, eval.py and every script without an edit (docs/adding_a_variant.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 
-from vtfusion_jax.models.film import FiLMFusion
-from vtfusion_jax.models.fusion import FUSIONS
+from vtfusion_jax.models import film, fusion, probe  # noqa: F401  (importing registers their variants)
+from vtfusion_jax.models.fusion import FusionBase, FusionOutput  # noqa: F401  (for variants defined elsewhere)
 from vtfusion_jax.models.heads import HEADS
-from vtfusion_jax.models.probe import PROBE_FUSIONS, PROBE_IMAGE_ENCODERS
+from vtfusion_jax.models.registry import FUSIONS, FusionInfo, fusion_info, register_fusion  # noqa: F401
 from vtfusion_jax.models.text import TEXT_ENCODERS
 from vtfusion_jax.models.vision import IMAGE_ENCODERS
 
-# The frozen-feature probe's parameter-free components (models/probe.py) sit beside the main registries.
-_IMAGE_ENCODERS = {**IMAGE_ENCODERS, **PROBE_IMAGE_ENCODERS}
-_FUSIONS = {**FUSIONS, **PROBE_FUSIONS}
-_FUSIONS["film"] = FiLMFusion  # docs/adding_a_variant.md's worked example: one module, this one line
+# The frozen-feature probe's parameter-free image encoder (models/probe.py) sits beside the main ones.
+_IMAGE_ENCODERS = {**IMAGE_ENCODERS, **probe.PROBE_IMAGE_ENCODERS}
 
 # Spec keys consumed elsewhere (checkpoint import, freezing), never passed to the module.
 NON_MODULE_KEYS = ("name", "init_from", "freeze")
@@ -40,7 +45,7 @@ def _build(kind: str, registry: Mapping[str, Any], spec: Mapping[str, Any], shar
     if name not in registry:
         raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(registry)}")
     entry = registry[name]
-    cls, defaults = entry if isinstance(entry, tuple) else (entry, {})
+    cls, defaults = entry if isinstance(entry, tuple) else (getattr(entry, "cls", entry), {})
     fields = _module_fields(cls)
     kwargs = dict(defaults)
     kwargs.update({k: v for k, v in shared.items() if k in fields})
@@ -65,10 +70,14 @@ def get_text_encoder(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) ->
 
 
 def get_fusion(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}) -> nn.Module:  # noqa: B006
-    """Builds a fusion variant (models/fusion.py FUSIONS, or models/probe.py ``probe``) from its spec."""
-    return _build("fusion", _FUSIONS, spec, shared)
+    """Builds a registered fusion variant (``FUSIONS``) from its spec."""
+    return _build("fusion", FUSIONS, spec, shared)
 
 
 def get_head(spec: Mapping[str, Any], shared: Mapping[str, Any] = {}, **extra) -> nn.Module:  # noqa: B006
     """Builds a task head (``classification``) from its spec; ``extra`` gives data-dependent fields (num_classes)."""
     return _build("head", HEADS, spec, shared, **extra)
+
+
+for _plugin in filter(None, (m.strip() for m in os.environ.get("VTFUSION_PLUGINS", "").split(","))):
+    importlib.import_module(_plugin)  # its @register_fusion lines run now (docs/adding_a_variant.md)

@@ -1,4 +1,4 @@
-"""FiLM fusion: the worked example of docs/adding_a_variant.md (one module + one registry line in models/__init__.py).
+"""FiLM fusion: the worked example of docs/adding_a_variant.md (one module, registered by its decorator).
 
 FiLM (Perez et al. 2018, "FiLM: Visual Reasoning with a General Conditioning Layer"): the question scales and shifts
 every channel of every image token; nothing attends to anything.
@@ -11,8 +11,15 @@ import jax.numpy as jnp
 
 from vtfusion_jax import layers
 from vtfusion_jax.models.fusion import FusionBase, FusionOutput
+from vtfusion_jax.models.registry import register_fusion
 
 
+@register_fusion(
+    "film",
+    summary="question -> image, channel-wise: the question scales and shifts every image token; nothing attends",
+    paper="FiLM (Perez et al. 2018)",
+    pooled=2,
+)
 class FiLMFusion(FusionBase):
     """FiLM (Perez et al. 2018): question -> image, channel-wise; no attention, text unchanged.
 

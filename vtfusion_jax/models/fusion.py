@@ -8,20 +8,11 @@ One interface for every variant::
 
 Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``);
 equal widths pass through untouched. Masks are True on real tokens. "LN" below is a float32 LayerNorm; all blocks
-are pre-LN residual blocks (x + f(LN(x))). Who attends to whom, per variant:
-
-  concat        text -> nothing, image -> nothing. pooled = [mean(text); mean(image)].  (the method's baseline)
-  merged        one stream: [text + e_text ; image + e_image] -> joint self-attention, everyone sees everyone.
-  cross         text -> image (cross-attention), then text -> text (self-attention), MLP. Image unchanged.
-  co_attention  per layer: text -> text and image -> image (self), then text -> image and image -> text (cross).
-  gated_cross   text -> image through tanh(alpha)-gated cross-attention and gated MLP, alpha = 0 at init.
-  bottleneck    [text ; z] and [image ; z] self-attend separately; z (n shared tokens) is averaged between them,
-                so the modalities exchange information only through z (n = 0: no exchange at all).
-  query         n learned queries q: q -> q (self), q -> image, q -> text (cross), MLP; finally text -> q.
-  rn            no attention: an MLP g over every pair of image tokens plus the question vector, summed, then f.
-
-Each variant also has ``flops_per_example(text_len, image_len)`` (forward matmul FLOPs, input projections
-excluded) and ``param_count`` below gives its parameters at a given size.
+are pre-LN residual blocks (x + f(LN(x))). Each variant is registered once (``@register_fusion``, models/registry.py)
+with a one-line summary of who attends to whom, its paper, pooled width and attention maps; its class docstring
+gives the details, and ``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input projections
+excluded). The variant table (README.md, docs/fusion_variants.md) is generated from the registry by
+scripts/fusion_table.py.
 """
 
 from __future__ import annotations
@@ -37,6 +28,7 @@ import jax.numpy as jnp
 
 from vtfusion_jax import layers
 from vtfusion_jax.attention import MultiHeadAttention, attention_flops
+from vtfusion_jax.models.registry import FUSIONS, register_fusion  # noqa: F401  (FUSIONS: the registry)
 
 FusionOutput = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -132,6 +124,12 @@ class FusionBase(nn.Module):
         return layers.mlp_flops(length, self.width, self.mlp_dim)
 
 
+@register_fusion(
+    "concat",
+    summary="nothing crosses: mean-pool each modality, concatenate (the baseline; CNN+MLP)",
+    paper="Santoro et al. 2017 (CNN+MLP baseline)",
+    pooled=2,
+)
 class ConcatFusion(FusionBase):
     """No cross-modal interaction: pool each modality and concatenate (the method's baseline; Santoro et al.'s
     CNN+MLP when followed by an MLP head). pooled = [masked_mean(text); masked_mean(image)], P = 2D."""
@@ -147,6 +145,13 @@ class ConcatFusion(FusionBase):
         return 0
 
 
+@register_fusion(
+    "merged",
+    summary="one stream: [text + e_t ; image + e_i] joint self-attention, every token sees every token",
+    paper="ViLT (Kim et al. 2021), VisualBERT (Li et al. 2019)",
+    pooled=2,
+    attention_maps={"joint": "self_attn"},
+)
 class MergedFusion(FusionBase):
     """Merged attention, single stream (ViLT, Kim et al. 2021; VisualBERT, Li et al. 2019).
 
@@ -203,6 +208,14 @@ class MergedFusion(FusionBase):
         return self.num_layers * (self._attn(n, n) + self._mlp(n))
 
 
+@register_fusion(
+    "cross",
+    summary="text -> image cross-attention, then text self-attention and MLP; image unchanged (image_pool, "
+    "pool_product: an image summary beside the text mean)",
+    paper="one-way half of ViLBERT / LXMERT; pool_product: Antol et al. 2015",
+    pooled=lambda f: (1 if f.image_pool == "none" else 3 if f.pool_product else 2) * f.width,
+    attention_maps={"text_to_image": "cross_attn"},
+)
 class CrossFusion(FusionBase):
     """One-way cross-attention (the text-to-image half of ViLBERT/LXMERT; the "cross" model of the method).
 
@@ -281,6 +294,13 @@ class CoAttentionBlock(nn.Module):
         return (t, i), None
 
 
+@register_fusion(
+    "co_attention",
+    summary="per layer: text -> text, image -> image, then text -> image and image -> text",
+    paper="ViLBERT (Lu et al. 2019), LXMERT (Tan & Bansal 2019), METER (Dou et al. 2022)",
+    pooled=2,
+    attention_maps={"text_to_image": "text_to_image", "image_to_text": "image_to_text"},
+)
 class CoAttentionFusion(FusionBase):
     """Co-attention, two streams exchanging cross-attention both ways every layer
     (ViLBERT, Lu et al. 2019; LXMERT, Tan & Bansal 2019; METER, Dou et al. 2022).
@@ -339,6 +359,14 @@ class GatedCrossBlock(nn.Module):
         return t, None
 
 
+@register_fusion(
+    "gated_cross",
+    summary="text -> image through tanh(alpha)-gated cross-attention and gated MLP, alpha = 0 at init",
+    paper="Flamingo (Alayrac et al. 2022)",
+    pooled=1,
+    attention_maps={"text_to_image": "cross_attn"},
+    has_gates=True,
+)
 class GatedCrossFusion(FusionBase):
     """Tanh-gated cross-attention (Flamingo, Alayrac et al. 2022): text -> image, gates initialised to 0 so that at
     initialisation the text tokens leave the fusion exactly as the text encoder produced them (no final LayerNorm,
@@ -379,6 +407,13 @@ class BottleneckBlock(nn.Module):
         return (xt[:, :lt], xi[:, :li], z), None
 
 
+@register_fusion(
+    "bottleneck",
+    summary="[text ; z] and [image ; z] self-attend separately; only the n shared tokens z carry information across",
+    paper="MBT (Nagrani et al. 2021)",
+    pooled=2,
+    attention_maps={"text_stream": "text_block/self_attn", "image_stream": "image_block/self_attn"},
+)
 class BottleneckFusion(FusionBase):
     """Attention bottlenecks (MBT, Nagrani et al. 2021): the modalities exchange information only through
     ``num_bottleneck`` shared tokens z. Each stream self-attends over itself plus z; z is then averaged over the two
@@ -432,6 +467,13 @@ class QueryBlock(nn.Module):
         return q, None
 
 
+@register_fusion(
+    "query",
+    summary="n learned queries: q -> q, q -> image, q -> text, MLP; finally text -> q",
+    paper="Q-Former (BLIP-2, Li et al. 2023), Perceiver resampler (Jaegle et al. 2021)",
+    pooled=1,
+    attention_maps={"query_to_image": "image_attn", "text_to_query": "text_readout"},
+)
 class QueryFusion(FusionBase):
     """Learned queries (Q-Former, BLIP-2, Li et al. 2023; Perceiver resampler, Jaegle et al. 2021 / Flamingo).
 
@@ -462,6 +504,12 @@ class QueryFusion(FusionBase):
         return self.num_layers * per_layer + self._attn(text_len, nq)
 
 
+@register_fusion(
+    "rn",
+    summary="no attention: an MLP g over every pair of image tokens + the question vector, summed, then f",
+    paper="Relation Networks (Santoro et al. 2017)",
+    pooled=lambda f: f.mlp_dim,
+)
 class RelationNetworkFusion(FusionBase):
     """Relation Network (Santoro et al. 2017): pooled = f( sum_{i,j} g([o_i; o_j; q]) ) over all ordered pairs of
     real image tokens (objects) o_i, o_j, conditioned on the question vector q = masked_mean(text).
@@ -524,18 +572,6 @@ class RelationNetworkFusion(FusionBase):
         d, h, n = self.width, self.mlp_dim, image_len // self.token_pool**2  # pooling itself: N * D adds, not counted
         first = 2 * 2 * n * d * h + 2 * d * h
         return first + (self.g_layers - 1) * 2 * n * n * h * h + 2 * n * n * h + self.f_layers * 2 * h * h
-
-
-FUSIONS: dict[str, type[FusionBase]] = {
-    "concat": ConcatFusion,
-    "merged": MergedFusion,
-    "cross": CrossFusion,
-    "co_attention": CoAttentionFusion,
-    "gated_cross": GatedCrossFusion,
-    "bottleneck": BottleneckFusion,
-    "query": QueryFusion,
-    "rn": RelationNetworkFusion,
-}
 
 
 def param_count(

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vtfusion_jax import layers
+from vtfusion_jax.models.registry import register_fusion
 
 
 class PixelEncoder(nn.Module):
@@ -42,6 +43,11 @@ class PixelEncoder(nn.Module):
         return tokens, jnp.ones((b, 1), bool)
 
 
+@register_fusion(
+    "probe",
+    summary="nothing crosses, no parameters: [text feature; mean of the image tokens] (frozen-feature probe)",
+    paper="linear probe on frozen features (the method's baseline; docs/pretrained.md)",
+)
 class ProbeFusion(nn.Module):
     """pooled = [text feature; masked mean of image tokens] with no parameters (see the module docstring).
 
@@ -72,4 +78,3 @@ class ProbeFusion(nn.Module):
 
 
 PROBE_IMAGE_ENCODERS: dict[str, tuple[type[nn.Module], dict]] = {"pixels": (PixelEncoder, {})}
-PROBE_FUSIONS: dict[str, type[nn.Module]] = {"probe": ProbeFusion}

@@ -1,0 +1,115 @@
+"""The fusion-variant registry: a variant is one module, registered once with what its consumers need.
+
+    @register_fusion("cross", summary="text -> image, then text -> text", paper="ViLBERT ...", pooled=1,
+                     attention_maps={"text_to_image": "cross_attn"})
+    class CrossFusion(FusionBase): ...
+
+flops.py (pooled width; the class's ``flops_per_example``), viz.py (which sown attention modules make which map),
+eval (``has_gates``, ``attention_based``), the configs' variant choices and scripts/fusion_table.py (the variant
+table in README.md and docs/fusion_variants.md) read the entry and nothing else. A variant outside the package
+registers the same way; ``VTFUSION_PLUGINS`` (models/__init__.py) imports such modules (docs/adding_a_variant.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# Roles of the attention maps a variant can declare (role -> module path suffix of a sow_weights attention, e.g.
+# "cross_attn" or "text_block/self_attn"); viz.attention_views builds its views from them.
+ATTENTION_ROLES = {
+    "text_to_image": "text queries over the image tokens [B, H, L, N]",
+    "image_to_text": "image queries over the text tokens [B, H, N, L]",
+    "query_to_image": "learned queries over the image tokens [B, H, Q, N]",
+    "text_to_query": "text queries over the learned queries [B, H, L, Q] (their readout)",
+    "joint": "self-attention over [text; image] [B, H, L+N, L+N]",
+    "text_stream": "self-attention over [text; z] [B, H, L+Z, L+Z] (z: tokens shared with the image stream)",
+    "image_stream": "self-attention over [image; z] [B, H, N+Z, N+Z]",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionInfo:
+    """One registered fusion variant.
+
+    Attributes:
+      name: the registry key (``model.fusion.name``).
+      cls: the flax module; it has ``flops_per_example(text_len, image_len)`` (forward matmul FLOPs).
+      summary: one line, what attends to what.
+      paper: the paper(s) it follows.
+      pooled: width P of the pooled vector: an int k (P = k * width), a function of the built module, or None
+        (read off an abstract evaluation: flops.traced_pooled_width).
+      attention_maps: role (ATTENTION_ROLES) -> path suffix of the attention module that sows it.
+      has_gates: the variant has tanh gates ``attn_gate`` (viz.gate_values).
+    """
+
+    name: str
+    cls: type
+    summary: str
+    paper: str
+    pooled: int | Callable[[Any], int] | None = None
+    attention_maps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    has_gates: bool = False
+
+    @property
+    def attention_based(self) -> bool:
+        """Whether any of its tokens attends (it declares attention maps)."""
+        return bool(self.attention_maps)
+
+    def pooled_width(self, fusion: Any) -> int | None:
+        """P for a built module ``fusion`` of this variant, or None when only an abstract evaluation can tell."""
+        if callable(self.pooled):
+            return self.pooled(fusion)
+        return None if self.pooled is None else self.pooled * fusion.width
+
+
+FUSIONS: dict[str, FusionInfo] = {}
+
+
+def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Callable[[type], type]:
+    """Class decorator registering a fusion variant under ``name`` (fields: FusionInfo).
+
+    Args:
+      name: the registry key.
+      summary: one line, what attends to what.
+      paper: the paper(s).
+      **info: ``pooled``, ``attention_maps``, ``has_gates`` (FusionInfo).
+
+    Returns:
+      The decorator; it returns the class unchanged.
+    """
+
+    def register(cls: type) -> type:
+        if name in FUSIONS and FUSIONS[name].cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"fusion {name!r} is already registered ({FUSIONS[name].cls.__qualname__})")
+        unknown = set(info.get("attention_maps", {})) - set(ATTENTION_ROLES)
+        if unknown:
+            raise ValueError(
+                f"fusion {name!r}: unknown attention roles {sorted(unknown)}; valid: {list(ATTENTION_ROLES)}"
+            )
+        if not callable(getattr(cls, "flops_per_example", None)):
+            raise ValueError(f"fusion {name!r} needs flops_per_example(text_len, image_len)")
+        FUSIONS[name] = FusionInfo(name, cls, summary, paper, **info)
+        return cls
+
+    return register
+
+
+def fusion_info(fusion: str | Any) -> FusionInfo:
+    """The registry entry of a fusion variant.
+
+    Args:
+      fusion: its name, or a built fusion module.
+
+    Returns:
+      The FusionInfo. An unknown name raises a ValueError listing the registered ones.
+    """
+    if not isinstance(fusion, str):
+        found = [i for i in FUSIONS.values() if type(fusion) is i.cls]
+        if not found:
+            raise ValueError(f"{type(fusion).__name__} is not a registered fusion; registered: {list(FUSIONS)}")
+        return found[0]
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; valid: {sorted(FUSIONS)}")
+    return FUSIONS[fusion]
