@@ -573,13 +573,14 @@ def replace(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text, count=1)
 
 
-def render(root: str = ROOT, check: bool = False) -> dict[str, tuple[str, str]]:
-    """{file: (current text, regenerated text)} for every file with generated sections."""
+def render(root: str | None = None, check: bool = False) -> dict[str, tuple[str, str]]:
+    """{file under ``root`` (default: the repository): (current text, regenerated text)} for every file with
+    generated sections."""
     bodies: dict[tuple[str, str], str] = {(f, n): fn() for f, fns in SECTIONS.items() for n, fn in fns.items()}
     bodies.update(variants(check))
     out = {}
     for (file, name), body in bodies.items():
-        path = os.path.join(root, file)
+        path = os.path.join(root or ROOT, file)
         if path not in out:
             with open(path) as f:
                 text = f.read()

@@ -1,0 +1,146 @@
+"""scripts/run.py (one timed train + eval run into results/) and scripts/report.py (every generated section from
+results/): the numbers in the tables are the numbers in the run files, stale sections are detected, and every
+summary records commit, CPU and command."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+from train_testutil import DATA_DIR, REPO, run_script
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _module("report")
+run = _module("run")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """configs/tiny.py for 3 steps through scripts/run.py (train.py then eval.py, validation split)."""
+    tmp = tmp_path_factory.mktemp("run")
+    args = ["--name=tiny", "--config=configs/tiny.py", "--seed=1", "--split=validation", f"--workdir={tmp / 'w'}"]
+    args += [f"--results_dir={tmp / 'results'}", "--", f"--config.dataset.data_dir={DATA_DIR}"]
+    args += ["--config.train.num_steps=3"]
+    proc = run_script("scripts/run.py", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_run_records_metrics_times_and_provenance(tiny_run):
+    out = tiny_run / "results" / "tiny"
+    summary = json.load(open(out / "summary.json"))
+    evaluated = json.load(open(tiny_run / "w" / "eval" / "validation" / "metrics.json"))
+    assert json.load(open(out / "metrics.json")) == evaluated == summary["metrics"]  # eval's file, copied as is
+    assert json.load(open(out / "config.json"))["seed"] == 1  # --seed reached train.py
+    assert summary["train_seconds"] > 0 and summary["eval_seconds"] > 0 and summary["load"]["samples"] >= 1
+    assert len(summary["git_commit"]) == 40 and isinstance(summary["git_dirty"], bool)
+    assert summary["host"]["cpu"] and "cpu_isa" in summary["host"]
+    assert summary["command"].startswith("python scripts/run.py --name=tiny --config=configs/tiny.py --seed=1")
+    assert all("--config.seed=1" in c for c in summary["commands"]) and "--split=validation" in summary["commands"][1]
+    steps = [r["step"] for r in json.load(open(out / "history.json"))["train"]]
+    assert steps and max(steps) <= 3
+    # The report reads it back: the table row shows eval's accuracy and this commit.
+    r = report.run(str(out / "summary.json"))
+    assert r["metrics"]["accuracy"] == evaluated["accuracy"]
+    assert r["provenance"].startswith(f"`{summary['git_commit'][:7]}`")
+
+
+def test_run_refuses_a_used_workdir(tiny_run):
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run.main(["--name=x", "--config=configs/tiny.py", f"--workdir={tiny_run / 'w'}"])
+
+
+def test_history_splits_validation_and_train_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5, "val/accuracy": 0.5}\n')
+    assert run.history(str(path)) == {
+        "validation": [{"step": 2, "accuracy": 0.5}],
+        "train": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+    }
+    path.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl:1"):
+        run.history(str(path))
+
+
+def _summary(folder, name, accuracy, best_val, **extra):
+    folder.mkdir(parents=True)
+    s = {"name": name, "split": "test", "commands": ["python train.py A", "python eval.py A"]}
+    s.update(metrics={"accuracy": accuracy, "per_type": {"yes_no": accuracy}}, train={"best_val_accuracy": best_val})
+    s.update(train_seconds=100.0, eval_seconds=10.0, load={"mean": 1.0, "max": 2.0, "samples": 3}, **extra)
+    (folder / "summary.json").write_text(json.dumps(s))
+    (folder / "config.json").write_text(json.dumps({"train": {"num_steps": 9, "global_batch_size": 8}}))
+
+
+def test_main_job_rows_are_the_run_files_numbers(tmp_path, monkeypatch):
+    """Seeds of the main job: mean ± std of the summaries' accuracies; the target verdict from the worst seed;
+    a run without provenance says so instead of inventing a commit."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    host = {"cpu": "Zen", "cpu_isa": "AVX-512", "backend": "cpu"}
+    for seed, acc in enumerate((0.99, 0.985, 0.97)):
+        _summary(tmp_path / "easy_vqa" / f"seed{seed}", f"easy_vqa/seed{seed}", acc, 0.99, git_commit="abcdef12" * 5,
+                 host=host, command=f"python scripts/run.py --seed={seed}")  # fmt: skip
+    _summary(tmp_path / "easy_vqa_minilm", "easy_vqa_minilm", 0.8360, 0.85)  # an old run: no provenance
+    text = report.main_job()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| easy_vqa: "))
+    assert "**98.17 ± 1.04** (3 runs)" in row and "`abcdef1`, Zen (AVX-512)" in row and "--seed=2" in row
+    old = next(ln for ln in text.splitlines() if ln.startswith("| easy_vqa_minilm"))
+    assert "**83.60**" in old and "commit not recorded, CPU not recorded" in old
+    assert "**not met** (lowest 97.00 %" in text
+
+
+def test_sort_of_clevr_rows_in_registry_order_with_families(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    per_type = dict(zip(report.SUBTYPES, (1.0, 1.0, 1.0, 0.5, 0.5, 0.5), strict=True))
+    for v, acc in (("rn", 0.6), ("concat", 0.5)):
+        _summary(tmp_path / "sort_of_clevr" / f"{v}_seed0", f"sort_of_clevr/{v}_seed0", acc, acc)
+        s = json.load(open(tmp_path / "sort_of_clevr" / f"{v}_seed0" / "summary.json"))
+        s["metrics"]["per_type"] = per_type
+        (tmp_path / "sort_of_clevr" / f"{v}_seed0" / "summary.json").write_text(json.dumps(s))
+        config = {"train": {"num_steps": 9, "global_batch_size": 8}, "dataset": {"builder_kwargs": {"num_test": 5}}}
+        (tmp_path / "sort_of_clevr" / f"{v}_seed0" / "config.json").write_text(json.dumps(config))
+    rows = [ln for ln in report.sort_of_clevr_table().splitlines() if ln.startswith("| `")]
+    names = [ln.split("`")[1] for ln in rows]
+    assert names == [n for n in report.fusion_names() if n in ("rn", "concat")]
+    cells = rows[names.index("rn")].split(" | ")
+    assert cells[2:5] == ["60.00", "50.00", "100.00"]  # overall, relational, non-relational (subtype-weighted)
+    assert "Best on validation: `rn`" in report.sort_of_clevr_table()
+
+
+def test_check_detects_a_stale_section_and_rewrites_only_inside_markers(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "x.md"
+    doc.write_text("head\n<!-- BEGIN generated:a -->\nold\n<!-- END generated:a -->\ntail\n")
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    monkeypatch.setattr(report, "SECTIONS", {"docs/x.md": {"a": lambda: "| new | 1 |"}})
+    monkeypatch.setattr(report, "variants", lambda check: {})
+    assert report.main(["--check"]) == 1 and "old" in doc.read_text()  # --check writes nothing
+    assert report.main([]) == 0
+    assert doc.read_text() == "head\n<!-- BEGIN generated:a -->\n| new | 1 |\n<!-- END generated:a -->\ntail\n"
+    assert report.main(["--check"]) == 0
+    monkeypatch.setattr(report, "SECTIONS", {"docs/x.md": {"missing": lambda: ""}})
+    with pytest.raises(SystemExit, match="no generated:missing markers"):
+        report.main(["--check"])
+
+
+def test_repository_sections_are_current():
+    """README.md and docs/ match results/ (after adding a run: `python scripts/report.py`)."""
+    assert [p for p, (old, new) in report.render(REPO, check=True).items() if old != new] == []
+
+
+def test_perf_tables_carry_each_results_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "PERF", str(tmp_path))
+    r = {"command": "python benchmarks/torch_peer.py", "host": {"cpu": "Zen", "backend": "cpu"}, "git_commit": None}
+    r.update(step_s_median={"jax": 0.2, "torch_eager": 0.5}, step_s_min={"jax": 0.19, "torch_eager": 0.45})
+    r.update(mfu_measured_peak={"jax": 0.5, "torch_eager": 0.4}, speedup_vs={"torch_eager": 2.5})
+    (tmp_path / "cpu_torch_peer.json").write_text(json.dumps(r))
+    rows = [ln.split(" | ") for ln in report.perf_peer().splitlines()[2:]]
+    assert [(x[1], x[2], x[5]) for x in rows] == [("jax", "200", "1.00"), ("torch_eager", "500", "2.50x")]
+    assert "commit not recorded, Zen" in rows[0][7]
+    assert "faster than torch_eager (commit not recorded, Zen): **met** — 2.50x" in report.perf_targets()
