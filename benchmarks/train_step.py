@@ -7,19 +7,12 @@
     python benchmarks/train_step.py --config=configs/perf.py:preset=tiny            # smoke (seconds)
     python benchmarks/train_step.py --config=configs/easy_vqa.py                    # any training config
 
-What it does: builds VisionTextModel from ``config.model``, AdamW from ``config.optim`` (optim.make_optimizer),
-the sharded state (eval_shape -> shardings -> jit(init, out_shardings)) and ``jax.jit(train_step, in_shardings,
-out_shardings, donate_argnums=0)`` as training does; lowers and compiles it (timed), runs ``bench.warmup`` untimed
-steps and ``bench.steps`` timed ones (each ended by ``block_until_ready``) on one synthetic batch kept on device.
-It prints one JSON object: step times (median, min, all), examples/s, compile time, analytic FLOPs per example
-(vtfusion_jax/flops.py; train = 3x forward) beside XLA's ``cost_analysis`` of the compiled step, achieved FLOP/s,
-and MFU against (a) the FLOP/s of a large jitted matmul in the model's dtype measured in the same process and
-(b) ``bench.peak_tflops`` (datasheet, per device) when given.
-
-Runs on jax + flax + optax + numpy alone: no TensorFlow / TFDS / ml_collections import (a config module with
-``plain_config`` is read as plain dicts; other configs need ml_collections). ``--config.KEY=VALUE`` overrides any
-field. The train step mirrors ``train_lib.train_step`` (tests/test_benchmarks.py checks they agree), which this
-file cannot import because train_lib pulls in the data pipeline.
+Builds the model, optimiser and sharded state as training does, jits the step (``make_train_step`` over
+``losses.classification_loss``, donated state), compiles it (timed) and times ``bench.steps`` steps on one synthetic
+on-device batch. Prints one JSON object: step times, examples/s, compile time, analytic FLOPs (flops.py) beside XLA's
+``cost_analysis``, MFU against a matmul peak measured in the same process (and ``bench.peak_tflops`` if given), and
+the provenance (commit, host, command). Needs jax + flax + optax + numpy only (configs/perf.py is read as plain dicts;
+other configs need ml_collections); also the shared command line of the benchmarks (parser, alternate, record).
 """
 
 from __future__ import annotations

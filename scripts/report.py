@@ -398,56 +398,51 @@ def _perf_load(r: dict) -> str:
     return f"{a[0]:.2f}" + (f" / {b[0]:.2f}" if b else "") if a else "-"
 
 
+def table(header: str, rows: list[list]) -> str:
+    """A markdown table: ``header`` is "A | B | ...", each row a list of cells."""
+    n = header.count("|") + 1
+    return "\n".join([f"| {header} |", "|" + "---|" * n, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
+def _tail(r: dict) -> list[str]:
+    return [_perf_load(r), provenance(r), f"`{r['command']}`"]
+
+
 def _step_rows(rows: dict[str, dict], order: list[str]) -> str:
-    lines = [
-        "| Run | examples/s | step ms (median) | GFLOP / step | GFLOP/s | MFU (measured peak) | compile s | params (M) "
-        "| load 1-min | commit, CPU | command |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
+    header = (
+        "Run | examples/s | step ms (median) | GFLOP / step | GFLOP/s | MFU (measured peak) | compile s | params (M)"
+    )
+    out = []
     for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
         r = rows[name]
         mfu = f"{100 * r['mfu_measured_peak']:.1f} %" if r.get("mfu_measured_peak") else "-"
-        lines.append(
-            f"| `{name}` | {r['examples_per_s']:.1f} | {_ms(r['step_s_median'])} "
-            f"| {r['flops_per_step_train'] / 1e9:.1f} "
-            f"| {r['achieved_flops_per_s'] / 1e9:.0f} | {mfu} | {r['compile']['total_s']:.1f} "
-            f"| {r['num_params'] / 1e6:.2f} | {_perf_load(r)} | {provenance(r)} | `{r['command']}` |"
-        )
-    return "\n".join(lines)
+        out.append([f"`{name}`", f"{r['examples_per_s']:.1f}", _ms(r["step_s_median"]),
+                    f"{r['flops_per_step_train'] / 1e9:.1f}", f"{r['achieved_flops_per_s'] / 1e9:.0f}", mfu,
+                    f"{r['compile']['total_s']:.1f}", f"{r['num_params'] / 1e6:.2f}", *_tail(r)])  # fmt: skip
+    return table(header + " | load 1-min | commit, CPU | command", out)
 
 
 def perf_peer() -> str:
     """docs/performance.md: ours vs PyTorch eager / torch.compile, one table row per implementation and host."""
-    lines = [
-        "| Host | Implementation | step ms (median) | step ms (min) | MFU (own measured peak) | slower than ours "
-        "| load 1-min | commit, CPU | command |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
+    rows = []
     for host, r in _perf("cpu_torch_peer").items():
         for impl, t in r["step_s_median"].items():
             ratio = "1.00" if impl == "jax" else f"{r['speedup_vs'][impl]:.2f}x"
-            lines.append(
-                f"| {host.strip('_') or 'latest'} | {impl} | {_ms(t)} | {_ms(r['step_s_min'][impl])} | "
-                f"{100 * r['mfu_measured_peak'][impl]:.1f} % | {ratio} | {_perf_load(r)} | {provenance(r)} "
-                f"| `{r['command']}` |"
-            )
-    return "\n".join(lines)
+            mfu = f"{100 * r['mfu_measured_peak'][impl]:.1f} %"
+            rows.append([host.strip("_") or "latest", impl, _ms(t), _ms(r["step_s_min"][impl]), mfu, ratio, *_tail(r)])
+    header = "Host | Implementation | step ms (median) | step ms (min) | MFU (own measured peak) | slower than ours"
+    return table(header + " | load 1-min | commit, CPU | command", rows)
 
 
 def perf_weight_grad() -> str:
     """docs/performance.md: the Dense kernel gradient, plain vs transposed-first (benchmarks/weight_grad.py)."""
-    lines = [
-        "| Kernel gradient | step ms (median) | step ms (min) | final loss | commit, CPU | command |",
-        "|---|---:|---:|---:|---|---|",
-    ]
+    out = []
     for r in _perf("cpu_weight_grad").values():
-        for side, t in r["step_s_median"].items():
-            lines.append(
-                f"| {side} | {_ms(t)} | {_ms(r['step_s_min'][side])} | {r['final_loss'][side]:.6f} | {provenance(r)} "
-                f"| `{r['command']}` |"
-            )
-        lines += ["", f"plain / transposed step time: **{r['plain_over_transposed']:.2f}x**."]
-    return "\n".join(lines)
+        rows = [[s, _ms(t), _ms(r["step_s_min"][s]), f"{r['final_loss'][s]:.6f}", *_tail(r)]
+                for s, t in r["step_s_median"].items()]  # fmt: skip
+        head = "Kernel gradient | step ms (median) | step ms (min) | final loss | load 1-min | commit, CPU | command"
+        out += [table(head, rows), "", f"plain / transposed step time: **{r['plain_over_transposed']:.2f}x**."]
+    return "\n".join(out)
 
 
 def perf_fusions() -> str:
@@ -465,18 +460,9 @@ def perf_switches() -> str:
 def perf_compile() -> str:
     """docs/performance.md: compile time by depth (scan vs unrolled) and with the persistent cache."""
     rows = _perf("cpu_compile_") | {f"cache_{k}": v for k, v in _perf("cpu_cache_").items()}
-    lines = [
-        "| Run | trace s | compile s | total s | params (M) | load 1-min | commit, CPU | command |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for name, r in sorted(rows.items()):
-        c = r["compile"]
-        lines.append(
-            f"| `{name}` | {c['trace_s']:.1f} | {c['compile_s']:.1f} | {c['total_s']:.1f} "
-            f"| {r['num_params'] / 1e6:.1f} "
-            f"| {_perf_load(r)} | {provenance(r)} | `{r['command']}` |"
-        )
-    return "\n".join(lines)
+    cells = [[f"`{n}`", *(f"{r['compile'][k]:.1f}" for k in ("trace_s", "compile_s", "total_s")),
+              f"{r['num_params'] / 1e6:.1f}", *_tail(r)] for n, r in sorted(rows.items())]  # fmt: skip
+    return table("Run | trace s | compile s | total s | params (M) | load 1-min | commit, CPU | command", cells)
 
 
 def perf_gpu() -> str:
@@ -486,9 +472,9 @@ def perf_gpu() -> str:
         return (
             "Not measured yet: `python benchmarks/gpu_bench.py` on one H100/H200, then commit results/perf/gpu_*.json."
         )
-    out = _step_rows(rows, ["cudnn", "xla"])
     mfu = [f"`{k}` {100 * r['mfu_datasheet']:.1f} %" for k, r in rows.items() if r.get("mfu_datasheet")]
-    return out + ("\n\nMFU against the 989 TFLOP/s bf16 datasheet peak: " + ", ".join(mfu) + "." if mfu else "")
+    note = "\n\nMFU against the 989 TFLOP/s bf16 datasheet peak: " + ", ".join(mfu) + "." if mfu else ""
+    return _step_rows(rows, ["cudnn", "xla"]) + note
 
 
 def perf_targets() -> str:
