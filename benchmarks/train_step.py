@@ -11,8 +11,8 @@ Builds the model, optimiser and sharded state as training does, jits the step (`
 ``losses.classification_loss``, donated state), compiles it (timed) and times ``bench.steps`` steps on one synthetic
 on-device batch. Prints one JSON object: step times, examples/s, compile time, analytic FLOPs (flops.py) beside XLA's
 ``cost_analysis``, MFU against a matmul peak measured in the same process (and ``bench.peak_tflops`` if given), and
-the provenance (commit, host, command). Needs jax + flax + optax + numpy only (configs/perf.py is read as plain dicts;
-other configs need ml_collections); also the shared command line of the benchmarks (parser, alternate, record).
+the provenance (commit, host, command). Configs with ``plain_config`` (configs/perf.py) are read as plain dicts.
+Also the command line the benchmarks share (parser, parse, prepare, alternate, record).
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import struct
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vtfusion_jax import flops as flops_lib  # noqa: E402
 from vtfusion_jax import losses, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
+from vtfusion_jax.train_lib import TrainState, make_train_step  # noqa: E402  (the library's own step)
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
 BENCH_DEFAULTS = dict(
@@ -174,40 +173,6 @@ def _set(cfg: dict, key: str, raw: str) -> None:
 # ----------------------------------------------------------------------------------------------- the step
 
 
-@struct.dataclass
-class TrainState:
-    """train_lib.TrainState's fields (step, params, opt_state, rng)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-
-
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
-    """The shape of ``train_lib.make_train_step``: ``loss_fn(params, batch, rng) -> (loss, aux)`` -> ``step(state,
-    batch) -> (state, metrics)``. Kept here only while train_lib cannot be imported without the data pipeline;
-    STEP below is the one line to switch to the library's."""
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        skip = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)) & skip_nonfinite
-        params, opt_state = jax.tree.map(
-            lambda a, b: jnp.where(skip, a, b), (state.params, state.opt_state), (params, opt_state)
-        )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": skip.astype(jnp.int32), **aux}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return step
-
-
-STEP = make_train_step  # the switch: train_lib.make_train_step once it imports without TFDS
-
-
 def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
     """A host batch with the model's input shapes: uniform images, random token ids, random text lengths
     (>= half the length; the rest is padding), random labels."""
@@ -270,7 +235,7 @@ class Bench:
         self.state = state
         batch_sh = sharding.batch_sharding(self.mesh)
         self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
-        step = STEP(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
+        step = make_train_step(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
         self.step_fn = jax.jit(
             step,
             in_shardings=(self.state_shardings, batch_sh),
