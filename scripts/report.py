@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -91,6 +90,13 @@ def _load(rs: list[dict]) -> str:
     return f"{sum(x['mean'] for x in loads) / len(loads):.1f} / {max(x['max'] for x in loads):.1f}"
 
 
+def table(header: str, rows: list[list], align: str = "") -> str:
+    """A markdown table: ``header`` is "A | B | ...", each row a list of cells; ``align`` one "l"/"r" per column."""
+    n = header.count("|") + 1
+    sep = "".join("---:|" if a == "r" else "---|" for a in align.ljust(n, "l"))
+    return "\n".join([f"| {header} |", "|" + sep, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
 def fusion_names() -> list[str]:
     """Registered fusion variants, in registration order (the table order)."""
     from vtfusion_jax.models import FUSIONS
@@ -114,27 +120,25 @@ def _group(name: str) -> list[dict]:
 
 def main_job() -> str:
     """The easy-VQA rows, and the main job against its target."""
+    rows = []
+    for name, what in MAIN_ROWS.items():
+        if rs := _group(name):
+            m = [r["metrics"] for r in rs]
+            rows.append([
+                f"{name}: {what}", f"**{pct([x['accuracy'] for x in m])}** ({len(rs)} run{'s' * (len(rs) > 1)})",
+                ", ".join(f"{k} {pct([x['per_type'][k] for x in m])}" for k in m[0]["per_type"]),
+                pct([r["best_val"] for r in rs]), f"{_mean_std([r['train_s'] for r in rs])[0]:.0f}",
+                f"{_mean_std([r['eval_s'] for r in rs])[0]:.0f}", _load(rs), rs[0]["provenance"],
+                "; ".join(f"`{r['command']}`" for r in rs),
+            ])  # fmt: skip
+    head = "Run | Test accuracy % | Per question type % | Best val. % | Train s | Eval s | Load | Commit, CPU | Command"
     lines = [
         f"Each row: `{RUN}` (`python train.py`, then `python eval.py --split=test`, both timed; files in "
         "`results/NAME/`). Load: mean / max 1-minute load average during the run (above the CPU count the times "
         "are inflated by other jobs).",
         "",
-        "| Run | Test accuracy % | Per question type % | Best val. % | Train s | Eval s | Load | Commit, CPU "
-        "| Command |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|",
+        table(head, rows, "lrlrrrrll"),
     ]
-    for name, what in MAIN_ROWS.items():
-        rs = _group(name)
-        if not rs:
-            continue
-        m = [r["metrics"] for r in rs]
-        types = ", ".join(f"{k} {pct([x['per_type'][k] for x in m])}" for k in m[0]["per_type"])
-        cmds = "; ".join(f"`{r['command']}`" for r in rs)
-        lines.append(
-            f"| {name}: {what} | **{pct([x['accuracy'] for x in m])}** ({len(rs)} run{'s' * (len(rs) > 1)}) | "
-            f"{types} | {pct([r['best_val'] for r in rs])} | {_mean_std([r['train_s'] for r in rs])[0]:.0f} | "
-            f"{_mean_std([r['eval_s'] for r in rs])[0]:.0f} | {_load(rs)} | {rs[0]['provenance']} | {cmds} |"
-        )
     rs = _group("easy_vqa")
     if rs:
         worst = min(r["metrics"]["accuracy"] for r in rs)
@@ -231,43 +235,34 @@ def input_pipeline() -> str:
     meta = _read(os.path.join(folder, "run.json"))
     with open(os.path.join(folder, "benchmark.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    lines = [
+    cells = [[r["dataset"], f"{r['num_train_examples']:,d}",
+              f"{r['build_s']:.1f}" if r.get("build_s") is not None else "(already built)",
+              f"{r['host_single_thread_examples_per_s']:,.0f}", f"{r['iterator_examples_per_s']:,.0f}"]
+             for r in rows]  # fmt: skip
+    head = "Dataset | Train examples | Build s (once) | Host decode, 1 thread (ex/s) | Train iterator, batch 256 (ex/s)"
+    return (
         f"`{meta['command']}` on {meta['date'][:10]} ({provenance(meta)}; load {meta['loadavg_before']}–"
-        f"{meta['loadavg_after']}).",
-        "",
-        "| Dataset | Train examples | Build s (once) | Host decode, 1 thread (ex/s) "
-        "| Train iterator, batch 256 (ex/s) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "(already built)"
-        lines.append(
-            f"| {r['dataset']} | {r['num_train_examples']:,d} | {build} | "
-            f"{r['host_single_thread_examples_per_s']:,.0f} | {r['iterator_examples_per_s']:,.0f} |"
-        )
-    return "\n".join(lines)
+        f"{meta['loadavg_after']}).\n\n" + table(head, cells, "lrrrr")
+    )
 
 
 def reliability() -> str:
     """README: the archived reliability figures (results/archive/reliability/figures.json)."""
     f = _read(os.path.join(RESULTS, "archive", "reliability", "figures.json"))
     c, mp, st = f["chaos"], f["multiprocess"], f["sigterm"]
-    lines = [
-        f"Measured on {f['measured']} ({f['machine']}; commit not recorded); `results/archive/reliability/`.",
-        "",
-        "| Figure | Value | Command |",
-        "|---|---|---|",
-        f"| SIGKILLs survived | **{c['kills_survived']}** ({c['kills_mid_checkpoint_write']} mid-checkpoint-write), "
-        f"final params bit-identical: {c['params_bit_identical']} | `{c['command']}` |",
-        f"| 2 processes x 4 devices vs 1 x 8 | max loss difference **{mp['max_abs_loss_difference']:.1e}** "
-        f"| `{mp['command']}` |",
-        f"| SIGTERM to a clean exit 0 | **{st['max_seconds']:.1f} s** at most (limit {st['limit_seconds']} s) "
-        f"| `{st['command']}` |",
-    ]
+    rows = [
+        [f"SIGKILLs survived | **{c['kills_survived']}** ({c['kills_mid_checkpoint_write']} mid-checkpoint-write), "
+         f"final params bit-identical: {c['params_bit_identical']}", f"`{c['command']}`"],
+        [f"2 processes x 4 devices vs 1 x 8 | max loss difference **{mp['max_abs_loss_difference']:.1e}**",
+         f"`{mp['command']}`"],
+        [f"SIGTERM to a clean exit 0 | **{st['max_seconds']:.1f} s** at most (limit {st['limit_seconds']} s)",
+         f"`{st['command']}`"],
+    ]  # fmt: skip
     for name, outcomes in sorted(f["bad_input"]["classes"].items()):
         text = "; ".join(f"{n} x {o}" for o, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
-        lines.append(f"| bad input: {name} | {text} | `pytest tests/test_bad_input.py` |")
-    return "\n".join(lines)
+        rows.append([f"bad input: {name}", text, "`pytest tests/test_bad_input.py`"])
+    intro = f"Measured on {f['measured']} ({f['machine']}; commit not recorded); `results/archive/reliability/`."
+    return intro + "\n\n" + table("Figure | Value | Command", rows)
 
 
 # ----------------------------------------------------------------------------------------------- docs/results.md
@@ -275,70 +270,44 @@ def reliability() -> str:
 
 def task_tables() -> str:
     """docs/results.md: retrieval and captioning rows (every results/*/ run of those tasks)."""
-    all_runs = [r for r in runs("*") if r["summary"].get("task") in ("retrieval", "caption")]
-    lines = []
-    for r in all_runs:
-        m = r["metrics"]
+    out = []
+    for r in [r for r in runs("*") if r["summary"].get("task") in ("retrieval", "caption")]:
+        m, tail = r["metrics"], [r["steps"], f"{r['train_s']:.0f} + {r['eval_s']:.0f}", _load([r]), r["provenance"]]
+        tail.append(f"`{r['command']}`")
         if r["summary"]["task"] == "retrieval":
-
-            def rk(p, m=m):
-                return " / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10))
-
-            lines += [
-                "| Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i | steps "
-                "| train + eval s | load | commit, CPU | command |",
-                "|---|---:|---|---|---|---|---:|---:|---:|---|---|",
-                f"| {r['name']} | {m['num_images']} | {rk('itc_i2t')} | {rk('itc_t2i')} | {rk('rerank_i2t')} | "
-                f"{rk('rerank_t2i')} | {r['steps']} | {r['train_s']:.0f} + {r['eval_s']:.0f} | {_load([r])} | "
-                f"{r['provenance']} | `{r['command']}` |",
-                "",
-            ]
+            rk = [" / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10)) for p in RETRIEVAL]
+            head = "Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i"
+            out.append(table(head + TASK_TAIL, [[r["name"], m["num_images"], *rk, *tail]], "lrllllrrrll"))
         else:
             kv = f"{m['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in m else "not measured"
-            lines += [
-                "| Captioning run | images | greedy BLEU-4 / CIDEr-D / exact % | beam BLEU-4 / CIDEr-D / exact % "
-                "| KV-cache speedup | steps | train + eval s | load | commit, CPU | command |",
-                "|---|---:|---|---|---:|---:|---:|---:|---|---|",
-                f"| {r['name']} | {m['num_images']} | {m['greedy_bleu4']:.3f} / {m['greedy_cider_d']:.2f} / "
-                f"{100 * m['greedy_exact_match']:.1f} | {m['beam_bleu4']:.3f} / {m['beam_cider_d']:.2f} / "
-                f"{100 * m['beam_exact_match']:.1f} | {kv} | {r['steps']} | {r['train_s']:.0f} + {r['eval_s']:.0f} "
-                f"| {_load([r])} | {r['provenance']} | `{r['command']}` |",
-                "",
-            ]
-    return "\n".join(lines).strip() or "No retrieval or captioning run recorded yet."
+            cap = [f"{m[f'{d}_bleu4']:.3f} / {m[f'{d}_cider_d']:.2f} / {100 * m[f'{d}_exact_match']:.1f}"
+                   for d in ("greedy", "beam")]  # fmt: skip
+            head = "Captioning run | images | greedy BLEU-4 / CIDEr-D / exact % | beam BLEU-4 / CIDEr-D / exact % "
+            out.append(table(head + "| KV-cache speedup" + TASK_TAIL, [[r["name"], m["num_images"], *cap, kv, *tail]],
+                             "lrllrrrrll"))  # fmt: skip
+    return "\n\n".join(out) or "No retrieval or captioning run recorded yet."
+
+
+RETRIEVAL = ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i")
+TASK_TAIL = " | steps | train + eval s | load | commit, CPU | command"
 
 
 def multiscale() -> str:
     """docs/results.md: single- vs multi-scale image tokens (results/multiscale/<dataset>_<single|multi>/)."""
-    lines = []
+    out = []
     for dataset in ("easy_vqa", "sort_of_clevr"):
-        rs = runs(f"multiscale/{dataset}_*")
-        if not rs:
+        if not (rs := runs(f"multiscale/{dataset}_*")):
             continue
-        for r in rs:
-            r["metrics"]["per_type"] = (
-                families(r["metrics"]["per_type"], r["config"], r["summary"]["split"])
-                if dataset == "sort_of_clevr"
-                else r["metrics"]["per_type"]
-            )
+        if dataset == "sort_of_clevr":
+            for r in rs:
+                r["metrics"]["per_type"] = families(r["metrics"]["per_type"], r["config"], r["summary"]["split"])
         types = ["relational", "non_relational"] if dataset == "sort_of_clevr" else list(rs[0]["metrics"]["per_type"])
-        lines += [
-            f"**{dataset}**",
-            "",
-            "| Run | image scales | test % | " + " | ".join(f"{t} %" for t in types) + " | train s | load | "
-            "commit, CPU | command |",
-            "|---|---|---:|" + "---:|" * len(types) + "---:|---:|---|---|",
-        ]
-        for r in rs:
-            m = r["metrics"]
-            scales = r["config"]["model"]["image_encoder"].get("scales") or "last"
-            lines.append(
-                f"| {r['name']} | {scales} | {100 * m['accuracy']:.2f} | "
-                + " | ".join(f"{100 * m['per_type'][t]:.2f}" for t in types)
-                + f" | {r['train_s']:.0f} | {_load([r])} | {r['provenance']} | `{r['command']}` |"
-            )
-        lines.append("")
-    return "\n".join(lines).strip() or "No multi-scale runs recorded yet."
+        rows = [[r["name"], r["config"]["model"]["image_encoder"].get("scales") or "last",
+                 f"{100 * r['metrics']['accuracy']:.2f}", *(f"{100 * r['metrics']['per_type'][t]:.2f}" for t in types),
+                 f"{r['train_s']:.0f}", _load([r]), r["provenance"], f"`{r['command']}`"] for r in rs]  # fmt: skip
+        head = " | ".join(["Run | image scales | test %", *(f"{t} %" for t in types), "train s | load | commit, CPU"])
+        out.append(f"**{dataset}**\n\n" + table(head + " | command", rows, "llr" + "r" * len(types) + "rrll"))
+    return "\n\n".join(out) or "No multi-scale runs recorded yet."
 
 
 def sort_of_clevr_table() -> str:
@@ -347,24 +316,23 @@ def sort_of_clevr_table() -> str:
     if not rs:
         return "No Sort-of-CLEVR runs recorded yet."
     t0 = next(iter(rs.values()))[0]["config"]["train"]
+    head = " | ".join(["Variant | Seeds | Overall | Relational | Non-rel.", *(s.capitalize() for s in SUBTYPES)])
+    rows = []
+    for v, group in rs.items():
+        rows.append([
+            f"`{v}`", ",".join(re.sub(r".*_seed", "", r["name"]) for r in group),
+            pct([r["metrics"]["accuracy"] for r in group]),
+            *(pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)),
+            pct([r["best_val"] for r in group]), f"{_mean_std([r['train_s'] for r in group])[0]:.0f}", _load(group),
+            group[0]["provenance"],
+        ])  # fmt: skip
     lines = [
         f"Each row: `python scripts/run.py --name=sort_of_clevr/VARIANT_seedK "
         f"--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K`; budget {t0['num_steps']} steps x "
         f"{t0['global_batch_size']} questions. Test accuracy %, mean ± std over seeds; model selection on validation.",
         "",
-        "| Variant | Seeds | Overall | Relational | Non-rel. | "
-        + " | ".join(s.capitalize() for s in SUBTYPES)
-        + " | Best val. | Train s | Load | Commit, CPU |",
-        "|---|---|" + "---:|" * (4 + len(SUBTYPES)) + "---:|---:|---|",
+        table(head + " | Best val. | Train s | Load | Commit, CPU", rows, "ll" + "r" * (4 + len(SUBTYPES)) + "rrl"),
     ]
-    for v, group in rs.items():
-        seeds = ",".join(re.sub(r".*_seed", "", r["name"]) for r in group)
-        cells = [pct([r["metrics"]["accuracy"] for r in group])]
-        cells += [
-            pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)
-        ]
-        cells += [pct([r["best_val"] for r in group]), f"{_mean_std([r['train_s'] for r in group])[0]:.0f}"]
-        lines.append(f"| `{v}` | {seeds} | " + " | ".join([*cells, _load(group), group[0]["provenance"]]) + " |")
     budgets = {
         (r["config"]["train"]["num_steps"], r["config"]["train"]["global_batch_size"]) for g in rs.values() for r in g
     }
@@ -396,12 +364,6 @@ def _ms(x: float) -> str:
 def _perf_load(r: dict) -> str:
     a, b = r.get("loadavg_start"), r.get("loadavg_end")
     return f"{a[0]:.2f}" + (f" / {b[0]:.2f}" if b else "") if a else "-"
-
-
-def table(header: str, rows: list[list]) -> str:
-    """A markdown table: ``header`` is "A | B | ...", each row a list of cells."""
-    n = header.count("|") + 1
-    return "\n".join([f"| {header} |", "|" + "---|" * n, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
 
 
 def _tail(r: dict) -> list[str]:
@@ -512,16 +474,12 @@ def perf_targets() -> str:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def variants(check: bool) -> dict[tuple[str, str], str]:
+def variants() -> dict[tuple[str, str], str]:
     """The variant tables: {(file, section name): body} from scripts/fusion_table.py's render_sections()."""
     spec = importlib.util.spec_from_file_location("fusion_table", os.path.join(ROOT, "scripts", "fusion_table.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if hasattr(module, "render_sections"):  # {name: body}, for each of its TARGETS files
-        return {(t, n): body for t in module.TARGETS for n, body in module.render_sections().items()}
-    if not check:  # a fusion_table.py that writes its own file
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fusion_table.py")], cwd=ROOT, check=True)
-    return {}
+    return {(t, n): body for t in module.TARGETS for n, body in module.render_sections().items()}
 
 
 SECTIONS: dict[str, dict[str, Callable[[], str]]] = {
@@ -559,11 +517,11 @@ def replace(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text, count=1)
 
 
-def render(root: str | None = None, check: bool = False) -> dict[str, tuple[str, str]]:
+def render(root: str | None = None) -> dict[str, tuple[str, str]]:
     """{file under ``root`` (default: the repository): (current text, regenerated text)} for every file with
     generated sections."""
     bodies: dict[tuple[str, str], str] = {(f, n): fn() for f, fns in SECTIONS.items() for n, fn in fns.items()}
-    bodies.update(variants(check))
+    bodies.update(variants())
     out = {}
     for (file, name), body in bodies.items():
         path = os.path.join(root or ROOT, file)
@@ -584,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a section differs from what results/ gives")
     a = p.parse_args(argv)
     stale = []
-    for path, (old, new) in render(check=a.check).items():
+    for path, (old, new) in render().items():
         if old != new:
             stale.append(os.path.relpath(path, ROOT))
             if not a.check:

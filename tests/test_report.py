@@ -119,7 +119,7 @@ def test_check_detects_a_stale_section_and_rewrites_only_inside_markers(tmp_path
     doc.write_text("head\n<!-- BEGIN generated:a -->\nold\n<!-- END generated:a -->\ntail\n")
     monkeypatch.setattr(report, "ROOT", str(tmp_path))
     monkeypatch.setattr(report, "SECTIONS", {"docs/x.md": {"a": lambda: "| new | 1 |"}})
-    monkeypatch.setattr(report, "variants", lambda check: {})
+    monkeypatch.setattr(report, "variants", dict)
     assert report.main(["--check"]) == 1 and "old" in doc.read_text()  # --check writes nothing
     assert report.main([]) == 0
     assert doc.read_text() == "head\n<!-- BEGIN generated:a -->\n| new | 1 |\n<!-- END generated:a -->\ntail\n"
@@ -131,7 +131,7 @@ def test_check_detects_a_stale_section_and_rewrites_only_inside_markers(tmp_path
 
 def test_repository_sections_are_current():
     """README.md and docs/ match results/ (after adding a run: `python scripts/report.py`)."""
-    assert [p for p, (old, new) in report.render(REPO, check=True).items() if old != new] == []
+    assert [p for p, (old, new) in report.render(REPO).items() if old != new] == []
 
 
 def test_perf_tables_carry_each_results_numbers(tmp_path, monkeypatch):

@@ -1,22 +1,14 @@
 """Keeps freed host memory for reuse, so that XLA:CPU's per-step buffers are not mapped and page-faulted anew.
 
-On the CPU backend every execution of a compiled step allocates its temporary buffer (675 MiB for the shared
-benchmark model of configs/perf.py) with malloc and frees it at the end. glibc serves blocks that large with a fresh
-``mmap`` and returns them with ``munmap``, so each step touches ~170,000 new 4 KiB pages: the kernel faults and
-zeroes every one of them (~178,000 minor page faults per step for that model; tests/test_linear.py checks that the
-options below remove them, and benchmarks/profile_step.py reports the count per step).
+On the CPU backend every step mallocs and frees its large temporary buffer; glibc serves such blocks with a fresh
+``mmap`` and returns them with ``munmap``, so the kernel faults and zeroes every page of it each step.
+``reuse_freed_memory()`` sets three glibc malloc options (``mallopt``): one arena (M_ARENA_MAX=1), no mmap for large
+blocks (M_MMAP_MAX=0) and no trimming of the heap top below 2 GiB (M_TRIM_THRESHOLD), so the next step reuses the
+freed buffer (tests/test_linear.py checks that the page faults go away). The cost: the process keeps its peak heap.
 
-``reuse_freed_memory()`` sets three glibc malloc options (``mallopt``): one arena (M_ARENA_MAX=1, so that every thread
-allocates from the main heap), no mmap for large blocks (M_MMAP_MAX=0: they come from the heap) and no trimming of
-the heap top below 2 GiB (M_TRIM_THRESHOLD). The buffer freed at the end of a step is then reused by the next step:
-0 page faults per step. The cost: the process keeps its peak heap (it was going to need it again next step) and all
-threads share one malloc arena (small allocations still go through glibc's per-thread cache).
-
-It must run before jax starts its backend (XLA's threads pick their malloc arena when they start; measured: called
-after ``jax.default_backend()`` it changes nothing): the entry points (train.py, eval.py, and every CPU
-benchmark through ``bench_args.prepare`` in benchmarks/) call it first thing, when jax will run on the CPU (on GPU/TPU
-the step's buffers live on the device). ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off. It is a no-op where
-glibc is not the C library (macOS, musl). Stdlib only: importing this module does not import jax.
+It must run before jax starts its backend (XLA's threads pick their malloc arena when they start): the entry points
+and the CPU benchmarks (``prepare`` in benchmarks/train_step.py) call it first thing when jax will run on the CPU.
+``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off; it is a no-op where glibc is not the C library. Stdlib only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Metrics (free functions on numpy arrays) and metric writers (TensorBoard event files + metrics.jsonl).
 
-Classification: accuracy overall and per question type, confusion matrix, top-k accuracy.
-Retrieval: recall@K from a similarity matrix (one match per query; several captions per image and BLEU-4 / CIDEr-D
-are in metrics_caption.py).
+Classification: accuracy overall and per question type, confusion matrix (retrieval and caption metrics live with
+their tasks and in metrics_caption.py).
 """
 
 from __future__ import annotations
@@ -60,11 +59,6 @@ def per_type_accuracy(
     return out
 
 
-def counts_to_accuracy(correct: np.ndarray, total: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-    """{name: correct / total} for per-type counts accumulated on device (types with no examples omitted)."""
-    return {n: float(c / t) for n, c, t in zip(names, correct, total, strict=True) if t > 0}
-
-
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, valid: np.ndarray | None = None):
     """Counts ``m[true, predicted]`` over valid rows. Returns int64 [C, C]."""
     pred, label = np.asarray(pred), np.asarray(label)
@@ -72,28 +66,6 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, vali
     m = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(m, (label[valid], pred[valid]), 1)
     return m
-
-
-def top_k_accuracy(probs: np.ndarray, label: np.ndarray, k: int) -> float:
-    """Share of rows whose label is among the k highest scores. probs: [N, C], label: [N]."""
-    top = np.argsort(-np.asarray(probs), axis=-1)[:, :k]
-    return float(np.mean(np.any(top == np.asarray(label)[:, None], axis=-1)))
-
-
-def recall_at_k(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Retrieval recall@K where query i's match is item i.
-
-    Args:
-      similarity: [Q, I] scores, the true match of query i is item i.
-      ks: cut-offs.
-
-    Returns:
-      {"R@k": share of queries whose match ranks in the top k}.
-    """
-    s = np.asarray(similarity)
-    # rank = number of items scoring strictly higher than the true match
-    rank = np.sum(s > np.diag(s)[:, None], axis=1)
-    return {f"R@{k}": float(np.mean(rank < k)) for k in ks}
 
 
 def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> float:

@@ -24,14 +24,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.0) -> None:
-    """Turns on jax's persistent compilation cache in ``cache_dir`` (created if needed).
+    """Turns on jax's persistent compilation cache in ``cache_dir`` (local or gs://; call before the first jit).
 
-    A second process compiling the same program (same jax/XLA version, flags and shapes) loads the executable from
-    disk instead of compiling it. Call before the first jit compilation of the process.
-
-    Args:
-      cache_dir: folder for the cache entries (local path or a gs:// path jax understands).
-      min_compile_time_s: only programs that took at least this long to compile are written.
+    Only programs that took at least ``min_compile_time_s`` to compile are written.
     """
     if not cache_dir.startswith("gs://"):
         os.makedirs(cache_dir, exist_ok=True)
@@ -41,20 +36,8 @@ def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.0) ->
 
 
 def matmul_peak(dtype: Any = jnp.float32, n: int = 2048, inner: int = 8, reps: int = 5) -> dict:
-    """Measures the FLOP/s of a large square matmul on the default device (the peak MFU is measured against).
-
-    One jitted program multiplies an [n, n] matrix ``inner`` times (so dispatch overhead is amortised on fast
-    devices); the best of ``reps`` runs counts.
-
-    Args:
-      dtype: matmul input dtype (the benchmark's compute dtype); products accumulate as the backend does by default.
-      n: matrix side.
-      inner: matmuls per timed program.
-      reps: timed runs.
-
-    Returns:
-      {"flops_per_s": best FLOP/s, "median_flops_per_s", "n", "dtype", "inner"}.
-    """
+    """The FLOP/s MFU is measured against: one jitted chain of ``inner`` [n, n] matmuls in ``dtype`` on the default
+    device, best of ``reps`` runs. Returns {"flops_per_s" (best), "median_flops_per_s", "n", "dtype", "inner"}."""
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
     # Scaled so that repeated products keep unit-size entries in any dtype.
@@ -92,9 +75,6 @@ def loadavg() -> list[float] | None:
 def wait_for_quiet(threshold: float = 1.5, poll_s: float = 60.0, max_wait_s: float = 1200.0) -> dict:
     """Waits (up to ``max_wait_s``) until the 1-minute load average is at most ``threshold``.
 
-    Timings on a shared host are only comparable when nothing else runs; after ``max_wait_s`` the caller measures
-    anyway and records what this returns.
-
     Returns:
       {"waited_s", "quiet": whether the threshold was reached, "loadavg_start", "loadavg": when it returned}.
     """
@@ -112,12 +92,8 @@ _ISA_ORDER = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2
 
 
 def cpu_identity(cpuinfo: str) -> dict:
-    """The CPU of a /proc/cpuinfo text: model name, vendor, family, model and the widest float SIMD it offers.
-
-    Cloud VMs often mask the model name ("AMD EPYC" covers Zen 2 to Zen 5), and a 2x difference in matmul peak
-    between two hosts of the same name comes from the vector width (AVX2 vs AVX-512), so the benchmarks record the
-    family, model and ISA beside the name and docs/performance.md tells hosts apart by all of them.
-    """
+    """The CPU of a /proc/cpuinfo text: model name, vendor, family, model and the widest float SIMD it offers (cloud
+    VMs often mask the model name, so hosts are told apart by all of them)."""
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         if not line.strip():
@@ -163,15 +139,8 @@ def host_info() -> dict:
 
 
 def provenance(command: str) -> dict:
-    """What every run summary under results/ records (DESIGN convention 10): where and from what it ran.
-
-    Args:
-      command: the exact command line that produced the result.
-
-    Returns:
-      {"git_commit": HEAD or None outside a checkout, "git_dirty": tracked files differ from HEAD, "command",
-      "time", "host": host_info() (CPU model / family / ISA, accelerator, library versions)}.
-    """
+    """What every run summary under results/ records (DESIGN convention 10): {"git_commit": HEAD or None outside a
+    checkout, "git_dirty": tracked files differ from HEAD, "command" (the exact command line), "time", "host"}."""
 
     def git(*args: str) -> str:
         try:

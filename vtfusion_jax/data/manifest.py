@@ -18,20 +18,13 @@ unless `skip_bad_rows=True`, which skips it and reports the count (printed, and 
 "no label"): no model can answer it, so eval counts it wrong (and reports it as `num_unseen_label`) rather than
 dropping it and inflating the accuracy; the count is printed and stored as `unseen_label_rows`.
 
-Bad input and its outcome (tests/test_bad_input.py): a line that is not UTF-8 or not JSON, an empty / whitespace-only
-text, random bytes or a truncated PNG / JPEG as the image, a 0 x 0 image, an image over `MAX_IMAGE_PIXELS` (refused
-from its header, before any pixel is decoded: a 20000 x 20000 PNG costs no memory) are bad rows. 16-bit images are
-scaled to 8 bits, CMYK / palette / grayscale become RGB, JPEGs are decoded at a reduced scale when much larger than
-`image_size`; a 100,000-character text is truncated by the tokenizer to `max_len` tokens.
+Empty text, an undecodable, 0 x 0 or over-`MAX_IMAGE_PIXELS` image (refused from its header) are bad rows too
+(tests/test_bad_input.py); 16-bit, CMYK, palette and grayscale images become 8-bit RGB.
 
-Caption mode (`captions=True`, for the retrieval and captioning tasks, vtfusion_jax/tasks/data.py): a row needs
-`image` and `caption` -- a non-empty string, or a non-empty list of non-empty strings (several captions of one image;
-repeating the image on several rows also works, the task loader groups rows by image path). `text` and `label` are
-optional and unused (stored as "" and -1 when absent). A row without a caption, or with an empty one, is a bad row
-naming its manifest line, like every other bad row; an unreadable image is the same bad row as in classification mode.
-A list is stored newline-separated in the `caption` feature (newlines inside one caption become spaces). Classification
-mode (the default) is unchanged: `caption` stays an optional free string. The two modes build separate datasets (the
-caption one's name ends in `_captions`).
+Caption mode (`captions=True`, for the retrieval and captioning tasks): a row needs `image` and `caption` -- a
+non-empty string, or a non-empty list of non-empty strings (several captions of one image; rows repeating an image
+are grouped by path); `text` and `label` are optional (stored as "" and -1). A list is stored newline-separated in the
+`caption` feature. The two modes build separate datasets (the caption one's name ends in `_captions`).
 
 The config name hashes the manifests' content, so editing a manifest builds a fresh dataset (changing an image file
 in place does not).

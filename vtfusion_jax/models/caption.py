@@ -17,16 +17,11 @@ The decoder's memory (what cross-attention reads) is chosen by ``model.memory``:
            memory = [text_out ; image_out] [B, P + N, D], mask [True * P ; image_mask]. The fusion's text input is
            ``model.prompt_len`` = P learned prompt tokens, the same for every image.
 
-Why a learned prompt: the caption cannot be the fusion's text -- it is the decoder's output, so teacher forcing would
-leak the targets into the memory and decoding does not know it yet. Any fixed text prompt (or an empty text) through
-a text encoder is a constant input as well, so P learned tokens are the same family of functions without a text tower
-or a dependence on the caption vocabulary. Both fusion outputs are kept because the variants differ in which stream
-they change: cross, gated_cross and query update only the text (here: prompt) stream and return the image tokens
-unchanged; merged, co_attention and bottleneck update both; concat and rn change neither (their interaction lives in
-``pooled``, a vector the decoder does not read), so "fused" with them is "image" plus P learned tokens. The memory is
-computed once per image (``encode_memory``) and its cross-attention keys / values once per decoding (``prepare``), so
-the KV-cache decoding is the same with either memory. Parameters: ``fusion/prompt`` [P, D] and ``fusion/variant``,
-one tower (``model.fusion.freeze``, ``optim.lr_multipliers.fusion``).
+The caption cannot be the fusion's text (teacher forcing would leak the targets into the memory), and a fixed text
+prompt is a constant input anyway, hence P learned tokens. Both fusion outputs are kept because variants differ in
+which stream they change (a variant whose interaction lives only in ``pooled`` gives "image" plus P tokens). The memory
+is computed once per image (``encode_memory``) and its keys / values once per decoding (``prepare``). Parameters:
+``fusion/prompt`` [P, D] and ``fusion/variant``, one tower (``model.fusion.freeze``, ``optim.lr_multipliers.fusion``).
 """
 
 from __future__ import annotations

@@ -6,9 +6,7 @@
     [itm_similarity: logit(match) += w * cos(text embedding, image embedding), w learnt from 0]
 
 The optional token MLP (``pool_mlp_dim`` > 0: Dense, GELU, Dense, residual, per token, one per tower) runs before
-the mean (DeepSets' phi): with a linear pool the embedding of a CNN's tokens is (linear in content) + (mean position),
-so it cannot say *which* object sits *where*; a per-token nonlinearity can emit conjunction features (this colour
-and shape at this position) whose mean is a multi-hot description of the scene, the shape of a caption.
+the mean (DeepSets' phi), so that the pooled embedding can encode which object sits where.
 
 ITC: symmetric InfoNCE over the [B, B] similarity matrix divided by a learnt temperature tau = clip(exp(log_tau),
 min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the bounds). Texts of the same image
@@ -16,10 +14,8 @@ min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the 
 ITM: each image gets a hard negative text and each text a hard negative image, sampled with probability
 softmax(similarity / tau) over the non-matching items of the global batch (ALBEF, Li et al. 2021, sec. 3.2); the
 head classifies the B positive and 2B negative pairs.
-With ``itm_similarity`` the ITM match logit also gets ``w * cos(text_emb, image_emb)`` (the pair's ITC similarity,
-w a learnt scalar starting at 0): a skip feature, so the binary ITM signal does not have to rediscover from scratch
-what the contrastive towers already measure, and the fusion learns the correction (the pair-level binding of
-colour, shape and position that pooled embeddings blur). With w = 0 and no fusion signal the head is plain ITM.
+With ``itm_similarity`` the ITM match logit also gets ``w * cos(text_emb, image_emb)`` (w learnt, from 0): the
+fusion then learns only the correction to what the contrastive towers already measure.
 
 Under data parallelism the embeddings are gathered onto every device (``gather_global``) before the similarity matrix
 is formed, so the negatives are the whole global batch, and the loss equals the single-device loss on that batch.
