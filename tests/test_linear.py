@@ -1,6 +1,7 @@
-"""The hand-written backward of Dense layers (vtfusion_jax/linear.py), the exact-GELU derivative (layers.gelu_exact)
-and host-memory reuse (vtfusion_jax/host_memory.py): same values as the plain jax code, and the reuse really
-removes the per-call page faults."""
+"""Dense layers' 2-D products (vtfusion_jax/linear.py): same values and derivatives as ``jax.lax.dot_general`` in
+forward and reverse mode by default, and the opt-in CPU kernel-gradient trick gives the same gradients; the
+exact-GELU derivative (layers.gelu_exact) and host-memory reuse (vtfusion_jax/host_memory.py): same values as the
+plain jax code, and the reuse really removes the per-call page faults. Whole models: tests/test_models.py."""
 
 import os
 import subprocess
@@ -75,11 +76,31 @@ def test_dense_with_linear_matches_flax_dense_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_forward_mode_by_default_and_the_opt_in_switch_refuses_it(monkeypatch):
+    """jvp / jacfwd / hessian of a Dense product equal the dot_general reference's; with the CPU trick switched on
+    (a custom_vjp) reverse mode still works and forward mode raises, which is why it is opt-in."""
+    kx, kw, kt = jax.random.split(jax.random.PRNGKey(4), 3)
+    x, w, t = jax.random.normal(kx, (3, 5, 4)), jax.random.normal(kw, (4, 6)), jax.random.normal(kt, (4, 6))
+
+    def f(lin):
+        return lambda w: jnp.sum(jnp.tanh(lin(x, w, 1)))
+
+    assert not linear.CPU_TRANSPOSED_WEIGHT_GRAD
+    ours, ref = f(linear.linear), f(_reference)
+    np.testing.assert_allclose(jax.jvp(ours, (w,), (t,))[1], jax.jvp(ref, (w,), (t,))[1], rtol=1e-5)
+    np.testing.assert_allclose(jax.jacfwd(ours)(w), jax.jacrev(ref)(w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.hessian(ours)(w), jax.hessian(ref)(w), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(linear, "CPU_TRANSPOSED_WEIGHT_GRAD", True)
+    np.testing.assert_allclose(jax.grad(ours)(w), jax.grad(ref)(w), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(ours, (w,), (t,))
+
+
 @pytest.mark.parametrize("m,k,n", [(64, 16, 48), (64, 48, 16), (32, 24, 24)])  # x smaller, dy smaller, equal
 def test_cpu_kernel_gradient_is_not_an_lhs_transposed_dot(m, k, n, monkeypatch):
-    """On CPU the kernel gradient x^T @ dy is computed with the smaller operand transposed first, so that no dot of
-    the compiled gradient contracts its lhs on the leading axis (XLA:CPU's slow Eigen path); the plain path (the
-    switch off) has such a dot. Both give the same gradients."""
+    """With the opt-in switch on, the CPU kernel gradient x^T @ dy is computed with the smaller operand transposed
+    first, so that no dot of the compiled gradient contracts its lhs on the leading axis (XLA:CPU's slow Eigen path);
+    the default (plain autodiff of x @ w) has such a dot. Both give the same gradients."""
     import re
 
     if jax.default_backend() != "cpu":
@@ -99,7 +120,7 @@ def test_cpu_kernel_gradient_is_not_an_lhs_transposed_dot(m, k, n, monkeypatch):
     assert "0" in contracting_plain  # the plain kernel gradient: x^T @ dy as one dot
     np.testing.assert_allclose(dw, dw_plain, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(cot), rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(dx, dx_plain)
+    np.testing.assert_allclose(dx, dx_plain, rtol=1e-6, atol=1e-6)
 
 
 def test_gelu_exact_matches_jax_gelu_and_its_derivatives():

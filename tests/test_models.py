@@ -1,13 +1,17 @@
 """VisionTextModel: components chosen by config name, composed end to end."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from vtfusion_jax import layers
+from vtfusion_jax import layers, linear
+from vtfusion_jax.models import FUSIONS
 from vtfusion_jax.models.vtfusion import VisionTextModel
 
 CFG = dict(
@@ -108,15 +112,94 @@ def test_every_parameter_has_logical_axis_names(image_encoder, text_encoder):
             assert set(leaf.names) <= allowed, where
 
 
-def test_every_fusion_accepts_multiscale_image_tokens():
-    from vtfusion_jax.models.fusion import FUSIONS
+def _fusion_spec(name, **fields):
+    """``{"name": name}`` plus those of ``fields`` the variant has (the probe has no sizes)."""
+    have = {f.name for f in dataclasses.fields(FUSIONS[name].cls)}
+    return dict(name=name, **{k: v for k, v in fields.items() if k in have})
 
+
+def test_every_fusion_accepts_multiscale_image_tokens():
     for fusion in FUSIONS:
         cfg = dict(
             CFG,
             image_encoder=dict(name="cnn", channels=(8, 16, 16), scales=(0, 1, 2)),
-            fusion=dict(name=fusion, num_layers=1, num_heads=4, mlp_dim=64),
+            fusion=_fusion_spec(fusion, num_layers=1, num_heads=4, mlp_dim=64),
         )
         model = VisionTextModel(cfg, num_classes=3)
         variables = jax.eval_shape(model.init, jax.random.key(0), _batch(2))
         assert jax.eval_shape(model.apply, variables, _batch(2))["logits"].shape == (2, 3), fusion
+
+
+def _loss_and_flat_params(fusion: str):
+    """(loss(flat params) of a tiny VisionTextModel with this fusion, flat float32 params): a padded batch."""
+    cfg = dict(
+        CFG,
+        width=16,
+        image_encoder=dict(name="vit", depth=1, num_heads=2, mlp_dim=32, patch_size=4),  # smooth: GELU, no ReLU
+        text_encoder=dict(name="bert", vocab_size=64, depth=1, num_heads=2, mlp_dim=32),
+        fusion=_fusion_spec(fusion, num_layers=1, num_heads=2, mlp_dim=32, num_bottleneck=2, num_queries=2),
+        head=dict(name="classification", hidden_dim=16),
+    )
+    rng = np.random.default_rng(1)
+    batch = dict(
+        image=jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32),
+        text_ids=jnp.asarray(rng.integers(1, 64, size=(2, 5)), jnp.int32),
+        text_mask=jnp.asarray(np.arange(5)[None] < np.array([[5], [3]])),
+    )
+    model = VisionTextModel(cfg, 3)
+    params = layers.unbox(model.init(jax.random.key(0), batch))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    # Perturbed parameters: zero-initialised gates / FiLM generators would hide their second derivatives.
+    flat = flat + 0.05 * jnp.asarray(rng.normal(size=flat.shape), jnp.float32)
+
+    def loss(p):
+        logits = model.apply(unravel(p), batch)["logits"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2])))
+
+    return loss, flat
+
+
+def _hvp(loss):
+    """jit(p, t) -> (jvp of the loss along t, <grad, t>, Hessian-vector product (jvp of grad)), one program."""
+
+    def run(p, t):
+        (_, g), (directional, hvp) = jax.jvp(jax.value_and_grad(loss), (p,), (t,))
+        return directional, jnp.vdot(g, t), hvp
+
+    return jax.jit(run)
+
+
+def _tangent(p):
+    t = jax.random.normal(jax.random.key(3), p.shape)
+    return t / jnp.linalg.norm(t)
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_forward_mode_autodiff_through_the_whole_model(fusion):
+    """Every registered variant, by default: the jvp of the loss along a random tangent equals <grad, t>, and the
+    Hessian-vector product (jvp of grad: forward over reverse) traces and is finite and non-zero."""
+    loss, p = _loss_and_flat_params(fusion)
+    directional, grad_dot_t, hvp = _hvp(loss)(p, _tangent(p))
+    np.testing.assert_allclose(directional, grad_dot_t, rtol=1e-4, atol=1e-7)
+    assert np.all(np.isfinite(hvp)) and float(jnp.linalg.norm(hvp)) > 0, fusion
+
+
+def test_hessian_vector_product_matches_a_finite_difference_of_gradients():
+    """Independent of autodiff: (grad(p + eps t) - grad(p - eps t)) / 2 eps, on a variant without ReLU kinks (in
+    rn or FiLM a step may cross one, where the gradient jumps)."""
+    loss, p = _loss_and_flat_params("co_attention")
+    t, eps = _tangent(p), 3e-4
+    _, _, hvp = _hvp(loss)(p, t)
+    grad = jax.jit(jax.grad(loss))
+    fd = (grad(p + eps * t) - grad(p - eps * t)) / (2 * eps)
+    assert float(jnp.linalg.norm(hvp - fd)) < 0.01 * float(jnp.linalg.norm(hvp))
+
+
+def test_the_cpu_weight_grad_switch_keeps_the_gradients(monkeypatch):
+    """linear.CPU_TRANSPOSED_WEIGHT_GRAD (opt-in) changes how the kernel gradients are computed, not their values."""
+    loss, p = _loss_and_flat_params("co_attention")
+    plain = jax.jit(jax.grad(loss))(p)
+    monkeypatch.setattr(linear, "CPU_TRANSPOSED_WEIGHT_GRAD", True)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(p), plain, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):  # the price of the switch: why it is opt-in
+        jax.jvp(loss, (p,), (_tangent(p),))
