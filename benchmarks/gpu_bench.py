@@ -3,14 +3,10 @@
     python benchmarks/gpu_bench.py --out_dir=results/perf            # on the GPU machine
     python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_smoke   # anywhere: the same code path, tiny model
 
-The model is configs/perf.py's ``gpu`` preset: ViT-B/16 at 224 px (197 tokens), a BERT-base text tower (32 tokens),
-6 co-attention layers at D=768, bf16 compute with float32 master weights and optimiser state, scanned layers,
-batch 256. It measures the bf16 matmul peak, then times the train step with cuDNN attention (sequences padded to
-multiples of 64, padding masked) and with XLA attention on the same parameters, and writes one JSON per
-attention implementation (``gpu_cudnn.json``, ``gpu_xla.json``) as soon as each finishes, so a run cut short
-keeps what it measured. MFU is reported against the measured peak and the 989 TFLOP/s dense-bf16 datasheet
-figure. ``--tiny`` swaps in the tiny preset in bf16; on a machine without a GPU the cuDNN run is recorded as
-skipped with the reason.
+The model is configs/perf.py's ``gpu`` preset (bf16 compute, scanned layers). It times the train step with cuDNN
+and with XLA attention on the same parameters and writes one JSON per implementation (``gpu_cudnn.json``,
+``gpu_xla.json``) as soon as each finishes. ``--tiny`` swaps in the tiny preset; without a GPU the cuDNN run is
+recorded as skipped with the reason.
 
 Needs jax + flax + optax + numpy only (no TensorFlow, TFDS or ml_collections).
 """

@@ -3,18 +3,12 @@
     python benchmarks/torch_peer.py --config=configs/perf.py --out=results/perf/cpu_torch_peer.json
     python benchmarks/torch_peer.py --config=configs/perf.py:preset=tiny --compile_backend=none   # smoke
 
-One process builds three trainers on the same synthetic batch, with the same thread count:
-  jax            benchmarks/train_step.py's sharded, jitted, donated train step (our library);
-  torch_eager    the architecture of ``config.model`` written in torch below: ViT (patch conv, learned 2-D
-                 positions, pre-LN blocks), BERT-style text Transformer, co-attention fusion (METER order) and the
-                 MLP classification head; F.scaled_dot_product_attention, AdamW, global-norm clipping;
-  torch_compile  the same torch model under ``torch.compile`` (forward and backward; the fused AdamW step stays
-                 eager, it is one kernel already).
-After warm-up, each timed round runs one step of each, in an order that rotates every round (so neither side
-always runs after the other), with a short pause between steps so that spinning worker threads of one runtime
-go idle before the other starts. Prints (and writes) one JSON object with the median / min step times, the
-ratios torch / ours (> 1: ours faster), each side's MFU against its own measured matmul peak, the parameter
-counts of both models (they must be equal) and torch's FLOP counter beside our analytic count.
+One process builds three trainers on the same synthetic batch and thread count: ``jax`` (benchmarks/train_step.py,
+the library's step), ``torch_eager`` (the architecture of ``config.model`` written in torch below: ViT, BERT,
+co-attention fusion, MLP head; AdamW, global-norm clipping) and ``torch_compile`` (the same under ``torch.compile``),
+and times them alternately (train_step.alternate). Prints (and writes) one JSON object: median / min step times,
+torch / ours ratios (> 1: ours faster), each side's MFU against its own measured matmul peak, both parameter counts
+(equal) and torch's FLOP counter beside our analytic count.
 """
 
 from __future__ import annotations
@@ -227,14 +221,12 @@ def torch_matmul_peak(n: int, reps: int = 5, inner: int = 8) -> float:
         return y
 
     chain()
-    best = min(_timed(chain) for _ in range(reps))
-    return 2.0 * n**3 * inner / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        chain()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 * inner / min(times)
 
 
 def torch_flops(trainer: TorchTrainer) -> int:
