@@ -1,5 +1,7 @@
-"""Retrieval and captioning end to end on a tiny Sort-of-CLEVR: train (through train_lib's task dispatch), evaluate
-(metrics.json with the documented keys), predict (--retrieve ranks captions, --caption returns one)."""
+"""The tasks (vtfusion_jax/tasks) through the one loop: retrieval and captioning end to end on a tiny Sort-of-CLEVR
+(train with train_lib, evaluate with eval_lib: metrics.json with the documented keys, predict: ranked captions /
+one caption), the caption data (data/captions.py: vocabulary, grouping of captions by image, exact-resume batches),
+and the task registry."""
 
 import json
 import os
@@ -8,8 +10,10 @@ import numpy as np
 import train_testutil
 from PIL import Image
 
-from vtfusion_jax import tasks, train_lib
-from vtfusion_jax.tasks import data as data_lib
+import pytest
+
+from vtfusion_jax import eval_lib, tasks, train_lib
+from vtfusion_jax.data import captions, pipeline
 
 
 def _config(name):
@@ -37,21 +41,24 @@ def _config(name):
     return c
 
 
-def _scene_png(config, tmp_path):
-    d = data_lib.load_split(config, "test")
+def _scene_png(config, workdir, tmp_path):
+    task, _, _ = train_lib.restore(config, workdir, "latest")
+    index = task.split_index("test")
+    src = pipeline.get_data_source("sort_of_clevr", "test", data_dir=config.dataset.data_dir,
+                                   builder_kwargs=config.dataset.builder_kwargs.to_dict())  # fmt: skip
     path = os.path.join(tmp_path, "scene.png")
-    Image.fromarray(d["image"][0]).save(path)
-    return path, d["captions"]
+    Image.fromarray(src[int(index.records[0])]["image"]).save(path)
+    return path, index.captions
 
 
 def test_retrieval_end_to_end(tmp_path):
     c = _config("sort_of_clevr_retrieval")
     wd = str(tmp_path / "run")
     result = train_lib.train_and_evaluate(c, wd)
-    assert result["step"] == 2 and "accuracy" in result["val"]
+    assert result["step"] == 2 and "rerank_mean_R@1" in result["val"]
     rows = train_testutil.read_jsonl(os.path.join(wd, "metrics.jsonl"))
     assert all(np.isfinite(r["train/itc_loss"]) for r in rows if "train/itc_loss" in r)
-    m = tasks.evaluate_split(c, wd, "test", "latest")
+    m = eval_lib.evaluate_split(c, wd, "test", "latest")
     with open(os.path.join(wd, "eval", "test", "metrics.json")) as f:
         assert json.load(f)["rerank_t2i_R@1"] == m["rerank_t2i_R@1"]
     for prefix in ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i"):
@@ -60,9 +67,9 @@ def test_retrieval_end_to_end(tmp_path):
     # Text -> image over 8 test images: the matching image is always within the top 10, even when the untrained
     # scores tie (ties rank pessimistically), with ITC alone and after ITM re-ranking of the top 4.
     assert m["itc_t2i_R@10"] == m["rerank_t2i_R@10"] == 1.0
-    assert m["num_images"] == 8 and m["rerank_k"] == 4 and "protocol" in m
-    png, captions = _scene_png(c, tmp_path)
-    ranked = tasks.rank_captions(c, wd, png, [captions[0][0], captions[1][0], "a red circle"], "latest")
+    assert m["num_images"] == 8 and m["rerank_k"] == 4 and m["checkpoint_step"] == 2
+    png, caps = _scene_png(c, wd, tmp_path)
+    ranked = eval_lib.predict(wd, png, captions=[caps[0][0], caps[1][0], "a red circle"], checkpoint="latest")["ranked"]
     assert len(ranked) == 3 and ranked[0]["itm"] >= ranked[-1]["itm"]
 
 
@@ -71,13 +78,50 @@ def test_caption_end_to_end(tmp_path):
     wd = str(tmp_path / "run")
     result = train_lib.train_and_evaluate(c, wd)
     assert result["step"] == 2
-    m = tasks.evaluate_split(c, wd, "test", "latest")
+    m = eval_lib.evaluate_split(c, wd, "test", "latest")
     for method in ("greedy", "beam"):
         for k in ("bleu4", "cider_d", "exact_match"):
             assert np.isfinite(m[f"{method}_{k}"])
     assert m["kv_cache_same_captions"] == 1.0 and m["kv_cache_speedup"] > 0
     lines = train_testutil.read_jsonl(os.path.join(wd, "eval", "test", "captions.jsonl"))
     assert len(lines) == 8 and {"greedy", "beam", "references"} <= set(lines[0])
-    png, _ = _scene_png(c, tmp_path)
-    out = tasks.caption_image(c, wd, png, "latest")
+    png, _ = _scene_png(c, wd, tmp_path)
+    out = eval_lib.predict(wd, png, checkpoint="latest")
     assert isinstance(out["caption"], str) and np.isfinite(out["score"])
+
+
+def test_unknown_task_lists_the_valid_ones():
+    c = train_testutil.load_config("tiny")
+    c.task = "segmentation"
+    with pytest.raises(ValueError, match="caption.*retrieval.*vqa"):
+        tasks.make_task(c)
+
+
+def test_vocab_round_trip_and_truncation(tmp_path):
+    v = captions.WordVocab.build(["a red circle", "a blue square, a red square"], max_len=5)
+    assert v.words[4] == "a"  # the most frequent word first
+    path = str(tmp_path / "vocab.json")
+    v.save(path)
+    w = captions.WordVocab.load(path, max_len=5)
+    ids = w.encode("a red circle is here")  # [BOS] a red circle [EOS]: truncated, EOS kept last
+    assert list(ids) == [w.bos_id, w.index["a"], w.index["red"], w.index["circle"], w.eos_id]
+    assert w.decode(ids) == "a red circle" and w.decode([w.bos_id, w.unk_id, w.eos_id, w.index["a"]]) == "[UNK]"
+    batch = w(["a", "red circle"])
+    assert batch["text_ids"].shape == (2, 5) and batch["text_mask"].sum(1).tolist() == [3, 4]
+
+
+def test_caption_batches_are_exact_pairs_and_resume(tmp_path):
+    """Training batches pair each image with its own caption, cover every pair once per epoch, and the batch at step
+    s is the same whether the iterator started at 0 or at s (exact resume)."""
+    c = _config("sort_of_clevr_caption")
+    c.mesh_shape = (-1, 1, 1)
+    task = tasks.make_task(c)
+    index = task.split_index("train")
+    assert len(index.records) == 32 and all(len(cs) == 1 for cs in index.captions)  # 20 questions, one caption
+    it = task.train_iter(0)
+    ids = [np.asarray(next(it)["image_id"]) for _ in range(4)]  # one epoch: 32 pairs / 8
+    it.close()
+    assert sorted(np.concatenate(ids).tolist()) == list(range(32))
+    later = task.train_iter(3)
+    assert np.array_equal(np.asarray(next(later)["image_id"]), ids[3])
+    later.close()

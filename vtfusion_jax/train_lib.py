@@ -26,11 +26,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import struct
@@ -38,6 +37,9 @@ from flax import struct
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import metrics as metrics_lib
 from vtfusion_jax import optim, preflight, pretrained_init, sharding
+
+if TYPE_CHECKING:
+    import ml_collections
 
 log = logging.getLogger(__name__)
 
