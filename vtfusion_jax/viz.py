@@ -171,23 +171,6 @@ def _views(maps: dict[str, list[np.ndarray]], text_mask: np.ndarray, n: int) -> 
     return None
 
 
-def image_attention(
-    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int, fusion: str | None = None
-) -> np.ndarray | None:
-    """Attention that the question pays to each image token (``attention_views(...).text_to_image``).
-
-    Args:
-      intermediates: the ``intermediates`` collection of a sow_weights model.
-      text_mask: bool [B, L].
-      num_image_tokens: N.
-      fusion: the variant's registry name (None: found from the intermediates, see attention_views).
-
-    Returns:
-      float32 [B, N] summing to 1 per example, or None if the fusion has no attention (concat, rn).
-    """
-    return attention_views(intermediates, text_mask, num_image_tokens, fusion).text_to_image
-
-
 def gate_values(params: Mapping[str, Any]) -> list[float]:
     """tanh of every ``attn_gate`` parameter, in layer order (a variant registered with ``has_gates``; else empty)."""
     out = []

@@ -48,6 +48,16 @@ class BlockConfig:
         """Keyword arguments for a layers.TransformerBlock of this size."""
         return dict(dataclasses.asdict(self), **extra)
 
+    def mha(self, name: str) -> MultiHeadAttention:
+        """A MultiHeadAttention of this size (built inside the calling module's compact method)."""
+        kw = dict(num_heads=self.num_heads, implementation=self.attention_impl, sow_weights=self.sow_weights)
+        return MultiHeadAttention(**kw, dtype=self.dtype, name=name)
+
+    def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
+        """A float32 LayerNorm whose output is cast back to the compute dtype."""
+        norm = layers.LayerNorm(name=name)
+        return lambda x: norm(x).astype(self.dtype)
+
 
 class FusionBase(nn.Module):
     """Fields shared by every variant (the only base class: it holds configuration, not behaviour)."""
@@ -102,17 +112,10 @@ class FusionBase(nn.Module):
         return jnp.broadcast_to(tokens.astype(self.dtype)[None], (batch, n, self.width))
 
     def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
-        norm = layers.LayerNorm(name=name)
-        return lambda x: norm(x).astype(self.dtype)
+        return self.block_config().ln(name)
 
     def mha(self, name: str) -> MultiHeadAttention:
-        return MultiHeadAttention(
-            num_heads=self.num_heads,
-            implementation=self.attention_impl,
-            sow_weights=self.sow_weights,
-            dtype=self.dtype,
-            name=name,
-        )
+        return self.block_config().mha(name)
 
     # --- analytic FLOPs helpers (one example, forward) ---
     def _attn(self, lq: int, lk: int) -> int:
@@ -269,14 +272,7 @@ class CoAttentionBlock(nn.Module):
         t, i = carry
         text_mask, image_mask = aux
         c = self.cfg
-        norm = lambda name: lambda x: layers.LayerNorm(name=name)(x).astype(c.dtype)  # noqa: E731
-        mha = lambda name: MultiHeadAttention(  # noqa: E731
-            num_heads=c.num_heads,
-            implementation=c.attention_impl,
-            sow_weights=c.sow_weights,
-            dtype=c.dtype,
-            name=name,
-        )
+        norm, mha = c.ln, c.mha
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
         y = norm("text_self_ln")(t)
         t = t + drop(mha("text_self_attn")(y, mask=layers.key_mask(text_mask), deterministic=deterministic))
@@ -344,17 +340,9 @@ class GatedCrossBlock(nn.Module):
         gate = lambda name: jnp.tanh(  # noqa: E731
             self.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), (), jnp.float32)
         ).astype(c.dtype)
-        y = layers.LayerNorm(name="cross_ln")(t).astype(c.dtype)
-        attn = MultiHeadAttention(
-            num_heads=c.num_heads,
-            implementation=c.attention_impl,
-            sow_weights=c.sow_weights,
-            dtype=c.dtype,
-            name="cross_attn",
-        )(y, kv, mask=layers.key_mask(kv_mask), deterministic=deterministic)
+        attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, mask=layers.key_mask(kv_mask), deterministic=deterministic)
         t = t + gate("attn_gate") * nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
-        y = layers.LayerNorm(name="mlp_ln")(t).astype(c.dtype)
-        y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(y, deterministic)
+        y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(c.ln("mlp_ln")(t), deterministic)
         t = t + gate("mlp_gate") * nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
         return t, None
 
@@ -448,14 +436,7 @@ class QueryBlock(nn.Module):
         image, image_mask, text, text_mask = aux
         c = self.cfg
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
-        mha = lambda name: MultiHeadAttention(  # noqa: E731
-            num_heads=c.num_heads,
-            implementation=c.attention_impl,
-            sow_weights=c.sow_weights,
-            dtype=c.dtype,
-            name=name,
-        )
-        norm = lambda name, x: layers.LayerNorm(name=name)(x).astype(c.dtype)  # noqa: E731
+        mha, norm = c.mha, lambda name, x: c.ln(name)(x)  # noqa: E731
         q = q + drop(mha("self_attn")(norm("self_ln", q), deterministic=deterministic))
         q = q + drop(
             mha("image_attn")(norm("image_ln", q), image, mask=layers.key_mask(image_mask), deterministic=deterministic)

@@ -16,17 +16,13 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# Roles of the attention maps a variant can declare (role -> module path suffix of a sow_weights attention, e.g.
-# "cross_attn" or "text_block/self_attn"); viz.attention_views builds its views from them.
-ATTENTION_ROLES = {
-    "text_to_image": "text queries over the image tokens [B, H, L, N]",
-    "image_to_text": "image queries over the text tokens [B, H, N, L]",
-    "query_to_image": "learned queries over the image tokens [B, H, Q, N]",
-    "text_to_query": "text queries over the learned queries [B, H, L, Q] (their readout)",
-    "joint": "self-attention over [text; image] [B, H, L+N, L+N]",
-    "text_stream": "self-attention over [text; z] [B, H, L+Z, L+Z] (z: tokens shared with the image stream)",
-    "image_stream": "self-attention over [image; z] [B, H, N+Z, N+Z]",
-}
+# Roles a variant's attention maps can play (role -> path suffix of a sow_weights attention module, e.g. "cross_attn"
+# or "text_block/self_attn"; viz.attention_views builds eval's maps from them): text -> image [B, H, L, N] (and
+# image -> text [B, H, N, L]); learned queries -> image [B, H, Q, N] (and their text readout [B, H, L, Q]); joint
+# self-attention over [text; image]; self-attention over [text; z] and over [image; z] (z: shared tokens, last).
+ATTENTION_ROLES = (
+    "text_to_image", "image_to_text", "query_to_image", "text_to_query", "joint", "text_stream", "image_stream"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
