@@ -27,7 +27,8 @@ from ml_collections import config_dict
 from vtfusion_jax import config_lib, models
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = tuple(models.FUSIONS)  # every registered variant (vtfusion_jax/models/registry.py)
+# Every registered variant that takes the fusion sizes set below (vtfusion_jax/models/registry.py; not the probe)
+FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 # Variant-only fields (they replace the shared ones). rn: g over all 10,000 ordered pairs of the 100 image tokens
 # would cost ~12x the cross fusion, so rn pairs the 25 cells of the 2x2-average-pooled 5x5 grid (token_pool=2, the
 # grid of Santoro et al.'s own CNN) with g 3 layers of width 64 (the paper: 4 x 256).

@@ -14,7 +14,8 @@ from ml_collections import config_dict
 from vtfusion_jax import config_lib, models
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = tuple(models.FUSIONS)  # every registered variant (vtfusion_jax/models/registry.py)
+# Every registered variant that takes the fusion sizes set below (vtfusion_jax/models/registry.py; not the probe)
+FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 
 
 common = config_lib.sibling(__file__, "common")
