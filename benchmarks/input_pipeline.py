@@ -63,8 +63,8 @@ def bench(name, args, data_dir, builder_kwargs, mesh, tokenizer) -> dict:
     build_s = None if already else round(time.perf_counter() - start, 2)
     common = dict(dataset=name, split="train", global_batch_size=args.batch_size, seed=0, tokenizer=tokenizer,
                   augment=args.augment, data_dir=data_dir, builder_kwargs=builder_kwargs)  # fmt: skip
-    # normalize=False: the iterators normalise on device, so the host work is decode + crop + tokenise.
-    reader = pipeline.BatchReader(rows=slice(0, args.batch_size), normalize=False, **common)
+    # the iterators normalise on device, so the host work is decode + crop + tokenise
+    reader = pipeline.BatchReader(rows=slice(0, args.batch_size), **common)
     step = iter(range(10**9))
     host = _rate(lambda: reader.train_batch(next(step)), args.steps, args.warmup, args.batch_size)
     it = pipeline.make_train_iterator(mesh=mesh, prefetch=args.prefetch, worker_count=args.worker_count,

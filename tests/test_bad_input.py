@@ -225,10 +225,10 @@ def test_predict_refuses_bad_images_in_one_line(tmp_path, name):
     path = tmp_path / f"{name}.img"
     path.write_bytes(BAD_ROWS[name][0])
     with pytest.raises(eval_lib.PredictError, match=f"cannot read image .*{name}.img"):
-        eval_lib.predict(str(tmp_path / "no_workdir"), str(path), "what colour?")
+        eval_lib.predict(str(tmp_path / "no_workdir"), str(path), question="what colour?")
     for question in ("", "  \n"):
         with pytest.raises(eval_lib.PredictError, match="the question is empty"):
-            eval_lib.predict(str(tmp_path / "no_workdir"), str(path), question)
+            eval_lib.predict(str(tmp_path / "no_workdir"), str(path), question=question)
 
 
 def test_predict_py_bad_image_exits_2_with_one_line(tmp_path):

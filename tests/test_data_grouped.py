@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from vtfusion_jax import tasks
 from vtfusion_jax.data import datasets, pipeline
 from vtfusion_jax.data.grouped import GroupPlan
 from vtfusion_jax.data.reader import read_image_ids
@@ -84,7 +85,7 @@ def test_grouped_batches_match_the_records_and_resume_exactly(env):
         np.testing.assert_array_equal(b["label"][valid], want["label"][valid])
         np.testing.assert_array_equal(b["text_ids"][valid], want["text_ids"][valid])
         # Each question sees exactly its own (normalised) image.
-        np.testing.assert_allclose(b["image"][b["image_index"]][valid], want["image"][valid], atol=1e-6)
+        np.testing.assert_allclose(b["image"][b["image_index"]][valid], want["image"][valid] / 127.5 - 1.0, atol=1e-6)
     resumed = pipeline.make_train_iterator(**args, start_step=3)
     for b in batches[3:]:
         got = jax.tree.map(np.asarray, next(resumed))
@@ -135,7 +136,7 @@ def test_grouped_training_runs_sharded_and_counts_epochs_from_the_plan(tmp_path)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     # num_epochs counts whole packed epochs: more steps than N / B (batches close before they are full).
     config = load_config("tiny", **dict(overrides, train__num_steps=-1, train__num_epochs=1.0))
-    steps = train_lib.num_train_steps(config, train_lib.get_meta(config))
+    steps = tasks.make_task(config).num_train_steps()
     n = 34_801  # easy-VQA train questions
     assert math.ceil(n / 32) <= steps <= math.ceil(1.25 * n / 32)
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from vtfusion_jax.data import datasets
 from vtfusion_jax.data.manifest import ManifestError
+from vtfusion_jax.tasks.vqa import predict_step
 
 SIZE = 16
 
@@ -124,14 +125,14 @@ def test_unseen_labels_are_counted_wrong_by_eval():
     them."""
     import jax.numpy as jnp
 
-    from vtfusion_jax import metrics, train_lib
+    from vtfusion_jax import metrics
 
     class Fixed:  # a "model" whose logits are the batch's
         def apply(self, params, batch, train=False):
             return {"logits": batch["logits"]}
 
     logits = jnp.asarray([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
-    out = train_lib.predict_step({}, {"logits": logits, "label": jnp.asarray([0, 1, -1])}, model=Fixed())
+    out = predict_step({}, {"logits": logits, "label": jnp.asarray([0, 1, -1])}, model=Fixed())
     loss = np.asarray(out["loss"])
     assert np.isfinite(loss[:2]).all() and np.isnan(loss[2])
     pred, label = np.asarray(out["pred"]), np.array([0, 1, -1])

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from vtfusion_jax import train_lib
+from vtfusion_jax import losses
 
 
 def _np_log_softmax(x):
@@ -25,26 +25,26 @@ def batch():
 
 def test_gamma_zero_is_masked_cross_entropy(batch):
     logits, labels, valid = batch
-    got = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
+    got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
     per = -_np_log_softmax(logits.astype(np.float64))[np.arange(7), labels]
     np.testing.assert_allclose(got, per[valid].mean(), rtol=1e-6)
 
 
 def test_label_smoothing_matches_optax(batch):
     logits, labels, valid = batch
-    got = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), label_smoothing=0.2)
+    got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), label_smoothing=0.2)
     target = optax.smooth_labels(jax.nn.one_hot(labels, 5), 0.2)
     per = np.asarray(optax.softmax_cross_entropy(jnp.asarray(logits), target))
     np.testing.assert_allclose(got, per[valid].mean(), rtol=1e-6)
     # Smoothing moves the loss: a wrong implementation that ignored it would equal plain CE.
-    plain = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
+    plain = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
     assert abs(float(got) - float(plain)) > 1e-3
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 5.0])
 def test_focal_loss_matches_reference(batch, gamma):
     logits, labels, valid = batch
-    got = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), focal_gamma=gamma)
+    got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), focal_gamma=gamma)
     logp = _np_log_softmax(logits.astype(np.float64))[np.arange(7), labels]
     per = -((1 - np.exp(logp)) ** gamma) * logp  # Lin et al. 2017, eq. 5 with alpha = 1
     np.testing.assert_allclose(got, per[valid].mean(), rtol=1e-5)
@@ -58,7 +58,7 @@ def test_focal_loss_shifts_the_gradient_to_the_wrong_examples():
     valid = jnp.ones(2, bool)
 
     def easy_over_wrong(gamma):
-        g = jax.grad(lambda x: train_lib.cross_entropy(x, labels, valid, focal_gamma=gamma))(logits)
+        g = jax.grad(lambda x: losses.cross_entropy(x, labels, valid, focal_gamma=gamma))(logits)
         norms = jnp.linalg.norm(g, axis=-1)
         return float(norms[0] / norms[1])
 
@@ -66,11 +66,11 @@ def test_focal_loss_shifts_the_gradient_to_the_wrong_examples():
     assert easy_over_wrong(2.0) < easy_over_wrong(0.0) / 100  # the right example's pull all but vanishes
     per_wrong = (
         lambda gamma: float(  # noqa: E731
-            train_lib.cross_entropy(logits[1:], labels[1:], valid[1:], focal_gamma=gamma)
+            losses.cross_entropy(logits[1:], labels[1:], valid[1:], focal_gamma=gamma)
         )
     )
     assert per_wrong(2.0) == pytest.approx(0.81 * per_wrong(0.0), rel=1e-5)  # (1 - 0.1)^2
-    assert float(train_lib.cross_entropy(logits[:1], labels[:1], valid[:1], focal_gamma=2.0)) == pytest.approx(
+    assert float(losses.cross_entropy(logits[:1], labels[:1], valid[:1], focal_gamma=2.0)) == pytest.approx(
         1e-4 * np.log(1 / 0.99), rel=1e-3
     )
 
@@ -78,5 +78,5 @@ def test_focal_loss_shifts_the_gradient_to_the_wrong_examples():
 def test_all_rows_padded_gives_zero_not_nan(batch):
     logits, labels, _ = batch
     for gamma in (0.0, 2.0):
-        got = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros(7, bool), focal_gamma=gamma)
+        got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros(7, bool), focal_gamma=gamma)
         assert float(got) == 0.0

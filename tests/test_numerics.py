@@ -1,14 +1,14 @@
 """Numerics (`pytest -m faults`): train.nan_policy="skip" skips a poisoned update and counts it; the same seed gives
 identical metrics; bfloat16 training of the easy-VQA model stays finite. ("stop", the default, is tested in
-test_train_failures.py.)"""
+test_train_lib.py.)"""
 
 import jax
 import numpy as np
 import pytest
-from test_train_failures import _PoisonedIterator
+from test_train_lib import _PoisonedIterator
 from train_testutil import load_config, read_jsonl
 
-from vtfusion_jax import eval_lib, train_lib
+from vtfusion_jax import train_lib
 from vtfusion_jax.data import pipeline
 
 pytestmark = pytest.mark.faults
@@ -38,7 +38,7 @@ def test_nan_policy_skip_skips_and_counts_the_bad_update_and_same_seed_repeats(t
     assert rows[3]["train/loss"] == "nan"  # nothing left to average in that log window
     assert all(np.isfinite(rows[s]["train/loss"]) for s in (1, 2, 4, 5, 6))
     assert runs[0] == runs[1]  # same seed, same metrics
-    params = jax.device_get(eval_lib.Restored(config, str(tmp_path / "a"), "latest").params)
+    params = jax.device_get(train_lib.restore(config, str(tmp_path / "a"), "latest")[1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 from train_testutil import load_config
 
-from vtfusion_jax import optim, sharding, train_lib
+from vtfusion_jax import optim, sharding, tasks, train_lib
 
 
 def _optim_config(**kw):
@@ -100,8 +100,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     """4 micro-batches of B with accum_steps=4 == one step on the 4B batch (dropout off: no per-step noise)."""
     # Adam eps well above float32 noise: near-zero gradients would otherwise turn rounding into visible updates.
     config = load_config("tiny", model__text_encoder__dropout_rate=0.0, optim__warmup_steps=0, optim__eps=1e-3)
-    meta = {"image_shape": (config.dataset.image_size,) * 2 + (3,), "num_classes": 13}
-    model = train_lib.build_model(config, 13, 1000)
+    task = tasks.make_task(config)
+    model = task.model
+    init = {k: v[:1] for k, v in _synthetic_batch(1, 0, config).items() if k in ("image", "text_ids", "text_mask")}
     mesh = sharding.make_mesh((1, 1, 1))
     big = _synthetic_batch(32, 0, config)
     results = []
@@ -109,8 +110,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         c = ml_collections.ConfigDict(config.optim.to_dict())
         c.accum_steps = accum
         tx, _ = optim.make_optimizer(c, 10)
-        state, _ = train_lib.create_train_state(config, model, tx, meta, mesh)
-        step = jax.jit(lambda s, b, tx=tx: train_lib.train_step(s, b, model=model, tx=tx))
+        state, _ = train_lib.create_train_state(model, init, tx, mesh, config.seed)
+        step = jax.jit(train_lib.make_train_step(task.loss, tx))
         params0 = jax.device_get(state.params)
         for b in batches:
             state, _ = step(state, b)

@@ -13,7 +13,7 @@ from train_testutil import load_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vtfusion_jax import optim, pretrained, pretrained_init, sharding, train_lib  # noqa: E402
+from vtfusion_jax import optim, pretrained, pretrained_init, tasks, train_lib  # noqa: E402
 from vtfusion_jax.data import pipeline  # noqa: E402
 
 # Hidden size 32 = the tiny config's width; 2 layers and post-LN differ from the tiny config's own text tower
@@ -59,12 +59,11 @@ def _config(folder, freeze=True, **overrides):
 
 def _fresh_state(config):
     """What train_and_evaluate builds before its loop on a fresh run: model, init state, imported towers."""
-    meta, tok = train_lib.get_meta(config), train_lib.make_tokenizer(config)
-    model = train_lib.build_model(config, meta["num_classes"], tok.vocab_size)
-    mesh = sharding.make_mesh(config.mesh_shape)
+    task = tasks.make_task(config)
+    model = task.model
     tx, _ = optim.make_optimizer(config.optim, 10, optim.frozen_towers(config.model))
-    state, state_sh = train_lib.create_train_state(config, model, tx, meta, mesh)
-    size = train_lib.image_size(config, meta)
+    state, state_sh = train_lib.create_train_state(model, task.init_batch(), tx, task.mesh, config.seed)
+    size = task.image_size
     return model, state, state_sh, pretrained_init.import_into_state(state, state_sh, model.model_config, size, 0)
 
 
@@ -97,9 +96,8 @@ def test_init_from_imports_the_checkpoint_and_freeze_keeps_it(bert_folder, tmp_p
     # A few steps of training: the frozen tower is bit-identical, every other tower moved.
     workdir = str(tmp_path / "run")
     assert train_lib.train_and_evaluate(config, workdir)["step"] == 3
-    from vtfusion_jax import eval_lib
 
-    trained = eval_lib.Restored(config, workdir, "latest").params
+    trained = train_lib.restore(config, workdir, "latest")[1]
     after = _leaves(trained["text_encoder"])
     for k in want:
         np.testing.assert_array_equal(after[k], want[k], err_msg=k)

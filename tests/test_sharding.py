@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from train_testutil import load_config, train_losses
 
-from vtfusion_jax import optim, sharding, train_lib
+from vtfusion_jax import optim, sharding, tasks, train_lib
 
 
 def test_make_mesh_shapes():
@@ -28,10 +28,9 @@ def test_fit_spec_replicates_indivisible_dims():
 def test_state_shardings_follow_the_rules_table():
     config = load_config("tiny")
     mesh = sharding.make_mesh((1, 2, 4))
-    model = train_lib.build_model(config, 13, 30522)
+    task = tasks.make_task(config, mesh)
     tx, _ = optim.make_optimizer(config.optim, 10)
-    meta = {"image_shape": (32, 32, 3)}
-    _, sh = train_lib.state_layout(config, model, tx, meta, mesh)
+    _, sh = train_lib.state_layout(task.model, task.init_batch(), tx, mesh)
     specs = {jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_flatten_with_path(sh.params)[0]}
 
     def spec(*parts):  # the spec of the one parameter whose path contains all parts

@@ -11,9 +11,10 @@ import pytest
 import train_testutil
 from PIL import Image
 
-from vtfusion_jax import tasks, train_lib
+from vtfusion_jax import eval_lib, train_lib
+from vtfusion_jax.data import pipeline
+from vtfusion_jax.data.captions import CaptionIndex
 from vtfusion_jax.data.manifest import ManifestError
-from vtfusion_jax.tasks import data as data_lib
 
 SIZE = 16
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -76,24 +77,25 @@ def _config(name, folder, **kw):
     return c
 
 
+def _index(config, split):
+    d = config.dataset
+    src = pipeline.get_data_source(d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
+    return src, CaptionIndex(src, split)
+
+
 def test_manifest_split_groups_captions_by_image(tmp_path):
     folder = _dataset(tmp_path / "data")
-    c = _config("caption", folder)
-    train = data_lib.load_split(c, "train")
-    assert train["captions"] == [
+    src, train = _index(_config("caption", folder), "train")
+    assert train.captions == [
         ["a red picture", "red with a grey square"],
         ["a green picture", "green all around"],
         ["a blue picture"],
         ["a white picture"],
     ]
-    images = train["image"]
-    assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
-    for img, rgb in zip(images, COLOURS.values(), strict=True):  # resized to 16 px, grey centre kept
-        assert (img[0, 0] == rgb).all() and (img[SIZE // 2, SIZE // 2] == 128).all()
-    test = data_lib.load_split(c, "test[1:]")  # a slice of images, not of rows
-    assert test["captions"] == [["a blue picture", "blue everywhere"], ["a white picture", "white everywhere"]]
-    idx, texts = data_lib.pairs(train["captions"])  # training pairs: every caption with its image
-    assert list(idx) == [0, 0, 1, 1, 2, 3] and len(texts) == 6
+    for r, rgb in zip(train.records, COLOURS.values(), strict=True):  # resized to 16 px, grey centre kept
+        img = src[int(r)]["image"]
+        assert img.shape == (SIZE, SIZE, 3) and (img[0, 0] == rgb).all() and (img[SIZE // 2, SIZE // 2] == 128).all()
+    assert list(train.pair_image) == [0, 0, 1, 1, 2, 3] and len(train.pair_text) == 6  # every caption with its image
 
 
 @pytest.mark.parametrize(
@@ -109,17 +111,16 @@ def test_bad_caption_rows_name_the_file_and_line(tmp_path, row, message):
     (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     _write(folder, "train.jsonl", [{"image": "img/red.png", "caption": "ok"}, row])
     with pytest.raises(ManifestError, match=rf"{folder}/train\.jsonl:2: {message}"):
-        data_lib.load_split(_config("caption", folder), "train")
+        _index(_config("caption", folder), "train")
     # skip_bad_rows: the row is dropped (and counted by the builder), the rest loads
-    split = data_lib.load_split(_config("caption", folder, skip_bad_rows=True), "train")
-    assert split["captions"] == [["ok"]]
+    assert _index(_config("caption", folder, skip_bad_rows=True), "train")[1].captions == [["ok"]]
 
 
 def test_missing_split_names_the_manifest(tmp_path):
     folder = _dataset(tmp_path / "data")
     os.remove(folder / "test.jsonl")
-    with pytest.raises(FileNotFoundError, match=r"no 'test' split: add test\.jsonl"):
-        data_lib.load_split(_config("caption", folder), "test")
+    with pytest.raises(FileNotFoundError, match=r"no 'test' split .*add test\.jsonl"):
+        _index(_config("caption", folder), "test")
 
 
 def test_retrieval_trains_and_evaluates_on_a_manifest(tmp_path):
@@ -127,7 +128,7 @@ def test_retrieval_trains_and_evaluates_on_a_manifest(tmp_path):
     wd = str(tmp_path / "run")
     result = train_lib.train_and_evaluate(c, wd)  # train.py's dispatch to the task loop
     assert result["step"] == 2 and result["stop_reason"] == "num_steps"
-    m = tasks.evaluate_split(c, wd, "test", "latest")
+    m = eval_lib.evaluate_split(c, wd, "test", "latest")
     # 3 test images with 2 captions each: image queries count a hit for either caption, text queries their image
     assert (m["num_images"], m["num_texts"], m["num_examples"]) == (3, 6, 3)
     for prefix in ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i"):
@@ -142,7 +143,7 @@ def test_caption_trains_and_evaluates_on_a_manifest(tmp_path):
     wd = str(tmp_path / "run")
     result = train_lib.train_and_evaluate(c, wd)
     assert result["step"] == 2 and np.isfinite(result["best_val"])
-    m = tasks.evaluate_split(c, wd, "test", "latest")
+    m = eval_lib.evaluate_split(c, wd, "test", "latest")
     assert m["num_images"] == 3 and all(np.isfinite(m[f"{k}_bleu4"]) for k in ("greedy", "beam"))
     lines = train_testutil.read_jsonl(os.path.join(wd, "eval", "test", "captions.jsonl"))
     expected = [[f"a {c} picture", f"{c} everywhere"] for c in ("green", "blue", "white")]  # grouped, manifest order

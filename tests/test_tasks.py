@@ -7,10 +7,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 import train_testutil
 from PIL import Image
-
-import pytest
 
 from vtfusion_jax import eval_lib, tasks, train_lib
 from vtfusion_jax.data import captions, pipeline

@@ -126,8 +126,8 @@ def _equal(a, b) -> bool:
 def test_nan_policy_skip_keeps_params_and_optimizer_state_and_counts(tmp_path, monkeypatch):
     make = pipeline.make_train_iterator
     monkeypatch.setattr(pipeline, "make_train_iterator", lambda **kw: _PoisonedIterator(make(**kw), bad=1))
-    config = load_config("tiny", train__num_steps=3, train__nan_policy="skip", train__keep_checkpoints=5,
-                         train__checkpoint_every_steps=1, train__eval_every_steps=0, train__log_every_steps=1)  # fmt: skip
+    kw = dict(train__checkpoint_every_steps=1, train__eval_every_steps=0, train__log_every_steps=1)
+    config = load_config("tiny", train__num_steps=3, train__nan_policy="skip", train__keep_checkpoints=5, **kw)
     result = train_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 3 and result["skipped_steps"] == 1 and result["stop_reason"] == "num_steps"
     rows = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/skipped" in r}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from train_testutil import config_flags, load_config, run_script, train_losses
 
-from vtfusion_jax import eval_lib, train_lib
+from vtfusion_jax import train_lib
 
 N, K = 6, 3
 OVERRIDES = dict(
@@ -35,7 +35,7 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path):
     np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
     # ... and bit-identical parameters at the end.
     config = load_config("tiny", **OVERRIDES)
-    pa = jax.device_get(eval_lib.Restored(config, str(straight), "latest").params)
-    pb = jax.device_get(eval_lib.Restored(config, str(split), "latest").params)
+    pa = jax.device_get(train_lib.restore(config, str(straight), "latest")[1])
+    pb = jax.device_get(train_lib.restore(config, str(split), "latest")[1])
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_array_equal(x, y)

@@ -9,7 +9,7 @@ import pytest
 from train_testutil import load_config
 
 from vtfusion_jax import checkpoint as ckpt_lib
-from vtfusion_jax import optim, preflight, sharding, train_lib
+from vtfusion_jax import optim, preflight, tasks, train_lib
 
 pytestmark = pytest.mark.faults
 
@@ -37,10 +37,9 @@ def test_unusable_workdirs_fail_at_once(tmp_path):
 def _checkpoint_without_training(config, workdir, step: int) -> None:
     """What a run of ``config`` leaves in ``workdir`` at ``step`` (config.json + a checkpoint of the right shapes,
     zeros), without compiling anything."""
-    meta = train_lib.get_meta(config)
-    model = train_lib.build_model(config, meta["num_classes"], train_lib.make_tokenizer(config).vocab_size)
+    task = tasks.make_task(config)
     tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-    abstract, _ = train_lib.state_layout(config, model, tx, meta, sharding.make_mesh(config.mesh_shape))
+    abstract, _ = train_lib.state_layout(task.model, task.init_batch(), tx, task.mesh)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), asynchronous=False)
     ckpt.save(step, zeros, {"step": step})

@@ -82,7 +82,7 @@ def evaluate_split(config: ml_collections.ConfigDict, workdir: str, split: str, 
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     result = task.evaluate(params, split, out_dir)
-    result.setdefault("num_examples", result.get("num_texts", result.get("num_images")))
+    result.setdefault("num_examples", result.get("num_images"))  # retrieval / captioning: images
     result.update(task=config.task, split=split, checkpoint_step=int(step), wall_seconds=time.time() - started)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -115,12 +115,14 @@ def predict(workdir: str, image_path: str, *, question: str | None = None, capti
     Raises:
       PredictError: unreadable image, empty question, or inputs the run's task does not take.
     """
+    if question is not None and not question.strip():
+        raise PredictError("the question is empty")
+    image = _image(image_path)
     config = load_config(workdir)
-    if config.task == "vqa" and (question is None or not question.strip()):
-        raise PredictError("the question is empty" if question is not None else "a VQA run needs --question")
+    if config.task == "vqa" and question is None:
+        raise PredictError("a VQA run answers a question: give --question")
     if config.task == "retrieval" and not captions:
         raise PredictError("a retrieval run ranks captions: give --retrieve")
-    image = _image(image_path)
     task, params, step = train_lib.restore(config, workdir, checkpoint)
     if config.task == "vqa":
         out = task.predict(params, image_path, question, attention_map)

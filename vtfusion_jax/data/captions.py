@@ -165,7 +165,8 @@ class CaptionReader:
         pairs = reader.train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
         image = self.index.pair_image[pairs]
         batch = self.tokenizer([self.index.pair_text[p] for p in pairs])
-        batch["image"] = self._images(self.index.records[image], step, self.rows, self.global_batch_size)
+        offsets = self._images.offsets(step, self.global_batch_size, self.rows)
+        batch["image"] = self._images(self.index.records[image], offsets)
         batch["image_id"], batch["valid"] = image.astype(np.int32), np.ones(len(pairs), bool)
         return batch
 

@@ -158,6 +158,12 @@ def get_data_source(name: str, split: str, *, data_dir: str | None = None, build
       A tfds ArrayRecordDataSource: len(src), src[i], src.__getitems__(indices).
     """
     builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
+    base = split.split("[")[0]
+    if base not in builder.info.splits:
+        where = (
+            f"manifest {builder_kwargs['path']!r}: add {base}.jsonl beside train.jsonl" if name == "manifest" else ""
+        )
+        raise FileNotFoundError(f"{name} has no {base!r} split (splits: {sorted(builder.info.splits)}); {where}")
     return builder.as_data_source(split=split)
 
 

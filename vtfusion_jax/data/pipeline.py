@@ -281,7 +281,6 @@ def _reader_for(
     reader = make(
         global_batch_size=global_batch_size,
         rows=rows,
-        normalize=False,
         images_per_batch=images_per_batch,
         image_rows=image_rows,
         **kwargs,

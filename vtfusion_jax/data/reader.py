@@ -52,10 +52,8 @@ def train_indices(seed: int, step: int, global_batch_size: int, num_examples: in
 
 
 class BatchReader:
-    """Host-side batch maker for one split: record indices -> numpy batch dict of this process's rows.
-
-    Picklable (grain worker processes get a copy).
-    """
+    """Host-side batch maker for one split: record indices -> numpy batch dict of this process's rows (images as
+    uint8: the iterators normalise them on device). Picklable (grain worker processes get a copy)."""
 
     def __init__(
         self,
@@ -70,9 +68,6 @@ class BatchReader:
         augment: bool = False,
         data_dir: str | None = None,
         builder_kwargs: dict | None = None,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
-        normalize: bool = True,
         images_per_batch: int = 0,
         image_rows: slice | None = None,
     ):
@@ -89,10 +84,6 @@ class BatchReader:
           augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
           data_dir: TFDS data folder.
           builder_kwargs: builder options.
-          image_mean: per-channel mean subtracted from images in [0, 1].
-          image_std: per-channel std dividing them.
-          normalize: return float32 normalised images; False returns uint8 [b,H,W,3] (the iterators normalise on
-            device: 4x less host->device traffic and no host float pass).
           images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
             split's records need an ``image_id``); 0: one image per question.
           image_rows: image slots of each grouped batch this process reads (default: all K).
@@ -105,12 +96,11 @@ class BatchReader:
         self.num_examples = len(self.source)
         if self.num_examples == 0:
             raise ValueError(f"{dataset}/{split} is empty")
-        keys = ["image", self.spec.text_key, self.spec.label_key, self.spec.type_key]
+        keys = [self.spec.text_key, self.spec.label_key, self.spec.type_key]
         keys += [feature for feature, _ in self.spec.extra_keys]
         features = self.source.dataset_info.features
-        self._decode = RecordDecoder(features, keys)
-        self._decode_fields = RecordDecoder(features, [k for k in keys if k != "image"])
-        self._decode_image = RecordDecoder(features, ["image"])
+        self._decode_fields = RecordDecoder(features, keys)
+        self.images = ImageReader(self.source, image_size, augment, seed)
         self.images_per_batch = int(images_per_batch)
         self.image_rows = image_rows if image_rows is not None else slice(0, self.images_per_batch)
         self.plan = None
@@ -125,49 +115,17 @@ class BatchReader:
             )
         self.tokenizer = tokenizer
         self._text_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.image_size = image_size
-        self.augment = augment
-        self.normalize = normalize
-        # Side of the output images (for crop padding): the stored size unless resized.
-        self.out_size = int(image_size or self.source[0]["image"].shape[0])
-        std = np.asarray(image_std, np.float32)
-        self._scale = 1.0 / (255.0 * std)  # [3]
-        self._bias = -np.asarray(image_mean, np.float32) / std  # [3]
-
-    def _images(self, examples, crop_offsets, normalize: bool | None = None) -> np.ndarray:
-        imgs = []
-        for ex in examples:
-            img = ex["image"]  # uint8 [H, W, 3]
-            if self.image_size is not None and img.shape[:2] != (self.image_size, self.image_size):
-                pil = Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR)
-                img = np.asarray(pil)
-            imgs.append(img)
-        images = np.stack(imgs)  # [b, H, W, 3] uint8
-        if crop_offsets is not None:
-            pad = _crop_pad(images.shape[1])
-            padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-            h, w = images.shape[1:3]
-            for i, (dy, dx) in enumerate(crop_offsets):
-                images[i] = padded[i, dy : dy + h, dx : dx + w]
-        if not (self.normalize if normalize is None else normalize):
-            return images
-        out = np.empty(images.shape, np.float32)  # [b, H, W, 3]
-        np.multiply(images, self._scale, out=out, dtype=np.float32)
-        out += self._bias
-        return out
 
     def _tokenize(self, texts: list[str]) -> dict:
         # Questions repeat a lot (Sort-of-CLEVR has 36 distinct ones): tokenise each distinct text once.
         cache = self._text_cache
         missing = sorted({t for t in texts if t not in cache})
+        local = {}
         if missing:
             fresh = self.tokenizer(missing)
-            for t, ids, mask in zip(missing, fresh["text_ids"], fresh["text_mask"], strict=True):
-                if len(cache) < _TEXT_CACHE_SIZE:
-                    cache[t] = (ids, mask)
             local = dict(zip(missing, zip(fresh["text_ids"], fresh["text_mask"], strict=True), strict=True))
-        else:
-            local = {}
+            if len(cache) < _TEXT_CACHE_SIZE:
+                cache.update(local)
         rows = [cache.get(t) or local[t] for t in texts]
         return {
             "text_ids": np.stack([r[0] for r in rows]).astype(np.int32),  # [b, L]
@@ -175,32 +133,26 @@ class BatchReader:
         }
 
     def load(
-        self,
-        indices: np.ndarray,
-        valid: np.ndarray,
-        crop_offsets: np.ndarray | None = None,
-        with_images: bool = True,
+        self, indices: np.ndarray, valid: np.ndarray, crop_offsets: np.ndarray | None = None, with_images: bool = True
     ) -> dict:
         """Reads and preprocesses records.
 
         Args:
           indices: int [b] record indices.
           valid: bool [b]; False marks padding rows.
-          crop_offsets: int [b, 2] (dy, dx) crop offsets in [0, 2 * pad], or None for no crop.
+          crop_offsets: int [b, 2] (dy, dx) crop offsets (ImageReader.offsets), or None for no crop.
           with_images: False skips decoding images (the batch has no "image").
 
         Returns:
-          {"image": float32 [b,H,W,3] (uint8 if normalize=False), "text_ids": int32 [b,L],
-           "text_mask": bool [b,L], "label": int32 [b], "question_type": int32 [b], "valid": bool [b]} plus the
-          dataset's extra keys (Sort-of-CLEVR: "family" int32 [b], "question_code" float32 [b,11]).
+          {"image": uint8 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label": int32 [b],
+           "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR: "family"
+          int32 [b], "question_code" float32 [b,11]).
         """
         records = self.source.data_source.__getitems__([int(i) for i in indices])
-        decode = self._decode if with_images else self._decode_fields
-        examples = [decode(r) for r in records]
-        texts = [_text(ex[self.spec.text_key]) for ex in examples]
-        batch = self._tokenize(texts)
+        examples = [self._decode_fields(r) for r in records]
+        batch = self._tokenize([_text(ex[self.spec.text_key]) for ex in examples])
         if with_images:
-            batch["image"] = self._images(examples, crop_offsets)
+            batch["image"] = self.images.from_raw(records, crop_offsets)
         batch["label"] = np.asarray([ex[self.spec.label_key] for ex in examples], np.int32)  # [b]
         batch["question_type"] = np.asarray([ex[self.spec.type_key] for ex in examples], np.int32)  # [b]
         for feature, key in self.spec.extra_keys:
@@ -211,37 +163,21 @@ class BatchReader:
 
     def train_batch(self, step: int) -> dict:
         """This process's rows of the global training batch at `step` (a pure function of (seed, step))."""
-        if self.plan is not None:
-            return self._grouped_train_batch(step)
-        idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
-        offsets = None
-        if self.augment:
-            rng = np.random.default_rng([_SEED_SALT, self.seed, step])
-            offsets = rng.integers(0, 2 * _crop_pad(self.out_size) + 1, size=(self.global_batch_size, 2))[self.rows]
-        return self.load(idx, np.ones(len(idx), bool), offsets)
-
-    def _grouped_train_batch(self, step: int) -> dict:
-        """Image-grouped batch (data/grouped.py): this process's question rows and image slots."""
+        if self.plan is None:
+            idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
+            return self.load(idx, np.ones(len(idx), bool), self.images.offsets(step, self.global_batch_size, self.rows))
+        # image-grouped batch (data/grouped.py): this process's question rows and image slots
         image_records, question_records, image_index = self.plan.batch_at(step)
         q = question_records[self.rows]
         batch = self.load(np.maximum(q, 0), q >= 0, with_images=False)
         batch["image_index"] = image_index[self.rows]  # [b] slot in the global image axis
-        recs = image_records[self.image_rows]  # [k]
-        size = self.out_size
-        images = np.zeros((len(recs), size, size, 3), np.uint8)
+        recs = image_records[self.image_rows]  # [k]; -1 = an empty slot (zeros)
+        size = self.images.out_size
+        batch["image"] = np.zeros((len(recs), size, size, 3), np.uint8)
         real = np.flatnonzero(recs >= 0)
         if len(real):
-            raw = self.source.data_source.__getitems__([int(recs[i]) for i in real])
-            offsets = None
-            if self.augment:
-                rng = np.random.default_rng([_SEED_SALT, self.seed, step])
-                offsets = rng.integers(0, 2 * _crop_pad(size) + 1, size=(self.images_per_batch, 2))[self.image_rows]
-                offsets = offsets[real]
-            images[real] = self._images([self._decode_image(r) for r in raw], offsets, normalize=False)
-        if self.normalize:
-            batch["image"] = images.astype(np.float32) * self._scale + self._bias
-        else:
-            batch["image"] = images
+            offsets = self.images.offsets(step, self.images_per_batch, self.image_rows)
+            batch["image"][real] = self.images(recs[real], None if offsets is None else offsets[real])
         return batch
 
     def num_eval_batches(self) -> int:
@@ -258,26 +194,34 @@ class BatchReader:
 
 
 class ImageReader:
-    """uint8 images [b, H, W, 3] of records of a data source: decoded, resized to ``image_size`` (PIL bilinear; None
-    keeps the stored size) and, with ``augment``, randomly cropped like BatchReader (offsets drawn for the whole
-    global batch from (seed, step), then this process's rows taken). Picklable."""
+    """uint8 images [b, H, W, 3] of a data source's records: decoded, resized to ``image_size`` (PIL bilinear; None
+    keeps the stored size) and, with ``augment``, randomly cropped after edge padding. Picklable."""
 
     def __init__(self, source, image_size: int | None, augment: bool, seed: int):
         self.source, self.image_size, self.augment, self.seed = source, image_size, augment, int(seed)
         self._decode = RecordDecoder(source.dataset_info.features, ["image"])
         self.out_size = int(image_size or source[0]["image"].shape[0])
 
-    def __call__(self, records, step: int | None = None, rows: slice = slice(None), total: int = 0) -> np.ndarray:
-        images = np.stack([self._resize(self._decode(r)["image"]) for r in self.source.data_source.__getitems__(
-            [int(i) for i in records])])  # fmt: skip
-        if self.augment and step is not None:
-            pad = _crop_pad(self.out_size)
-            rng = np.random.default_rng([_SEED_SALT, self.seed, step])
-            offsets = rng.integers(0, 2 * pad + 1, size=(total, 2))[rows]
+    def offsets(self, step: int, total: int, rows: slice) -> np.ndarray | None:
+        """Crop offsets of this process's ``rows``, drawn for the whole global batch of ``total`` images from
+        (seed, step), so they do not depend on the process count; None without ``augment``."""
+        if not self.augment:
+            return None
+        rng = np.random.default_rng([_SEED_SALT, self.seed, step])
+        return rng.integers(0, 2 * _crop_pad(self.out_size) + 1, size=(total, 2))[rows]
+
+    def from_raw(self, raw: Sequence[bytes], offsets: np.ndarray | None = None) -> np.ndarray:
+        """Images of serialized records (``offsets`` int [b, 2]: crops, or None)."""
+        images = np.stack([self._resize(self._decode(r)["image"]) for r in raw])
+        if offsets is not None:
+            pad, s = _crop_pad(self.out_size), self.out_size
             padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
             for i, (dy, dx) in enumerate(offsets):
-                images[i] = padded[i, dy : dy + self.out_size, dx : dx + self.out_size]
+                images[i] = padded[i, dy : dy + s, dx : dx + s]
         return images
+
+    def __call__(self, records, offsets: np.ndarray | None = None) -> np.ndarray:
+        return self.from_raw(self.source.data_source.__getitems__([int(i) for i in records]), offsets)
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
         if self.image_size is None or img.shape[:2] == (self.image_size, self.image_size):

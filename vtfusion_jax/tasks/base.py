@@ -67,7 +67,7 @@ class Task(abc.ABC):
         """Micro-steps to train (``train.num_steps``; VQA can count epochs instead)."""
         return int(self.config.train.num_steps)
 
-    def save_assets(self, workdir: str) -> None:
+    def save_assets(self, workdir: str) -> None:  # noqa: B027  (optional hook: most tasks have no assets)
         """Files a restored model needs besides the checkpoint (the caption tasks' word vocabulary)."""
 
     @property

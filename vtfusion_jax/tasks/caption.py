@@ -97,7 +97,9 @@ class CaptionTask(CaptionDataTask):
                 t0 = time.time()
                 decoded[cache] = self.captions(params, split, "greedy", use_cache=cache)
                 seconds[cache] = time.time() - t0
-            out["kv_cache_same_captions"] = float(np.mean([a == b for a, b in zip(decoded[True], decoded[False])]))
+            out["kv_cache_same_captions"] = float(
+                np.mean([a == b for a, b in zip(decoded[True], decoded[False], strict=True)])
+            )
             out["kv_cache_seconds"], out["no_cache_seconds"] = seconds[True], seconds[False]
             out["kv_cache_speedup"] = seconds[False] / max(seconds[True], 1e-9)
         out.update(beam_size=int(self.config.eval.beam_size), length_penalty=float(self.config.eval.length_penalty))

@@ -182,7 +182,10 @@ class VqaTask(Task):
         with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
             for i in range(len(rows["index"])):
                 idx, label, pred = int(rows["index"][i]), int(rows["label"][i]), int(rows["pred"][i])
-                top5 = [[names[int(k)], round(float(p), 5)] for k, p in zip(rows["top_ids"][i], rows["top_probs"][i])]
+                top5 = [
+                    [names[int(k)], round(float(p), 5)]
+                    for k, p in zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
+                ]
                 row = {
                     "index": idx,
                     "question": _text(source[idx][text_key]),
@@ -212,8 +215,9 @@ class VqaTask(Task):
         probs = np.asarray(jax.nn.softmax(out["logits"]))
         encode = lambda p, b: sow.apply({"params": p}, b, method=lambda m, b: m.image_encoder(b["image"])[0])  # noqa: E731
         tokens = jax.eval_shape(encode, params, {"image": batch["image"]})
-        views = viz.attention_views(jax.device_get(variables.get("intermediates", {})), batch["text_mask"],
-                                    int(tokens.shape[1]))  # fmt: skip
+        intermediates = jax.device_get(variables.get("intermediates", {}))
+        fusion = self.config.model.fusion.name
+        views = viz.attention_views(intermediates, batch["text_mask"], int(tokens.shape[1]), fusion)
         return probs, views
 
     def token_grids(self) -> list[tuple[int, int]]:
@@ -240,7 +244,7 @@ class VqaTask(Task):
             print(f"fusion {fusion!r} has no question-to-image attention: no attention maps")
             return
         grids = self.token_grids()
-        gates = viz.gate_values(params.get("fusion", {})) if fusion == "gated_cross" else []
+        gates = viz.gate_values(params["fusion"]) if models.fusion_info(fusion).has_gates else []
         gate_note = f"\ngates tanh(alpha) per layer: {', '.join(f'{g:+.3f}' for g in gates)}" if gates else ""
         names, index = self.meta["label_names"], {}
         for i in range(n):

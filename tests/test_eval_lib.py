@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from train_testutil import DATA_DIR, REPO, config_flags, subprocess_env
+from train_testutil import DATA_DIR, REPO, config_flags, load_config, subprocess_env
 
 from vtfusion_jax import eval_lib, metrics
 from vtfusion_jax.data import easy_vqa, pipeline
@@ -124,7 +124,7 @@ def test_predict_bad_input_is_one_line(smoke_run, tmp_path, case):
     workdir, _, _ = smoke_run
     image, question = _bad_input(tmp_path, case)
     with pytest.raises(eval_lib.PredictError) as e:
-        eval_lib.predict(str(workdir), image, question)
+        eval_lib.predict(str(workdir), image, question=question)
     assert str(e.value).strip() and "\n" not in str(e.value)
 
 
@@ -138,3 +138,20 @@ def test_predict_py_bad_input_exits_with_one_line(smoke_run, tmp_path):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope.png" in lines[0], out.stderr
+
+
+def test_old_workdir_config_is_upgraded_once_where_it_is_read(tmp_path):
+    """A config.json written before the fields of eval_lib.UPGRADES existed loads with the values that reproduce how
+    that run behaved; fields the run did record are kept."""
+    new = load_config("tiny")
+    old = json.loads(new.to_json_best_effort())
+    for key in ("task",):
+        del old[key]
+    del old["train"]["nan_policy"], old["train"]["time_limit_seconds"], old["dataset"]["augment"]
+    old["train"]["steps_per_run"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    c = eval_lib.load_config(str(tmp_path))
+    assert (c.task, c.train.nan_policy, c.train.time_limit_seconds, c.dataset.augment) == ("vqa", "stop", 0, False)
+    assert c.train.steps_per_run == 7 and list(c.mesh_shape) == list(new.mesh_shape)
+    with pytest.raises(AttributeError):
+        c.train.not_a_field = 1  # locked

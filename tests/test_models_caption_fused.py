@@ -7,13 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_task_loop import tiny_caption_config
+import train_testutil
 
-from vtfusion_jax import decoding, optim, sharding
+from vtfusion_jax import decoding, optim, sharding, tasks, train_lib
 from vtfusion_jax.models.caption import CaptionModel
-from vtfusion_jax.tasks import loop
-from vtfusion_jax.tasks.caption import CaptionTask
-from vtfusion_jax.train_lib import TrainState
 
 V, T, P, PAD, BOS, EOS = 11, 8, 3, 0, 1, 2
 IMAGE = dict(name="cnn", channels=(4, 8), strides=(2, 2), norm="group", pos_emb="learn")  # 16 px -> 4x4 tokens
@@ -21,6 +18,22 @@ HEAD = dict(name="caption_decoder", num_layers=1, num_heads=2, mlp_dim=32, max_l
 # cross: only the prompt stream changes (the image tokens come back as they went in), the harder case for "fused"
 FUSION = dict(name="cross", num_layers=1, num_heads=2, mlp_dim=32)
 FUSED = dict(width=16, dtype="float32", image_encoder=IMAGE, head=HEAD, memory="fused", prompt_len=P, fusion=FUSION)
+
+
+def tiny_caption_config():
+    """configs/sort_of_clevr_caption.py at the smallest size: 8 training images, width 16, one device."""
+    c = train_testutil.load_config("sort_of_clevr_caption")
+    c.dataset.builder_kwargs = dict(num_train=8, num_validation=4, num_test=4, seed=0)
+    c.mesh_shape = (1, 1, 1)
+    c.model.width = 16
+    c.model.image_encoder = dict(c.model.image_encoder, channels=(4, 8, 8))
+    c.model.head = dict(c.model.head, num_layers=1, mlp_dim=32, num_heads=2)
+    c.model.fusion = dict(c.model.fusion, name="cross", mlp_dim=32, num_heads=2)
+    c.model.prompt_len = 2
+    c.optim.warmup_steps = 0  # the one step under test moves every parameter
+    c.optim.schedule = "constant"
+    c.train.global_batch_size = 4
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +104,21 @@ def test_kv_cache_matches_uncached_with_fused_memory(fused, method, beam):
 def test_caption_task_trains_a_step_with_each_memory(memory):
     config = tiny_caption_config()
     config.model.memory = memory
-    task = CaptionTask(config)
+    task = tasks.make_task(config)
     tx, _ = optim.make_optimizer(config.optim, 10, optim.frozen_towers(config.model))
-    step_fn = loop.make_step(task, tx, skip_nonfinite=False)  # the task loop's step: task.loss, grads, AdamW
+    step_fn = train_lib.make_train_step(task.loss, tx)  # the loop's step: task.loss, grads, AdamW
 
     @jax.jit  # init and one step in one program (one compilation)
     def init_and_step(batch):
-        params = sharding.unbox(task.model.init({"params": jax.random.PRNGKey(0)}, task.init_batch)["params"])
-        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
+        params = sharding.unbox(task.model.init({"params": jax.random.PRNGKey(0)}, task.init_batch())["params"])
+        state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
         new, m = step_fn(state, batch)
         return params, new.params, m
 
+    it = task.train_iter(0)
     with jax.set_mesh(task.mesh), sharding.activation_rules():
-        before, after, m = jax.device_get(init_and_step(task.batch(0)))
+        before, after, m = jax.device_get(init_and_step(next(it)))
+    it.close()
     assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
     assert ("fusion" in after) == (memory == "fused")
     for tower in after:  # every tower trained, the fusion (prompt and variant) included when it exists
