@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtfusion_jax import sharding
 from vtfusion_jax.data.captions import CaptionIndex, CaptionReader
 from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F401  (public API)
-from vtfusion_jax.data.reader import BatchReader, grouped_steps_for_epochs, train_indices  # noqa: F401  (public API)
+from vtfusion_jax.data.reader import BatchReader, group_plan, train_indices  # noqa: F401  (public API)
 from vtfusion_jax.data.tokenizer import Tokenizer
 
 _HORIZON = 2**40  # training steps are unbounded in practice
@@ -52,17 +53,11 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
     return slice(process_index * n, (process_index + 1) * n)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, batch_axes: Sequence[str]) -> jax.sharding.NamedSharding:
-    """Sharding of a batch array: dim 0 over the mesh's `batch_axes` (those it has), the rest replicated."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-
 def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
     """Contiguous rows of the global batch held by this process's devices under `sharding`.
 
     Args:
-      sharding: batch sharding (see `batch_sharding`).
+      sharding: batch sharding (sharding.batch_sharding).
       global_batch_size: B.
 
     Returns:
@@ -263,18 +258,16 @@ class EvalIterable:
             prefetcher.close()
 
 
-def _reader_for(
-    mesh, batch_axes, global_batch_size, image_mean, image_std, images_per_batch=0, captions=False, **kwargs
-):
-    sharding = batch_sharding(mesh, batch_axes)
-    shards = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
+def _reader_for(mesh, global_batch_size, image_mean, image_std, images_per_batch=0, captions=False, **kwargs):
+    batch = sharding.batch_sharding(mesh)
+    shards = sharding.mesh_axis_size(mesh, sharding.BATCH_AXES)
     for what, size in (("global_batch_size", global_batch_size), ("images_per_batch", images_per_batch)):
         if size % shards:
             raise ValueError(
-                f"{what} {size} is not divisible by the {shards} batch shards of mesh axes {tuple(batch_axes)}"
+                f"{what} {size} is not divisible by the {shards} batch shards of mesh axes {sharding.BATCH_AXES}"
             )
-    rows = local_rows(sharding, global_batch_size)
-    image_rows = local_rows(sharding, images_per_batch) if images_per_batch > 0 else None
+    rows = local_rows(batch, global_batch_size)
+    image_rows = local_rows(batch, images_per_batch) if images_per_batch > 0 else None
     make = BatchReader
     if captions:  # True or the split's CaptionIndex
         make = functools.partial(CaptionReader, index=captions if isinstance(captions, CaptionIndex) else None)
@@ -285,7 +278,7 @@ def _reader_for(
         image_rows=image_rows,
         **kwargs,
     )
-    return reader, _ToGlobal(sharding, global_batch_size, image_mean, image_std, images_per_batch)
+    return reader, _ToGlobal(batch, global_batch_size, image_mean, image_std, images_per_batch)
 
 
 def make_train_iterator(
@@ -301,7 +294,6 @@ def make_train_iterator(
     data_dir: str | None = None,
     builder_kwargs: dict | None = None,
     start_step: int = 0,
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
     prefetch: int = 2,
     worker_count: int = 0,
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -309,6 +301,7 @@ def make_train_iterator(
     num_threads: int = 2,
     images_per_batch: int = 0,
     captions: CaptionIndex | bool = False,
+    plan=None,
 ) -> TrainIterator:
     """Infinite, deterministic, resumable training batches as global jax.Arrays (see the module docstring).
 
@@ -317,14 +310,13 @@ def make_train_iterator(
       split: split to train on.
       global_batch_size: B over all processes; divisible by the product of the batch mesh axes.
       seed: data seed; the batch at step s is a pure function of (seed, s).
-      mesh: device mesh; dim 0 of every array is sharded over `batch_axes`.
+      mesh: device mesh; dim 0 of every array is sharded over its batch axes (sharding.batch_sharding).
       tokenizer: text tokenizer (fixes L = tokenizer.max_len).
       image_size: output side; None keeps the stored size.
       augment: random crops after small edge padding, seeded by (seed, step). Never flips.
       data_dir: TFDS data folder (default $TFDS_DATA_DIR or ~/tensorflow_datasets); built on first use.
       builder_kwargs: builder options (see `datasets.get_builder`).
       start_step: step of the first batch (resume).
-      batch_axes: mesh axes the batch dim is sharded over (absent ones are ignored).
       prefetch: batches kept ready on device by the background thread (and in grain's buffer).
       worker_count: grain worker processes (0 = threads in this process).
       image_mean: per-channel mean of images in [0, 1].
@@ -334,6 +326,7 @@ def make_train_iterator(
         [B] points each question at its image, "valid" is False on padding rows; divisible like B.
       captions: (image, caption) pair batches of data/captions.py instead of questions: True, or the split's
         CaptionIndex if already built; ``tokenizer`` is then a captions.WordVocab.
+      plan: with images_per_batch, the split's GroupPlan if already built (group_plan).
 
     Returns:
       A TrainIterator yielding {"image": f32 [B,H,W,3], "text_ids": i32 [B,L], "text_mask": bool [B,L],
@@ -341,7 +334,6 @@ def make_train_iterator(
     """
     reader, to_global = _reader_for(
         mesh,
-        batch_axes,
         global_batch_size,
         dataset=dataset,
         split=split,
@@ -355,6 +347,7 @@ def make_train_iterator(
         image_std=image_std,
         images_per_batch=images_per_batch,
         captions=captions,
+        plan=plan,
     )
     return TrainIterator(
         reader, to_global, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads
@@ -371,7 +364,6 @@ def make_eval_iterator(
     image_size: int | None = None,
     data_dir: str | None = None,
     builder_kwargs: dict | None = None,
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
     prefetch: int = 2,
@@ -380,7 +372,7 @@ def make_eval_iterator(
     """Eval batches: each example exactly once, in record order; the last batch is padded.
 
     Args:
-      dataset, split, global_batch_size, mesh, tokenizer, image_size, data_dir, builder_kwargs, batch_axes,
+      dataset, split, global_batch_size, mesh, tokenizer, image_size, data_dir, builder_kwargs,
       image_mean, image_std: as in `make_train_iterator` (no augmentation, no shuffling).
       prefetch: batches kept ready by the background thread.
       captions: as in `make_train_iterator`: eval batches then hold each image of the split once
@@ -392,7 +384,6 @@ def make_eval_iterator(
     """
     reader, to_global = _reader_for(
         mesh,
-        batch_axes,
         global_batch_size,
         dataset=dataset,
         split=split,

@@ -70,6 +70,7 @@ class BatchReader:
         builder_kwargs: dict | None = None,
         images_per_batch: int = 0,
         image_rows: slice | None = None,
+        plan: grouped.GroupPlan | None = None,
     ):
         """Opens the split (building the dataset if absent).
 
@@ -87,6 +88,7 @@ class BatchReader:
           images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
             split's records need an ``image_id``); 0: one image per question.
           image_rows: image slots of each grouped batch this process reads (default: all K).
+          plan: the split's GroupPlan if already built (group_plan); built here otherwise.
         """
         self.dataset, self.split, self.seed = dataset, split, int(seed)
         self.global_batch_size = int(global_batch_size)
@@ -103,8 +105,8 @@ class BatchReader:
         self.images = ImageReader(self.source, image_size, augment, seed)
         self.images_per_batch = int(images_per_batch)
         self.image_rows = image_rows if image_rows is not None else slice(0, self.images_per_batch)
-        self.plan = None
-        if self.images_per_batch > 0:
+        self.plan = plan
+        if self.images_per_batch > 0 and plan is None:
             if "image_id" not in features:
                 raise ValueError(
                     f"{dataset}/{split} records have no 'image_id' feature: image-grouped batches "
@@ -239,13 +241,13 @@ def read_image_ids(source) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
-def grouped_steps_for_epochs(
-    *, dataset, split, seed, global_batch_size, images_per_batch, num_epochs, data_dir=None, builder_kwargs=None
-) -> int:
-    """Steps of image-grouped training (data/grouped.py) that cover ``num_epochs`` epochs of ``split``."""
+def group_plan(
+    *, dataset, split, seed, global_batch_size, images_per_batch, data_dir=None, builder_kwargs=None
+) -> grouped.GroupPlan:
+    """The image-grouped batch plan (data/grouped.py) of ``split``; pass it to make_train_iterator(plan=...) so the
+    split's image ids are read once."""
     source = get_data_source(dataset, split, data_dir=data_dir, builder_kwargs=builder_kwargs)
-    plan = grouped.GroupPlan(read_image_ids(source), seed, global_batch_size, images_per_batch)
-    return plan.steps_for_epochs(num_epochs)
+    return grouped.GroupPlan(read_image_ids(source), seed, global_batch_size, images_per_batch)
 
 
 def _crop_pad(size: int) -> int:

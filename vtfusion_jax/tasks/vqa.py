@@ -95,20 +95,21 @@ class VqaTask(Task):
         if t.num_steps > 0:
             steps = int(t.num_steps)
         elif t.images_per_batch > 0:  # image-grouped batches: epochs come from the packing plan
-            steps = pipeline.grouped_steps_for_epochs(
-                dataset=d.name,
-                split=d.train_split,
-                seed=self.config.seed,
-                global_batch_size=t.global_batch_size,
-                images_per_batch=t.images_per_batch,
-                num_epochs=t.num_epochs,
-                data_dir=d.data_dir,
-                builder_kwargs=d.builder_kwargs.to_dict(),
-            )
+            steps = self.group_plan().steps_for_epochs(t.num_epochs)
         else:
             n = self.meta["num_examples"][d.train_split.split("[")[0]]
             steps = math.ceil(t.num_epochs * n / t.global_batch_size)
         return int(math.ceil(steps / accum) * accum)
+
+    def group_plan(self):
+        """The train split's image-grouped batch plan, built once (it reads every record's image id)."""
+        if "plan" not in self._eval_cache:
+            t, d = self.config.train, self.config.dataset
+            self._eval_cache["plan"] = pipeline.group_plan(
+                dataset=d.name, split=d.train_split, seed=self.config.seed, global_batch_size=t.global_batch_size,
+                images_per_batch=t.images_per_batch, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict(),
+            )  # fmt: skip
+        return self._eval_cache["plan"]
 
     def train_iter(self, start_step: int):
         t = self.config.train
@@ -121,6 +122,7 @@ class VqaTask(Task):
             prefetch=t.prefetch,
             worker_count=t.data_workers,
             images_per_batch=t.images_per_batch,
+            plan=self.group_plan() if t.images_per_batch > 0 else None,
             **self.data_kwargs(self.tokenizer),
         )
 
