@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from vtfusion_jax import train_lib
-from vtfusion_jax.data import manifest
+from vtfusion_jax.data import manifest, reader
 from vtfusion_jax.tasks import PredictError
 
 __all__ = ["PredictError", "evaluate_split", "load_config", "predict", "upgrade_config"]
@@ -127,13 +127,7 @@ def predict(workdir: str, image_path: str, *, question: str | None = None, capti
     if config.task == "vqa":
         out = task.predict(params, image_path, question, attention_map)
     elif config.task == "retrieval":
-        out = {"ranked": task.rank_captions(params, _fit(image, task.image_size), captions)}
+        out = {"ranked": task.rank_captions(params, reader.resize(image, task.image_size), captions)}
     else:
-        out = task.caption_image(params, _fit(image, task.image_size))
+        out = task.caption_image(params, reader.resize(image, task.image_size))
     return dict(out, checkpoint_step=int(step))
-
-
-def _fit(img: np.ndarray, size: int) -> np.ndarray:
-    from vtfusion_jax.tasks.vqa import _resize
-
-    return _resize(img, size)

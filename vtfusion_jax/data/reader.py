@@ -226,9 +226,14 @@ class ImageReader:
         return self.from_raw(self.source.data_source.__getitems__([int(i) for i in records]), offsets)
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        if self.image_size is None or img.shape[:2] == (self.image_size, self.image_size):
-            return img
-        return np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR))
+        return img if self.image_size is None else resize(img, self.image_size)
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3], PIL bilinear (the training images' resize; a no-op at that size)."""
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
 def read_image_ids(source) -> np.ndarray:

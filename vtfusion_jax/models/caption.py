@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from vtfusion_jax import layers, models
 from vtfusion_jax.attention import HeadsProjection, dot_product_attention
-from vtfusion_jax.models.vtfusion import _as_dict, shared_settings
+from vtfusion_jax.models.vtfusion import as_dict, shared_settings
 
 Cache = list  # per layer: (keys [B, T_max, H, Dh], values [B, T_max, H, Dh])
 
@@ -59,12 +59,8 @@ class DecoderLayer(nn.Module):
 
         self.self_ln, self.cross_ln, self.mlp_ln = (layers.LayerNorm(name=n) for n in ("self_ln", "cross_ln", "mlp_ln"))
         self.q, self.k, self.v, self.o = proj("query"), proj("key"), proj("value"), out("out")
-        self.cq, self.ck, self.cv, self.co = (
-            proj("cross_query"),
-            proj("cross_key"),
-            proj("cross_value"),
-            out("cross_out"),
-        )
+        self.cq, self.ck, self.cv = (proj(f"cross_{n}") for n in ("query", "key", "value"))
+        self.co = out("cross_out")
         self.mlp = layers.MLP(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
 
     def cross_kv(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,10 +110,8 @@ class CaptionDecoder(nn.Module):
     def setup(self):
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         self.embed = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embed")
-        self.pos = self.param(
-            "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (self.max_len, self.width), jnp.float32,
-        )  # fmt: skip
+        pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+        self.pos = self.param("pos_embed", pos_init, (self.max_len, self.width), jnp.float32)
         self.image_proj = layers.dense(self.width, None, "embed", dtype=self.dtype, name="image_proj")
         self.blocks = [
             DecoderLayer(self.width, self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"layer_{i}")
@@ -141,8 +135,10 @@ class CaptionDecoder(nn.Module):
 
     def __call__(self, tokens, image, image_mask, deterministic: bool = True) -> jax.Array:
         """Teacher forcing: tokens [B, T] (T <= max_len), image tokens [B, N, Di] -> logits float32 [B, T, V]."""
+        return self._teacher_forced(tokens, self.prepare(image), image_mask, deterministic)
+
+    def _teacher_forced(self, tokens, cross, image_mask, deterministic: bool = True) -> jax.Array:
         t = tokens.shape[1]
-        cross = self.prepare(image)
         x = (self.embed(tokens) + self.pos[:t][None]).astype(self.dtype)
         causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
         for blk, kv in zip(self.blocks, cross, strict=True):
@@ -160,12 +156,8 @@ class CaptionDecoder(nn.Module):
 
     def decode_full(self, tokens, index, cross, image_mask):
         """Without a cache: the whole buffer tokens [B, T_max] again, logits at position ``index`` -> [B, V]."""
-        t = tokens.shape[1]
-        x = (self.embed(tokens) + self.pos[:t][None]).astype(self.dtype)
-        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        for blk, kv in zip(self.blocks, cross, strict=True):
-            x, _ = blk(x, causal, kv, image_mask)
-        return jax.lax.dynamic_index_in_dim(self._out(x), index, axis=1, keepdims=False)
+        logits = self._teacher_forced(tokens, cross, image_mask)
+        return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
 
 
 MEMORIES = ("image", "fused")
@@ -220,7 +212,7 @@ class CaptionModel(nn.Module):
     vocab_size: int
 
     def setup(self):
-        cfg = _as_dict(self.model_config)
+        cfg = as_dict(self.model_config)
         shared = shared_settings(cfg)
         self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
         self.memory = memory_kind(cfg)
@@ -229,9 +221,8 @@ class CaptionModel(nn.Module):
             if missing:
                 raise ValueError(f'model.memory "fused" needs model.{", model.".join(missing)}')
             self.fusion = FusedMemory(cfg["fusion"], shared, int(cfg["prompt_len"]), int(cfg["width"]), name="fusion")
-        self.head = models._build(
-            "head", {"caption_decoder": CaptionDecoder}, cfg["head"], shared, vocab_size=self.vocab_size
-        )
+        decoders = {"caption_decoder": CaptionDecoder}
+        self.head = models._build("head", decoders, cfg["head"], shared, vocab_size=self.vocab_size)
 
     def encode_image(self, image, train: bool = False):
         """image [B, H, W, 3] -> (tokens [B, N, Di], mask [B, N])."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from vtfusion_jax import layers, models
-from vtfusion_jax.models.vtfusion import _as_dict, shared_settings
+from vtfusion_jax.models.vtfusion import as_dict, shared_settings
 
 
 def _l2(x: jax.Array) -> jax.Array:
@@ -125,7 +125,7 @@ class RetrievalModel(nn.Module):
     model_config: Any
 
     def setup(self):
-        cfg = _as_dict(self.model_config)
+        cfg = as_dict(self.model_config)
         shared = shared_settings(cfg)
         self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
         self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)

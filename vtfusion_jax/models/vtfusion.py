@@ -35,7 +35,7 @@ def shared_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
     return shared
 
 
-def _as_dict(x: Any) -> dict:
+def as_dict(x: Any) -> dict:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
@@ -46,7 +46,7 @@ class VisionTextModel(nn.Module):
     num_classes: int
 
     def setup(self):
-        cfg = _as_dict(self.model_config)
+        cfg = as_dict(self.model_config)
         shared = shared_settings(cfg)
         self.image_encoder = models.get_image_encoder(cfg["image_encoder"], shared)
         self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)

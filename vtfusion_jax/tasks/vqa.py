@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from vtfusion_jax import losses, models, pretrained_init, sharding, viz
 from vtfusion_jax import metrics as metrics_lib
-from vtfusion_jax.data import manifest, pipeline
+from vtfusion_jax.data import manifest, pipeline, reader
 from vtfusion_jax.data.tokenizer import Tokenizer
 from vtfusion_jax.models import vision
 from vtfusion_jax.models.vtfusion import VisionTextModel, shared_settings
@@ -46,12 +45,6 @@ def predict_step(params, batch: dict, *, model, top_k: int = 5) -> dict:
 
 def _text(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[:2] == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
 class VqaTask(Task):
@@ -237,7 +230,7 @@ class VqaTask(Task):
         if n <= 0:
             return
         records = [source[i] for i in range(n)]
-        images = np.stack([_resize(np.asarray(rec["image"]), self.image_size) for rec in records])
+        images = np.stack([reader.resize(np.asarray(rec["image"]), self.image_size) for rec in records])
         questions = [_text(rec[self.meta["text_key"]]) for rec in records]
         batch = self._host_batch(images, questions)
         probs, views = self.attention_views(params, batch)
@@ -277,7 +270,7 @@ class VqaTask(Task):
             img = np.asarray(manifest.decode_image(image_path))
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             raise PredictError(f"cannot read image {image_path!r}: {type(e).__name__}: {e}") from None
-        img = _resize(img, self.image_size)
+        img = reader.resize(img, self.image_size)
         probs, views = self.attention_views(params, self._host_batch(img[None], [question.strip()]))
         names = self.meta["label_names"]
         order = np.argsort(-probs[0])[:top_k]
