@@ -13,11 +13,11 @@ easy-VQA supervision (not a frozen pretrained encoder). Pixels make the probe a 
 of the question feature plus raw appearance achieves without any fusion or learned vision. With a network, the
 method's own setting is one argument away (the ResNet-50 architecture and ImageNet normalisation then come from
 the checkpoint):
-  python scripts/run_job.py --name=easy_vqa_linear_probe_r50 \
+  python scripts/run.py --name=easy_vqa_linear_probe_r50 \
       --config=configs/easy_vqa_linear_probe.py:image_init_from=microsoft/resnet-50
 
 Run (train, then evaluate on the test split, timed, into results/easy_vqa_linear_probe/):
-  python scripts/run_job.py --name=easy_vqa_linear_probe --config=configs/easy_vqa_linear_probe.py
+  python scripts/run.py --name=easy_vqa_linear_probe --config=configs/easy_vqa_linear_probe.py
 """
 
 import os

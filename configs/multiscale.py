@@ -5,8 +5,8 @@ Run: python train.py --config=configs/multiscale.py:base=easy_vqa,num_scales=2 -
 The base config (configs/<base>.py) is loaded unchanged except ``model.image_encoder.scales`` (and, for
 Sort-of-CLEVR, its ':fusion=' argument): num_scales=1 -> () (the last conv stage only, the single-scale encoder),
 num_scales=k -> (-k, ..., -1) (the last k stages, each projected to the model width with its own 2-D position
-embedding and a learned scale embedding; vtfusion_jax/models/vision.py). scripts/multiscale_ablation.py runs the
-table rows with this config.
+embedding and a learned scale embedding; vtfusion_jax/models/vision.py). Each table row:
+python scripts/run.py --name=multiscale/<row> --config=configs/multiscale.py:<arg> --split=validation.
 """
 
 import os

@@ -11,14 +11,9 @@ CPU cores); rows differ only in ``model.fusion``. The towers are small on purpos
 spans ~2 cells) with fixed sin-cos 2-D positions plus a learned linear map of each cell's (x, y) (Santoro et al.'s
 coordinate channels), D = 64.
 
-Why these choices (cross fusion; runs in results/sort_of_clevr_earlier/ and results/sort_of_clevr_explore/): with 4
-images per batch and a 5x5 grid with learned positions (initialised at std 0.02, far below the O(1) features), no
-variant left the answer prior in 1,200 steps, nor did cross in 9,000. With 32 images per batch and 10x10 tokens,
-learned positions reached 66 % in 1,500 steps with the "left / top of X" questions still near chance (<= 56 %);
-fixed sin-cos positions (O(1) from step 0) reached 87 %, those questions 99-100 %. In the 900-step budget, sin-cos
-alone reached 69.6 % (left / top 60 %), sin-cos + (x, y) 77.8 % (non-relational 99.6 %); with sin-cos, lr 3e-3 was
-not faster and 16 images per step (1,800 steps, the same questions) reached 63.8 %. FUSION_EXTRAS holds the few
-fields that exist for one variant only. The table: python scripts/sort_of_clevr_table.py [--run].
+Why these choices (cross fusion, sin-cos + (x, y) positions, 32 images per batch): docs/results.md, "Sort-of-CLEVR"
+(the explorations behind them are in results/archive/). FUSION_EXTRAS holds the few fields that exist for one variant
+only. The table: python scripts/report.py (from results/sort_of_clevr/, written by python scripts/run.py).
 """
 
 import ml_collections

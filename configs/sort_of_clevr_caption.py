@@ -2,7 +2,7 @@
 
 Run: python train.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption
      python eval.py --config=configs/sort_of_clevr_caption.py --workdir=runs/soc_caption --split=test
-     python predict.py --workdir=runs/soc_caption --image=scene.png --caption
+     python predict.py --workdir=runs/soc_caption --image=scene.png
 The ':' argument manifest=PATH trains on a user dataset (JSON Lines rows {"image": ..., "caption": str | [str]}):
      python train.py --config=configs/sort_of_clevr_caption.py:manifest=my_data --workdir=runs/my_caption
 Fused memory (the decoder reads a fusion variant's output tokens instead of the image tokens):
@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.seed = 0  # parameter init, dropout and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
-    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
+    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/data/captions.py)
     if arg.manifest:  # user data: JSON Lines manifests + an image folder (vtfusion_jax/data/manifest.py)
         c.dataset.name = "manifest"  # TFDS builder over the manifests, in caption mode
         c.dataset.builder_kwargs = ml_collections.ConfigDict(  # manifest builder options

@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.seed = 0  # parameter init, hard-negative sampling and data order
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
-    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/tasks/data.py)
+    c.dataset = ml_collections.ConfigDict()  # images and their captions (vtfusion_jax/data/captions.py)
     if arg.manifest:  # user data: JSON Lines manifests + an image folder (vtfusion_jax/data/manifest.py)
         c.dataset.name = "manifest"  # TFDS builder over the manifests, in caption mode
         c.dataset.builder_kwargs = ml_collections.ConfigDict(  # manifest builder options

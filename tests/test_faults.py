@@ -2,7 +2,7 @@
 
 The suite runs the chaos loop of scripts/chaos_kill.py with 2 kills (one the instant a checkpoint write starts, one
 at a random moment) to stay within the suite's time budget; `python scripts/chaos_kill.py --kills=10` does >= 10,
-and scripts/reliability_figures.py records its figures in results/reliability/.
+and its figures are archived in results/archive/reliability/.
 """
 
 import importlib.util

@@ -3,14 +3,14 @@
 Every Dense layer of the library (``layers.dense`` through ``nn.Dense(dot_general=...)`` and
 ``attention.HeadsProjection``) contracts the trailing axes of ``x`` with the leading axes of the kernel. ``linear``
 flattens both operands to 2-D first and makes one product, ``_matmul`` (the single name through which every Dense
-product passes: benchmarks/step_ceiling.py swaps it out). By default that product is plain ``x2 @ w2``, so jax
+product passes). By default that product is plain ``x2 @ w2``, so jax
 differentiates it in every mode: ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and Hessian-vector
 products work through every model (tests/test_linear.py checks them for every fusion variant).
 
 ``CPU_TRANSPOSED_WEIGHT_GRAD = True`` (opt-in) routes the product through a ``jax.custom_vjp`` whose kernel
 gradient ``x^T @ dy`` is computed, on CPU only, with the smaller operand transposed first: XLA:CPU's fast GEMM path
 (YNNPACK/XNNPACK fusions) takes ``A @ B`` and ``A @ B^T`` but runs ``A^T @ B`` in its Eigen dot at about half the
-speed (docs/performance.md, benchmarks/matmul_shapes.py); ``optimization_barrier`` keeps XLA's simplifier from
+speed (docs/performance.md); ``optimization_barrier`` keeps XLA's simplifier from
 folding the transpose back into the dot. The values are the same products (gradients equal to float32 rounding),
 but a custom_vjp has no forward-mode rule, so with the switch on ``jax.jvp`` / ``jax.hessian`` raise. It is a
 module-level switch, read while tracing, rather than a model config field: it is a CPU-only speed knob that every
