@@ -297,7 +297,6 @@ class MultiHeadAttention(nn.Module):
       num_heads: query heads H.
       num_kv_heads: key/value heads (None = num_heads); H must be a multiple.
       head_dim: per-head width (None = query feature dim // num_heads).
-      out_features: output width (None = query feature dim).
       qk_layernorm: LayerNorm on q and k per head (stabilises training; ViT-22B).
       dropout_rate: dropout on the attention probabilities.
       implementation: see ``dot_product_attention``.
@@ -309,7 +308,6 @@ class MultiHeadAttention(nn.Module):
     num_heads: int
     num_kv_heads: int | None = None
     head_dim: int | None = None
-    out_features: int | None = None
     qk_layernorm: bool = False
     dropout_rate: float = 0.0
     implementation: str = "xla"
@@ -319,72 +317,38 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        inputs_q: jax.Array,
-        inputs_kv: jax.Array | None = None,
-        *,
-        mask: jax.Array | None = None,
-        bias: jax.Array | None = None,
-        deterministic: bool = True,
+        self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *, mask=None, deterministic: bool = True
     ) -> jax.Array:
-        """Attends from ``inputs_q`` [B, Lq, Dq] to ``inputs_kv`` [B, Lk, Dkv] (default: inputs_q).
-
-        Args:
-          inputs_q: ``[B, Lq, Dq]`` query tokens.
-          inputs_kv: ``[B, Lk, Dkv]`` key/value tokens; None for self-attention.
-          mask: boolean, broadcastable to ``[B, H, Lq, Lk]``; True = may attend.
-          bias: additive logit bias, broadcastable to ``[B, H, Lq, Lk]``.
-          deterministic: disables attention dropout.
-
-        Returns:
-          ``[B, Lq, out_features]``.
-        """
-        if inputs_kv is None:
-            inputs_kv = inputs_q
-        dq = inputs_q.shape[-1]
-        h = self.num_heads
-        hkv = self.num_kv_heads or h
-        dh = self.head_dim or dq // h
-        out_features = self.out_features or dq
-        q = HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="query")(
-            inputs_q
-        )  # [B, Lq, H, Dh]
-        k = HeadsProjection((hkv, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="key")(
-            inputs_kv
-        )  # [B, Lk, Hkv, Dh]
-        v = HeadsProjection((hkv, dh), ("embed", "heads", "kv"), self.dtype, self.param_dtype, name="value")(
-            inputs_kv
-        )  # [B, Lk, Hkv, Dh]
-        if self.qk_layernorm:
-            # float32 LayerNorm over head_dim, as everywhere in this codebase.
-            norm = functools.partial(
-                nn.LayerNorm,
-                dtype=jnp.float32,
-                param_dtype=jnp.float32,
-                scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("kv",)),
-            )
+        """Attends from ``inputs_q`` [B, Lq, Dq] to ``inputs_kv`` [B, Lk, Dkv] (None: self-attention); ``mask``
+        broadcasts to ``[B, H, Lq, Lk]``, True = may attend; ``deterministic`` disables dropout. Returns [B, Lq, Dq]."""
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        dq, h = inputs_q.shape[-1], self.num_heads
+        hkv, dh = self.num_kv_heads or h, self.head_dim or dq // h
+        proj = functools.partial(HeadsProjection, names=("embed", "heads", "kv"), dtype=self.dtype)
+        proj = functools.partial(proj, param_dtype=self.param_dtype)
+        q = proj((h, dh), name="query")(inputs_q)  # [B, Lq, H, Dh]
+        k, v = (proj((hkv, dh), name=n)(inputs_kv) for n in ("key", "value"))  # [B, Lk, Hkv, Dh]
+        if self.qk_layernorm:  # float32 LayerNorm over head_dim, as everywhere in this codebase
+            init = lambda f: nn.with_logical_partitioning(f, ("kv",))  # noqa: E731
+            norm = functools.partial(nn.LayerNorm, dtype=jnp.float32, param_dtype=jnp.float32)
+            ones, zeros = nn.initializers.ones_init(), nn.initializers.zeros_init()
+            norm = functools.partial(norm, scale_init=init(ones), bias_init=init(zeros))
             q = norm(name="query_norm")(q.astype(jnp.float32)).astype(self.dtype)
             k = norm(name="key_norm")(k.astype(jnp.float32)).astype(self.dtype)
-        q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "kv")), "qkv_proj")
-        k = checkpoint_name(nn.with_logical_constraint(k, ("batch", "length", "heads", "kv")), "qkv_proj")
-        v = checkpoint_name(nn.with_logical_constraint(v, ("batch", "length", "heads", "kv")), "qkv_proj")
-
+        axes = ("batch", "length", "heads", "kv")
+        q, k, v = (checkpoint_name(nn.with_logical_constraint(x, axes), "qkv_proj") for x in (q, k, v))
         dropout_fn = None
         if self.dropout_rate > 0.0 and not deterministic:
             dropout_fn = nn.Dropout(self.dropout_rate, deterministic=False)
         want_weights = self.sow_weights and self.is_mutable_collection("intermediates")
         if want_weights or dropout_fn is not None:
-            out, probs = _reference(q, k, v, mask, bias, dropout_fn)
+            out, probs = _reference(q, k, v, mask, None, dropout_fn)
             if want_weights:
                 self.sow("intermediates", "attention_weights", probs)
         else:
-            out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
-        out = HeadsProjection(
-            (out_features,), ("heads", "kv", "embed"), self.dtype, self.param_dtype, in_dims=2, name="out"
-        )(out)  # [B, Lq, out_features]
-        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return checkpoint_name(out, "attn_out")
+            out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = HeadsProjection((dq,), ("heads", "kv", "embed"), self.dtype, self.param_dtype, in_dims=2, name="out")(out)
+        return checkpoint_name(nn.with_logical_constraint(out, ("batch", "length", "embed")), "attn_out")
 
 
 def attention_flops(lq: int, lk: int, d_q: int, d_kv: int, num_heads: int, head_dim: int, num_kv_heads: int) -> int:

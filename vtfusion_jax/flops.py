@@ -1,11 +1,8 @@
 """Whole-model analytic FLOPs: image encoder + text encoder + fusion + head, per example.
 
-Convention (PaLM / MaxText "model FLOPs"): count every matrix multiply and convolution at 2 FLOPs per
-multiply-add, including the attention score (QK^T) and value (PV) products of self- and cross-attention; leave out
-element-wise work (LayerNorm, softmax, GELU, residual adds, the optimiser) and gathers (embedding look-ups). One
-training step costs 3x the forward: the backward pass computes a gradient for the activations and one for the
-weights, each as expensive as the forward product. (The first layer's input gradient is never computed, so the
-true count is a little lower; the convention ignores that, as MFU figures in the literature do.)
+Convention (PaLM / MaxText "model FLOPs"): every matrix multiply and convolution at 2 FLOPs per multiply-add,
+attention scores (QK^T) and values (PV) included; element-wise work and gathers left out. A training step counts 3x
+the forward (activation and weight gradients).
 
 Per piece, for one example (D = width, M = MLP width, L = text tokens, N = image tokens, h = heads, dh = D / h):
 
@@ -45,10 +42,6 @@ def conv_flops(hw_out: tuple[int, int], kernel: int, c_in: int, c_out: int) -> i
     return 2 * hw_out[0] * hw_out[1] * kernel * kernel * c_in * c_out
 
 
-def _down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
-    return (-(-hw[0] // stride), -(-hw[1] // stride))
-
-
 def _cnn_flops(enc: vision.CNN, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(forward FLOPs, tokens) of the small CNN."""
     flops, c_in, hw = 0, 3, tuple(image_hw)
@@ -56,9 +49,9 @@ def _cnn_flops(enc: vision.CNN, image_hw: tuple[int, int]) -> tuple[int, int]:
     for c, s in zip(enc.channels, enc.strides, strict=True):
         if enc.downsample == "max":  # stride-1 conv at the input resolution, then a max-pool (not counted)
             flops += conv_flops(hw, 3, c_in, c)
-            hw = _down(hw, s)
+            hw = vision._down(hw, s)
         else:
-            hw = _down(hw, s)
+            hw = vision._down(hw, s)
             flops += conv_flops(hw, 3, c_in, c)
         maps.append((hw, c))
         c_in = c
@@ -80,11 +73,11 @@ def _token_projection(maps, scales, width: int, project: bool) -> tuple[int, int
 
 def _resnet_flops(enc: vision.ResNet, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(forward FLOPs, tokens) of a ResNet (basic or bottleneck blocks, v1.5 strides)."""
-    hw = _down(tuple(image_hw), 2)
+    hw = vision._down(tuple(image_hw), 2)
     c = enc.base_filters
     if enc.stem == "imagenet":
         flops = conv_flops(hw, 7, 3, c)
-        hw = _down(hw, 2)  # max-pool: no multiplies
+        hw = vision._down(hw, 2)  # max-pool: no multiplies
     else:
         flops = conv_flops(hw, 3, 3, c)
     maps = []
@@ -93,7 +86,7 @@ def _resnet_flops(enc: vision.ResNet, image_hw: tuple[int, int]) -> tuple[int, i
         out_ch = filters * (4 if enc.bottleneck else 1)
         for j in range(n_blocks):
             stride = 2 if (i > 0 and j == 0) else 1
-            hw_out = _down(hw, stride)
+            hw_out = vision._down(hw, stride)
             if enc.bottleneck:
                 flops += conv_flops(hw, 1, c, filters)
                 flops += conv_flops(hw_out, 3, filters, filters)

@@ -160,13 +160,10 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
-    num_kv_heads: int | None = None
     cross_attention: bool = False
     cross_first: bool = False
     post_ln: bool = False
     dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    qk_layernorm: bool = False
     attention_impl: str = "xla"
     ln_epsilon: float = 1e-6
     sow_weights: bool = False
@@ -184,40 +181,21 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, aux: tuple, deterministic: bool) -> tuple[jax.Array, None]:
         mask, kv, kv_mask = aux
-        mha = functools.partial(
-            MultiHeadAttention,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            qk_layernorm=self.qk_layernorm,
-            dropout_rate=self.attention_dropout_rate,
-            implementation=self.attention_impl,
-            sow_weights=self.sow_weights,
-            dtype=self.dtype,
-        )
+        kw = dict(implementation=self.attention_impl, sow_weights=self.sow_weights, dtype=self.dtype)
         x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
-        self_attn = mha(name="self_attn")
+        self_attn = MultiHeadAttention(self.num_heads, **kw, name="self_attn")
 
         def do_self(x):
-            return self._residual(
-                x,
-                lambda y: self_attn(y, mask=key_mask(mask), deterministic=deterministic),
-                "self_attn",
-                deterministic,
-            )
+            attend = lambda y: self_attn(y, mask=key_mask(mask), deterministic=deterministic)  # noqa: E731
+            return self._residual(x, attend, "self_attn", deterministic)
 
         def do_cross(x):
-            cross_attn = mha(name="cross_attn")
-            return self._residual(
-                x,
-                lambda y: cross_attn(y, kv, mask=key_mask(kv_mask), deterministic=deterministic),
-                "cross_attn",
-                deterministic,
-            )
+            cross_attn = MultiHeadAttention(self.num_heads, **kw, name="cross_attn")
+            attend = lambda y: cross_attn(y, kv, mask=key_mask(kv_mask), deterministic=deterministic)  # noqa: E731
+            return self._residual(x, attend, "cross_attn", deterministic)
 
-        if self.cross_attention and self.cross_first:
-            x = do_self(do_cross(x))
-        elif self.cross_attention:
-            x = do_cross(do_self(x))
+        if self.cross_attention:
+            x = do_self(do_cross(x)) if self.cross_first else do_cross(do_self(x))
         else:
             x = do_self(x)
         mlp = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.activation, name="mlp")
@@ -266,12 +244,8 @@ class Repeated(nn.Module):
         cls = self.block_cls
         if self.remat_policy != "none":
             # static_argnums counts `self` as 0: deterministic is argument 3.
-            cls = nn.remat(
-                cls,
-                policy=remat_policy(self.remat_policy),
-                prevent_cse=not self.scan_layers,
-                static_argnums=(3,),
-            )
+            policy = remat_policy(self.remat_policy)
+            cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(3,))
         kwargs = dict(self.block_kwargs)
         if self.num_layers == 0:
             return carry
@@ -385,20 +359,7 @@ def transformer_encoder(
     ``module`` supplies the sizes (num_heads, mlp_dim, dropout_rate, attention_impl, ln_epsilon, activation, dtype,
     depth, scan_layers, remat_policy). x: [B, L, D], mask: [B, L] or None -> [B, L, D].
     """
-    return Repeated(
-        TransformerBlock,
-        dict(
-            num_heads=module.num_heads,
-            mlp_dim=module.mlp_dim,
-            post_ln=post_ln,
-            dropout_rate=module.dropout_rate,
-            attention_impl=module.attention_impl,
-            ln_epsilon=module.ln_epsilon,
-            activation=module.activation,
-            dtype=module.dtype,
-        ),
-        num_layers=module.depth,
-        scan_layers=module.scan_layers,
-        remat_policy=module.remat_policy,
-        name="encoder",
-    )(x, (mask, None, None), deterministic)
+    fields = ("num_heads", "mlp_dim", "dropout_rate", "attention_impl", "ln_epsilon", "activation", "dtype")
+    kwargs = dict({f: getattr(module, f) for f in fields}, post_ln=post_ln)
+    stack = dict(num_layers=module.depth, scan_layers=module.scan_layers, remat_policy=module.remat_policy)
+    return Repeated(TransformerBlock, kwargs, **stack, name="encoder")(x, (mask, None, None), deterministic)

@@ -239,27 +239,20 @@ def _bn(ours: str, hf: str) -> list[Row]:
 # Each table: our path (under the encoder's params) <- HF key relative to the family's prefix. Transformer layers
 # are written once, for layer {i}, and their our-paths sit under encoder/layers_{i}/ (unrolled Repeated layout).
 
-BERT_LAYER = [
-    *_attention(*(f"attention.self.{x}" for x in ("query", "key", "value")), "attention.output.dense"),
-    *_ln("self_attn_ln", "attention.output.LayerNorm"),
-    *_linear("mlp/fc1", "intermediate.dense"),
-    *_linear("mlp/fc2", "output.dense"),
-    *_ln("mlp_ln", "output.LayerNorm"),
-]
-VIT_LAYER = [
-    *_attention(*(f"attention.attention.{x}" for x in ("query", "key", "value")), "attention.output.dense"),
-    *_ln("self_attn_ln", "layernorm_before"),
-    *_linear("mlp/fc1", "intermediate.dense"),
-    *_linear("mlp/fc2", "output.dense"),
-    *_ln("mlp_ln", "layernorm_after"),
-]
-CLIP_LAYER = [
-    *_attention(*(f"self_attn.{x}_proj" for x in ("q", "k", "v")), "self_attn.out_proj"),
-    *_ln("self_attn_ln", "layer_norm1"),
-    *_linear("mlp/fc1", "mlp.fc1"),
-    *_linear("mlp/fc2", "mlp.fc2"),
-    *_ln("mlp_ln", "layer_norm2"),
-]
+
+def _layer(qkv: str, names: tuple[str, ...], out: str, ln1: str, fc1: str, fc2: str, ln2: str) -> list[Row]:
+    """One Transformer layer's rows: HF names of q/k/v (``qkv`` formats each of ``names``), out, LNs, MLP."""
+    rows = _attention(*(qkv.format(x) for x in names), out) + _ln("self_attn_ln", ln1)
+    return rows + _linear("mlp/fc1", fc1) + _linear("mlp/fc2", fc2) + _ln("mlp_ln", ln2)
+
+
+QKV = ("query", "key", "value")
+BERT_LAYER = _layer("attention.self.{}", QKV, "attention.output.dense", "attention.output.LayerNorm",
+                    "intermediate.dense", "output.dense", "output.LayerNorm")  # fmt: skip
+VIT_LAYER = _layer("attention.attention.{}", QKV, "attention.output.dense", "layernorm_before",
+                   "intermediate.dense", "output.dense", "layernorm_after")  # fmt: skip
+CLIP_LAYER = _layer("self_attn.{}_proj", ("q", "k", "v"), "self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2",
+                    "layer_norm2")  # fmt: skip
 # HF hidden_act names -> ours (layers.ACTIVATIONS).
 HF_ACTIVATIONS = dict(gelu="gelu", gelu_new="gelu_tanh", gelu_pytorch_tanh="gelu_tanh", quick_gelu="quick_gelu")
 HF_ACTIVATIONS.update(relu="relu", silu="silu", swish="silu")

@@ -31,6 +31,7 @@ from vtfusion_jax.attention import MultiHeadAttention, attention_flops
 from vtfusion_jax.models.registry import FUSIONS, register_fusion  # noqa: F401  (FUSIONS: the registry)
 
 FusionOutput = tuple[jax.Array, jax.Array, jax.Array]
+_TOKEN_INIT = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))  # learned tokens [n, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +85,7 @@ class FusionBase(nn.Module):
 
     def stack(self, block_cls: Any, name: str, **block_kwargs) -> layers.Repeated:
         """``num_layers`` blocks, scanned / remat'ed as configured."""
-        return layers.Repeated(
-            block_cls,
-            block_kwargs,
-            num_layers=self.num_layers,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name=name,
-        )
+        return layers.Repeated(block_cls, block_kwargs, self.num_layers, self.scan_layers, self.remat_policy, name=name)
 
     def project(self, x: jax.Array, name: str) -> jax.Array:
         """[B, L, Din] -> [B, L, width]; identity when Din == width."""
@@ -103,12 +97,7 @@ class FusionBase(nn.Module):
 
     def learned_tokens(self, name: str, n: int, batch: int) -> jax.Array:
         """``n`` learned tokens (a [n, D] float32 parameter) broadcast to the batch: [B, n, D] in the compute dtype."""
-        tokens = self.param(
-            name,
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (n, self.width),
-            jnp.float32,
-        )
+        tokens = self.param(name, _TOKEN_INIT, (n, self.width), jnp.float32)
         return jnp.broadcast_to(tokens.astype(self.dtype)[None], (batch, n, self.width))
 
     def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
@@ -169,12 +158,7 @@ class MergedFusion(FusionBase):
     def setup(self):
         self.text_proj_fn = layers.dense(self.width, None, "embed", dtype=self.dtype, name="text_proj")
         self.image_proj_fn = layers.dense(self.width, None, "embed", dtype=self.dtype, name="image_proj")
-        self.modality_embedding = self.param(
-            "modality_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (2, self.width),
-            jnp.float32,
-        )
+        self.modality_embedding = self.param("modality_embedding", _TOKEN_INIT, (2, self.width), jnp.float32)
         self.blocks = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs())
         self.final_ln = layers.LayerNorm(name="final_ln")
 
@@ -281,13 +265,10 @@ class CoAttentionBlock(nn.Module):
         tq, iq = norm("text_cross_ln")(t), norm("image_cross_ln")(i)
         t_new = t + drop(mha("text_to_image")(tq, iq, mask=layers.key_mask(image_mask), deterministic=deterministic))
         i_new = i + drop(mha("image_to_text")(iq, tq, mask=layers.key_mask(text_mask), deterministic=deterministic))
-        t = t_new + drop(
-            layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="text_mlp")(norm("text_mlp_ln")(t_new), deterministic)
+        mlp = lambda x, s: layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name=f"{s}_mlp")(  # noqa: E731
+            norm(f"{s}_mlp_ln")(x), deterministic
         )
-        i = i_new + drop(
-            layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="image_mlp")(norm("image_mlp_ln")(i_new), deterministic)
-        )
-        return (t, i), None
+        return (t_new + drop(mlp(t_new, "text")), i_new + drop(mlp(i_new, "image"))), None
 
 
 @register_fusion(
@@ -317,15 +298,8 @@ class CoAttentionFusion(FusionBase):
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
         lt, li = text_len, image_len
-        per_layer = (
-            self._attn(lt, lt)
-            + self._attn(li, li)
-            + self._attn(lt, li)
-            + self._attn(li, lt)
-            + self._mlp(lt)
-            + self._mlp(li)
-        )
-        return self.num_layers * per_layer
+        attn = self._attn(lt, lt) + self._attn(li, li) + self._attn(lt, li) + self._attn(li, lt)
+        return self.num_layers * (attn + self._mlp(lt) + self._mlp(li))
 
 
 class GatedCrossBlock(nn.Module):

@@ -17,13 +17,8 @@ from vtfusion_jax import layers
 
 
 def _embed(num: int, width: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
-    return nn.Embed(
-        num,
-        width,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    return nn.Embed(num, width, embedding_init=init, param_dtype=jnp.float32, name=name)
 
 
 class BertEncoder(nn.Module):
@@ -115,16 +110,12 @@ class GRUEncoder(nn.Module):
         x = _embed(self.vocab_size, self.hidden, ("vocab", "embed"), "word_embeddings")(text_ids)
         lengths = jnp.sum(text_mask.astype(jnp.int32), axis=-1)  # [B]
 
-        def cell(name):
-            return nn.GRUCell(
-                self.hidden,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                recurrent_kernel_init=nn.with_logical_partitioning(nn.initializers.orthogonal(), (None, "mlp")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=name,
-            )
+        part, init = nn.with_logical_partitioning, nn.initializers
+        inits = dict(
+            kernel_init=part(init.lecun_normal(), ("embed", "mlp")), bias_init=part(init.zeros_init(), ("mlp",))
+        )
+        inits["recurrent_kernel_init"] = part(init.orthogonal(), (None, "mlp"))
+        cell = lambda name: nn.GRUCell(self.hidden, **inits, dtype=self.dtype, param_dtype=jnp.float32, name=name)  # noqa: E731
 
         forward = nn.RNN(cell("forward_cell"), name="forward")
         if self.bidirectional:
@@ -138,7 +129,4 @@ class GRUEncoder(nn.Module):
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), text_mask
 
 
-TEXT_ENCODERS: dict[str, tuple[type[nn.Module], dict]] = {
-    "bert": (BertEncoder, {}),
-    "gru": (GRUEncoder, {}),
-}
+TEXT_ENCODERS: dict[str, tuple[type[nn.Module], dict]] = {"bert": (BertEncoder, {}), "gru": (GRUEncoder, {})}

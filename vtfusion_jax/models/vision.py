@@ -139,12 +139,8 @@ def _multiscale_tokens(
         return _grid_to_tokens(features[idx[0]], width, pos_emb, dtype, project=project)
     if not project:
         raise ValueError("multi-scale image tokens need project=True (the scales have different channel counts)")
-    scale_emb = module.param(
-        "scale_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-        (len(idx), width),
-        jnp.float32,
-    )
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+    scale_emb = module.param("scale_embedding", init, (len(idx), width), jnp.float32)
     tokens, masks = [], []
     for k, i in enumerate(idx):
         t, m = _grid_to_tokens(features[i], width, pos_emb, dtype, suffix=f"_scale{k}")
@@ -203,8 +199,6 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
-        if len(self.channels) != len(self.strides):
-            raise ValueError(f"CNN channels {self.channels} and strides {self.strides} differ in length")
         return _multiscale_tokens(self, self.feature_maps(image), self.scales, self.width, self.pos_emb, self.dtype)
 
     def feature_maps(self, image: jax.Array) -> list[jax.Array]:
@@ -237,8 +231,8 @@ class CNN(nn.Module):
 
 def _max_pool(x: jax.Array, s: int) -> jax.Array:
     """s x s max-pool with stride s, "SAME" padding. A reshape + max when s divides the grid: the same values as
-    ``nn.max_pool`` and, after a ReLU, the same gradients, but XLA:CPU runs its backward ~3x faster than the
-    select-and-scatter of ``reduce_window``."""
+    ``nn.max_pool`` and, after a ReLU, the same gradients, with a cheaper backward on XLA:CPU than the
+    select-and-scatter of ``reduce_window`` (docs/performance.md)."""
     b, h, w, c = x.shape
     if h % s or w % s:
         return nn.max_pool(x, (s, s), strides=(s, s), padding="SAME")
@@ -313,24 +307,18 @@ class ResNet(nn.Module):
         """image [B, H, W, 3] -> (tokens [B, N, D], mask [B, N])."""
         x = image.astype(self.dtype)
         conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name, torch_pad=self.torch_layout)  # noqa: E731
-        if self.stem == "imagenet":
-            x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, 7, 2, "stem_conv")(x)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)) if self.torch_layout else "SAME")
-        elif self.stem == "small":
-            x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, 3, 2, "stem_conv")(x)))
-        else:
+        if self.stem not in ("imagenet", "small"):
             raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: ('imagenet', 'small')")
+        k = 7 if self.stem == "imagenet" else 3
+        x = nn.relu(_norm(self.norm, "stem_norm")(conv(self.base_filters, k, 2, "stem_conv")(x)))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)) if self.torch_layout else "SAME")
         maps = []
+        kw = dict(bottleneck=self.bottleneck, norm=self.norm, torch_layout=self.torch_layout, dtype=self.dtype)
         for i, n_blocks in enumerate(self.stage_sizes):
             for j in range(n_blocks):
                 x = ResidualBlock(
-                    self.base_filters * 2**i,
-                    strides=2 if (i > 0 and j == 0) else 1,
-                    bottleneck=self.bottleneck,
-                    norm=self.norm,
-                    torch_layout=self.torch_layout,
-                    dtype=self.dtype,
-                    name=f"stage{i}_block{j}",
+                    self.base_filters * 2**i, 2 if (i > 0 and j == 0) else 1, **kw, name=f"stage{i}_block{j}"
                 )(x)
             maps.append(x)
         return _multiscale_tokens(self, maps, self.scales, self.width, self.pos_emb, self.dtype, self.project)
@@ -384,26 +372,17 @@ class ViT(nn.Module):
     def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """image [B, H, W, 3] -> (tokens [B, N(+1), D], mask [B, N(+1)])."""
         p = self.patch_size
-        x = nn.Conv(
-            self.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            use_bias=self.patch_bias,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="patch_embed",
-        )(image.astype(self.dtype))  # [B, h, w, D]
+        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed"))
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+        kw = dict(use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")
+        x = nn.Conv(self.width, (p, p), (p, p), "VALID", kernel_init=kernel_init, bias_init=bias_init, **kw)(
+            image.astype(self.dtype)
+        )  # [B, h, w, D]
         b, h, w, d = x.shape
         x = layers.PositionEmbedding2D(self.pos_emb, name="pos_emb")(x.reshape(b, h * w, d), (h, w))
         if self.use_cls:
-            cls = self.param(
-                "cls",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
-                (1, 1, d),
-            )
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed"))
+            cls = self.param("cls", init, (1, 1, d))
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         if self.pre_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="pre_ln")(x).astype(self.dtype)
