@@ -38,17 +38,8 @@ from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
 from vtfusion_jax.train_lib import TrainState, make_train_step  # noqa: E402  (the library's own step)
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
-BENCH_DEFAULTS = dict(
-    batch_size=32,
-    image_size=64,
-    text_len=16,
-    num_classes=13,
-    warmup=3,
-    steps=20,
-    matmul_size=2048,
-    peak_tflops=0.0,
-    compilation_cache_dir="",
-)
+BENCH_DEFAULTS = dict(batch_size=32, image_size=64, text_len=16, num_classes=13, warmup=3, steps=20)
+BENCH_DEFAULTS.update(matmul_size=2048, peak_tflops=0.0, compilation_cache_dir="")
 DEFAULT_VOCAB = 30522
 
 
@@ -100,13 +91,8 @@ def alternate(runners: dict[str, Callable[[], float]], rounds: int, pause_s: flo
 
 def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
     """The fields every benchmark result starts with: provenance (commit, host, command), load and config."""
-    return {
-        "benchmark": benchmark,
-        **speed.provenance(command),
-        "loadavg_start": load_start,
-        "loadavg_end": speed.loadavg(),
-        "config": cfg,
-    }
+    prov = speed.provenance(command)
+    return {"benchmark": benchmark, **prov, "loadavg_start": load_start, "loadavg_end": speed.loadavg(), "config": cfg}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -205,11 +191,8 @@ class Bench:
         frozen = optim.frozen_towers(cfg["model"])
         self.tx, _ = optim.make_optimizer(cfg["optim"], 10_000, frozen)
         s, length = int(b["image_size"]), int(b["text_len"])
-        init_batch = {
-            "image": jnp.zeros((1, s, s, 3), jnp.float32),
-            "text_ids": jnp.zeros((1, length), jnp.int32),
-            "text_mask": jnp.ones((1, length), bool),
-        }
+        init_batch = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
+        init_batch["text_mask"] = jnp.ones((1, length), bool)
         key = jax.random.PRNGKey(int(cfg["seed"]))
         boxed = jax.eval_shape(lambda k: self.model.init({"params": k}, init_batch, train=False)["params"], key)
         p_sh = sharding.param_shardings(boxed, self.mesh)
@@ -236,15 +219,9 @@ class Bench:
         batch_sh = sharding.batch_sharding(self.mesh)
         self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
         step = make_train_step(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
-        self.step_fn = jax.jit(
-            step,
-            in_shardings=(self.state_shardings, batch_sh),
-            out_shardings=(self.state_shardings, rep),
-            donate_argnums=0,
-        )
-        self.compiled = None
-        self.compile_info = None
-        self.last_metrics = None
+        shardings = dict(in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, rep))
+        self.step_fn = jax.jit(step, **shardings, donate_argnums=0)
+        self.compiled = self.compile_info = self.last_metrics = None
 
     def compile(self) -> dict:
         """Lowers and compiles the step (once). Returns {"trace_s", "compile_s", "total_s", "xla_flops_per_step"}."""
@@ -291,13 +268,8 @@ def summarize(times: Sequence[float], cfg: dict, fl: dict, peak: dict | None, n_
         return {}
     med, best = float(np.median(times)), float(np.min(times))
     achieved = fl["train"] * int(b["batch_size"]) / med
-    out = {
-        "step_s_median": med,
-        "step_s_min": best,
-        "step_s_all": [float(t) for t in times],
-        "examples_per_s": int(b["batch_size"]) / med,
-        "achieved_flops_per_s": achieved,
-    }
+    out = {"step_s_median": med, "step_s_min": best, "step_s_all": [float(t) for t in times]}
+    out.update(examples_per_s=int(b["batch_size"]) / med, achieved_flops_per_s=achieved)
     if peak:
         out["mfu_measured_peak"] = achieved / (peak["flops_per_s"] * n_devices)
     if float(b["peak_tflops"]) > 0:
@@ -314,16 +286,13 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
     fl = analytic_flops(cfg)
     bench = bench or Bench(cfg)
     comp = bench.compile()
-    times = []
     for _ in range(int(b["warmup"])):
         bench.step()
-    for _ in range(int(b["steps"])):
-        times.append(bench.step())
+    times = [bench.step() for _ in range(int(b["steps"]))]
     dtype = DTYPES[cfg["model"].get("dtype", "float32")]
     peak = speed.matmul_peak(dtype, int(b["matmul_size"])) if measure_peak and times else None
-    n_dev = bench.mesh.size
     analytic_step = fl["train"] * int(b["batch_size"])
-    result = {
+    return {
         **record("train_step", command, cfg, load_start),
         "num_params": bench.num_params,
         "flops_per_example": fl,
@@ -332,9 +301,8 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
         "xla_over_analytic": comp["xla_flops_per_step"] / analytic_step,
         "peak": peak,
         "final_loss": bench.loss(),
-        **summarize(times, cfg, fl, peak, n_dev),
+        **summarize(times, cfg, fl, peak, bench.mesh.size),
     }
-    return result
 
 
 def parse_args(argv: Sequence[str]) -> tuple[Any, list[str]]:

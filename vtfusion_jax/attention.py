@@ -63,17 +63,8 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
 def attention_weights(
     q: jax.Array, k: jax.Array, *, mask: jax.Array | None = None, bias: jax.Array | None = None
 ) -> jax.Array:
-    """Attention probabilities of the reference implementation.
-
-    Args:
-      q: ``[B, Lq, H, Dh]`` queries.
-      k: ``[B, Lk, Hkv, Dh]`` keys.
-      mask: optional boolean mask broadcastable to ``[B, H, Lq, Lk]``, True = may attend.
-      bias: optional additive logit bias broadcastable to ``[B, H, Lq, Lk]``.
-
-    Returns:
-      float32 ``[B, H, Lq, Lk]`` probabilities; rows with no valid key are all zero.
-    """
+    """Attention probabilities of the reference implementation: q, k, mask, bias as for ``dot_product_attention``
+    -> float32 ``[B, H, Lq, Lk]``; rows with no valid key are all zero."""
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -215,15 +206,8 @@ def padded_attention(
     bias the padding goes to the fused kernel as sequence lengths (cuDNN's own padding mask, no [B, H, Lq, Lk]
     bias in memory); otherwise the mask is padded with False on the key axis and True on the query axis (padded
     queries see the real keys, so no row becomes empty). This is the "cudnn" path; with ``implementation="xla"``
-    it runs anywhere, which is how tests check it on CPU.
-
-    Args:
-      q, k, v, mask, bias: as for ``dot_product_attention``.
-      implementation: "xla" or "cudnn".
-      multiple: padded lengths are multiples of this.
-
-    Returns:
-      ``[B, Lq, H, Dh]``, equal to the unpadded attention.
+    it runs anywhere, which is how tests check it on CPU. q, k, v, mask, bias as for ``dot_product_attention``;
+    ``implementation`` "xla" or "cudnn"; padded lengths are multiples of ``multiple``. Returns ``[B, Lq, H, Dh]``.
     """
     _check_shapes(q, k, v)
     b, lq, _, _ = q.shape

@@ -34,16 +34,8 @@ TRASH = "_deleted"  # old steps are renamed here, then removed (see the module d
 class Checkpointer:
     """Wraps an Orbax CheckpointManager for train states + data-iterator state."""
 
-    def __init__(
-        self,
-        directory: str,
-        *,
-        keep: int = 2,
-        best_metric: str | None = None,
-        best_mode: str = "max",
-        asynchronous: bool = True,
-        read_only: bool = False,
-    ):
+    def __init__(self, directory: str, *, keep: int = 2, best_metric: str | None = None, best_mode: str = "max",
+                 asynchronous: bool = True, read_only: bool = False):  # fmt: skip
         """Opens (or creates) a checkpoint folder.
 
         Args:
@@ -61,23 +53,13 @@ class Checkpointer:
         best_fn = None
         if best_metric is not None:
             best_fn = lambda m: float(m[best_metric])  # noqa: E731
-            policies.append(
-                ocm.BestN(
-                    get_metric_fn=best_fn,
-                    reverse=best_mode == "min",
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                )
-            )
+            kw = dict(reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False)
+            policies.append(ocm.BestN(get_metric_fn=best_fn, **kw))
+        writes = dict(create=not read_only, cleanup_tmp_directories=not read_only)
+        writes.update(todelete_subdir=None if read_only else TRASH, read_only=read_only)
+        writes.update(preservation_policy=None if read_only else ocm.AnyPreservationPolicy(policies))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=None if read_only else ocm.AnyPreservationPolicy(policies),
-            best_fn=best_fn,
-            best_mode=best_mode,
-            enable_async_checkpointing=asynchronous,
-            create=not read_only,
-            read_only=read_only,
-            cleanup_tmp_directories=not read_only,
-            todelete_subdir=None if read_only else TRASH,
+            best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=asynchronous, **writes
         )
         self._read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
@@ -111,17 +93,8 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, data_state: Mapping[str, Any], metrics: Mapping[str, float] | None = None
     ) -> bool:
-        """Starts saving ``state`` and ``data_state`` as ``step`` (returns at once when asynchronous).
-
-        Args:
-          step: training step the state belongs to.
-          state: pytree of global jax.Arrays.
-          data_state: JSON-able data iterator state.
-          metrics: validation metrics ({best_metric: value, ...}) or None.
-
-        Returns:
-          False if a checkpoint of ``step`` already exists (nothing is written), True otherwise.
-        """
+        """Starts saving ``state`` (global jax.Arrays) and the JSON-able ``data_state`` as ``step``, with validation
+        ``metrics`` or None (returns at once when asynchronous). False if ``step`` already exists (nothing written)."""
         if step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))})
@@ -130,20 +103,11 @@ class Checkpointer:
         return self._manager.save(int(step), args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
-
-        Args:
-          step: checkpoint step.
-          abstract_state: pytree of jax.ShapeDtypeStruct with ``sharding`` set (or arrays).
-
-        Returns:
-          (state, data_state).
-        """
+        """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state`` (ShapeDtypeStructs with
+        ``sharding`` set, or arrays). Returns (state, data_state)."""
         abstract = jax.tree.map(_abstract, abstract_state)
-        out = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}),
-        )
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()})
+        out = self._manager.restore(int(step), args=args)
         return out[STATE], dict(out[DATA] or {})
 
     def state_metadata(self, step: int) -> Any:
@@ -172,15 +136,8 @@ def _abstract(x: Any) -> Any:
 
 
 def resolve_step(ckpt: Checkpointer, which: str | int | None) -> int:
-    """Turns "best" / "latest" / a step number into an existing step, or raises with the available ones.
-
-    Args:
-      ckpt: checkpointer.
-      which: "best" (default when None), "latest", or an int / digit string.
-
-    Returns:
-      A saved step.
-    """
+    """Turns ``which`` ("best" (also None), "latest", or an int / digit string) into a saved step, or raises with
+    the available ones."""
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")

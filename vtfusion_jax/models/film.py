@@ -34,15 +34,13 @@ class FiLMFusion(FusionBase):
         t = self.project(text, "text_proj")  # [B, L, D]
         i = self.project(image, "image_proj")  # [B, N, D]
         q = layers.masked_mean(t, text_mask)  # [B, D]: padded question tokens never count
+        # Zero-initialised generators: gamma = beta = 0, the identity modulation, at the start.
+        zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)  # noqa: E731
+        kw = dict(
+            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros(("embed", "mlp")), bias_init=zeros(("mlp",))
+        )
         for k in range(self.num_layers):
-            film = nn.Dense(  # zero-initialised: gamma = beta = 0, the identity modulation, at the start
-                2 * self.width,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "mlp")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
-                name=f"film{k}",
-            )
+            film = nn.Dense(2 * self.width, **kw, name=f"film{k}")
             gamma, beta = jnp.split(film(q)[:, None, :], 2, axis=-1)  # [B, 1, D] each
             h = (1.0 + gamma) * self.ln(f"ln{k}")(i) + beta  # [B, N, D]
             i = i + layers.dense(self.width, "mlp", "embed", dtype=self.dtype, name=f"out{k}")(nn.relu(h))
