@@ -31,7 +31,6 @@ from vtfusion_jax import sharding
 from vtfusion_jax.data.captions import CaptionIndex, CaptionReader
 from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F401  (public API)
 from vtfusion_jax.data.reader import BatchReader, group_plan, train_indices  # noqa: F401  (public API)
-from vtfusion_jax.data.tokenizer import Tokenizer
 
 _HORIZON = 2**40  # training steps are unbounded in practice
 
@@ -283,72 +282,39 @@ def _reader_for(mesh, global_batch_size, image_mean, image_std, images_per_batch
 
 def make_train_iterator(
     *,
-    dataset: str,
-    split: str,
-    global_batch_size: int,
-    seed: int,
     mesh: jax.sharding.Mesh,
-    tokenizer: Tokenizer,
-    image_size: int | None = None,
-    augment: bool = False,
-    data_dir: str | None = None,
-    builder_kwargs: dict | None = None,
+    global_batch_size: int,
     start_step: int = 0,
     prefetch: int = 2,
     worker_count: int = 0,
+    num_threads: int = 2,
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
-    num_threads: int = 2,
-    images_per_batch: int = 0,
     captions: CaptionIndex | bool = False,
-    plan=None,
+    **reader_kwargs,
 ) -> TrainIterator:
     """Infinite, deterministic, resumable training batches as global jax.Arrays (see the module docstring).
 
     Args:
-      dataset: "easy_vqa", "sort_of_clevr" or "manifest".
-      split: split to train on.
-      global_batch_size: B over all processes; divisible by the product of the batch mesh axes.
-      seed: data seed; the batch at step s is a pure function of (seed, s).
       mesh: device mesh; dim 0 of every array is sharded over its batch axes (sharding.batch_sharding).
-      tokenizer: text tokenizer (fixes L = tokenizer.max_len).
-      image_size: output side; None keeps the stored size.
-      augment: random crops after small edge padding, seeded by (seed, step). Never flips.
-      data_dir: TFDS data folder (default $TFDS_DATA_DIR or ~/tensorflow_datasets); built on first use.
-      builder_kwargs: builder options (see `datasets.get_builder`).
+      global_batch_size: B over all processes; divisible by the product of the batch mesh axes.
       start_step: step of the first batch (resume).
       prefetch: batches kept ready on device by the background thread (and in grain's buffer).
       worker_count: grain worker processes (0 = threads in this process).
-      image_mean: per-channel mean of images in [0, 1].
-      image_std: per-channel std.
       num_threads: grain threads each building whole batches in parallel.
-      images_per_batch: K > 0: image-grouped batches (data/grouped.py): "image" is [K,H,W,3], "image_index" i32
-        [B] points each question at its image, "valid" is False on padding rows; divisible like B.
+      image_mean: per-channel mean of images in [0, 1] (normalisation on device).
+      image_std: per-channel std.
       captions: (image, caption) pair batches of data/captions.py instead of questions: True, or the split's
-        CaptionIndex if already built; ``tokenizer`` is then a captions.WordVocab.
-      plan: with images_per_batch, the split's GroupPlan if already built (group_plan).
+        CaptionIndex if already built; the tokenizer is then a captions.WordVocab.
+      **reader_kwargs: the reader's (reader.BatchReader / captions.CaptionReader): dataset, split, seed, tokenizer,
+        image_size, augment, data_dir, builder_kwargs, images_per_batch (K > 0: image-grouped batches, "image" is
+        [K,H,W,3] and "image_index" i32 [B] points each question at its image), plan.
 
     Returns:
       A TrainIterator yielding {"image": f32 [B,H,W,3], "text_ids": i32 [B,L], "text_mask": bool [B,L],
-      "label": i32 [B], "question_type": i32 [B], "valid": bool [B] (all True), + dataset extras}.
+      "label": i32 [B], "question_type": i32 [B], "valid": bool [B], + dataset extras}.
     """
-    reader, to_global = _reader_for(
-        mesh,
-        global_batch_size,
-        dataset=dataset,
-        split=split,
-        seed=seed,
-        tokenizer=tokenizer,
-        image_size=image_size,
-        augment=augment,
-        data_dir=data_dir,
-        builder_kwargs=builder_kwargs,
-        image_mean=image_mean,
-        image_std=image_std,
-        images_per_batch=images_per_batch,
-        captions=captions,
-        plan=plan,
-    )
+    reader, to_global = _reader_for(mesh, global_batch_size, image_mean, image_std, captions=captions, **reader_kwargs)
     return TrainIterator(
         reader, to_global, start_step=start_step, prefetch=prefetch, worker_count=worker_count, num_threads=num_threads
     )
@@ -356,25 +322,19 @@ def make_train_iterator(
 
 def make_eval_iterator(
     *,
-    dataset: str,
-    split: str,
-    global_batch_size: int,
     mesh: jax.sharding.Mesh,
-    tokenizer: Tokenizer,
-    image_size: int | None = None,
-    data_dir: str | None = None,
-    builder_kwargs: dict | None = None,
+    global_batch_size: int,
+    prefetch: int = 2,
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.5, 0.5, 0.5),
-    prefetch: int = 2,
     captions: CaptionIndex | bool = False,
+    **reader_kwargs,
 ) -> EvalIterable:
     """Eval batches: each example exactly once, in record order; the last batch is padded.
 
     Args:
-      dataset, split, global_batch_size, mesh, tokenizer, image_size, data_dir, builder_kwargs,
-      image_mean, image_std: as in `make_train_iterator` (no augmentation, no shuffling).
-      prefetch: batches kept ready by the background thread.
+      mesh, global_batch_size, prefetch, image_mean, image_std, **reader_kwargs: as in `make_train_iterator` (no
+        augmentation, no shuffling).
       captions: as in `make_train_iterator`: eval batches then hold each image of the split once
         ({"image", "index", "valid"}; the captions are in the CaptionIndex).
 
@@ -382,17 +342,5 @@ def make_eval_iterator(
       A re-iterable of len ceil(N / B) batches like the training ones, with "valid" bool [B] False on padding and
       "index" int32 [B] (record index within the split, -1 on padding). Mask metrics with "valid".
     """
-    reader, to_global = _reader_for(
-        mesh,
-        global_batch_size,
-        dataset=dataset,
-        split=split,
-        tokenizer=tokenizer,
-        image_size=image_size,
-        data_dir=data_dir,
-        builder_kwargs=builder_kwargs,
-        image_mean=image_mean,
-        image_std=image_std,
-        captions=captions,
-    )
+    reader, to_global = _reader_for(mesh, global_batch_size, image_mean, image_std, captions=captions, **reader_kwargs)
     return EvalIterable(reader, to_global, prefetch=prefetch)
