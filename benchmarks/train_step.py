@@ -43,9 +43,6 @@ BENCH_DEFAULTS.update(matmul_size=2048, peak_tflops=0.0, compilation_cache_dir="
 DEFAULT_VOCAB = 30522
 
 
-# --------------------------------------------------------------------------------------- shared by the benchmarks
-
-
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """The flags every benchmark takes: ``--config=FILE[:ARG]``, ``--out``, ``--wait_quiet`` (+ --config.KEY=VALUE)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,9 +90,6 @@ def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
     """The fields every benchmark result starts with: provenance (commit, host, command), load and config."""
     prov = speed.provenance(command)
     return {"benchmark": benchmark, **prov, "loadavg_start": load_start, "loadavg_end": speed.loadavg(), "config": cfg}
-
-
-# ----------------------------------------------------------------------------------------------- config
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
@@ -154,9 +148,6 @@ def _set(cfg: dict, key: str, raw: str) -> None:
                 value = value.lower() in ("1", "true", "yes")
             node[part] = value
         node = node[part]
-
-
-# ----------------------------------------------------------------------------------------------- the step
 
 
 def synthetic_batch(cfg: dict, seed: int = 0) -> dict:

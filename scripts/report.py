@@ -27,9 +27,6 @@ RESULTS = os.path.join(ROOT, "results")
 sys.path.insert(0, ROOT)
 
 
-# ----------------------------------------------------------------------------------------------- reading runs
-
-
 def _read(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -103,8 +100,6 @@ def fusion_names() -> list[str]:
 
     return list(FUSIONS)
 
-
-# ----------------------------------------------------------------------------------------------- README sections
 
 MAIN_ROWS = {  # results/NAME (one run, or NAME/seed*/ runs shown as mean ± std): what the row is
     "easy_vqa": "main job: CNN + 2-layer BERT from scratch, cross fusion + image summary + product, focal loss",
@@ -265,9 +260,6 @@ def reliability() -> str:
     return intro + "\n\n" + table("Figure | Value | Command", rows)
 
 
-# ----------------------------------------------------------------------------------------------- docs/results.md
-
-
 def task_tables() -> str:
     """docs/results.md: retrieval and captioning rows (every results/*/ run of those tasks)."""
     out = []
@@ -341,8 +333,6 @@ def sort_of_clevr_table() -> str:
     lines += ["", f"Best on validation: `{_soc_best(rs)}`."]
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------------------- docs/performance.md
 
 PERF = os.path.join(RESULTS, "perf")
 TARGET_SPEEDUP, TARGET_COMPILE_S, TARGET_COMPILE_RATIO, TARGET_GPU_MFU = 1.25, 10.0, 1.3, 0.45
@@ -469,9 +459,6 @@ def perf_targets() -> str:
     else:
         lines.append("- GPU MFU >= 45 % with cuDNN attention: **not measured**.")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- driver
 
 
 def variants() -> dict[tuple[str, str], str]:

@@ -1,19 +1,11 @@
 """Checkpoints: the only module that touches Orbax.
 
-Layout: ``workdir/checkpoints/<step>/{state, data}`` where ``state`` is the whole TrainState (params, optimiser
-state, step, RNG; global jax.Arrays, so every process writes its shards) and ``data`` is the data iterator's JSON
-state. Saves are asynchronous (training continues while files are written).
-
-Crash consistency (a run may be SIGKILLed at any instant; tests/test_faults.py, scripts/chaos_kill.py):
-* writing: Orbax writes step s into ``s.orbax-checkpoint-tmp*`` and renames it to ``s`` (one atomic rename) only after
-  every file of every process is written, so only complete checkpoints ever carry a step name. Leftover temporary
-  folders are ignored by ``all_steps`` and removed when the next run opens the folder (``cleanup_tmp_directories``).
-* deleting: retention would otherwise ``rmtree`` an old step in place, and a kill mid-rmtree would leave a
-  half-deleted folder that still carries a step name. Old steps are instead renamed (atomically) into
-  ``checkpoints/_deleted/`` and emptied from there (``todelete_subdir``), so a step folder is complete or absent.
-
-Retention: the newest ``keep`` checkpoints plus the best one by the validation metric (steps saved without a
-metric, e.g. on SIGTERM, count only as "newest").
+Layout: ``workdir/checkpoints/<step>/{state, data}``: the whole TrainState (global jax.Arrays, every process writes
+its shards) and the data iterator's JSON state. Saves are asynchronous. Crash consistency (a run may be SIGKILLed at
+any instant; tests/test_faults.py): Orbax writes ``s.orbax-checkpoint-tmp*`` and renames it to ``s`` only when every
+process is done, and old steps are renamed into ``checkpoints/_deleted/`` before removal (``todelete_subdir``), so a
+step folder is complete or absent; leftovers are cleaned at the next open. Retention: the newest ``keep`` plus the
+best by the validation metric (steps saved without a metric, e.g. on SIGTERM, count only as "newest").
 """
 
 from __future__ import annotations

@@ -109,9 +109,6 @@ def beam_search(
     return tokens, pick(norm), pick(scores), pick(lengths)
 
 
-# ----------------------------------------------------------------------------------------------- model steps
-
-
 def cached_step(model, params, cross, image_mask) -> tuple[StepFn, Any]:
     """(step_fn, initial cache) decoding a CaptionModel with its key/value cache."""
     rows = image_mask.shape[0]

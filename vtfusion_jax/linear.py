@@ -1,24 +1,15 @@
 """Dense-layer matmul on flattened 2-D operands, with an opt-in CPU kernel-gradient trick.
 
-Every Dense layer of the library (``layers.dense`` through ``nn.Dense(dot_general=...)`` and
-``attention.HeadsProjection``) contracts the trailing axes of ``x`` with the leading axes of the kernel. ``linear``
-flattens both operands to 2-D first and makes one product, ``_matmul`` (the single name through which every Dense
-product passes). By default that product is plain ``x2 @ w2``, so jax
-differentiates it in every mode: ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and Hessian-vector
-products work through every model (tests/test_linear.py checks them for every fusion variant).
+Every Dense layer (``layers.dense`` via ``nn.Dense(dot_general=...)``, ``attention.HeadsProjection``) contracts the
+trailing axes of ``x`` with the leading axes of the kernel; ``linear`` flattens both to 2-D and makes one product,
+``_matmul``. By default that is plain ``x2 @ w2``, so ``jax.grad``, ``jax.jvp``, ``jax.hessian`` etc. all work.
 
-``CPU_TRANSPOSED_WEIGHT_GRAD = True`` (opt-in) routes the product through a ``jax.custom_vjp`` whose kernel
-gradient ``x^T @ dy`` is computed, on CPU only, with the smaller operand transposed first: XLA:CPU's fast GEMM path
-(YNNPACK/XNNPACK fusions) takes ``A @ B`` and ``A @ B^T`` but runs ``A^T @ B`` in its Eigen dot at about half the
-speed (docs/performance.md); ``optimization_barrier`` keeps XLA's simplifier from
-folding the transpose back into the dot. The values are the same products (gradients equal to float32 rounding),
-but a custom_vjp has no forward-mode rule, so with the switch on ``jax.jvp`` / ``jax.hessian`` raise. It is a
-module-level switch, read while tracing, rather than a model config field: it is a CPU-only speed knob that every
-Dense layer of every tower, the attention projections and the heads would otherwise all have to carry. Set it
-before building (tracing) a step; benchmarks/weight_grad.py times both settings side by side.
-
-Anything other than the Dense pattern (batch dimensions, contracting non-trailing axes, a
-``preferred_element_type``) falls through to ``jax.lax.dot_general`` unchanged.
+``CPU_TRANSPOSED_WEIGHT_GRAD = True`` (opt-in; set before tracing a step) routes it through a ``jax.custom_vjp``
+whose kernel gradient ``x^T @ dy`` transposes the smaller operand first, on CPU only: XLA:CPU's fast GEMM path takes
+``A @ B`` and ``A @ B^T`` but not ``A^T @ B`` (docs/performance.md); ``optimization_barrier`` stops XLA folding the
+transpose back. Same values to float32 rounding, but custom_vjp has no forward-mode rule (jvp raises). It is a
+module-level switch, not a config field, so that every Dense layer need not carry a CPU-only knob.
+benchmarks/weight_grad.py times both settings. Anything but the Dense pattern goes to ``jax.lax.dot_general``.
 """
 
 from __future__ import annotations

@@ -74,7 +74,6 @@ def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> floa
     return float(np.mean(np.asarray(eval_labels) == values[np.argmax(counts)]))
 
 
-# --------------------------------------------------------------------------------------------------- writers
 # clu.metric_writers would be the natural choice, but importing it pulls in TensorFlow (its package __init__
 # imports the tf.summary writer), which is not a dependency here; these writers follow its interface.
 

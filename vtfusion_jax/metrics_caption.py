@@ -1,24 +1,17 @@
 """Captioning and retrieval metrics (numpy / pure Python): BLEU-4, CIDEr-D, exact match, recall@K with several
 captions per image.
 
-Tokenisation (``tokenize``): lowercase, punctuation removed, split on whitespace -- what the coco-caption toolkit's
-PTB tokenizer does to plain English captions, without its Java dependency.
-
-BLEU-4 (Papineni et al. 2002), corpus level: modified n-gram precisions p_n (n = 1..4; each candidate n-gram count
-clipped by its largest count in any one reference), summed over the corpus, combined as exp(mean_n log p_n), times
-the brevity penalty BP = exp(1 - r / c) when c < r (c = total candidate length, r = sum over candidates of the
-reference length closest to the candidate's, the shorter on a tie). Any p_n = 0 gives 0. This is NLTK's
-``corpus_bleu`` without smoothing and coco-caption's ``Bleu(4)`` "closest" option.
-
-CIDEr-D (Vedantam et al. 2015; coco-caption ``CiderD``): per n = 1..4 the n-gram counts become tf-idf vectors with
-idf = log(#images) - log(max(1, df)), df = number of images whose reference set contains the n-gram (the document
-frequencies come from the references of the evaluated corpus). For a candidate c and each reference r:
+``tokenize``: lowercase, punctuation removed, split on whitespace (coco-caption's PTB tokenizer on plain English,
+without Java). BLEU-4 (Papineni et al. 2002), corpus level, no smoothing (NLTK ``corpus_bleu``, coco-caption
+``Bleu(4)`` "closest"): clipped n-gram precisions p_n summed over the corpus, exp(mean_n log p_n) times the brevity
+penalty exp(1 - r / c) when c < r (r: closest reference length, the shorter on a tie); any p_n = 0 gives 0.
+CIDEr-D (Vedantam et al. 2015; coco-caption ``CiderD``): per n = 1..4, tf-idf n-gram vectors with
+idf = log(#images) - log(max(1, df)) from the evaluated references, and
 
     sim_n(c, r) = sum_g min(c_g, r_g) * r_g / (|c| |r|) * exp(-(l_c - l_r)^2 / (2 * 6^2))
 
-(the min() "clipping" and the Gaussian length penalty are the "-D"; l is the length as coco-caption counts it), and
-CIDEr-D(c) = 10 * mean_n mean_r sim_n(c, r). The corpus score is the mean over images. A candidate equal to its single
-reference scores 10 unless all its n-grams occur in every image's references (idf 0).
+CIDEr-D(c) = 10 * mean_n mean_r sim_n(c, r), averaged over images (a candidate equal to its single reference scores
+10 unless all its n-grams occur in every image's references, idf 0).
 """
 
 from __future__ import annotations
@@ -138,9 +131,6 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
     cand = [tokenize(c) for c in candidates]
     refs = [[tokenize(r) for r in rs] for rs in references]
     return {"bleu4": bleu(cand, refs), "cider_d": cider_d(cand, refs)[0], "exact_match": exact_match(cand, refs)}
-
-
-# --------------------------------------------------------------------------------------------------- retrieval
 
 
 def retrieval_recall(scores: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

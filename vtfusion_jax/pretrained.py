@@ -4,20 +4,16 @@
         ─► family from config.json's model_type ─► encoder spec (our module fields, derived from the HF config)
         ─► explicit key table: our param path <- HF tensor(s) + transform ─► params (unboxed float32 jax arrays)
 
-Families: ``bert`` (bert-base-uncased, all-MiniLM-L6-v2, ...), ``vit`` (google/vit-base-patch16-224),
-``clip`` / ``clip_vision_model`` (the vision tower of openai/clip-vit-base-patch32) and ``resnet``
-(microsoft/resnet-50). Usage::
+Families: ``bert``, ``vit``, ``clip`` / ``clip_vision_model`` (the vision tower) and ``resnet``. Usage::
 
     spec, params = load_text_encoder("minilm")          # or a folder, or a hub id such as "bert-base-uncased"
     encoder = models.get_text_encoder(spec)
     tokens, mask = encoder.apply({"params": params}, text_ids, text_mask)
 
-``params`` has exactly the tree and shapes of ``encoder.init(...)["params"]`` with flax's Partitioned boxes
-stripped (``layers.unbox``); with ``scan_layers=True`` the layers are stacked under ``stacked`` as
-``layers.Repeated`` expects. Only safetensors files are read, with a small parser of their documented format (no
-pickle, no code execution). A tensor the table expects but the checkpoint lacks, a tensor the checkpoint has but no
-table row uses (and no ignore rule names), or a tensor of the wrong shape raises CheckpointMismatchError, which lists
-every one of them. See docs/pretrained.md for the tables in prose.
+``params`` has the tree and shapes of ``encoder.init(...)["params"]``, unboxed (stacked under ``stacked`` with
+``scan_layers=True``). Only safetensors are read (a small parser: no pickle, no code execution). Missing, unexpected
+(unused and not ignored) or wrongly shaped tensors raise CheckpointMismatchError listing all of them
+(docs/pretrained.md describes the tables).
 """
 
 from __future__ import annotations
@@ -50,9 +46,6 @@ class CheckpointMismatchError(ValueError):
         super().__init__(message)
         self.missing, self.unexpected = list(missing), list(unexpected)
         self.wrong_shapes, self.uncovered = list(wrong_shapes), list(uncovered)
-
-
-# ----------------------------------------------------------------------------------------------- sources and files
 
 
 def _minilm_dir() -> str:
@@ -173,9 +166,6 @@ def image_preprocessing(source: str) -> dict[str, Any]:
     return {"image_size": size, "mean": list(mean), "std": list(std)}
 
 
-# ------------------------------------------------------------------------------------------------------ transforms
-
-
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """fn(*hf_arrays, shape) -> our array of ``shape``; hf_shapes(shape) -> expected HF shapes (None: another row
@@ -235,7 +225,6 @@ def _bn(ours: str, hf: str) -> list[Row]:
     return [(f"{ours}/scale", (g, v), BN_SCALE), (f"{ours}/bias", (g, b, m, v), BN_BIAS)]
 
 
-# ------------------------------------------------------------------------------------------------ per-family tables
 # Each table: our path (under the encoder's params) <- HF key relative to the family's prefix. Transformer layers
 # are written once, for layer {i}, and their our-paths sit under encoder/layers_{i}/ (unrolled Repeated layout).
 
@@ -430,9 +419,6 @@ IMAGE_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = dict(vit=_vit, 
 IMAGE_FAMILIES["clip_vision_model"] = _clip  # a CLIPVisionModel's own config.json
 
 
-# ---------------------------------------------------------------------------------------------------------- driver
-
-
 def _flat(params: Any) -> dict[str, Any]:
     return traverse_util.flatten_dict(layers.unbox(params), sep="/")
 
@@ -506,7 +492,7 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
         ours: t.fn(*[np.asarray(tensors[prefix + k], np.float32) for k in keys], target[ours]) for ours, keys, t in rows
     }
     if uncovered:  # parameters the checkpoint never had (e.g. a new projection): from encoder.init(rng)
-        # Jitting only the selected leaves lets XLA drop every other initialiser (compiles in ~1 s, not ~15 s).
+        # Jitting only the selected leaves lets XLA drop every other initialiser (a much faster compile).
         init = build(unrolled).init
         flat.update(
             jax.jit(lambda r: {p: v for p, v in _flat(init(r, *inputs)["params"]).items() if p in uncovered})(rng)

@@ -1,18 +1,15 @@
-"""``model.<tower>.init_from``: training towers whose architecture and initial weights come from a checkpoint.
+"""``model.<tower>.init_from``: towers whose architecture and weights come from a checkpoint (docs/pretrained.md).
 
     config.model.text_encoder = {init_from: "minilm" | folder | hub id, freeze: bool, <optional overrides>}
-      ─► resolve_model_spec: the tower's spec = the checkpoint's (pretrained.py, derived from its config.json)
-         + the tower's own fields (freeze, init_from, and loader overrides such as dropout_rate or pooler)
-      ─► train_lib builds and initialises the whole model as usual (eval_shape -> shardings -> jit(init))
-      ─► import_into_state, on a fresh run only (a resumed run restores its own checkpoint and never re-imports):
-         the tower's params subtree <- the converted checkpoint, shape-checked per path, placed with
-         jax.device_put on the state's parameter shardings
-      ─► image_normalization: the image checkpoint's pixel mean / std for the input pipeline (train, eval, predict)
+      ─► resolve_model_spec: the checkpoint's spec (pretrained.py) + the tower's own fields
+      ─► train_lib builds and initialises the whole model as usual
+      ─► import_into_state, fresh runs only: the tower's params <- the converted checkpoint, shape-checked per path,
+         placed on the state's parameter shardings
+      ─► image_normalization: the image checkpoint's pixel mean / std for the input pipeline
 
-The same applies to ``model.image_encoder`` (ViT, CLIP vision, ResNet checkpoints). The tower's fields beside
-``init_from`` / ``freeze`` are loader overrides (pretrained.load_*_encoder): they change regularisation, memory
-layout or add parameters (ResNet ``project=True``), never the derived architecture silently; a ``name`` that
-differs from the checkpoint's family raises an error.
+Likewise ``model.image_encoder`` (ViT, CLIP vision, ResNet). Fields beside ``init_from`` / ``freeze`` are loader
+overrides (pretrained.load_*_encoder), never a silent architecture change; a ``name`` that differs from the
+checkpoint's family raises.
 """
 
 from __future__ import annotations

@@ -1,22 +1,18 @@
 """Image-grouped training batches: all the questions of an image travel in one batch, so the image is encoded once.
 
-VQA splits ask many questions per image (easy-VQA ~9.7, Sort-of-CLEVR 20). For fusion variants whose image tokens do
-not depend on the question (cross, gated_cross, query, concat, rn, ...) encoding the image once per batch and
-gathering its tokens for each question computes exactly what per-question batches compute, at a fraction of the
-image-tower cost (the model does the gather: ``batch["image_index"]``, see models/vtfusion.py).
-
-Batch layout (``images_per_batch`` = K image slots, ``global_batch_size`` = B question slots)::
+For fusion variants whose image tokens do not depend on the question, encoding each image once and gathering its
+tokens per question (``batch["image_index"]``, models/vtfusion.py) computes exactly what per-question batches do, at
+a fraction of the image-tower cost. Layout (K = ``images_per_batch`` image slots, B = ``global_batch_size``)::
 
     image        [K, H, W, 3]   the batch's distinct images (padding slots are zeros)
     image_index  [B] int32      which image slot each question looks at (0 on padding rows)
     text_ids, text_mask, label, question_type, ... [B]  as in ungrouped batches
     valid        [B] bool       False on padding rows (the loss and the metrics ignore them)
 
-Epoch plan (a pure function of (seed, epoch), so resume and multi-process reading stay exact): the images of the
-split are shuffled by a generator seeded with (seed, epoch) and packed greedily, in that order, into batches of at
-most B questions and K images; a batch closes when the next image's questions would not fit. The last batch of an
-epoch may be partial. Step s of training is batch s - (batches of the earlier epochs) of its epoch. Padding rows are
-about 4 % of the slots for easy-VQA at B = 256, K = 32 (closing a batch early leaves a few slots empty).
+Epoch plan, a pure function of (seed, epoch) so resume and multi-process reading stay exact: the split's images are
+shuffled by a (seed, epoch) generator and packed greedily into batches of at most B questions and K images (a batch
+closes when the next image's questions would not fit; the last may be partial). Step s reads batch s - (batches of
+the earlier epochs) of its epoch.
 """
 
 from __future__ import annotations

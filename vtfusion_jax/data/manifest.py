@@ -1,33 +1,17 @@
-"""TFDS builder for user image-text data: JSON Lines manifests + an image folder.
+"""TFDS builder for user image-text data: JSON Lines manifests + an image folder (format: docs/data.md).
 
-Layout (the dataset folder):
+A folder holds train.jsonl (required), validation.jsonl / test.jsonl (optional) and the images. Each row:
+`{"image": "images/cat1.png", "text": "what animal is this?", "label": "cat"}` plus optional `"caption"` and
+`"question_type"`; the label (and question-type) vocabulary is the sorted train values. Images become 8-bit RGB
+(alpha over white) resized to `image_size` x `image_size` (PIL bilinear, no crop). A bad row (invalid JSON, missing
+field, empty text or label, path outside the image folder, missing, undecodable, 0 x 0 or over-`MAX_IMAGE_PIXELS`
+image) raises `ManifestError` naming the line and file, unless `skip_bad_rows=True` (skipped, counted in the
+metadata as `skipped_rows`). A validation / test row whose label is not in train keeps label -1, so eval counts it
+wrong (`num_unseen_label`) instead of inflating the accuracy; the count is stored as `unseen_label_rows`.
 
-    my_data/
-      train.jsonl         required; one JSON object per line
-      validation.jsonl    optional
-      test.jsonl          optional
-      images/...          anywhere below the image folder (default: the dataset folder)
-
-Each row: `{"image": "images/cat1.png", "text": "what animal is this?", "label": "cat"}` plus optional
-`"caption"` (str) and `"question_type"` (str). The label vocabulary (and question-type vocabulary) is taken from the
-training split, sorted. Images are converted to RGB (grayscale, palette, and alpha composited over white) and resized
-(PIL bilinear, no crop) to `image_size` x `image_size`. A bad row (invalid JSON, missing field, empty label, path
-outside the image folder, missing or undecodable image) raises `ManifestError` naming the manifest line and the file,
-unless `skip_bad_rows=True`, which skips it and reports the count (printed, and stored in the dataset's metadata as
-`skipped_rows`). A validation / test row whose label never occurs in the train split is kept with label -1 (TFDS's
-"no label"): no model can answer it, so eval counts it wrong (and reports it as `num_unseen_label`) rather than
-dropping it and inflating the accuracy; the count is printed and stored as `unseen_label_rows`.
-
-Empty text, an undecodable, 0 x 0 or over-`MAX_IMAGE_PIXELS` image (refused from its header) are bad rows too
-(tests/test_bad_input.py); 16-bit, CMYK, palette and grayscale images become 8-bit RGB.
-
-Caption mode (`captions=True`, for the retrieval and captioning tasks): a row needs `image` and `caption` -- a
-non-empty string, or a non-empty list of non-empty strings (several captions of one image; rows repeating an image
-are grouped by path); `text` and `label` are optional (stored as "" and -1). A list is stored newline-separated in the
-`caption` feature. The two modes build separate datasets (the caption one's name ends in `_captions`).
-
-The config name hashes the manifests' content, so editing a manifest builds a fresh dataset (changing an image file
-in place does not).
+Caption mode (`captions=True`: retrieval, captioning; a separate dataset named `..._captions`): a row needs `image`
+and `caption` (a non-empty string or list of strings, stored newline-separated); `text` / `label` default to "" / -1.
+The config name hashes the manifests' content, so editing a manifest builds a fresh dataset.
 """
 
 from __future__ import annotations

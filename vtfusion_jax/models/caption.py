@@ -1,26 +1,20 @@
-"""Image captioning: any image encoder + a Transformer decoder with causal self-attention and cross-attention to the
-image tokens (Vaswani et al. 2017's decoder; "Show, Attend and Tell"-style conditioning on a grid of image tokens).
+"""Image captioning: any image encoder + a Transformer decoder (causal self-attention, cross-attention to the memory).
 
     image ─► image encoder ─► tokens [B, N, Di] ─► Dense(D) ─────────────────────────────┐ (keys / values)
     caption ids [B, T] ─► embed + learned positions ─► L x [causal self-attn, cross-attn ─┘, MLP] ─► LN ─► Dense(V)
 
-Every block is pre-LN: x + f(LN(x)). Training is teacher-forced (``__call__``: all T positions at once, causal mask).
-Decoding runs one position at a time (``decode_step``) with a key/value cache: each layer keeps the self-attention
-keys and values of the positions decoded so far in ``[B, T_max, H, Dh]`` buffers (written at index t with
-``dynamic_update_slice``), and the cross-attention keys / values of the image tokens are computed once
-(``cross_kv``). Greedy and beam search over this step live in vtfusion_jax/decoding.py.
+Pre-LN blocks. Training is teacher-forced (``__call__``, causal mask); ``decode_step`` decodes one position with a
+key/value cache (self-attention K/V in ``[B, T_max, H, Dh]`` buffers written at index t; the memory's K/V computed
+once by ``cross_kv``). Greedy and beam search live in vtfusion_jax/decoding.py.
 
-The decoder's memory (what cross-attention reads) is chosen by ``model.memory``:
+``model.memory`` picks what cross-attention reads:
 
-  "image"  the image encoder's tokens [B, N, Di] (a model spec without the key, written before it existed).
-  "fused"  the output tokens of a fusion variant (``model.fusion``, any FUSIONS name) run on (prompt, image):
-           memory = [text_out ; image_out] [B, P + N, D], mask [True * P ; image_mask]. The fusion's text input is
-           ``model.prompt_len`` = P learned prompt tokens, the same for every image.
+  "image"  the image encoder's tokens [B, N, Di] (also a model spec without the key).
+  "fused"  the output tokens of a fusion variant run on (P learned prompt tokens, image):
+           memory = [text_out ; image_out] [B, P + N, D], mask [True * P ; image_mask].
 
-The caption cannot be the fusion's text (teacher forcing would leak the targets into the memory), and a fixed text
-prompt is a constant input anyway, hence P learned tokens. Both fusion outputs are kept because variants differ in
-which stream they change (a variant whose interaction lives only in ``pooled`` gives "image" plus P tokens). The memory
-is computed once per image (``encode_memory``) and its keys / values once per decoding (``prepare``). Parameters:
+The caption cannot be the fusion's text (teacher forcing would leak the targets into the memory), hence learned
+prompt tokens; both fusion outputs are kept because variants differ in which stream they change. Parameters:
 ``fusion/prompt`` [P, D] and ``fusion/variant``, one tower (``model.fusion.freeze``, ``optim.lr_multipliers.fusion``).
 """
 

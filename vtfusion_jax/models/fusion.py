@@ -6,13 +6,11 @@ One interface for every variant::
                                          deterministic=True)
     # text_out [B, L, D], image_out [B, N, D], pooled [B, P]  (P = D or 2D, see each variant)
 
-Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``);
-equal widths pass through untouched. Masks are True on real tokens. "LN" below is a float32 LayerNorm; all blocks
-are pre-LN residual blocks (x + f(LN(x))). Each variant is registered once (``@register_fusion``, models/registry.py)
-with a one-line summary of who attends to whom, its paper, pooled width and attention maps; its class docstring
-gives the details, and ``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input projections
-excluded). The variant table (README.md, docs/fusion_variants.md) is generated from the registry by
-scripts/fusion_table.py.
+Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``).
+Masks are True on real tokens; "LN" is a float32 LayerNorm; blocks are pre-LN residual (x + f(LN(x))). Each variant
+is registered once (``@register_fusion``, models/registry.py: summary, paper, pooled width, attention maps); its
+class docstring gives the details and ``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input
+projections excluded). The variant tables are generated from the registry by scripts/fusion_table.py.
 """
 
 from __future__ import annotations
@@ -469,15 +467,11 @@ class RelationNetworkFusion(FusionBase):
     """Relation Network (Santoro et al. 2017): pooled = f( sum_{i,j} g([o_i; o_j; q]) ) over all ordered pairs of
     real image tokens (objects) o_i, o_j, conditioned on the question vector q = masked_mean(text).
 
-    g is a ``g_layers``-deep ReLU MLP of width ``mlp_dim``; its first layer is applied per token and broadcast over
-    pairs (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q), which computes the same function with N instead of N^2
-    first-layer matmuls. f is ``f_layers`` ReLU layers of width ``mlp_dim`` (the classification head follows).
-    Tokens pass through unchanged (no token-level fusion). pooled P = mlp_dim. ``num_layers``/``num_heads`` unused.
-
-    ``token_pool`` = k > 1 average-pools the image tokens, read as a square s x s grid in row-major order (s * s = N,
-    s divisible by k), over k x k cells before pairing: (N / k^2)^2 pairs instead of N^2 (g's cost is quadratic in the
-    objects; Santoro et al.'s RN pairs the 25 cells of a 5 x 5 map, so a 10 x 10 tower shared with the attention
-    variants is pooled with k = 2). A pooled cell is real when any of its tokens is (a CNN/ViT grid has no padding).
+    g: ``g_layers`` ReLU layers of width ``mlp_dim``, the first applied per token and broadcast over pairs
+    (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q: N instead of N^2 first-layer matmuls); f: ``f_layers`` ReLU layers
+    of width ``mlp_dim``. Tokens pass through unchanged; P = mlp_dim; ``num_layers``/``num_heads`` unused.
+    ``token_pool`` = k > 1 average-pools the row-major s x s token grid over k x k cells before pairing ((N / k^2)^2
+    pairs; Santoro et al. pair a 5 x 5 map, so a shared 10 x 10 tower uses k = 2); a cell is real if any token is.
     """
 
     g_layers: int = 4

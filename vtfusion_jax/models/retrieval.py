@@ -3,22 +3,15 @@
     image ─► image encoder ─► tokens [B, N, Di] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► image emb. [B, E]
     text  ─► text encoder  ─► tokens [B, L, Dt] ─► [token MLP] ─► masked mean ─► Dense(E) ─► L2 ─► text emb.  [B, E]
     (image tokens, text tokens) ─► fusion (any FUSIONS variant) ─► pooled ─► Dense(2) ─► ITM logits (match / not)
-    [itm_similarity: logit(match) += w * cos(text embedding, image embedding), w learnt from 0]
 
-The optional token MLP (``pool_mlp_dim`` > 0: Dense, GELU, Dense, residual, per token, one per tower) runs before
-the mean (DeepSets' phi), so that the pooled embedding can encode which object sits where.
-
-ITC: symmetric InfoNCE over the [B, B] similarity matrix divided by a learnt temperature tau = clip(exp(log_tau),
-min, max) (ALBEF clips to [0.001, 0.5]; the clip also stops the gradient at the bounds). Texts of the same image
-(equal ``image_id``) are all positives: the target distribution is uniform over them.
-ITM: each image gets a hard negative text and each text a hard negative image, sampled with probability
-softmax(similarity / tau) over the non-matching items of the global batch (ALBEF, Li et al. 2021, sec. 3.2); the
-head classifies the B positive and 2B negative pairs.
-With ``itm_similarity`` the ITM match logit also gets ``w * cos(text_emb, image_emb)`` (w learnt, from 0): the
-fusion then learns only the correction to what the contrastive towers already measure.
-
-Under data parallelism the embeddings are gathered onto every device (``gather_global``) before the similarity matrix
-is formed, so the negatives are the whole global batch, and the loss equals the single-device loss on that batch.
+The optional per-token MLP (``pool_mlp_dim`` > 0, residual, DeepSets' phi) lets the pooled embedding encode which
+object sits where. ITC: symmetric InfoNCE over the [B, B] similarities / tau, tau = clip(exp(log_tau), min, max)
+learnt (the clip stops the gradient at the bounds); texts of the same ``image_id`` are all positives (uniform target).
+ITM (ALBEF sec. 3.2): each image gets a hard negative text and each text a hard negative image, sampled by
+softmax(similarity / tau) over the non-matching items of the global batch; the head classifies B positive and 2B
+negative pairs. ``itm_similarity`` adds ``w * cos(text_emb, image_emb)`` (w learnt from 0) to the match logit, so
+the fusion learns only a correction. Embeddings are gathered across devices (``gather_global``) first, so the loss
+equals the single-device loss on the global batch.
 """
 
 from __future__ import annotations

@@ -44,10 +44,8 @@ def _conv(
 class FrozenBatchNorm(nn.Module):
     """Inference-mode BatchNorm with its running statistics folded in: ``y = x * scale + bias`` per channel.
 
-    ``scale = gamma / sqrt(running_var + eps)`` and ``bias = beta - running_mean * scale`` are computed once, when a
-    checkpoint is imported (pretrained.py), so there is no ``batch_stats`` collection: both are ordinary params
-    (trainable like a GroupNorm's affine, or frozen with their tower; weight decay skips them as ``scale``/``bias``).
-    Computed in float32. x: [..., C] -> [..., C].
+    ``scale`` and ``bias`` are folded once at checkpoint import (pretrained.py): ordinary params, no ``batch_stats``
+    collection (weight decay skips them by name). Computed in float32. x: [..., C] -> [..., C].
     """
 
     zero_init: bool = False
@@ -118,10 +116,9 @@ def _multiscale_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Tokens from several feature maps (the method's multi-scale step 1), concatenated into one sequence.
 
-    Each selected map gets its own projection to ``width`` and its own 2-D position embedding, plus a learned
-    per-scale embedding, so attention can tell fine from coarse tokens and where each sits. Order follows
-    ``scales``. A single scale (the default: the last map) uses exactly the single-scale parameter names and no
-    scale embedding, so it computes the same function as before with the same parameters.
+    Each selected map gets its own projection, 2-D position embedding and a learned per-scale embedding (so attention
+    tells fine from coarse). A single scale (default: the last map) uses the single-scale parameter names, no scale
+    embedding.
 
     Args:
       module: the calling encoder (owner of the scale-embedding parameter).
@@ -172,19 +169,16 @@ def _down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 class CNN(nn.Module):
-    """A small stride-2 conv stack for 64–75 px synthetic images (Santoro et al. 2017 use 4 such layers).
-
-    64x64 input with three stride-2 layers gives an 8x8 grid = 64 tokens; 75x75 gives 10x10 = 100 tokens.
+    """A small stride-2 conv stack for 64–75 px synthetic images (64x64, three stride-2 layers: 8x8 = 64 tokens).
 
     Attributes:
       width: token width D.
-      channels: output channels of each 3x3 conv.
-      strides: stride of each conv (same length as channels).
+      channels, strides: output channels and stride of each 3x3 conv.
       norm: "group" | "layer" | "none".
       pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
       scales: conv layers whose outputs become tokens (multi-scale; negative = from the end); () = the last only.
-      downsample: "conv" (a strided conv) | "max" (a stride-1 conv, then ReLU and a stride x stride max-pool, as in
-        the easy-VQA Keras reference: 4x the conv FLOPs of a layer, but small shapes keep their edges).
+      downsample: "conv" (strided conv) | "max" (stride-1 conv, ReLU, stride x stride max-pool, as the easy-VQA
+        Keras reference: small shapes keep their edges).
     """
 
     width: int = 128
@@ -275,12 +269,10 @@ class ResNet(nn.Module):
 
     Attributes:
       width: token width D.
-      stage_sizes: blocks per stage.
-      bottleneck: bottleneck blocks (ResNet-50) instead of basic blocks (ResNet-18).
-      base_filters: filters of the first stage (doubling per stage).
+      stage_sizes, bottleneck, base_filters: blocks per stage; bottleneck (ResNet-50) or basic blocks; first-stage
+        filters (doubling per stage).
       stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, for 224 px) or "small" (one 3x3/2 conv, for 64–75 px).
-      norm: "group" | "layer" | "frozen_bn" | "none" (no batch statistics to carry in the train state; "frozen_bn"
-        is an imported BatchNorm folded into a per-channel affine, see FrozenBatchNorm).
+      norm: "group" | "layer" | "frozen_bn" (imported BatchNorm, see FrozenBatchNorm) | "none"; no batch statistics.
       pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
       torch_layout: PyTorch / HF ResNet conventions, for imported checkpoints: convolutions and the stem max-pool
         pad k//2 on each side (instead of SAME), and every strided block has a projection shortcut.
