@@ -1,18 +1,13 @@
 """Scaled dot-product attention, Softmax(QK^T / sqrt(d_k)) V, for self- and cross-attention.
 
-Layout is jax's: q ``[B, Lq, H, Dh]``, k/v ``[B, Lk, Hkv, Dh]`` with ``H`` a multiple of ``Hkv`` (grouped-query
-attention). A boolean ``mask`` broadcastable to ``[B, H, Lq, Lk]`` says which keys a query may attend to
-(True = may attend); an additive ``bias`` broadcastable to the same shape is added to the logits. Softmax always runs
-in float32. A query row whose mask is all False returns zeros (never NaN) in every implementation: such rows occur for
-padding queries, and for the empty image/text side of a batch with missing inputs.
+Layout is jax's: q ``[B, Lq, H, Dh]``, k/v ``[B, Lk, Hkv, Dh]``, ``H`` a multiple of ``Hkv`` (grouped-query). A
+boolean ``mask`` (True = may attend) and an additive ``bias`` broadcast to ``[B, H, Lq, Lk]``. Softmax runs in
+float32. A query row with nothing to attend to (padding, an empty modality) returns zeros, never NaN, everywhere.
 
-Implementations:
-  * ``"reference"``: our own einsum code (also used when attention weights must be returned or attention dropout is
-    active, because ``jax.nn.dot_product_attention`` supports neither).
-  * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``.
-  * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; needs a CUDA GPU and bf16/fp16 inputs and
-    raises a ValueError that says why otherwise. Sequence lengths are padded to a multiple of 64 with the padding
-    masked (``padded_attention``), so any length runs on the fused kernels.
+Implementations: ``"reference"`` (our einsum code; also whenever weights are returned or attention dropout is on,
+which ``jax.nn.dot_product_attention`` lacks), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``; cudnn
+needs a CUDA GPU and bf16/fp16, else a ValueError says why; lengths are padded to a multiple of 64 and masked,
+``padded_attention``).
 """
 
 from __future__ import annotations
@@ -201,13 +196,10 @@ def padded_attention(
 ) -> jax.Array:
     """``dot_product_attention`` run on sequences padded to a multiple of ``multiple``, with the padding masked.
 
-    Query and key/value lengths are zero-padded at the end; padded keys can never be attended to and the padded
-    query rows are sliced off, so the result (and its gradient) equals the unpadded computation. Without a mask or
-    bias the padding goes to the fused kernel as sequence lengths (cuDNN's own padding mask, no [B, H, Lq, Lk]
-    bias in memory); otherwise the mask is padded with False on the key axis and True on the query axis (padded
-    queries see the real keys, so no row becomes empty). This is the "cudnn" path; with ``implementation="xla"``
-    it runs anywhere, which is how tests check it on CPU. q, k, v, mask, bias as for ``dot_product_attention``;
-    ``implementation`` "xla" or "cudnn"; padded lengths are multiples of ``multiple``. Returns ``[B, Lq, H, Dh]``.
+    Padded keys are never attended and padded query rows are sliced off, so the result and its gradient equal the
+    unpadded computation. Without mask or bias the kernel gets the real sequence lengths (no [B, H, Lq, Lk] bias in
+    memory); otherwise the mask is padded False on keys, True on queries (no row becomes empty). Args as for
+    ``dot_product_attention``, ``implementation`` "xla" (runs anywhere; tests) or "cudnn". Returns ``[B, Lq, H, Dh]``.
     """
     _check_shapes(q, k, v)
     b, lq, _, _ = q.shape
@@ -274,8 +266,7 @@ class HeadsProjection(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Multi-head (grouped-query) attention with separate query and key/value inputs.
 
-    ``inputs_kv=None`` gives self-attention; passing the other modality's tokens gives cross-attention.
-    Parameters carry logical axis names (embed, heads, kv) for sharding.
+    ``inputs_kv=None`` gives self-attention, the other modality's tokens cross-attention. Axes: embed, heads, kv.
 
     Attributes:
       num_heads: query heads H.

@@ -1,17 +1,10 @@
 """Whole-model analytic FLOPs per example: image encoder + text encoder + fusion + head.
 
 Convention (PaLM / MaxText "model FLOPs"): 2 FLOPs per multiply-add of every matmul and convolution, attention
-scores and values included, element-wise work and gathers left out; a training step counts 3x the forward. Per piece
-(D width, M MLP width, L text tokens, N image tokens):
-
-    attention(Lq, Lk)       2*Lq*D*D (q) + 2*2*Lk*D*D (k, v) + 2*Lq*D*D (out) + 2*2*Lq*Lk*D (scores, values)
-    MLP(L)                  2*2*L*D*M;  Transformer block(L) = attention(L, L) + MLP(L) (+ attention(L, Lk))
-    conv k x k, Cin -> Cout 2 * Hout * Wout * k * k * Cin * Cout
-    ViT / BERT              patch conv (2*N*p*p*3*D) + depth * block(N (+1 CLS)) / depth * block(L)
-    GRU (per direction)     L * 2 * 3 * (Din*H + H*H)  + projection 2*L*(dirs*H)*D
-    fusion, head            the variant's registered ``flops_per_example`` + input projections; the head's own
-
-``model_flops`` returns each part and the total (tests/test_flops.py checks it against XLA's ``cost_analysis``).
+scores and values included, element-wise work and gathers left out; a training step counts 3x the forward. The
+per-piece formulas are tabled in docs/performance.md ("How the numbers are computed"); a fusion contributes its
+registered ``flops_per_example`` + input projections. ``model_flops`` returns each part and the total
+(tests/test_flops.py checks it against XLA's ``cost_analysis``).
 """
 
 from __future__ import annotations

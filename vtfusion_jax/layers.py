@@ -1,11 +1,9 @@
 """Shared building blocks: float32 LayerNorm, MLP, Transformer blocks and the scan/remat layer stack.
 
-Logical axis names used on parameters and activations (mapped to mesh axes by one rules table in sharding.py):
-  batch, length, embed, heads, kv, mlp, vocab   (+ "layers" for the stacked axis of scanned parameters).
-
-Blocks share one calling convention so that one ``Repeated`` wrapper can scan, remat or unroll any of them:
-``block(carry, aux, deterministic) -> (carry, None)`` where ``carry`` holds the activations that flow from layer to
-layer (an array or a tuple of arrays) and ``aux`` holds what every layer sees unchanged (masks, the other modality).
+Logical axis names (mapped to mesh axes in sharding.py): batch, length, embed, heads, kv, mlp, vocab (+ "layers",
+the stacked axis of scanned parameters). Blocks share one convention so that ``Repeated`` can scan, remat or unroll
+any of them: ``block(carry, aux, deterministic) -> (carry, None)``; ``carry``: the activations flowing from layer to
+layer (array or tuple), ``aux``: what every layer sees unchanged (masks, the other modality).
 """
 
 from __future__ import annotations
@@ -35,10 +33,9 @@ _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2: torch's and HF BERT / ViT's formula.
 
-    Same function as ``jax.nn.gelu(x, approximate=False)`` (which writes Phi with erfc; the two differ by float32
-    rounding, <= 1e-6 absolute), but with its derivative Phi(x) + x phi(x) written out: autodiff of the erfc form
-    keeps several element-wise passes over the [B, L, mlp_dim] activation (erfc evaluates two branches), this keeps
-    one in the forward and one in the backward (tests/test_linear.py checks values, first and second derivatives).
+    Same function as ``jax.nn.gelu(x, approximate=False)`` up to float32 rounding, but with the derivative
+    Phi(x) + x phi(x) written out: autodiff of the erfc form keeps several element-wise passes over the activation
+    (erfc evaluates two branches), this one pass each way.
     """
     return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
 

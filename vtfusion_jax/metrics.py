@@ -22,8 +22,7 @@ def accuracy(pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = Non
     """Share of valid rows where pred == label (nan when there are none).
 
     Args:
-      pred: int [N] predicted classes.
-      label: int [N] true classes.
+      pred, label: int [N] predicted and true classes.
       valid: bool [N] (default all True).
 
     Returns:

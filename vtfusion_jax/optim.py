@@ -3,9 +3,8 @@
     grads ─► zero frozen towers ─► clip by global norm ─► per tower: AdamW(lr = schedule * multiplier)
           ─► (optax.MultiSteps: applied every ``accum_steps`` micro-batches)
 
-Weight decay skips biases and normalisation parameters, found by parameter path. Towers are the top-level
-entries of the parameter tree (``image_encoder``, ``text_encoder``, ``fusion``, ``head``); a tower is frozen by
-``model.<tower>.freeze = True`` and gets its own learning-rate multiplier from ``optim.lr_multipliers.<tower>``.
+Weight decay skips biases and normalisation parameters (by path). Towers, the top-level entries of the parameter
+tree, freeze with ``model.<tower>.freeze`` and scale their lr by ``optim.lr_multipliers.<tower>``.
 """
 
 from __future__ import annotations
@@ -135,12 +134,9 @@ def make_optimizer(
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """Scales the gradients by min(1, max_norm / global norm), as ``optax.clip_by_global_norm`` does, but as one
-    scalar factor multiplied in: optax divides every element by the norm, and XLA does not copy a division into
-    each consumer, so on CPU every gradient was written out once more, clipped, before AdamW read it (configs/perf.py's
-    23M parameters on a 2-core CPU, both versions alternating in one process, two runs: clipping + AdamW 43.0 -> 37.4
-    and 46.2 -> 41.3 ms per update). Same values up to float32 rounding of the factor; identical when no clipping
-    happens."""
+    """Scales the gradients by min(1, max_norm / global norm), as ``optax.clip_by_global_norm``, but as one scalar
+    factor multiplied in, which XLA fuses into AdamW instead of writing every clipped gradient out once more on CPU
+    (docs/performance.md). Same values up to float32 rounding of the factor."""
 
     def update(updates, state, params=None):
         del params

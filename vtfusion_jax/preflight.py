@@ -1,11 +1,8 @@
 """Workdir checks run when training starts, so that problems surface in seconds rather than hours later.
 
-* ``check_writable``: the workdir can be created and written (a missing parent is created; a path that cannot be,
-  e.g. under a file or a read-only folder, is an error naming the path and the reason).
-* ``check_compatible``: a workdir holding a checkpoint of a *different* model is refused; the error names the
-  state paths whose shapes / dtypes differ and the ``config.json`` fields that differ from the new config.
-* ``check_free_disk``: free space on the checkpoint folder's file system must hold one checkpoint, estimated from
-  the train state's size. The probe is ``FREE_BYTES`` (tests replace it).
+``check_writable`` (the workdir can be created and written), ``check_compatible`` (a checkpoint of a different model
+is refused, naming the differing state paths and config fields) and ``check_free_disk`` (room for one more checkpoint;
+the probe ``FREE_BYTES`` is replaceable by tests).
 """
 
 from __future__ import annotations

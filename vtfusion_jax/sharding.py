@@ -6,10 +6,9 @@ Mesh axes are always ``('data', 'fsdp', 'tensor')``:
           (gathered on use by XLA): ZeRO-3 / FSDP.
   tensor  Megatron-style tensor parallelism on attention heads, MLP hidden units and conv channels.
 
-The model tags every parameter and key activation with logical axis names (layers.py); ``LOGICAL_RULES`` is the
-one table that maps them onto mesh axes. A rule is skipped for an array when the mesh axis is already used by an
-earlier dimension (so activations ``(batch, length, embed)`` shard only ``batch`` over fsdp), and a parameter
-dimension that the mesh axes do not divide (e.g. the 3 RGB channels of the first conv) falls back to replicated.
+``LOGICAL_RULES`` maps the model's logical axis names (layers.py) onto mesh axes. A rule is skipped when its mesh
+axis is taken by an earlier dimension (activations ``(batch, length, embed)`` shard only ``batch`` over fsdp); a
+dimension the mesh axes do not divide (e.g. 3 RGB channels) stays replicated.
 """
 
 from __future__ import annotations
@@ -125,8 +124,7 @@ def param_shardings(boxed_abstract: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_
 
     Args:
       boxed_abstract: tree of ShapeDtypeStructs, possibly inside flax logical-partitioning boxes.
-      mesh: device mesh.
-      rules: logical -> mesh rules.
+      mesh, rules: the device mesh and logical -> mesh rules.
 
     Returns:
       Tree of NamedSharding with the structure of ``unbox(boxed_abstract)``.

@@ -1,11 +1,9 @@
 """Pictures for papers: confusion matrices and where the question attends on the image, per fusion variant.
 
-Attention maps come from the ``intermediates`` collection: a model built with ``fusion.sow_weights=True`` and
-applied with ``mutable=["intermediates"]`` stores every fusion attention's probabilities ``[B, H, Lq, Lk]``
-(``[layers, B, H, Lq, Lk]`` under nn.scan). ``attention_views`` reduces them to the question's attention over the
-image tokens plus what the variant adds (image -> text bars, one map per learned token), reading which module plays
-which role from the variant's registry entry (``attention_maps``, models/registry.py); ``save_attention_figure``
-draws them, one panel per scale of multi-scale image tokens.
+A model with ``fusion.sow_weights=True`` applied with ``mutable=["intermediates"]`` stores every fusion attention's
+probabilities ``[B, H, Lq, Lk]`` (``[layers, ...]`` under nn.scan). ``attention_views`` reduces them, by the roles in
+the variant's registry entry (``attention_maps``), to the question's map over the image plus the variant's extras;
+``save_attention_figure`` draws them, one panel per scale.
 """
 
 from __future__ import annotations

@@ -109,9 +109,8 @@ def get_builder(
 ) -> tfds.core.DatasetBuilder:
     """Returns the builder of `name`, building the dataset first if it is absent.
 
-    On a local `data_dir` every process takes an exclusive file lock before building, so one builds and the others
-    wait and then find it prepared (also correct when each host has its own disk). On a remote `data_dir` (gs://...)
-    process 0 builds and the others poll for its `dataset_info.json`.
+    On a local `data_dir` every process takes a file lock first, so one builds and the others wait (also correct
+    with a disk per host); on a remote one (gs://...) process 0 builds and the others poll for `dataset_info.json`.
 
     Args:
       name: "easy_vqa", "sort_of_clevr" or "manifest".
@@ -149,10 +148,8 @@ def get_data_source(name: str, split: str, *, data_dir: str | None = None, build
     """Random-access source of decoded examples (dicts of numpy / bytes / int), e.g. to read `caption`.
 
     Args:
-      name: dataset name.
+      name, data_dir, builder_kwargs: as for ``get_builder``.
       split: "train", "validation" or "test" (also TFDS slicing like "train[:10%]").
-      data_dir: TFDS data folder.
-      builder_kwargs: builder options.
 
     Returns:
       A tfds ArrayRecordDataSource: len(src), src[i], src.__getitems__(indices).
@@ -171,9 +168,7 @@ def dataset_meta(name: str, *, data_dir: str | None = None, builder_kwargs: dict
     """Builds the dataset if absent and describes it.
 
     Args:
-      name: dataset name.
-      data_dir: TFDS data folder.
-      builder_kwargs: builder options.
+      name, data_dir, builder_kwargs: as for ``get_builder``.
 
     Returns:
       {"num_classes", "label_names", "type_names", "type_key", "image_shape": (H, W, 3),

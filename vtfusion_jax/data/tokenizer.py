@@ -78,9 +78,8 @@ def _valid_unicode(text) -> str:
 class Tokenizer:
     """BERT-style WordPiece tokenizer producing fixed-length `text_ids` / `text_mask`.
 
-    Every sequence is `[CLS] tokens... [SEP]` followed by `[PAD]`; text longer than `max_len` is truncated but
-    always keeps the final `[SEP]`. Empty, whitespace-only, emoji and other non-ASCII text never raise (unknown
-    characters become `[UNK]`).
+    Every sequence is `[CLS] tokens... [SEP] [PAD]...`; long text is truncated but keeps the final `[SEP]`; any text
+    (empty, emoji, non-ASCII) is accepted, unknown characters becoming `[UNK]`.
 
     Attributes:
       vocab_size: number of token ids.
@@ -135,7 +134,7 @@ class Tokenizer:
           text: any Unicode string (may be empty).
 
         Returns:
-          Token ids `[CLS] ... [SEP]`, at most `max_len` long, without padding.
+          Token ids `[CLS] ... [SEP]`, at most `max_len`, unpadded.
         """
         return self._finish(self._tok.encode(_valid_unicode(text)).ids)
 
