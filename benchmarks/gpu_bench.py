@@ -1,14 +1,11 @@
-"""GPU benchmark of issue 8, one script that finishes in <= 5 minutes on one H100/H200.
+"""GPU benchmark: the train step on one H100/H200, with cuDNN and with XLA attention.
 
     python benchmarks/gpu_bench.py --out_dir=results/perf            # on the GPU machine
     python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_smoke   # anywhere: the same code path, tiny model
 
-The model is configs/perf.py's ``gpu`` preset (bf16 compute, scanned layers). It times the train step with cuDNN
-and with XLA attention on the same parameters and writes one JSON per implementation (``gpu_cudnn.json``,
-``gpu_xla.json``) as soon as each finishes. ``--tiny`` swaps in the tiny preset; without a GPU the cuDNN run is
-recorded as skipped with the reason.
-
-Needs jax + flax + optax + numpy only (no TensorFlow, TFDS or ml_collections).
+Model: configs/perf.py's ``gpu`` preset (bf16, scanned layers), same parameters for both; one JSON per
+implementation (``gpu_cudnn.json``, ``gpu_xla.json``) as each finishes; without a GPU the cuDNN run is recorded as
+skipped with the reason. Needs jax + flax + optax + numpy only (no TensorFlow, TFDS or ml_collections).
 """
 
 from __future__ import annotations

@@ -4,10 +4,8 @@
     python benchmarks/input_pipeline.py --data_dir=/tmp/tfds --augment
     python benchmarks/input_pipeline.py --smoke              # tiny Sort-of-CLEVR in a temp dir, a few steps
 
-Reports, per dataset, the build time (only if this run built it), the single-thread host decode rate
-(`BatchReader.train_batch`: read + PNG decode + crop + tokenise, uint8 images, no device transfer) and the
-end-to-end rate of `make_train_iterator` (grain threads + background sharding onto all local devices and
-on-device normalisation), one JSON line each.
+One JSON line per dataset: build time (if this run built it), the single-thread host rate of
+`BatchReader.train_batch` (read, decode, crop, tokenise) and the end-to-end rate of `make_train_iterator`.
 """
 
 from __future__ import annotations

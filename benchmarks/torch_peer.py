@@ -3,12 +3,10 @@
     python benchmarks/torch_peer.py --config=configs/perf.py --out=results/perf/cpu_torch_peer.json
     python benchmarks/torch_peer.py --config=configs/perf.py:preset=tiny --compile_backend=none   # smoke
 
-One process builds three trainers on the same synthetic batch and thread count: ``jax`` (benchmarks/train_step.py,
-the library's step), ``torch_eager`` (the architecture of ``config.model`` written in torch below: ViT, BERT,
-co-attention fusion, MLP head; AdamW, global-norm clipping) and ``torch_compile`` (the same under ``torch.compile``),
-and times them alternately (train_step.alternate). Prints (and writes) one JSON object: median / min step times,
-torch / ours ratios (> 1: ours faster), each side's MFU against its own measured matmul peak, both parameter counts
-(equal) and torch's FLOP counter beside our analytic count.
+Three trainers on one synthetic batch and thread count, timed alternately: ``jax`` (the library's step),
+``torch_eager`` (``config.model``'s ViT, BERT, co-attention, MLP head written in torch below; AdamW, clipping) and
+``torch_compile``. Writes one JSON object: step times, torch / ours ratios (> 1: ours faster), each side's MFU
+against its own matmul peak, both parameter counts and torch's FLOP counter beside our analytic count.
 """
 
 from __future__ import annotations

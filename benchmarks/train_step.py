@@ -7,12 +7,10 @@
     python benchmarks/train_step.py --config=configs/perf.py:preset=tiny            # smoke (seconds)
     python benchmarks/train_step.py --config=configs/easy_vqa.py                    # any training config
 
-Builds the model, optimiser and sharded state as training does, jits the step (``make_train_step`` over
-``losses.classification_loss``, donated state), compiles it (timed) and times ``bench.steps`` steps on one synthetic
-on-device batch. Prints one JSON object: step times, examples/s, compile time, analytic FLOPs (flops.py) beside XLA's
-``cost_analysis``, MFU against a matmul peak measured in the same process (and ``bench.peak_tflops`` if given), and
-the provenance (commit, host, command). Configs with ``plain_config`` (configs/perf.py) are read as plain dicts.
-Also the command line the benchmarks share (parser, parse, prepare, alternate, record).
+Builds the state and the library's jitted step as training does, times the compile and ``bench.steps`` steps on one
+synthetic on-device batch. JSON: step times, examples/s, compile time, analytic FLOPs beside XLA's
+``cost_analysis``, MFU against an in-process matmul peak (and ``bench.peak_tflops``), provenance. Also the command
+line the benchmarks share (parser, parse, prepare, alternate, record).
 """
 
 from __future__ import annotations

@@ -3,13 +3,9 @@
     python benchmarks/weight_grad.py --config=configs/perf.py --out=results/perf/cpu_weight_grad.json
     python benchmarks/weight_grad.py --config=configs/perf.py:preset=tiny --rounds=2     # smoke
 
-XLA:CPU runs a dot that contracts its lhs on the leading axis (``A^T B``, the kernel gradient of every Dense layer)
-in its Eigen dot, not in the YNNPACK / XNNPACK fusions that take ``A B`` and ``A B^T``. The opt-in switch
-``linear.CPU_TRANSPOSED_WEIGHT_GRAD`` transposes the smaller of ``x`` and ``dy`` first. One process builds the
-library's train step (benchmarks/train_step.py) with the switch off (``plain``) and on (``transposed``) from the same
-initial state and times the two alternately. Output (JSON): median and min step per side, the ratio plain /
-transposed, the number of lhs-transposed (``A^T B``) dots in each compiled step and both final losses (equal to
-float32 rounding). Runs on jax + flax + optax + numpy.
+Times the library's step with ``linear.CPU_TRANSPOSED_WEIGHT_GRAD`` off (``plain``) and on (``transposed``) from the
+same state, alternately (why: vtfusion_jax/linear.py). JSON: median and min step per side, their ratio, the number
+of ``A^T B`` dots in each compiled step and both final losses. Runs on jax + flax + optax + numpy.
 """
 
 from __future__ import annotations

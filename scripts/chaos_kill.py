@@ -3,15 +3,10 @@ finish; the final parameters must be bit-identical to an uninterrupted run's.
 
   python scripts/chaos_kill.py --kills=10 [--seed=0] [--out=results/reliability/chaos_kill.json]
 
-Kill moments alternate between two kinds:
-  save    the instant an Orbax temporary folder (``<step>.orbax-checkpoint-tmp*``) appears: mid-checkpoint-write;
-  random  a uniform delay after start (startup, dataset open, restore, compile, training, saving: anywhere).
-After every kill it checks that the next run resumes from the newest *complete* step present at its start (its
-"Resumed from step N" line) and that no run exits with an error.
-Finally it compares the parameters and the per-step losses with an uninterrupted reference run.
-
-tests/test_faults.py runs the same ``chaos`` function with 2 kills (the suite's time budget); this script does >= 10.
-Exit code 0 when every check holds.
+Kills alternate between ``save`` (the instant a ``<step>.orbax-checkpoint-tmp*`` folder appears) and ``random`` (a
+uniform delay after start). Each next run must resume from the newest complete step present at its start, and none
+may exit with an error; the parameters and per-step losses are compared with an uninterrupted run at the end.
+tests/test_faults.py runs ``chaos`` with 2 kills. Exit code 0 when every check holds.
 """
 
 from __future__ import annotations

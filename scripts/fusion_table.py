@@ -1,9 +1,7 @@
-"""The fusion-variant table, from the registry alone: name, what attends to what, paper, parameters and forward
-FLOPs per example of every registered variant (models/registry.py) at one shared size.
+"""The fusion-variant table from the registry alone: name, who attends to what, paper, parameters, forward FLOPs.
 
-Run: python scripts/fusion_table.py   (rewrites the ``variants`` section of README.md and docs/fusion_variants.md;
-variants of the modules in ``VTFUSION_PLUGINS`` are included). ``render_sections()`` gives the section to a report
-script.
+Run: python scripts/fusion_table.py (rewrites the ``variants`` section of README.md and docs/fusion_variants.md,
+``VTFUSION_PLUGINS`` variants included); ``render_sections()`` serves scripts/report.py.
 """
 
 from __future__ import annotations

@@ -3,11 +3,9 @@
   python scripts/report.py            # rewrite the sections
   python scripts/report.py --check    # exit 1 (naming them) if any section is stale
 
-A section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``; everything outside the
-markers is left alone. Rows come from run summaries written by ``python scripts/run.py`` (results/NAME/) and from
-benchmark JSON files (results/perf/); each row names the command that produced it, and its commit and CPU where the
-run recorded them ("commit not recorded" for runs older than that record). The variant table is
-scripts/fusion_table.py's.
+A section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``; the rest is left
+alone. Rows come from scripts/run.py summaries (results/NAME/) and benchmark JSON (results/perf/), each naming its
+command, commit and CPU where recorded; the variant table is scripts/fusion_table.py's.
 """
 
 from __future__ import annotations

@@ -6,11 +6,10 @@
   python scripts/run.py --name=NAME --config=CONFIG --resume               # continue a run stopped by a time limit
   python scripts/run.py --name=NAME --config=CONFIG --eval_only            # the workdir holds a finished run
 
-Any task (``config.task``: vqa | retrieval | caption): train.py and eval.py serve them all. Writes
-results/NAME/{config.json, metrics.json, summary.json, history.json} (+ captions.jsonl when eval wrote one; never
-checkpoints). summary.json holds the test metrics, the wall time of each command, the 1-minute load average seen
-during the run (the machine may be shared), and the provenance: git commit (and whether the tree was dirty), CPU
-model / ISA or accelerator, the exact command. ``python scripts/report.py`` turns results/ into README / docs.
+Any task. Writes results/NAME/{config.json, metrics.json, summary.json, history.json} (+ captions.jsonl; never
+checkpoints); summary.json: the metrics, each command's wall time, the load average seen (the machine may be shared)
+and the provenance (git commit and dirty flag, CPU model / ISA or accelerator, the command). scripts/report.py turns
+results/ into README / docs.
 """
 
 from __future__ import annotations

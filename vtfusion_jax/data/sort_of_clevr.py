@@ -1,15 +1,22 @@
-"""Sort-of-CLEVR (Santoro et al. 2017, Appendix D): the generator and its TFDS builder (features: docs/data.md).
+"""Sort-of-CLEVR (Santoro et al. 2017, "A simple neural network module for relational reasoning", Appendix D).
 
-Follows the paper and the public generator (kimhc6028/relational-networks). Each 75x75 RGB image (white background)
-holds 6 objects, one per colour, each a square (pixels [c-5, c+5], as cv2.rectangle draws it) or a circle (pixels
-with dx^2 + dy^2 < 5.5^2, so both span 11 pixels); integer centres uniform in [5, 70), >= 10 px apart (x = column,
-y = row from the top). Per image, 10 non-relational and 10 relational questions, each about one colour X:
+A generator following the paper and the public generator (kimhc6028/relational-networks, sort_of_clevr_generator.py)
+plus the TFDS builder that writes it. Each 75x75 RGB image (white background) holds 6 objects, one per colour
+(red, green, blue, orange, gray, yellow), each a square (side 10: pixels [c-5, c+5], as cv2.rectangle draws it) or a
+circle (radius 5: pixels with dx^2 + dy^2 < 5.5^2, the midpoint-circle rule, so both shapes span 11 pixels);
+centres are integers uniform in [5, 70) and at least 10 px apart (x = column, y = row from the top).
+Per image there are 10 non-relational and 10 relational questions, each about one colour X:
 
-    non-relational  shape / horizontal (x < 37.5?) / vertical (y < 37.5?) of the X object
-    relational      shape of the object closest / furthest to X; count of other objects with X's shape (0 .. 5)
+    non-relational  shape       shape of the X object                               square / circle
+                    horizontal  is the X object on the left (x < 37.5)?             yes / no
+                    vertical    is the X object on the top (y < 37.5)?              yes / no
+    relational      closest     shape of the object closest to X                    square / circle
+                    furthest    shape of the object furthest from X                 square / circle
+                    count       how many other objects have the same shape as X?   0 .. 5
 
-`question_code`: the public generator's 11 bits (0-5 one-hot colour, 6 non-relational, 7 relational, 8-10 subtype).
-Deviation: scenes where some closest/furthest object is tied are resampled, so every answer is well defined.
+The 11-bit `question_code` is the public generator's: bits 0-5 one-hot colour, bit 6 non-relational, bit 7
+relational, bits 8-10 one-hot subtype within the family. Deviation (documented): scenes in which some object's
+closest or furthest object is tied are resampled, so every closest/furthest answer is well defined.
 """
 
 from __future__ import annotations
