@@ -1,15 +1,12 @@
 """Autoregressive decoding: greedy and beam search over a step function, jit-compatible (lax.fori_loop).
 
-A step function ``step_fn(seq, t, state) -> (logits [R, V], state)`` returns the next-token logits of each row at
-position t, given the token buffer ``seq`` [R, T_max] (BOS at 0, tokens decoded so far at 1..t) and any carried
-state (a key/value cache, or nothing). ``cached_step`` and ``uncached_step`` build it from a CaptionModel; both
-give the same tokens and scores, the first in O(T) work per step, the second recomputing the whole prefix.
+``step_fn(seq, t, state) -> (logits [R, V], state)`` gives each row's next-token logits at position t from the
+buffer ``seq`` [R, T_max] (BOS at 0, decoded tokens at 1..t) and a carried state (a KV cache, or nothing);
+``cached_step`` (O(T) per step) and ``uncached_step`` (recomputes the prefix) build it from a CaptionModel.
 
-Beam search (size K): every beam keeps the sum of its token log-probabilities; a beam that emitted EOS is finished
-and may only continue with PAD at log-probability 0, so it keeps its score and competes with the live beams. At
-each step the K best of the K x V continuations survive. After ``max_len`` steps the beam with the best
-length-normalised score score / lp(length) is returned, lp = ((5 + length) / 6) ** length_penalty (GNMT, Wu et al.
-2016; length counts tokens up to and including EOS). With K = 1 the search is exactly greedy decoding.
+Beam search (size K): beams keep their summed log-probabilities; a finished beam (EOS) continues with PAD at
+log-probability 0 and competes with the live ones; the K best of K x V continuations survive each step. The result
+maximises score / lp(length), lp = ((5 + length) / 6) ** length_penalty (GNMT; length includes EOS). K = 1 is greedy.
 """
 
 from __future__ import annotations

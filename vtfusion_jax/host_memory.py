@@ -1,14 +1,10 @@
 """Keeps freed host memory for reuse, so that XLA:CPU's per-step buffers are not mapped and page-faulted anew.
 
-On the CPU backend every step mallocs and frees its large temporary buffer; glibc serves such blocks with a fresh
-``mmap`` and returns them with ``munmap``, so the kernel faults and zeroes every page of it each step.
-``reuse_freed_memory()`` sets three glibc malloc options (``mallopt``): one arena (M_ARENA_MAX=1), no mmap for large
-blocks (M_MMAP_MAX=0) and no trimming of the heap top below 2 GiB (M_TRIM_THRESHOLD), so the next step reuses the
-freed buffer (tests/test_linear.py checks that the page faults go away). The cost: the process keeps its peak heap.
-
-It must run before jax starts its backend (XLA's threads pick their malloc arena when they start): the entry points
-and the CPU benchmarks (``prepare`` in benchmarks/train_step.py) call it first thing when jax will run on the CPU.
-``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off; it is a no-op where glibc is not the C library. Stdlib only.
+Every CPU step mallocs and frees a large temporary buffer, which glibc maps and unmaps afresh, so the kernel faults
+and zeroes its pages each step. ``reuse_freed_memory()`` sets glibc ``mallopt`` options (one arena, no mmap for large
+blocks, no heap trimming below M_TRIM_THRESHOLD) so the next step reuses the freed buffer; the process keeps its
+peak heap. It must run before jax starts its backend (XLA's threads pick their arena at start); the entry points and
+CPU benchmarks call it first. ``VTFUSION_REUSE_HOST_MEMORY=0`` turns it off; a no-op without glibc. Stdlib only.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """Speed switches and measuring helpers that sit outside the model: the persistent compilation cache, a measured
 matmul peak for MFU, and the host facts (load average, CPU, versions) every benchmark records.
 
-The in-model switches live with the model: ``scan_layers`` / ``remat_policy`` (layers.Repeated), ``dtype``
-(bf16 compute, float32 parameters), ``attention_impl`` (attention.py; "cudnn" pads sequences to a multiple of 64).
-Donated buffers are ``donate_argnums=0`` on the jitted train step, and device prefetch is the data pipeline's
-``prefetch`` (data/pipeline.py).
+In-model switches live with the model (``scan_layers``, ``remat_policy``, ``dtype``, ``attention_impl``).
 """
 
 from __future__ import annotations

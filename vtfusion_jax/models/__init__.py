@@ -1,14 +1,10 @@
 """Small registries: components are chosen by name from plain dicts.
 
-A component spec is a mapping ``{"name": <registry key>, <field>: <value>, ...}``; the remaining fields are the
-module's dataclass fields. Model-wide settings (``shared``: width, dtype, attention_impl, scan_layers,
-remat_policy) fill the fields a module has and the spec leaves unset. An unknown name or field raises a ValueError
-that lists the valid ones.
-
-Fusion variants register themselves (``@register_fusion``, models/registry.py) with what their consumers need;
-``fusion_info(name)`` returns that entry. Modules outside the package are imported here from the comma-separated
-``VTFUSION_PLUGINS`` environment variable (module names on ``sys.path``), so a variant defined in one is known to
-train.py, eval.py and every script without an edit (docs/adding_a_variant.md).
+A spec is ``{"name": <registry key>, <module dataclass field>: <value>, ...}``; model-wide settings (``shared``:
+width, dtype, attention_impl, scan_layers, remat_policy) fill the fields a module has and the spec leaves unset. An
+unknown name or field raises a ValueError listing the valid ones. Fusion variants register themselves
+(models/registry.py). The modules named in ``VTFUSION_PLUGINS`` (comma-separated, on ``sys.path``) are imported
+here, so their variants are known everywhere without an edit (docs/adding_a_variant.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Task heads. Each takes the fusion outputs and returns logits.
 
-ClassificationHead (VQA answers / multimodal labels): pooled [B, P] -> LayerNorm (optional) -> Dense(hidden) -> GELU
--> Dense(C).
-Retrieval (ITC/ITM) and captioning take other inputs than this interface: models/retrieval.py (RetrievalHead) and
-models/caption.py (CaptionDecoder), chosen by head.name in their own configs.
+ClassificationHead: pooled [B, P] -> [LayerNorm] -> Dense(hidden) -> GELU -> Dense(C). Retrieval and captioning
+heads take other inputs: models/retrieval.py, models/caption.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Frozen-feature probe components (the method's linear-probe baseline; configs/easy_vqa_linear_probe.py).
 
-PixelEncoder  image [B, H, W, 3] -> one token [B, 1, g*g*3]: the image average-pooled to a g x g grid and
-              flattened. No parameters: the identity-like feature map used when no pretrained image weights are
-              available offline (see docs/pretrained.md for why not a frozen random CNN).
-ProbeFusion   no projection, no interaction: pooled = [text feature; mean of the image tokens], P = Dt + Di, where
-              the text feature is BERT's [CLS] output (``text_pool="cls"``) or the masked token mean ("mean",
-              sentence-transformers' pooling for all-MiniLM-L6-v2). Followed by ``head.hidden_dim=0, ln=False``
-              this is logistic regression on the concatenated frozen features.
+PixelEncoder  image [B, H, W, 3] -> one token [B, 1, g*g*3], the image average-pooled to g x g (no parameters; why
+              not a frozen random CNN: docs/pretrained.md).
+ProbeFusion   pooled = [text feature ([CLS] or masked mean); mean of the image tokens], P = Dt + Di, no interaction.
+              With ``head.hidden_dim=0, ln=False`` this is logistic regression on the frozen features.
 """
 
 from __future__ import annotations

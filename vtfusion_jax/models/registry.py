@@ -4,10 +4,8 @@
                      attention_maps={"text_to_image": "cross_attn"})
     class CrossFusion(FusionBase): ...
 
-flops.py (pooled width; the class's ``flops_per_example``), viz.py (which sown attention modules make which map),
-eval (``has_gates``, ``attention_based``), the configs' variant choices and scripts/fusion_table.py (the variant
-table in README.md and docs/fusion_variants.md) read the entry and nothing else. A variant outside the package
-registers the same way; ``VTFUSION_PLUGINS`` (models/__init__.py) imports such modules (docs/adding_a_variant.md).
+flops.py, viz.py, eval, the configs' variant choices and scripts/fusion_table.py read the entry and nothing else. A
+variant outside the package registers the same way (``VTFUSION_PLUGINS``, docs/adding_a_variant.md).
 """
 
 from __future__ import annotations
@@ -67,9 +65,7 @@ def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Call
     """Class decorator registering a fusion variant under ``name`` (fields: FusionInfo).
 
     Args:
-      name: the registry key.
-      summary: one line, what attends to what.
-      paper: the paper(s).
+      name, summary, paper: the registry key, what attends to what (one line), the paper(s).
       **info: ``pooled``, ``attention_maps``, ``has_gates`` (FusionInfo).
 
     Returns:

@@ -1,8 +1,7 @@
 """Text encoders: BERT-style Transformer and a (bidirectional) GRU.
 
-Both map ``text_ids`` int32 ``[B, L]`` and ``text_mask`` bool ``[B, L]`` (True = real token, padding on the right) to
-``(tokens [B, L, D], mask [B, L])``. Padding is respected: outputs at real positions do not depend on what sits in the
-padded positions or on how much padding there is, and padded outputs are zero.
+Both map ``text_ids`` int32 ``[B, L]``, ``text_mask`` bool ``[B, L]`` (True = real, right-padded) to
+``(tokens [B, L, D], mask [B, L])``; real positions do not depend on the padding, padded outputs are zero.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ def _embed(num: int, width: int, axes: tuple[str | None, str], name: str) -> nn.
 class BertEncoder(nn.Module):
     """BERT (Devlin et al. 2019): token + position + type embeddings, embedding LayerNorm, Transformer blocks.
 
-    ``post_ln=True`` is BERT's layout (LayerNorm after each residual; importable from HF checkpoints);
-    ``post_ln=False`` gives pre-LN blocks plus a final LayerNorm (more stable from scratch).
+    ``post_ln=True``: BERT's layout (importable from HF); False: pre-LN + final LayerNorm (stabler from scratch).
 
     Attributes:
       vocab_size: WordPiece vocabulary size (30522 for BERT / MiniLM uncased).
@@ -33,8 +31,7 @@ class BertEncoder(nn.Module):
       max_len: number of learned positions.
       type_vocab_size: segment (token type) embeddings.
       activation: MLP activation (layers.ACTIVATIONS; BERT: exact "gelu").
-      pooler: add BERT's pooler, tanh(Dense([CLS] output)), returned with ``return_pooled=True`` (pretrained.py
-        imports it from checkpoints that carry ``pooler.dense``).
+      pooler: add BERT's pooler, tanh(Dense([CLS] output)), returned with ``return_pooled=True``.
     """
 
     vocab_size: int = 30522
