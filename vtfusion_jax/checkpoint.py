@@ -33,9 +33,7 @@ class Checkpointer:
         Args:
           directory: folder holding one sub-folder per step.
           keep: number of newest checkpoints kept.
-          best_metric: key of the metrics dict passed to ``save`` used to keep the best checkpoint (None: only the
-            newest are kept).
-          best_mode: "max" or "min" for ``best_metric``.
+          best_metric, best_mode: the ``save`` metric that keeps the best checkpoint (None: newest only), "max"/"min".
           asynchronous: write in a background thread.
           read_only: never write or delete (evaluation).
         """

@@ -160,9 +160,7 @@ def model_flops(
 
     Args:
       model_config: the ``config.model`` mapping (dict or ConfigDict) of vtfusion.VisionTextModel.
-      image_hw: input image (H, W).
-      text_len: text tokens L.
-      num_classes: head outputs C.
+      image_hw, text_len, num_classes: input image (H, W), text tokens L, head outputs C.
 
     Returns:
       {"image_encoder", "text_encoder", "fusion", "head", "forward", "train"} in FLOPs per example, plus
@@ -224,11 +222,9 @@ def _sub_jaxprs(params: Mapping[str, Any]):
 def jaxpr_flops(jaxpr: Any) -> int:
     """Matmul + convolution FLOPs of a traced program (2 per multiply-add), the convention of this module.
 
-    Walks the jaxpr: ``dot_general`` costs 2 * |out| * |contracted dims|, ``conv_general_dilated`` costs
-    2 * |out| * kernel spatial size * input channels per group; the body of a ``scan`` counts ``length`` times, a
-    ``cond`` its most expensive branch, every other sub-program (jit, remat, custom_jvp/vjp) once. A ``while``
-    loop has no static trip count and raises. This is an independent count of the program actually traced, used
-    to check ``model_flops`` exactly.
+    ``dot_general``: 2 * |out| * |contracted|; ``conv_general_dilated``: 2 * |out| * kernel size * input channels
+    per group; a ``scan`` body counts ``length`` times, a ``cond`` its dearest branch, other sub-programs once; a
+    ``while`` raises (no static trip count). An independent count that checks ``model_flops`` exactly.
 
     Args:
       jaxpr: a ``jax.make_jaxpr(...)`` result (ClosedJaxpr) or a Jaxpr.

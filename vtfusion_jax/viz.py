@@ -75,10 +75,9 @@ class AttentionViews:
     Attributes:
       text_to_image: [B, N] the question's attention over the image tokens (sums to 1), or None (concat, rn).
       image_to_text: [B, L] co_attention: the image tokens' mean attention over the question's tokens, else None.
-      per_token: [B, K, N] query: each learned query's attention over the image;
-        bottleneck: each shared token z's attention over the image tokens. None for the other variants.
-      per_token_weight: [B, K] how much the question reads each of those K tokens (query: the text readout;
-        bottleneck: the text stream's attention to z), or None.
+      per_token: [B, K, N] each learned query's (query) or shared token z's (bottleneck) attention over the image,
+        else None.
+      per_token_weight: [B, K] how much the question reads each of those K tokens, or None.
       per_token_name: "query" | "bottleneck token" | "".
       how: one line saying how text_to_image was computed (shown in the figure).
     """
@@ -109,9 +108,7 @@ def attention_views(
                       (what z carried into layer l); with one layer, where z looks.
 
     Args:
-      intermediates: the ``intermediates`` collection of a sow_weights model.
-      text_mask: bool [B, L].
-      num_image_tokens: N.
+      intermediates, text_mask, num_image_tokens: a sow_weights model's ``intermediates``; bool [B, L]; N.
       fusion: the variant's registry name; None tries every registered variant's roles (most roles first) and keeps
         the first whose modules and shapes fit.
 
@@ -238,15 +235,12 @@ def save_attention_figure(
     tokens: Sequence[str] | None = None,
     title: str = "",
 ) -> list[str]:
-    """Writes one PNG of example ``index`` of ``views``: the image, the question's attention over it (one panel per
-    scale of multi-scale tokens, with the share of attention each scale receives), co_attention's image -> text
-    attention as a bar per question token, and query / bottleneck maps, one per learned token.
+    """Writes one PNG of example ``index``: the image, the question's attention (a panel per scale, with its share),
+    co_attention's image -> text bars, and one query / bottleneck map per learned token.
 
     Args:
-      path: output PNG path.
-      image: [H, W, 3] float in [0, 1] (or uint8).
-      views: attention_views() of the batch holding the example.
-      index: the example's row in the batch.
+      path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
+      views, index: attention_views() of the batch and the example's row in it.
       grids: (h, w) of each scale's token grid (``vision.token_grids``); None = one square grid.
       tokens: the question's real tokens (labels of the image -> text bars).
       title: caption (question, answer, gate values).
@@ -305,8 +299,7 @@ def save_attention_map(
     """Writes a PNG: the image beside the attention heat map drawn on it (one panel per scale).
 
     Args:
-      path: output PNG path.
-      image: [H, W, 3] float in [0, 1] (or uint8).
+      path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
       attention: [N] weights over the image tokens.
       title: caption (question, answer).
       grids: (h, w) per scale of multi-scale tokens; None = one square grid.
