@@ -26,8 +26,7 @@ _NORM_RE = re.compile(r"(^|_)(ln|norm|layernorm|groupnorm)\d*($|_)", re.IGNORECA
 
 
 def schedule(optim_config: Mapping[str, Any], num_updates: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps`` updates, then cosine / linear decay to
-    ``lr * end_lr_factor`` at ``num_updates`` (or constant).
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine / linear decay to ``lr * end_lr_factor`` or constant.
 
     Args:
       optim_config: ``config.optim`` (lr, warmup_steps, schedule, end_lr_factor).
@@ -96,8 +95,7 @@ def make_optimizer(
       frozen: towers whose parameters never change.
 
     Returns:
-      (transformation, base schedule). With accum_steps > 1 the transformation is an ``optax.MultiSteps``
-      (its state counts micro-steps; the schedule advances once per real update).
+      (transformation, base schedule); with accum_steps > 1 an ``optax.MultiSteps`` (schedule per real update).
     """
     c = optim_config
     sched = schedule(c, num_updates)

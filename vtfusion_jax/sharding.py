@@ -1,10 +1,8 @@
 """Device mesh, the logical-axis rules table and shardings for the whole train state.
 
-Mesh axes are always ``('data', 'fsdp', 'tensor')``:
-  data    pure data parallelism: the batch is split, parameters are replicated.
-  fsdp    the batch is split *and* parameters / optimiser state are sharded on their ``embed`` dimension
-          (gathered on use by XLA): ZeRO-3 / FSDP.
-  tensor  Megatron-style tensor parallelism on attention heads, MLP hidden units and conv channels.
+Mesh axes ``('data', 'fsdp', 'tensor')``: data parallelism (parameters replicated); FSDP / ZeRO-3 (batch split, and
+parameters and optimiser state sharded on ``embed``, gathered on use); Megatron-style tensor parallelism (heads, MLP
+hidden units, conv channels).
 
 ``LOGICAL_RULES`` maps the model's logical axis names (layers.py) onto mesh axes. A rule is skipped when its mesh
 axis is taken by an earlier dimension (activations ``(batch, length, embed)`` shard only ``batch`` over fsdp); a
@@ -55,8 +53,7 @@ def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = 
     """A mesh over ``MESH_AXES`` with the given shape; one entry may be -1 (= the remaining devices).
 
     Args:
-      mesh_shape: sizes of (data, fsdp, tensor), e.g. (-1, 1, 1) for pure data parallelism; a shape without -1
-        covering fewer devices than there are (single process) uses the first ones.
+      mesh_shape: sizes of (data, fsdp, tensor), e.g. (-1, 1, 1); without -1 and fewer devices, the first ones.
       devices: devices to use (default: all).
 
     Returns:

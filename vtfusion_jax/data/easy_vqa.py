@@ -61,11 +61,10 @@ def question_type(answer: str) -> str:
 def validation_image_ids(image_ids, fraction: float = VALIDATION_FRACTION) -> set[int]:
     """Picks the fixed held-out train images.
 
-    The order is by SHA-256 of the id (salted), so the choice is fixed forever and independent of numpy's RNG.
+    Ordered by a salted SHA-256 of the id: fixed forever, independent of numpy's RNG.
 
     Args:
-      image_ids: all train image ids.
-      fraction: share of images to hold out.
+      image_ids, fraction: all train image ids and the share to hold out.
 
     Returns:
       The set of `round(fraction * n)` validation image ids.

@@ -44,9 +44,7 @@ class ManifestConfig(tfds.core.BuilderConfig):
     Attributes:
       manifests: split -> absolute path of its .jsonl file.
       image_dir: absolute folder that image paths are relative to; no image may resolve outside it.
-      image_size: stored square image size.
-      skip_bad_rows: skip (and count) bad rows instead of raising.
-      captions: caption mode (module docstring): `caption` required, `text` / `label` optional.
+      image_size, skip_bad_rows, captions: as for ``manifest_config``.
     """
 
     manifests: dict = dataclasses.field(default_factory=dict)
@@ -78,9 +76,8 @@ def manifest_config(
     Args:
       path: dataset folder holding train.jsonl [validation.jsonl, test.jsonl], or one .jsonl file.
       image_dir: folder the rows' image paths are relative to (default: the folder of the manifests).
-      image_size: stored square image size.
-      skip_bad_rows: skip and count bad rows instead of raising ManifestError.
-      captions: caption mode (module docstring).
+      image_size, skip_bad_rows, captions: stored square image size; skip and count bad rows instead of raising
+        ManifestError; caption mode (module docstring).
 
     Returns:
       A ManifestConfig whose name identifies the manifests' content and the options.
@@ -141,8 +138,7 @@ def parse_rows(manifest: str, image_dir: str, captions: bool = False) -> list[tu
     """Cheap checks of every line (no image decoding).
 
     Args:
-      manifest: path of a .jsonl file.
-      image_dir: folder image paths are relative to.
+      manifest, image_dir: path of a .jsonl file and the folder its image paths are relative to.
       captions: caption mode (`caption` required, `text` / `label` optional; the row gets "captions": [str]).
 
     Returns:
@@ -204,8 +200,7 @@ def decode_image(path, min_size: int | None = None) -> Image.Image:
     scaled to 8 bits, CMYK / palette / grayscale converted.
 
     Args:
-      path: image file.
-      min_size: a JPEG much larger than this is decoded at a reduced scale (>= min_size on each side).
+      path, min_size: image file; a JPEG much larger than min_size is decoded at a reduced scale (>= min_size).
 
     Raises:
       ValueError: the image has no pixels, or more than MAX_IMAGE_PIXELS (checked before decoding).
@@ -246,8 +241,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     """User image-text data from JSON Lines manifests (see the module docstring).
 
     Args:
-      captions: caption mode; datasets.get_builder passes it through from ``builder_kwargs`` (its other manifest
-        options make the config).
+      captions: caption mode (from ``builder_kwargs``; the other manifest options make the config).
       **kwargs: tfds builder arguments (``config`` a ManifestConfig, ``data_dir``).
     """
 

