@@ -156,8 +156,7 @@ def chaos(
     """Runs the kill loop in ``workdir``/chaos and compares with ``reference`` (trained here if None).
 
     Args:
-      workdir: scratch folder.
-      data_dir: TFDS folder holding the (already built) easy_vqa dataset.
+      workdir, data_dir: scratch folder; TFDS folder holding the (already built) easy_vqa dataset.
       config: the tiny config with ``overrides`` applied (used to restore both runs' parameters).
       kills: number of SIGKILLs before the run may finish; ``seed`` seeds their moments, ``kinds`` cycles.
       env, overrides: subprocess environment (chaos_env) and config overrides (CHAOS_OVERRIDES).

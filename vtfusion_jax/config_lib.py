@@ -55,8 +55,7 @@ def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
     that level and the closest matches (ml_collections would raise a bare KeyError traceback).
 
     Args:
-      argv: command line (sys.argv).
-      flag: name of the config flag.
+      argv, flag: the command line (sys.argv) and the config flag's name.
 
     Raises:
       SystemExit: with the message, on an unknown key.

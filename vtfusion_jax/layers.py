@@ -151,8 +151,7 @@ class TransformerBlock(nn.Module):
     """Self-attention (+ optional cross-attention) + MLP, pre-LN (default) or post-LN (BERT).
 
     carry: x [B, L, D]. aux: (mask [B, L] or [B, L, L] or None, kv [B, Lk, Dkv] or None, kv_mask [B, Lk] or None).
-    With ``cross_attention=True`` the order is self-attention, cross-attention to ``kv``, MLP
-    (``cross_first=True``: cross-attention, self-attention, MLP).
+    ``cross_attention=True``: self-attention, cross-attention to ``kv``, MLP (``cross_first``: cross before self).
     """
 
     num_heads: int

@@ -40,10 +40,8 @@ def per_type_accuracy(
     """Accuracy for each type name (question type, relational family, ...); types absent from the data are omitted.
 
     Args:
-      pred, label: int [N].
-      types: int [N], index into ``type_names``.
-      type_names: names of the types.
-      valid: bool [N].
+      pred, label, valid: int [N], int [N], bool [N].
+      types, type_names: int [N] indices into ``type_names``, the names of the types.
 
     Returns:
       {type name: accuracy}.

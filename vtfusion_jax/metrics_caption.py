@@ -39,8 +39,7 @@ def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequ
     """Corpus BLEU-``max_n`` (uniform weights, no smoothing) in [0, 1].
 
     Args:
-      candidates: one token list per image.
-      references: per image, a list of reference token lists.
+      candidates, references: per image, one token list and a list of reference token lists.
       max_n: highest n-gram order.
 
     Returns:
@@ -138,8 +137,7 @@ def retrieval_recall(scores: np.ndarray, text_image: np.ndarray, ks: Sequence[in
     is among the K best texts (COCO / Flickr30k protocol). Ties count against the query (constant scores: recall 0).
 
     Args:
-      scores: float [T, I], score of text t with image i.
-      text_image: int [T], the image each text describes.
+      scores, text_image: float [T, I], score of text t with image i; int [T], the image each text describes.
       ks: cut-offs.
 
     Returns:

@@ -23,8 +23,7 @@ from vtfusion_jax.models.registry import register_fusion
 class FiLMFusion(FusionBase):
     """FiLM (Perez et al. 2018): question -> image, channel-wise; no attention, text unchanged.
 
-    q = masked_mean(text) [B, D]. Per layer k: (gamma_k, beta_k) = Dense_k(q), each [B, D], with Dense_k
-    zero-initialised (every layer starts as the identity modulation), then for every image token
+    q = masked_mean(text) [B, D]; per layer k: (gamma_k, beta_k) = Dense_k(q) [B, D] (zero-init: identity at start),
     image += W_k relu((1 + gamma_k) * LN(image) + beta_k). pooled = [masked_mean(text); masked_mean(image_out)],
     P = 2D. ``num_layers=0`` is exactly ``concat``; ``num_heads`` and ``mlp_dim`` are unused.
     """

@@ -145,10 +145,9 @@ class ConcatFusion(FusionBase):
 class MergedFusion(FusionBase):
     """Merged attention, single stream (ViLT, Kim et al. 2021; VisualBERT, Li et al. 2019).
 
-    Text and image tokens, each plus a learned modality embedding, are concatenated and go through joint
-    self-attention: every token attends to every real token of both modalities. ``block_diagonal=True`` forbids
-    cross-modal attention (an ablation; then the result equals running each stream alone, see ``run_separately``).
-    pooled = [masked_mean(text_out); masked_mean(image_out)], P = 2D.
+    [text; image] tokens (plus modality embeddings) in joint self-attention: every token sees every real token.
+    ``block_diagonal=True`` forbids cross-modal attention (ablation: equals ``run_separately``). pooled =
+    [masked_mean(text_out); masked_mean(image_out)], P = 2D.
     """
 
     block_diagonal: bool = False
@@ -204,11 +203,9 @@ class MergedFusion(FusionBase):
 class CrossFusion(FusionBase):
     """One-way cross-attention (the text-to-image half of ViLBERT/LXMERT; the "cross" model of the method).
 
-    Per layer: text queries attend to the (LayerNorm'ed) image tokens, then text self-attention, then MLP.
-    Image tokens are returned unchanged (after projection). pooled = masked_mean(text_out), P = D; with
-    ``image_pool`` "mean" or "max", [masked_mean(text_out); pool(LN(image))], P = 2D (a global image summary beside
-    the attended one, as LXMERT/ViLBERT pool both streams). ``pool_product`` (needs ``image_pool``) appends their
-    elementwise product: [t; v; t * v], P = 3D (the product fusion of Antol et al. 2015).
+    Per layer: text queries attend to LN(image), then text self-attention, then MLP; image tokens returned as
+    projected. pooled = masked_mean(text_out), P = D; ``image_pool`` "mean"/"max" appends pool(LN(image)), P = 2D
+    (as LXMERT/ViLBERT pool both streams); ``pool_product`` also appends t * v, P = 3D (Antol et al. 2015).
     """
 
     image_pool: str = "none"
@@ -430,9 +427,8 @@ class QueryBlock(nn.Module):
 class QueryFusion(FusionBase):
     """Learned queries (Q-Former, BLIP-2, Li et al. 2023; Perceiver resampler, Jaegle et al. 2021 / Flamingo).
 
-    ``num_queries`` learned tokens self-attend, cross-attend to the image tokens, then to the text tokens, each layer.
-    Finally the text tokens read the queries with one cross-attention (text -> q), so the text-side output carries
-    the fused information while keeping its [B, L, D] shape. Image unchanged. pooled = mean(queries), P = D.
+    Per layer, ``num_queries`` learned tokens self-attend, then cross-attend to image, then to text; finally the text
+    reads them with one cross-attention (text -> q), keeping [B, L, D]. Image unchanged. pooled = mean(queries), P = D.
     """
 
     num_queries: int = 8

@@ -28,8 +28,7 @@ class BertEncoder(nn.Module):
     Attributes:
       vocab_size: WordPiece vocabulary size (30522 for BERT / MiniLM uncased).
       width, depth, num_heads, mlp_dim: Transformer size.
-      max_len: number of learned positions.
-      type_vocab_size: segment (token type) embeddings.
+      max_len, type_vocab_size: number of learned positions and of segment (token type) embeddings.
       activation: MLP activation (layers.ACTIVATIONS; BERT: exact "gelu").
       pooler: add BERT's pooler, tanh(Dense([CLS] output)), returned with ``return_pooled=True``.
     """

@@ -150,11 +150,10 @@ def token_grids(encoder: nn.Module, image_hw: tuple[int, int]) -> list[tuple[int
     """(h, w) of each scale's token grid, in token order (e.g. for drawing attention maps per scale).
 
     Args:
-      encoder: an image encoder (bound or not).
-      image_hw: (H, W) of the input images.
+      encoder, image_hw: an image encoder (bound or not) and the input (H, W).
 
     Returns:
-      A list of grid shapes. ViT has one grid (after its CLS token, if any).
+      A list of grid shapes (ViT: one, after its CLS token if any).
     """
     if isinstance(encoder, ViT):
         return [(image_hw[0] // encoder.patch_size, image_hw[1] // encoder.patch_size)]
@@ -174,8 +173,7 @@ class CNN(nn.Module):
     Attributes:
       width: token width D.
       channels, strides: output channels and stride of each 3x3 conv.
-      norm: "group" | "layer" | "none".
-      pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
+      norm, pos_emb: "group" | "layer" | "none"; "learn" | "sincos2d" | "sincos2d_xy" | "none".
       scales: conv layers whose outputs become tokens (multi-scale; negative = from the end); () = the last only.
       downsample: "conv" (strided conv) | "max" (stride-1 conv, ReLU, stride x stride max-pool, as the easy-VQA
         Keras reference: small shapes keep their edges).
@@ -273,13 +271,11 @@ class ResNet(nn.Module):
         filters (doubling per stage).
       stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, for 224 px) or "small" (one 3x3/2 conv, for 64–75 px).
       norm: "group" | "layer" | "frozen_bn" (imported BatchNorm, see FrozenBatchNorm) | "none"; no batch statistics.
-      pos_emb: "learn" | "sincos2d" | "sincos2d_xy" | "none" (layers.PositionEmbedding2D).
-      torch_layout: PyTorch / HF ResNet conventions, for imported checkpoints: convolutions and the stem max-pool
-        pad k//2 on each side (instead of SAME), and every strided block has a projection shortcut.
-      project: project the last feature map to ``width``; False keeps its channels (tokens = the raw features,
-        e.g. 2048-d for ResNet-50: HF's ``last_hidden_state``, flattened to [B, h*w, C]).
-      scales: stages whose outputs become tokens (multi-scale, e.g. (1, 2, 3) = the last three of four stages;
-        negative = from the end); () = the last stage only.
+      pos_emb: as for CNN.
+      torch_layout: PyTorch / HF conventions for imported checkpoints: k//2 padding (not SAME) for convolutions and
+        the stem max-pool, a projection shortcut on every strided block.
+      project: project the last map to ``width``; False keeps the raw features (HF's ``last_hidden_state``).
+      scales: stages whose outputs become tokens (e.g. (1, 2, 3); negative = from the end); () = the last only.
     """
 
     width: int = 256
@@ -338,8 +334,8 @@ class ViT(nn.Module):
       activation: MLP activation (layers.ACTIVATIONS; ViT "gelu", CLIP "quick_gelu").
       patch_bias: bias on the patch-embedding convolution (CLIP has none).
       pre_ln: LayerNorm on the token sequence before the first block (CLIP's ``pre_layrnorm``).
-      final_ln: LayerNorm after the last block (ViT's ``layernorm``; for CLIP its ``post_layernorm`` applied to
-        every token, so the CLS token is HF's ``pooler_output``; False gives HF CLIP's ``last_hidden_state``).
+      final_ln: LayerNorm after the last block (ViT's ``layernorm``; CLIP's ``post_layernorm`` on every token, so
+        CLS is HF's ``pooler_output``; False: HF CLIP's ``last_hidden_state``).
     """
 
     width: int = 192
