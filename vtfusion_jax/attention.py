@@ -118,13 +118,10 @@ def dot_product_attention(
     """Softmax(Q K^T / sqrt(d_k)) V.
 
     Args:
-      q: ``[B, Lq, H, Dh]`` queries.
-      k: ``[B, Lk, Hkv, Dh]`` keys, ``H % Hkv == 0``.
-      v: ``[B, Lk, Hkv, Dh]`` values.
-      mask: optional boolean mask broadcastable to ``[B, H, Lq, Lk]``; True = may attend.
-      bias: optional additive logit bias broadcastable to ``[B, H, Lq, Lk]``.
+      q, k, v: ``[B, Lq, H, Dh]`` queries; ``[B, Lk, Hkv, Dh]`` keys and values, ``H % Hkv == 0``.
+      mask, bias: optional, broadcastable to ``[B, H, Lq, Lk]``: boolean (True = may attend), additive logit bias.
       implementation: ``"reference"``, ``"xla"`` or ``"cudnn"``.
-      dropout_fn: optional function applied to the probabilities (attention dropout). It forces the reference path.
+      dropout_fn: optional function applied to the probabilities (attention dropout); forces the reference path.
 
     Returns:
       ``[B, Lq, H, Dh]`` in q's dtype; query rows with no valid key are exactly zero.
@@ -269,14 +266,12 @@ class MultiHeadAttention(nn.Module):
     ``inputs_kv=None`` gives self-attention, the other modality's tokens cross-attention. Axes: embed, heads, kv.
 
     Attributes:
-      num_heads: query heads H.
-      num_kv_heads: key/value heads (None = num_heads); H must be a multiple.
+      num_heads, num_kv_heads: query heads H; key/value heads (None = H; H must be a multiple).
       head_dim: per-head width (None = query feature dim // num_heads).
       qk_layernorm: LayerNorm on q and k per head (stabilises training; ViT-22B).
       dropout_rate: dropout on the attention probabilities.
       implementation: see ``dot_product_attention``.
-      sow_weights: store the probabilities ``[B, H, Lq, Lk]`` in the ``intermediates`` collection under
-        ``attention_weights`` when that collection is mutable (for attention maps).
+      sow_weights: sow the probabilities ``[B, H, Lq, Lk]`` as ``intermediates/attention_weights`` (attention maps).
       dtype: compute dtype; parameters are ``param_dtype``.
     """
 

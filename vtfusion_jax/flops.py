@@ -130,8 +130,7 @@ def pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, imag
 
     Args:
       fusion: a built fusion module.
-      text_len, image_len: tokens L and N.
-      text_dim, image_dim: widths of the encoders' tokens.
+      text_len, image_len, text_dim, image_dim: tokens L and N, and the widths of the encoders' tokens.
 
     Returns:
       P.

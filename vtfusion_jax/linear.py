@@ -50,8 +50,7 @@ def linear(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
     """Contracts the last ``in_dims`` axes of ``x`` with the first ``in_dims`` axes of ``kernel``.
 
     Args:
-      x: [..., *in].
-      kernel: [*in, *out], in the dtype of ``x``.
+      x, kernel: [..., *in] and [*in, *out], in the dtype of ``x``.
       in_dims: number of contracted axes.
 
     Returns:

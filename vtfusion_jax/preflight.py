@@ -120,8 +120,7 @@ def check_compatible(workdir: str, step: int, saved: Any, expected: Any, config_
     Args:
       workdir, step: the run folder (holds config.json) and the checkpoint step being resumed.
       saved: the checkpoint's state tree metadata (anything with .shape / .dtype leaves).
-      expected: this config's abstract train state.
-      config_json: this config as JSON (``config.to_json_best_effort()``).
+      expected, config_json: this config's abstract train state and JSON (``config.to_json_best_effort()``).
 
     Raises:
       WorkdirError: naming up to 8 differing state paths and the differing model config fields.

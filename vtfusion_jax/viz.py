@@ -242,8 +242,7 @@ def save_attention_figure(
       path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
       views, index: attention_views() of the batch and the example's row in it.
       grids: (h, w) of each scale's token grid (``vision.token_grids``); None = one square grid.
-      tokens: the question's real tokens (labels of the image -> text bars).
-      title: caption (question, answer, gate values).
+      tokens, title: the question's real tokens (bar labels); caption (question, answer, gate values).
 
     Returns:
       The panel titles, in drawing order (eval records them next to the PNGs).
@@ -300,8 +299,7 @@ def save_attention_map(
 
     Args:
       path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
-      attention: [N] weights over the image tokens.
-      title: caption (question, answer).
+      attention, title: [N] weights over the image tokens; caption (question, answer).
       grids: (h, w) per scale of multi-scale tokens; None = one square grid.
     """
     views = AttentionViews(np.asarray(attention, np.float32)[None])

@@ -24,8 +24,7 @@ class DatasetSpec:
 
     Attributes:
       make_builder: (data_dir, builder_kwargs) -> tfds builder.
-      text_key: feature holding the input text.
-      label_key: ClassLabel feature used as the target.
+      text_key, label_key: features holding the input text and the ClassLabel target.
       type_key: ClassLabel feature used as `question_type` in batches (per-type metrics).
       extra_keys: feature name -> batch key for additional numeric features.
     """

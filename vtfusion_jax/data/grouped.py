@@ -31,9 +31,7 @@ class GroupPlan:
 
     Args:
       image_ids: int [N], the image of every record of the split (record order).
-      seed: data seed.
-      global_batch_size: B question slots per batch.
-      images_per_batch: K image slots per batch.
+      seed, global_batch_size, images_per_batch: data seed; B question and K image slots per batch.
     """
 
     def __init__(self, image_ids: np.ndarray, seed: int, global_batch_size: int, images_per_batch: int):

@@ -82,9 +82,8 @@ class Tokenizer:
     (empty, emoji, non-ASCII) is accepted, unknown characters becoming `[UNK]`.
 
     Attributes:
-      vocab_size: number of token ids.
+      vocab_size, max_len: number of token ids; the fixed output length L.
       pad_id, cls_id, sep_id, unk_id: ids of the special tokens.
-      max_len: the fixed output length L.
     """
 
     def __init__(self, path: str | None = None, max_len: int = 32):

@@ -19,10 +19,9 @@ class ClassificationHead(nn.Module):
     """MLP classifier over the fused pooled vector (hidden_dim=0: a single linear layer, i.e. logistic regression).
 
     Attributes:
-      num_classes: answer / label vocabulary size C.
-      hidden_dim: width of the hidden layer (0 = none).
+      num_classes, hidden_dim: answer / label vocabulary size C; hidden layer width (0 = none).
       dropout_rate: dropout before each Dense.
-      ln: LayerNorm the pooled vector first (False with hidden_dim=0: plain logistic regression on the features).
+      ln: LayerNorm the pooled vector first (False with hidden_dim=0: plain logistic regression).
     """
 
     num_classes: int

@@ -30,10 +30,8 @@ class FusionInfo:
     Attributes:
       name: the registry key (``model.fusion.name``).
       cls: the flax module; it has ``flops_per_example(text_len, image_len)`` (forward matmul FLOPs).
-      summary: one line, what attends to what.
-      paper: the paper(s) it follows.
-      pooled: width P of the pooled vector: an int k (P = k * width), a function of the built module, or None
-        (read off an abstract evaluation: flops.traced_pooled_width).
+      summary, paper: one line, what attends to what; the paper(s) it follows.
+      pooled: width P of the pooled vector: int k (P = k * width), a function of the built module, or None (traced).
       attention_maps: role (ATTENTION_ROLES) -> path suffix of the attention module that sows it.
       has_gates: the variant has tanh gates ``attn_gate`` (viz.gate_values).
     """

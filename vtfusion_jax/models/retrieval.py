@@ -51,8 +51,7 @@ class RetrievalHead(nn.Module):
       embed_dim: E, width of the contrastive embeddings.
       init_temperature, min_temperature, max_temperature: tau at initialisation and its clip range.
       itm_similarity: add w * cos(text_emb, image_emb) (w learnt, initialised at 0) to the ITM match logit.
-      pool_mlp_dim: hidden width of the per-token residual MLP before each tower's mean (0 = none).
-      dtype: compute dtype.
+      pool_mlp_dim, dtype: hidden width of the per-token residual MLP (0 = none); compute dtype.
     """
 
     embed_dim: int = 64
@@ -209,8 +208,7 @@ def sample_hard_negatives(rng: jax.Array, logits: jax.Array, pos: jax.Array) -> 
     """ALBEF hard negatives from the similarity logits (no gradient).
 
     Args:
-      rng: PRNG key.
-      logits: [B_text, B_image] similarity / tau.
+      rng, logits: PRNG key; [B_text, B_image] similarity / tau.
       pos: bool [B_text, B_image], True for matching pairs (never sampled).
 
     Returns:

@@ -116,13 +116,11 @@ def _multiscale_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Tokens from several feature maps (the method's multi-scale step 1), concatenated into one sequence.
 
-    Each selected map gets its own projection, 2-D position embedding and a learned per-scale embedding (so attention
-    tells fine from coarse). A single scale (default: the last map) uses the single-scale parameter names, no scale
-    embedding.
+    Each selected map gets its own projection, 2-D position embedding and a learned per-scale embedding; a single
+    scale (default: the last map) uses the single-scale parameter names, no scale embedding.
 
     Args:
-      module: the calling encoder (owner of the scale-embedding parameter).
-      features: [B, h_k, w_k, C_k] maps, shallow to deep.
+      module, features: the calling encoder (owns the scale embedding); [B, h_k, w_k, C_k] maps, shallow to deep.
       scales: indices into ``features`` (negative counts from the end); empty = (-1,).
 
     Returns:
@@ -328,8 +326,7 @@ class ViT(nn.Module):
 
     Attributes:
       width, depth, num_heads, mlp_dim: Transformer size.
-      patch_size: square patch side in pixels.
-      pos_emb: "learn" | "sincos2d".
+      patch_size, pos_emb: square patch side in pixels; "learn" | "sincos2d".
       use_cls: prepend a learned CLS token (its position embedding is a learned vector).
       activation: MLP activation (layers.ACTIVATIONS; ViT "gelu", CLIP "quick_gelu").
       patch_bias: bias on the patch-embedding convolution (CLIP has none).
