@@ -93,8 +93,8 @@ def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
     """Reads ``path[:arg]`` into nested plain dicts and applies ``KEY=VALUE`` overrides (dotted keys).
 
-    A config module with ``plain_config(arg)`` (configs/perf.py) needs no ml_collections; any other config's
-    ``get_config(arg)`` is converted, its ``bench`` section derived from ``dataset`` / ``train``.
+    ``plain_config(arg)`` (configs/perf.py) needs no ml_collections; a ``get_config(arg)`` is converted (``bench``
+    derived from ``dataset`` / ``train``).
 
     Raises:
       SystemExit: an override names a key the config lacks (the message lists the valid keys at that level).

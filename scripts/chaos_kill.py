@@ -24,8 +24,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
-# Long enough to hold many kills, a save at every step (there is nearly always a write in flight), retention on
-# (old steps are deleted while new ones are written), no validation (it would only add time).
+# Long enough for many kills; a save every step (nearly always a write in flight) with retention on; no validation.
 CHAOS_OVERRIDES = dict(
     train__num_steps=24,
     train__checkpoint_every_steps=1,

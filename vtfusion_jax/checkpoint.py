@@ -1,11 +1,9 @@
 """Checkpoints: the only module that touches Orbax.
 
-Layout: ``workdir/checkpoints/<step>/{state, data}``: the whole TrainState (global jax.Arrays, every process writes
-its shards) and the data iterator's JSON state. Saves are asynchronous. Crash consistency (a run may be SIGKILLed at
-any instant; tests/test_faults.py): Orbax writes ``s.orbax-checkpoint-tmp*`` and renames it to ``s`` only when every
-process is done, and old steps are renamed into ``checkpoints/_deleted/`` before removal (``todelete_subdir``), so a
-step folder is complete or absent; leftovers are cleaned at the next open. Retention: the newest ``keep`` plus the
-best by the validation metric (steps saved without a metric, e.g. on SIGTERM, count only as "newest").
+Layout: ``workdir/checkpoints/<step>/{state, data}`` (TrainState, every process writing its shards; the data
+iterator's JSON state); saves are asynchronous. A step folder is complete or absent even under SIGKILL (Orbax renames
+``s.orbax-checkpoint-tmp*`` to ``s`` when done; old steps are renamed into ``_deleted/`` before removal). Retention:
+the newest ``keep`` plus the best by the validation metric (steps saved without one count only as "newest").
 """
 
 from __future__ import annotations

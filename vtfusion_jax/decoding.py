@@ -73,8 +73,7 @@ def beam_search(
     """Beam search; ``state`` and ``step_fn`` work on B * K rows (example b's beams at rows b*K .. b*K + K - 1).
 
     Returns:
-      (tokens int32 [B, max_len], normalised score float32 [B], log-probability sum float32 [B], lengths int32 [B])
-      of each example's best beam.
+      The best beam's (tokens int32 [B, max_len], normalised score, log-probability sum float32 [B], lengths [B]).
     """
     k = beam_size
     seq = jnp.full((batch, k, max_len + 1), pad_id, jnp.int32).at[:, :, 0].set(bos_id)

@@ -71,8 +71,7 @@ def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> floa
     return float(np.mean(np.asarray(eval_labels) == values[np.argmax(counts)]))
 
 
-# clu.metric_writers would be the natural choice, but importing it pulls in TensorFlow (its package __init__
-# imports the tf.summary writer), which is not a dependency here; these writers follow its interface.
+# clu.metric_writers' interface, without clu: importing it pulls in TensorFlow, not a dependency here.
 
 
 class MetricWriter(abc.ABC):

@@ -63,8 +63,7 @@ HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "mod
 def resolve(source: str) -> str:
     """Checkpoint folder for a named source (NAMED_SOURCES), a local folder, or a Hugging Face hub id.
 
-    Hub ids go through ``huggingface_hub.snapshot_download`` (config and safetensors files only; uses the local
-    cache, and the network unless HF_HUB_OFFLINE=1).
+    Hub ids: ``huggingface_hub.snapshot_download`` (config + safetensors; cache, and network unless HF_HUB_OFFLINE=1).
     """
     if source in NAMED_SOURCES:
         return NAMED_SOURCES[source]()
@@ -114,8 +113,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
     """All tensors of a HF folder (model.safetensors, or the shards of model.safetensors.index.json).
 
-    Old TF-style LayerNorm names (``.gamma`` / ``.beta``, as in bert-base-uncased) are renamed to ``.weight`` /
-    ``.bias``.
+    Old TF-style LayerNorm names (``.gamma`` / ``.beta``, bert-base-uncased) become ``.weight`` / ``.bias``.
     """
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -225,8 +223,7 @@ def _bn(ours: str, hf: str) -> list[Row]:
     return [(f"{ours}/scale", (g, v), BN_SCALE), (f"{ours}/bias", (g, b, m, v), BN_BIAS)]
 
 
-# Each table: our path (under the encoder's params) <- HF key relative to the family's prefix. Transformer layers
-# are written once, for layer {i}, and their our-paths sit under encoder/layers_{i}/ (unrolled Repeated layout).
+# Each table: our path <- HF key (relative to the family's prefix); layer rows are written once, for layer {i}.
 
 
 def _layer(qkv: str, names: tuple[str, ...], out: str, ln1: str, fc1: str, fc2: str, ln2: str) -> list[Row]:
@@ -518,8 +515,7 @@ def load_text_encoder(
       **overrides: BertEncoder fields on top of the derived spec, e.g. ``scan_layers=True``, ``dropout_rate=0.1``.
 
     Returns:
-      (spec, params): spec for ``models.get_text_encoder`` (architecture fields from config.json; it sets
-      scan_layers, so the model-wide setting does not change the layout), and the unboxed float32 params subtree.
+      (spec for ``models.get_text_encoder``, from config.json and fixing scan_layers; unboxed float32 params).
     """
 
     def inputs(spec, cfg):
@@ -538,8 +534,7 @@ def load_image_encoder(
       source: a folder (config.json + model.safetensors) or a hub id (e.g. "microsoft/resnet-50").
       image_size: input side (default: config.json's; 224 for ResNet); fixes ViT/CLIP position embeddings.
       rng: initialises parameters the checkpoint lacks (e.g. ResNet ``project=True``); without it they are an error.
-      **overrides: encoder fields on top of the derived spec, e.g. ``scan_layers=True`` (ViT), ``final_ln=False``
-        (CLIP: HF's last_hidden_state instead of post-LayerNorm tokens), ``project=True, width=256`` (ResNet).
+      **overrides: encoder fields on top of the derived spec, e.g. ``final_ln=False``, ``project=True, width=256``.
 
     Returns:
       (spec, params) as in load_text_encoder, for ``models.get_image_encoder``.

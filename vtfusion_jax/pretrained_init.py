@@ -45,12 +45,10 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
     """The module spec of a tower with ``init_from``, from the checkpoint's config.json alone (no tensors read).
 
     Returns:
-      {name, <architecture fields from config.json>, <overrides>, init_from, freeze?}: what the model is built
-      from and what ``import_into_state`` imports into.
+      {name, <architecture fields from config.json>, <overrides>, init_from, freeze?}.
 
     Raises:
-      ValueError: unsupported model_type, a ``name`` that is not the checkpoint's family, or (text) a tokenizer
-        vocabulary size that differs from the checkpoint's.
+      ValueError: unsupported model_type, a ``name`` not the checkpoint's family, or (text) another vocab size.
     """
     families, _ = TOWERS[tower]
     src = _source(tower_spec)
@@ -120,8 +118,7 @@ def import_into_params(
       The new parameter tree (other towers unchanged, same object).
 
     Raises:
-      ValueError: an imported tensor's shape differs from the model's (the message names the path), or the
-        checkpoint's derived spec no longer equals the one the model was built from.
+      ValueError: an imported tensor's shape (naming the path) or the checkpoint's derived spec differs.
     """
     out = dict(params)
     for i, tower in enumerate(TOWERS):
@@ -154,10 +151,7 @@ def import_into_params(
 
 
 def import_into_state(state: Any, state_shardings: Any, model_spec: Mapping[str, Any], image_size: int, seed: int):
-    """A fresh train state with its ``init_from`` towers' params imported (see ``import_into_params``).
-
-    The optimiser state needs no change: AdamW's moments start at zero whatever the parameters.
-    """
+    """A fresh train state with its ``init_from`` towers imported (AdamW's zero moments need no change)."""
     if not any(_source(model_spec.get(t, {})) for t in TOWERS):
         return state
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)  # 0: params, 1: the state's RNG (train_lib)

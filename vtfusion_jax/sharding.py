@@ -38,9 +38,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-# Whether model.apply runs inside the rules context, turning the model's nn.with_logical_constraint calls on
-# activations into sharding constraints (layout hints inside the step). attention.py builds its q/k/v/out kernels
-# at full rank (HeadsProjection), so the logical names of every parameter match its rank.
+# Whether model.apply runs inside the rules context, making the model's nn.with_logical_constraint calls on
+# activations sharding constraints (every parameter's logical names match its rank: HeadsProjection).
 ACTIVATION_CONSTRAINTS = True
 
 

@@ -21,10 +21,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.0) -> None:
-    """Turns on jax's persistent compilation cache in ``cache_dir`` (local or gs://; call before the first jit).
-
-    Only programs that took at least ``min_compile_time_s`` to compile are written.
-    """
+    """Turns on jax's persistent compilation cache in ``cache_dir`` (local or gs://; call before the first jit);
+    programs that compiled in under ``min_compile_time_s`` are not written."""
     if not cache_dir.startswith("gs://"):
         os.makedirs(cache_dir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -1,18 +1,15 @@
 """Image-grouped training batches: all the questions of an image travel in one batch, so the image is encoded once.
 
-For fusion variants whose image tokens do not depend on the question, encoding each image once and gathering its
-tokens per question (``batch["image_index"]``, models/vtfusion.py) computes exactly what per-question batches do, at
-a fraction of the image-tower cost. Layout (K = ``images_per_batch`` image slots, B = ``global_batch_size``)::
+Gathering each image's tokens per question (``batch["image_index"]``, models/vtfusion.py) computes exactly what
+per-question batches do. Layout (K = ``images_per_batch`` image slots, B = ``global_batch_size``)::
 
     image        [K, H, W, 3]   the batch's distinct images (padding slots are zeros)
     image_index  [B] int32      which image slot each question looks at (0 on padding rows)
     text_ids, text_mask, label, question_type, ... [B]  as in ungrouped batches
     valid        [B] bool       False on padding rows (the loss and the metrics ignore them)
 
-Epoch plan, a pure function of (seed, epoch) so resume and multi-process reading stay exact: the split's images are
-shuffled by a (seed, epoch) generator and packed greedily into batches of at most B questions and K images (a batch
-closes when the next image's questions would not fit; the last may be partial). Step s reads batch s - (batches of
-the earlier epochs) of its epoch.
+Epoch plan, a pure function of (seed, epoch) so resume and multi-process reading stay exact: the images, shuffled,
+are packed greedily into batches of at most B questions and K images (the last may be partial).
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""TFDS builder for user image-text data: JSON Lines manifests + an image folder (format: docs/data.md).
+"""TFDS builder for user image-text data: JSON Lines manifests + an image folder (format and rules: docs/data.md).
 
-A folder holds train.jsonl (required), validation.jsonl / test.jsonl (optional) and the images. Each row:
-`{"image": "images/cat1.png", "text": "what animal is this?", "label": "cat"}` plus optional `"caption"` and
-`"question_type"`; the label (and question-type) vocabulary is the sorted train values. Images become 8-bit RGB
-(alpha over white) resized to `image_size` x `image_size` (PIL bilinear, no crop). A bad row (invalid JSON, missing
-field, empty text or label, path outside the image folder, missing, undecodable, 0 x 0 or over-`MAX_IMAGE_PIXELS`
-image) raises `ManifestError` naming the line and file, unless `skip_bad_rows=True` (skipped, counted in the
-metadata as `skipped_rows`). A validation / test row whose label is not in train keeps label -1, so eval counts it
-wrong (`num_unseen_label`) instead of inflating the accuracy; the count is stored as `unseen_label_rows`.
-
-Caption mode (`captions=True`: retrieval, captioning; a separate dataset named `..._captions`): a row needs `image`
-and `caption` (a non-empty string or list of strings, stored newline-separated); `text` / `label` default to "" / -1.
-The config name hashes the manifests' content, so editing a manifest builds a fresh dataset.
+A folder holds train.jsonl (required), validation.jsonl / test.jsonl and the images; a row is `{"image": ...,
+"text": ..., "label": ...}` plus optional `"caption"`, `"question_type"`. Vocabularies are the sorted train values;
+images become 8-bit RGB, resized (bilinear, no crop) to `image_size`. A bad row raises `ManifestError` naming line
+and file unless `skip_bad_rows=True` (counted as `skipped_rows`); a validation / test label absent from train becomes
+-1 (eval counts it wrong: `num_unseen_label`, stored as `unseen_label_rows`). Caption mode (`captions=True`, a
+separate `..._captions` dataset): `image` and `caption` (a string or list of strings) required, `text` / `label`
+optional. The config name hashes the manifests, so editing one builds a fresh dataset.
 """
 
 from __future__ import annotations
