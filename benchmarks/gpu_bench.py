@@ -3,9 +3,8 @@
     python benchmarks/gpu_bench.py --out_dir=results/perf            # on the GPU machine
     python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_smoke   # anywhere: the same code path, tiny model
 
-Model: configs/perf.py's ``gpu`` preset (bf16, scanned layers), same parameters for both; one JSON per
-implementation (``gpu_cudnn.json``, ``gpu_xla.json``) as each finishes; without a GPU the cuDNN run is recorded as
-skipped with the reason. Needs jax + flax + optax + numpy only (no TensorFlow, TFDS or ml_collections).
+configs/perf.py's ``gpu`` preset (bf16, scanned); writes ``gpu_cudnn.json`` / ``gpu_xla.json`` as each finishes (no
+GPU: cuDNN recorded as skipped, with the reason). Needs only jax, flax, optax, numpy.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@
   python scripts/run.py --name=NAME --config=CONFIG --resume               # continue a run stopped by a time limit
   python scripts/run.py --name=NAME --config=CONFIG --eval_only            # the workdir holds a finished run
 
-Any task. Writes results/NAME/{config.json, metrics.json, summary.json, history.json} (+ captions.jsonl; never
-checkpoints); summary.json: the metrics, each command's wall time, the load average seen (the machine may be shared)
-and the provenance (git commit and dirty flag, CPU model / ISA or accelerator, the command). scripts/report.py turns
-results/ into README / docs.
+Any task. Writes results/NAME/{config,metrics,summary,history}.json (+ captions.jsonl; never checkpoints);
+summary.json: metrics, wall times, load average seen, and provenance (git commit and dirty flag, CPU model / ISA or
+accelerator, the command).
 """
 
 from __future__ import annotations

@@ -48,8 +48,7 @@ def _gelu_exact_jvp(primals, tangents):
     return x * cdf, t * (cdf + x * pdf)
 
 
-# MLP activations by name. "gelu" is the exact (erf) GELU of BERT and ViT; "gelu_tanh" is the tanh approximation
-# (HF "gelu_new"); "quick_gelu" is CLIP's x * sigmoid(1.702 x).
+# MLP activations: "gelu" exact (BERT, ViT), "gelu_tanh" (HF "gelu_new"), "quick_gelu" (CLIP, x * sigmoid(1.702 x)).
 ACTIVATIONS = {
     "gelu": gelu_exact,
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),

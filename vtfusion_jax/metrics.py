@@ -1,8 +1,5 @@
-"""Metrics (free functions on numpy arrays) and metric writers (TensorBoard event files + metrics.jsonl).
-
-Classification: accuracy overall and per question type, confusion matrix (retrieval and caption metrics live with
-their tasks and in metrics_caption.py).
-"""
+"""Classification metrics on numpy arrays (accuracy, per type, confusion matrix; captions and retrieval:
+metrics_caption.py) and metric writers (TensorBoard event files + metrics.jsonl)."""
 
 from __future__ import annotations
 

@@ -183,8 +183,7 @@ CONV = Transform(lambda w, s: w.transpose(2, 3, 1, 0), lambda s: ((s[3], s[2], s
 HEADS_IN = Transform(lambda w, s: w.T.reshape(s), lambda s: ((s[1] * s[2], s[0]),))  # q/k/v -> [D, H, Dh]
 HEADS_BIAS = Transform(lambda b, s: b.reshape(s), lambda s: ((s[0] * s[1],),))  # [H*Dh] -> [H, Dh]
 HEADS_OUT = Transform(lambda w, s: w.T.reshape(s), lambda s: ((s[2], s[0] * s[1]),))  # [D, H*Dh] -> [H, Dh, D]
-# HF adds position 0 to the CLS token and positions 1.. to the patches; ours adds positions to patches only and
-# the CLS token is a free vector, so position 0 is folded into it (the same sum, exactly).
+# HF adds position 0 to CLS; ours has positions for patches only and a free CLS vector: position 0 is folded in.
 VIT_POS = Transform(lambda p, s: p[0, 1:], lambda s: ((1, s[0] + 1, s[1]),))  # [1, 1+N, D] -> [N, D]
 VIT_CLS = Transform(lambda c, p, s: c + p[:, :1], lambda s: (s, None))  # [1, 1, D]
 CLIP_POS = Transform(lambda p, s: p[1:], lambda s: ((s[0] + 1, s[1]),))  # [1+N, D] -> [N, D]

