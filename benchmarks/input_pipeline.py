@@ -4,8 +4,7 @@
     python benchmarks/input_pipeline.py --data_dir=/tmp/tfds --augment
     python benchmarks/input_pipeline.py --smoke              # tiny Sort-of-CLEVR in a temp dir, a few steps
 
-One JSON line per dataset: build time (if this run built it), the single-thread host rate of
-`BatchReader.train_batch` (read, decode, crop, tokenise) and the end-to-end rate of `make_train_iterator`.
+One JSON line per dataset: build time, host rate of `BatchReader.train_batch`, end-to-end `make_train_iterator` rate.
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2: torch's and HF BERT / ViT's formula.
 
-    Same function as ``jax.nn.gelu(x, approximate=False)`` up to float32 rounding, but with the derivative
-    Phi(x) + x phi(x) written out: autodiff of the erfc form keeps several element-wise passes over the activation
-    (erfc evaluates two branches), this one pass each way.
+    ``jax.nn.gelu(x, approximate=False)`` up to float32 rounding, with the derivative Phi(x) + x phi(x) written out:
+    one element-wise pass each way instead of the erfc form's several (erfc evaluates two branches).
     """
     return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
 
@@ -221,8 +220,7 @@ def remat_policy(name: str):
 class Repeated(nn.Module):
     """``num_layers`` copies of ``block_cls(**block_kwargs)``, scanned (nn.scan) or unrolled, optionally remat'ed.
 
-    Scanned parameters are stacked on a leading "layers" axis under ``stacked``; unrolled ones live under
-    ``layers_0 .. layers_{n-1}``. ``scanned_to_unrolled`` converts the former into the latter.
+    Scanned parameters are stacked on a leading "layers" axis under ``stacked``, unrolled ones under ``layers_{i}``.
     """
 
     block_cls: Any
@@ -261,10 +259,8 @@ class Repeated(nn.Module):
 
 
 def scanned_to_unrolled(tree: Any, num_layers: int) -> Any:
-    """Converts params of scanned ``Repeated`` stacks (key ``stacked``, stacked axis 0) to the unrolled layout.
-
-    Works on nested dicts; every subtree under a key named ``stacked`` is split into ``layers_0..layers_{n-1}``.
-    """
+    """Converts params of scanned ``Repeated`` stacks (nested dicts; every ``stacked`` subtree, stacked on axis 0) to
+    the unrolled layout ``layers_0..layers_{n-1}``."""
     if not isinstance(tree, dict) and not hasattr(tree, "items"):
         return tree
     out = {}
@@ -313,9 +309,8 @@ POS_EMBS = ("learn", "sincos2d", "sincos2d_xy", "none")
 
 class PositionEmbedding2D(nn.Module):
     """Adds a 2-D position embedding to a [B, h*w, D] token grid: learned ("learn"), fixed ("sincos2d"), or fixed
-    plus a learned linear map of the cell centre's (x, y) in [-1, 1] ("sincos2d_xy": the coordinate channels of
-    Santoro et al.'s RN, so "is X left of the middle" is one sign away; the map starts at unit scale, as large as
-    the sin-cos part, so positions are readable from step 0)."""
+    plus a learned linear map of the cell centre's (x, y) in [-1, 1] ("sincos2d_xy": Santoro et al.'s coordinate
+    channels, starting at unit scale so positions are readable from step 0)."""
 
     kind: str = "learn"
 

@@ -193,10 +193,8 @@ def memory_kind(model_config) -> str:
 
 
 class CaptionModel(nn.Module):
-    """Image encoder [+ FusedMemory] + CaptionDecoder (``model_config.head`` = {name: "caption_decoder", ...}).
-
-    ``model_config.memory`` "fused" also needs ``fusion`` (a FUSIONS spec) and ``prompt_len`` (module docstring).
-    """
+    """Image encoder [+ FusedMemory] + CaptionDecoder (``head`` = {name: "caption_decoder", ...}); ``memory``
+    "fused" also needs ``fusion`` and ``prompt_len`` (module docstring)."""
 
     model_config: Any
     vocab_size: int

@@ -274,8 +274,7 @@ class CoAttentionBlock(nn.Module):
     attention_maps={"text_to_image": "text_to_image", "image_to_text": "image_to_text"},
 )
 class CoAttentionFusion(FusionBase):
-    """Co-attention, two streams exchanging cross-attention both ways every layer
-    (ViLBERT, Lu et al. 2019; LXMERT, Tan & Bansal 2019; METER, Dou et al. 2022).
+    """Co-attention, two streams exchanging cross-attention both ways every layer (ViLBERT, LXMERT, METER).
 
     text -> text, image -> image, then text -> image and image -> text. pooled = [mean(text); mean(image)], P = 2D.
     """
@@ -460,12 +459,10 @@ class QueryFusion(FusionBase):
     pooled=lambda f: f.mlp_dim,
 )
 class RelationNetworkFusion(FusionBase):
-    """Relation Network (Santoro et al. 2017): pooled = f( sum_{i,j} g([o_i; o_j; q]) ) over all ordered pairs of
-    real image tokens (objects) o_i, o_j, conditioned on the question vector q = masked_mean(text).
-
-    g: ``g_layers`` ReLU layers of width ``mlp_dim``, the first applied per token and broadcast over pairs
-    (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q: N instead of N^2 first-layer matmuls); f: ``f_layers`` ReLU layers
-    of width ``mlp_dim``. Tokens pass through unchanged; P = mlp_dim; ``num_layers``/``num_heads`` unused.
+    """Relation Network (Santoro et al. 2017): pooled = f(sum_{i,j} g([o_i; o_j; q])), o: real image tokens,
+    q = masked_mean(text). g: ``g_layers`` ReLU layers of width ``mlp_dim``, the first applied per token and broadcast
+    over pairs (W[o_i; o_j; q] = W_a o_i + W_b o_j + W_q q: N instead of N^2 first-layer matmuls); f: ``f_layers``
+    ReLU layers of width ``mlp_dim``. Tokens pass through unchanged; P = mlp_dim; ``num_layers``/``num_heads`` unused.
     ``token_pool`` = k > 1 average-pools the row-major s x s token grid over k x k cells before pairing ((N / k^2)^2
     pairs; Santoro et al. pair a 5 x 5 map, so a shared 10 x 10 tower uses k = 2); a cell is real if any token is.
     """

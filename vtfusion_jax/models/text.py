@@ -88,8 +88,8 @@ class BertEncoder(nn.Module):
 class GRUEncoder(nn.Module):
     """Embedding + (bi)directional GRU (Cho et al. 2014), the recurrent route for the text tower.
 
-    Sequence lengths come from the mask, so the backward direction starts at each sentence's last real token.
-    The per-token outputs (both directions concatenated) are projected to ``width``.
+    Lengths come from the mask (the backward direction starts at the last real token); per-token outputs of both
+    directions, concatenated, are projected to ``width``.
     """
 
     vocab_size: int = 30522

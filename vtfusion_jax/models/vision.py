@@ -93,8 +93,7 @@ def _grid_to_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w]).
 
-    ``project=False`` keeps the C channels as they are (tokens [B, h*w, C]: the raw feature map).
-    ``suffix`` distinguishes the projection / position parameters of several scales.
+    ``project=False`` keeps the C raw channels; ``suffix`` names the parameters of each scale.
     """
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
@@ -230,10 +229,8 @@ def _max_pool(x: jax.Array, s: int) -> jax.Array:
 
 
 class ResidualBlock(nn.Module):
-    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) block, stride on the 3x3 (v1.5).
-
-    ``torch_layout``: PyTorch/HF conventions (see ResNet).
-    """
+    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1, 4x expansion) block, stride on the 3x3 (v1.5);
+    ``torch_layout``: see ResNet."""
 
     filters: int
     strides: int = 1
