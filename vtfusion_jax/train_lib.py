@@ -61,9 +61,6 @@ class TrainState:
     rng: jax.Array  # uint32 [2], base key; step s uses fold_in(rng, s)
 
 
-# ----------------------------------------------------------------------------------------------- setup
-
-
 def maybe_initialize_distributed() -> None:
     """Calls ``jax.distributed.initialize()`` when the environment describes a multi-process job
     (JAX_COORDINATOR_ADDRESS, several SLURM / Open MPI tasks, or several TPU hosts). Call before using jax.
@@ -160,9 +157,6 @@ def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=No
     return task, state.params, step
 
 
-# ----------------------------------------------------------------------------------------------- the step
-
-
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
     """The (unjitted) training step of any task: ``step(state, batch) -> (state, metrics)``.
 
@@ -194,35 +188,26 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_no
     return step
 
 
-# ----------------------------------------------------------------------------------------------- loop helpers
+@contextlib.contextmanager
+def _preemption():
+    """Yields ``reached(step) -> bool``: SIGTERM sets a flag the loop checks between steps (multi-process: jax's
+    preemption sync point, so every process stops at the same step)."""
+    requested = []
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, lambda *_: requested.append(True)) if main else None
 
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop checks it between steps (multi-process: Orbax/jax's preemption sync)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
+    def reached(step: int) -> bool:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+            return bool(requested) or multihost_utils.reached_preemption_sync_point(step)
+        return bool(requested)
 
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+    try:
+        yield reached
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -264,9 +249,6 @@ def check_finite(step: int, m: Mapping[str, Any], ckpt: ckpt_lib.Checkpointer) -
         f"non-finite training loss {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
         f"training stopped, last good checkpoint: {where}"
     )
-
-
-# ----------------------------------------------------------------------------------------------- main entry
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -366,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_log_time, last_log_step = time.time(), start
     try:
         with (
-            _Preemption() as preempt,
+            _preemption() as preempted,
             jax.set_mesh(mesh),
             sharding.activation_rules(),
             _progress(total, start, t.progress_bar and is_main) as bar,
@@ -383,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     reason = "train.time_limit_seconds"
                 elif t.steps_per_run > 0 and step - start >= t.steps_per_run and step < total:
                     reason = "train.steps_per_run"
-                elif preempt.reached(step):
+                elif preempted(step):
                     reason = "preempted"
                 is_last = step == total or reason != "num_steps"
                 # validate at the cadence, at the end and at the time limit; a preempted or steps_per_run stop
@@ -402,24 +384,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     sps = (step - last_log_step) / max(now - last_log_time, 1e-9)
                     scalars = {f"train/{k}": window_scalar(k, window) for k in window[0]}
                     skipped_steps += int(scalars["train/skipped"])
-                    scalars.update(
-                        {
-                            "train/lr": optim.current_lr(sched, step - 1, accum),
-                            "train/steps_per_sec": sps,
-                            "train/examples_per_sec": sps * t.global_batch_size,
-                        }
-                    )
-                    writer.write_scalars(step, scalars)
+                    lr = optim.current_lr(sched, step - 1, accum)
+                    scalars.update({"train/lr": lr, "train/steps_per_sec": sps})
+                    writer.write_scalars(step, dict(scalars, **{"train/examples_per_sec": sps * t.global_batch_size}))
                     if bar is not None:
                         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", steps_s=f"{sps:.2f}", refresh=False)
                     window, last_log_time, last_log_step = [], now, step
                 new_val = validate(step) if do_eval else None
                 if new_val is not None:
-                    val = new_val
-                    if val[task.main_metric] > best[0]:
-                        best, bad_evals = (val[task.main_metric], step), 0
-                    else:
-                        bad_evals += 1
+                    val, better = new_val, new_val[task.main_metric] > best[0]
+                    best, bad_evals = ((val[task.main_metric], step), 0) if better else (best, bad_evals + 1)
                     if 0 < t.early_stopping_patience <= bad_evals and not is_last:
                         reason, is_last = "early_stopping", True
                 if do_save or is_last:

@@ -1,9 +1,4 @@
-"""Tasks, chosen by ``config.task``: what a training run optimises and how it is evaluated (tasks/base.py).
-
-vqa        VQA / multimodal classification (tasks/vqa.py)
-retrieval  image-text retrieval, ITC + ITM (tasks/retrieval.py)
-caption    captioning with a cross-attention decoder (tasks/caption.py)
-"""
+"""Tasks, chosen by ``config.task`` (TASKS): what a run optimises and how it is evaluated (tasks/base.py)."""
 
 from __future__ import annotations
 

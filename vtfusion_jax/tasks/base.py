@@ -40,7 +40,6 @@ class Task(abc.ABC):
         self.image_norm = pretrained_init.image_normalization(config.model.to_dict())  # {image_mean, image_std}
         self._eval_cache: dict = {}
 
-    # ----------------------------------------------------------------------------------------- to define
     @abc.abstractmethod
     def build_model(self, sow_weights: bool = False) -> nn.Module:
         """The task's model (``sow_weights``: a copy recording attention maps; same params)."""
@@ -54,15 +53,10 @@ class Task(abc.ABC):
         """(scalar loss, dict of scalar metrics) of a training batch; ``rng`` is this step's dropout key."""
 
     @abc.abstractmethod
-    def train_iter(self, start_step: int) -> Iterator[dict]:
-        """Global training batches from ``start_step`` (get_state / set_state / close: pipeline.TrainIterator)."""
-
-    @abc.abstractmethod
     def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
         """Metrics of ``params`` on ``split`` (with ``main_metric``); ``out_dir``: also write the task's files
         (predictions, figures) there."""
 
-    # ----------------------------------------------------------------------------------------- defaults
     def num_train_steps(self) -> int:
         """Micro-steps to train (``train.num_steps``; VQA can count epochs instead)."""
         return int(self.config.train.num_steps)
@@ -75,17 +69,26 @@ class Task(abc.ABC):
         """Side of the images fed to the model."""
         return int(self.init_batch()["image"].shape[1])
 
-    def data_kwargs(self, tokenizer) -> dict:
-        """The arguments every pipeline iterator of this config shares."""
+    def data_kwargs(self, split: str) -> dict:
+        """The pipeline iterators' arguments for ``split`` (``self.tokenizer``: a Tokenizer or a WordVocab); tasks
+        add their own (the image-group plan, the captions)."""
         d = self.config.dataset
-        return dict(
-            dataset=d.name,
-            mesh=self.mesh,
-            tokenizer=tokenizer,
-            image_size=d.image_size,
-            data_dir=d.data_dir,
-            builder_kwargs=d.builder_kwargs.to_dict(),
-            **self.image_norm,
+        kw = dict(dataset=d.name, split=split, mesh=self.mesh, tokenizer=self.tokenizer, image_size=d.image_size)
+        return dict(kw, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict(), **self.image_norm)
+
+    def train_iter(self, start_step: int) -> Iterator[dict]:
+        """Global training batches from ``start_step`` (get_state / set_state / close: pipeline.TrainIterator)."""
+        t, d = self.config.train, self.config.dataset
+        return pipeline.make_train_iterator(
+            global_batch_size=t.global_batch_size, seed=self.config.seed, augment=d.augment, start_step=start_step,
+            prefetch=t.prefetch, worker_count=t.data_workers, images_per_batch=t.images_per_batch,
+            **self.data_kwargs(d.train_split),
+        )  # fmt: skip
+
+    def eval_batches(self, split: str):
+        """Every example of ``split`` once, in order, the last batch padded (pipeline.make_eval_iterator)."""
+        return pipeline.make_eval_iterator(
+            global_batch_size=self.config.train.eval_batch_size, **self.data_kwargs(split)
         )
 
     def normalize(self, images_uint8: np.ndarray) -> jax.Array:

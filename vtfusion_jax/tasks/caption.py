@@ -33,7 +33,7 @@ class CaptionTask(CaptionDataTask):
     def build_model(self, sow_weights: bool = False):
         if self.config.model.head.max_len < self.config.dataset.max_len:
             raise ValueError("model.head.max_len must be >= dataset.max_len")
-        return CaptionModel(self.config.model.to_dict(), self.vocab.size)
+        return CaptionModel(self.config.model.to_dict(), self.tokenizer.size)
 
     def init_batch(self):
         s = self.stored_image_size()
@@ -46,7 +46,7 @@ class CaptionTask(CaptionDataTask):
         ids = batch["text_ids"]  # [B, L]: [BOS] words [EOS] [PAD]...; input [BOS] w1 .. wn, target w1 .. wn [EOS]
         inputs = {"image": batch["image"], "caption_in": ids[:, :-1]}
         logits = self.model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})["logits"]
-        loss, acc = losses.sequence_loss(logits, ids[:, 1:], self.vocab.pad_id, self.config.train.label_smoothing)
+        loss, acc = losses.sequence_loss(logits, ids[:, 1:], self.tokenizer.pad_id, self.config.train.label_smoothing)
         return loss, {"token_accuracy": acc}
 
     def _decoder(self, method: str, use_cache: bool = True):
@@ -58,7 +58,7 @@ class CaptionTask(CaptionDataTask):
             def fn(p, x):
                 out = decoding.decode_captions(
                     self.model, p, x, method=method, max_len=self.config.dataset.max_len - 1,
-                    bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id,
+                    bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                     beam_size=int(e.beam_size), length_penalty=float(e.length_penalty), use_cache=use_cache,
                 )  # fmt: skip
                 return out["tokens"], out["score"]
@@ -69,13 +69,13 @@ class CaptionTask(CaptionDataTask):
     def captions(self, params, split: str, method: str, use_cache: bool = True) -> list[str]:
         """Decoded captions of every image of ``split``, in index order."""
         toks, _ = self.map_images(self._decoder(method, use_cache), params, split)
-        return [self.vocab.decode(t) for t in toks]
+        return [self.tokenizer.decode(t) for t in toks]
 
     def caption_image(self, params, image_uint8: np.ndarray, method: str = "beam") -> dict:
         """{"caption", "score"} of one image uint8 [H, W, 3]."""
         with jax.set_mesh(self.mesh):
             toks, scores = jax.device_get(jax.jit(self._decoder(method))(params, self.normalize(image_uint8[None])))
-        return {"caption": self.vocab.decode(toks[0]), "score": float(scores[0])}
+        return {"caption": self.tokenizer.decode(toks[0]), "score": float(scores[0])}
 
     def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
         """Caption metrics on ``split``: greedy while training; with ``out_dir`` (eval.py) beam search too, the

@@ -56,9 +56,9 @@ class CaptionDataTask(Task):
         path = os.path.join(workdir, "vocab.json") if workdir else None
         max_len = config.dataset.max_len
         if path and os.path.exists(path):
-            self.vocab = WordVocab.load(path, max_len)
+            self.tokenizer = WordVocab.load(path, max_len)
         else:
-            self.vocab = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
+            self.tokenizer = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
         self.model = self.build_model()
 
     def split_index(self, split: str) -> CaptionIndex:
@@ -73,7 +73,7 @@ class CaptionDataTask(Task):
 
     def save_assets(self, workdir: str) -> None:
         if jax.process_index() == 0:
-            self.vocab.save(os.path.join(workdir, "vocab.json"))
+            self.tokenizer.save(os.path.join(workdir, "vocab.json"))
 
     def stored_image_size(self) -> int:
         d = self.config.dataset
@@ -85,29 +85,8 @@ class CaptionDataTask(Task):
 
         return sort_of_clevr.IMAGE_SIZE
 
-    def train_iter(self, start_step: int):
-        t = self.config.train
-        return pipeline.make_train_iterator(
-            split=self.config.dataset.train_split,
-            global_batch_size=t.global_batch_size,
-            seed=self.config.seed,
-            augment=self.config.dataset.augment,
-            start_step=start_step,
-            prefetch=t.prefetch,
-            worker_count=t.data_workers,
-            images_per_batch=t.images_per_batch,
-            captions=self.split_index(self.config.dataset.train_split),
-            **self.data_kwargs(self.vocab),
-        )
-
-    def image_batches(self, split: str):
-        """Eval batches holding each image of ``split`` once ({"image", "index", "valid"}, global arrays)."""
-        return pipeline.make_eval_iterator(
-            split=split,
-            global_batch_size=self.config.train.eval_batch_size,
-            captions=self.split_index(split),
-            **self.data_kwargs(self.vocab),
-        )
+    def data_kwargs(self, split: str) -> dict:
+        return dict(super().data_kwargs(split), captions=self.split_index(split))
 
     def map_images(self, fn, params, split: str) -> tuple[np.ndarray, ...]:
         """``fn(params, image batch) -> tuple of [B, ...]`` over every image of the split (each once); host outputs
@@ -116,7 +95,7 @@ class CaptionDataTask(Task):
             self._eval_cache[fn] = jax.jit(lambda p, x, v: (fn(p, x), v), out_shardings=sharding.replicated(self.mesh))
         outs = []
         with jax.set_mesh(self.mesh):
-            for b in self.image_batches(split):
+            for b in self.eval_batches(split):
                 out, keep = jax.device_get(self._eval_cache[fn](params, b["image"], b["valid"]))
                 outs.append([np.asarray(o)[np.asarray(keep)] for o in out])
         return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(outs[0])))
@@ -127,7 +106,7 @@ class RetrievalTask(CaptionDataTask):
 
     def build_model(self, sow_weights: bool = False):
         spec = self.config.model.to_dict()
-        spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=self.vocab.size)
+        spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=self.tokenizer.size)
         return RetrievalModel(spec)
 
     def init_batch(self):
@@ -162,11 +141,10 @@ class RetrievalTask(CaptionDataTask):
         itm_acc = jnp.mean(jnp.argmax(itm_logits, -1) == labels)
         return loss, {"itc_loss": itc, "itm_loss": itm, "itm_accuracy": itm_acc, "temperature": tau}
 
-    # ------------------------------------------------------------------------------------------- evaluation
     def _fns(self) -> dict:
         if "fns" in self._eval_cache:
             return self._eval_cache["fns"]
-        m, pad = self.model, self.vocab.pad_id
+        m, pad = self.model, self.tokenizer.pad_id
 
         def enc_img(p, x):
             tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
@@ -185,7 +163,7 @@ class RetrievalTask(CaptionDataTask):
     def encode_texts(self, params, texts: list[str]) -> tuple[np.ndarray, ...]:
         """(tokens, mask, embeddings) of texts, host arrays."""
         fn = self._fns()["text"]
-        ids = self.vocab(texts)["text_ids"]
+        ids = self.tokenizer(texts)["text_ids"]
         with jax.set_mesh(self.mesh):
             return self.map_batches(lambda t: fn(params, self.put(t)), ids, self.config.train.eval_batch_size)
 

@@ -57,7 +57,6 @@ class VqaTask(Task):
         self.tokenizer = Tokenizer(d.tokenizer_path, max_len=d.max_len)
         self.model = self.build_model()
 
-    # ------------------------------------------------------------------------------------------- model
     def build_model(self, sow_weights: bool = False) -> VisionTextModel:
         spec = self.config.model.to_dict()
         spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=int(self.tokenizer.vocab_size))
@@ -80,7 +79,6 @@ class VqaTask(Task):
             self.model, params, batch, rng, label_smoothing=t.label_smoothing, focal_gamma=t.focal_gamma
         )
 
-    # ------------------------------------------------------------------------------------------- data
     def num_train_steps(self) -> int:
         """``train.num_steps`` if > 0, else ``num_epochs`` over the train split, rounded up to whole updates."""
         t, d = self.config.train, self.config.dataset
@@ -104,22 +102,10 @@ class VqaTask(Task):
             )  # fmt: skip
         return self._eval_cache["plan"]
 
-    def train_iter(self, start_step: int):
-        t = self.config.train
-        return pipeline.make_train_iterator(
-            split=self.config.dataset.train_split,
-            global_batch_size=t.global_batch_size,
-            seed=self.config.seed,
-            augment=self.config.dataset.augment,
-            start_step=start_step,
-            prefetch=t.prefetch,
-            worker_count=t.data_workers,
-            images_per_batch=t.images_per_batch,
-            plan=self.group_plan() if t.images_per_batch > 0 else None,
-            **self.data_kwargs(self.tokenizer),
-        )
+    def data_kwargs(self, split: str) -> dict:
+        plan = split == self.config.dataset.train_split and self.config.train.images_per_batch > 0
+        return dict(super().data_kwargs(split), **({"plan": self.group_plan()} if plan else {}))
 
-    # ------------------------------------------------------------------------------------------- evaluation
     def predictions(self, params, split: str) -> tuple[dict, dict]:
         """Runs the model over ``split``.
 
@@ -129,9 +115,7 @@ class VqaTask(Task):
           accuracy of each question type and, for datasets with question families (Sort-of-CLEVR), of each family.
         """
         if split not in self._eval_cache:
-            batches = pipeline.make_eval_iterator(
-                split=split, global_batch_size=self.config.train.eval_batch_size, **self.data_kwargs(self.tokenizer)
-            )
+            batches = self.eval_batches(split)
             fn = jax.jit(
                 lambda p, b: predict_step(p, b, model=self.model), out_shardings=sharding.replicated(self.mesh)
             )
@@ -148,19 +132,15 @@ class VqaTask(Task):
         cat = {k: np.concatenate(v) for k, v in rows.items() if v}
         valid = cat.pop("valid").astype(bool)
         cat = {k: v[valid] for k, v in cat.items()}
-        meta = self.meta
+        per_type = lambda key, names: metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat[key], names)  # noqa: E731
         summary = {
             "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
             "loss": float(np.nanmean(cat["loss"])) if np.isfinite(cat["loss"]).any() else float("nan"),
             "num_examples": int(valid.sum()),
-            "per_type": metrics_lib.per_type_accuracy(
-                cat["pred"], cat["label"], cat["question_type"], meta["type_names"]
-            ),
+            "per_type": per_type("question_type", self.meta["type_names"]),
         }
-        if "family" in cat and "family_names" in meta:
-            summary["per_type"].update(
-                metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat["family"], meta["family_names"])
-            )
+        if "family" in cat and "family_names" in self.meta:
+            summary["per_type"].update(per_type("family", self.meta["family_names"]))
         return summary, cat
 
     def evaluate(self, params, split: str, out_dir: str | None = None) -> dict:
@@ -175,20 +155,16 @@ class VqaTask(Task):
         source = pipeline.get_data_source(d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
         text_key, type_names = self.meta["text_key"], self.meta["type_names"]
         with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-            for i in range(len(rows["index"])):
-                idx, label, pred = int(rows["index"][i]), int(rows["label"][i]), int(rows["pred"][i])
-                top5 = [
-                    [names[int(k)], round(float(p), 5)]
-                    for k, p in zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
-                ]
+            for i, (idx, label, pred) in enumerate(zip(rows["index"], rows["label"], rows["pred"], strict=True)):
+                top = zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
                 row = {
-                    "index": idx,
-                    "question": _text(source[idx][text_key]),
+                    "index": int(idx),
+                    "question": _text(source[int(idx)][text_key]),
                     "answer": names[label] if label >= 0 else None,  # None: unseen in training
                     "prediction": names[pred],
-                    "correct": pred == label,
+                    "correct": bool(pred == label),
                     "question_type": type_names[int(rows["question_type"][i])],
-                    "top5": top5,
+                    "top5": [[names[k], round(float(p), 5)] for k, p in top],
                 }
                 f.write(json.dumps(row) + "\n")
         title = f"{d.name} {split}: accuracy {summary['accuracy']:.4f}"
@@ -196,7 +172,6 @@ class VqaTask(Task):
         self._attention_maps(params, source, out_dir, min(int(self.config.eval.num_attention_maps), len(source)))
         return summary
 
-    # ------------------------------------------------------------------------------------------- attention
     def attention_views(self, params, batch: dict) -> tuple[np.ndarray, viz.AttentionViews]:
         """(probs [B, C], viz.AttentionViews: every map the fusion variant offers) for a host batch."""
         if "sow" not in self._eval_cache:  # one compile per task (per input shape)
@@ -254,7 +229,6 @@ class VqaTask(Task):
         with open(os.path.join(out_dir, "attention_maps.json"), "w") as f:
             json.dump(index, f, indent=2)
 
-    # ------------------------------------------------------------------------------------------- predict
     def predict(self, params, image_path: str, question: str, attention_map: str | None = None, top_k: int = 5):
         """Answers ``question`` about the image at ``image_path``.
 
