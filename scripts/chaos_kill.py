@@ -259,9 +259,9 @@ def main() -> int:
     os.environ.update(chaos_env(os.path.join(workdir, "xla_cache")))
     sys.path.insert(0, REPO)
     config = load_tiny(data_dir, CHAOS_OVERRIDES)
-    from vtfusion_jax import train_lib
+    from vtfusion_jax import tasks
 
-    train_lib.get_meta(config)  # build the dataset once, before any kill
+    tasks.make_task(config)  # build the dataset once, before any kill
     report = chaos(workdir, data_dir, config, kills=args.kills, seed=args.seed, env=dict(os.environ))
     report.update(seed=args.seed, command=" ".join(sys.argv))
     text = json.dumps(report, indent=1)
