@@ -96,18 +96,18 @@ def get_config(arg=None):
         freeze=False,  # True: frozen
     )
 
-    c.optim = common.optim(lr=1e-3)
-    c.train = common.train(
+    c.optim = common.optim(lr=1e-3)  # AdamW, cosine (configs/common.py)
+    c.train = common.train(  # the loop (configs/common.py describes every field)
         global_batch_size=640,  # questions per micro-step (= 32 images x 20 questions)
         images_per_batch=32,  # image-grouped batches (data/grouped.py): each image encoded once per batch
-        num_epochs=10.0,
+        num_epochs=10.0,  # unused: num_steps > 0
         num_steps=900,  # the matched budget of the variant comparison (576,000 questions, ~2.9 epochs)
-        log_every_steps=50,
+        log_every_steps=50,  # train metrics cadence
         eval_every_steps=150,  # the points of the accuracy-vs-time curve
-        checkpoint_every_steps=150,
+        checkpoint_every_steps=150,  # with each validation
         progress_bar=False,  # run logs stay readable
     )
-    c.eval = common.evaluation()
+    c.eval = common.evaluation()  # eval.py: test split, best checkpoint, 8 attention maps
 
     c.lock()
     return c

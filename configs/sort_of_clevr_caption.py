@@ -90,7 +90,7 @@ def get_config(arg=None):
         warmup_steps=200,
         lr_multipliers=ml_collections.ConfigDict(dict(image_encoder=1.0, fusion=1.0, head=1.0)),  # no text tower
     )
-    c.train = common.train(
+    c.train = common.train(  # the loop (configs/common.py describes every field)
         global_batch_size=64,  # (image, caption) pairs per step
         num_steps=2200,  # ~14 epochs of 9,800 images
         label_smoothing=0.1,  # of the teacher-forced targets

@@ -103,8 +103,8 @@ def get_config(arg=None):
     c.loss.itc_weight = 1.0  # symmetric InfoNCE over the global batch
     c.loss.itm_weight = 1.0  # matching CE on B positives + 2B hard negatives
 
-    c.optim = common.optim(lr=1e-3, warmup_steps=100)
-    c.train = common.train(
+    c.optim = common.optim(lr=1e-3, warmup_steps=100)  # AdamW, cosine (configs/common.py)
+    c.train = common.train(  # the loop (configs/common.py describes every field)
         global_batch_size=64,  # (image, caption) pairs per step = in-batch negatives
         num_steps=1300,  # ~8.5 epochs of 9,800 images
         log_every_steps=100,

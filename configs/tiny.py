@@ -69,17 +69,17 @@ def get_config(arg=None):
         freeze=False,  # True: frozen
     )
 
-    c.optim = common.optim(lr=3e-3, warmup_steps=2, end_lr_factor=0.1)
-    c.train = common.train(
+    c.optim = common.optim(lr=3e-3, warmup_steps=2, end_lr_factor=0.1)  # a few steps: short warmup, high lr
+    c.train = common.train(  # the loop (configs/common.py describes every field)
         global_batch_size=16,  # divisible by the 8 CPU devices of the tests' meshes
-        num_steps=12,
-        log_every_steps=2,
-        eval_every_steps=6,
-        checkpoint_every_steps=4,
-        eval_batch_size=64,
-        progress_bar=False,
+        num_steps=12,  # seconds-long runs
+        log_every_steps=2,  # every other step
+        eval_every_steps=6,  # two validations per run
+        checkpoint_every_steps=4,  # several checkpoints per run (resume tests)
+        eval_batch_size=64,  # 4 batches of the 256-question validation slice
+        progress_bar=False,  # quiet test logs
     )
-    c.eval = common.evaluation(split="validation[:256]", num_attention_maps=2)
+    c.eval = common.evaluation(split="validation[:256]", num_attention_maps=2)  # quick eval.py
 
     c.lock()
     return c

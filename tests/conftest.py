@@ -21,7 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Scheduling only (no test depends on the order of files): the most expensive files first, so that the two workers of
 # `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the README's test command) start with the long end-to-end
 # files and the many short files fill in at the end, instead of one worker finishing a long file alone. `loadfile`
-# keeps each file on one worker, so module-scoped fixtures (e.g. test_eval_predict's smoke run) and functools caches
+# keeps each file on one worker, so module-scoped fixtures (e.g. test_eval_lib's smoke run) and functools caches
 # run once. Files not listed keep their collection order after these.
 _EXPENSIVE_FILES_FIRST = (
     "test_multiprocess.py",
@@ -37,7 +37,7 @@ _EXPENSIVE_FILES_FIRST = (
     "test_benchmarks.py",
     "test_pretrained_init.py",
     "test_numerics.py",
-    "test_attention_maps.py",
+    "test_viz.py",
     "test_data_grouped.py",
     "test_layers.py",
     "test_speed_switches.py",

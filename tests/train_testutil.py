@@ -1,4 +1,4 @@
-"""Shared helpers for the training tests (test_train_*.py, test_sharding.py, test_eval_predict.py).
+"""Shared helpers for the training tests (test_train_*.py, test_sharding.py, test_eval_lib.py).
 
 * One easy-VQA TFDS build per test session, in a temporary folder (about 6 s; never the user's ~/tensorflow_datasets).
 * A persistent XLA compilation cache for the session, shared with subprocesses, so that the identical tiny
