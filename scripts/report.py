@@ -252,8 +252,10 @@ def reliability() -> str:
     for name, outcomes in sorted(f["bad_input"]["classes"].items()):
         text = "; ".join(f"{n} x {o}" for o, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
         rows.append([f"bad input: {name}", text, "`pytest tests/test_bad_input.py`"])
-    intro = f"Measured on {f['measured']} ({f['machine']}; commit not recorded; test_train_failures.py is now test_train_lib.py)."
-    return intro + "\n\n" + table("Figure | Value | Command", rows)
+    intro = (
+        f"Measured {f['measured']} ({f['machine']}; commit not recorded; test_train_failures.py is test_train_lib.py)"
+    )
+    return intro + ".\n\n" + table("Figure | Value | Command", rows)
 
 
 def task_tables() -> str:
