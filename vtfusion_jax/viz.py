@@ -17,11 +17,9 @@ from typing import Any
 import jax
 import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 from vtfusion_jax import layers, models
-
-matplotlib.use("Agg")  # headless: files only
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _attention_leaves(intermediates: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
@@ -199,7 +197,7 @@ def overlay(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int] | No
     grid_map = (grid_map - grid_map.min()) / max(float(grid_map.max() - grid_map.min()), 1e-9)
     hh, ww = image.shape[:2]
     up = np.kron(grid_map, np.ones((math.ceil(hh / h), math.ceil(ww / w))))[:hh, :ww]  # nearest-neighbour upsampling
-    heat = plt.get_cmap("jet")(up)[..., :3]
+    heat = matplotlib.colormaps["jet"](up)[..., :3]
     return np.clip(0.55 * image + 0.45 * heat, 0.0, 1.0)
 
 
@@ -264,7 +262,8 @@ def save_attention_figure(
             )
     cols = max(len(top), min(4, len(extra)) or 1)
     rows = 1 + math.ceil(len(extra) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.9), squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.9))  # no pyplot: files only, the caller's backend untouched
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     placed = [(axes[0, c], p) for c, p in enumerate(top)] + [
@@ -284,7 +283,6 @@ def save_attention_figure(
     fig.suptitle(f"{title}\n{views.how}" if views.how else title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return [name for name, _ in top + extra]
 
 
@@ -311,7 +309,8 @@ def save_confusion_matrix(path: str, matrix: np.ndarray, names: Sequence[str], t
     m = np.asarray(matrix)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -332,4 +331,3 @@ def save_confusion_matrix(path: str, matrix: np.ndarray, names: Sequence[str], t
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
