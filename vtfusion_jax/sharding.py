@@ -89,7 +89,7 @@ def mesh_axis_size(mesh: jax.sharding.Mesh, axes: Any) -> int:
         return 1
     if isinstance(axes, str):
         axes = (axes,)
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))  # an axis the mesh lacks has size 1
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
@@ -167,5 +167,5 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Dim 0 split over the batch axes, the rest replicated (what the data pipeline produces)."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Dim 0 split over the batch axes the mesh has, the rest replicated (what the data pipeline produces)."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None))
