@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     common = [f"--config={a.config}", f"--workdir={workdir}", *overrides]
     train_cmd = [sys.executable, "train.py", *common]
     eval_cmd = [sys.executable, "eval.py", *common, f"--split={a.split}"]
+    this = ["python scripts/run.py", *(argv if argv is not None else sys.argv[1:])]
+    provenance = _provenance(" ".join(this))  # the code the run starts on (a commit during the run must not count)
     with LoadSampler() as load:
         train_s = None if a.eval_only else _timed(train_cmd, a.nice)
         eval_s = _timed(eval_cmd, a.nice)
@@ -121,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
     if a.resume and os.path.exists(os.path.join(out, "summary.json")):
         old = _read(os.path.join(out, "summary.json"))
         previous = old.get("previous_runs", []) + [{k: old.get(k) for k in ("command", "train_seconds", "load")}]
-    this = ["python scripts/run.py", *(argv if argv is not None else sys.argv[1:])]
     summary = {
         "name": a.name,
         "split": a.split,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load": load.summary(),  # 1-minute load average during train + eval (> CPU count: the times are inflated)
         "eval_only": a.eval_only,
         "previous_runs": previous,
-        **_provenance(" ".join(this)),
+        **provenance,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
