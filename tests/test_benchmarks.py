@@ -93,12 +93,28 @@ def test_train_step_benchmark_smoke(tiny, step_result):
 def test_torch_peer_smoke(peer_result):
     result = peer_result
     json.dumps(result)
-    # The same architecture: parameter for parameter.
+    # The same function: our parameters in the port give our loss and gradients (else the run raises).
+    check = result["equality_check"]
+    assert check["passed"] and check["tolerance_used"] <= 1 and check["max_rel_grad_diff"] < 1e-4
+    assert check["loss_torch"] == pytest.approx(check["loss_jax"], rel=1e-4)
     assert result["num_params"]["torch"] == result["num_params"]["jax"]
     assert set(result["step_s_median"]) == {"jax", "torch_eager", "torch_compile"}
     assert all(len(t) == 2 for t in result["step_s_all"].values())
     assert set(result["speedup_vs"]) == {"torch_eager", "torch_compile"}
     assert all(np.isfinite(v) for v in result["final_loss"].values())
+
+
+def test_torch_peer_refuses_a_port_that_differs(tiny, peer_result):
+    """The equality check catches a subtle port bug, tanh-approximated GELU (the loss moves by ~3e-5 relative; the
+    gradients give it away), with the jax side compiled once per Bench (the smoke run's)."""
+    cfg, bench = tiny
+    trainer = torch_peer.TorchTrainer(torch_peer.TorchModel(cfg), cfg, bench_lib.synthetic_batch(cfg), None)
+    gelus = [m for m in trainer.model.modules() if isinstance(m, torch_peer.nn.GELU)]
+    assert len(gelus) == 5  # the MLPs of ViT, BERT, both fusion streams and the head
+    for m in gelus:
+        m.approximate = "tanh"
+    with pytest.raises(ValueError, match="not our function"):
+        torch_peer.equality_check(bench, trainer)
 
 
 def test_performance_sections_show_the_benchmarks_numbers(tmp_path, monkeypatch, step_result, peer_result):
