@@ -79,7 +79,8 @@ def test_partial_checkpoints_are_never_listed_and_are_cleaned_up(tmp_path):
     assert ckpt.latest_step() == 3
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(0))
     state, data = ckpt.restore(3, abstract)
-    np.testing.assert_array_equal(state["w"], np.full((4, 3), 3.0)) and data == {"step": 3}
+    np.testing.assert_array_equal(state["w"], np.full((4, 3), 3.0))
+    assert int(state["step"]) == 3 and data == {"step": 3}  # the data-iterator state saved with step 3
     ckpt.close()
     assert sorted(os.listdir(folder)) == ["2", "3", ckpt_lib.TRASH]  # leftovers removed
     assert os.listdir(folder / ckpt_lib.TRASH) == []
