@@ -435,7 +435,7 @@ def perf_targets() -> str:
     lines = []
     for r in _perf("cpu_torch_peer").values():
         eq = r.get("equality_check")  # benchmarks/torch_peer.py: the port is first checked to compute our function
-        same = f"our loss and gradients to {eq['max_rel_grad_diff']:.1e}" if eq else "port not checked against ours"
+        same = f"port: same loss and gradients to {eq['max_rel_grad_diff']:.1e}" if eq else "port not checked"
         for impl, s in r["speedup_vs"].items():
             lines.append(
                 f"- Ours >= {TARGET_SPEEDUP}x faster than {impl} ({provenance(r)}): {verdict(s >= TARGET_SPEEDUP)}"
