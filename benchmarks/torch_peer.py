@@ -194,7 +194,8 @@ class TorchTrainer:
 @functools.cache
 def jax_loss_and_grad(ours):
     """Bench ``ours``'s training loss and its gradient, jitted once per Bench (with its compiler options)."""
-    grad_fn = jax.value_and_grad(functools.partial(losses.classification_loss, ours.model), has_aux=True)
+    loss = functools.partial(losses.classification_loss, ours.model)  # -> (loss, aux)
+    grad_fn = jax.grad(lambda *a: (lambda out: (out[0], out))(loss(*a)), has_aux=True)  # -> grads, (loss, aux)
     return jax.jit(grad_fn, compiler_options=ours.compiler_options)
 
 
@@ -213,7 +214,7 @@ def equality_check(ours, trainer: TorchTrainer) -> dict:
     depths, params = trainer.model.depths, ours.state.params
     trainer.model.load_state_dict(torch_tensors(params, depths))  # strict: the same names and shapes as ours
     with jax.default_matmul_precision("highest"), jax.set_mesh(ours.mesh):
-        (loss, _), grads = jax_loss_and_grad(ours)(params, ours.batch, jax.random.key(0))
+        grads, (loss, _) = jax_loss_and_grad(ours)(params, ours.batch, jax.random.key(0))
     loss, loss_torch, want = float(loss), trainer.forward_backward().item(), torch_tensors(grads, depths)
     pairs = [(n, (p.grad - want[n]).abs(), want[n].abs()) for n, p in trainer.model.named_parameters()]
     big = max(g.max() for _, _, g in pairs)
