@@ -3,17 +3,18 @@
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# Unoptimised LLVM code generation (train_testutil.XLA_TEST_FLAGS): tiny test programs compile ~8x faster. Set here,
-# before any test module can start the CPU backend at import, so every in-process program is compiled like the
-# train.py subprocesses the exact-resume / chaos tests compare against (optimisation levels differ in FMA
-# contraction, i.e. in the last bit of a loss).
-if "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# The test compiler flags (train_testutil.XLA_TEST_FLAGS: unoptimised code generation, ~2-8x faster compiles of the
+# tiny test programs), set before any test module can start the CPU backend at import, so every in-process program
+# is compiled like the train.py subprocesses the exact-resume / chaos tests compare against (compiler settings differ
+# in FMA contraction, i.e. in the last bit of a loss). train_testutil imports jax but does not start a backend.
+import train_testutil  # noqa: E402,F401  (appends XLA_TEST_FLAGS to XLA_FLAGS)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -53,3 +54,9 @@ _EXPENSIVE_FILES_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_EXPENSIVE_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    # The slow tier (@pytest.mark.slow) is left out of a plain `pytest` (the whole suite, no -m): it runs with
+    # `pytest -m slow`, or when its file or test is named on the command line.
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.markexpr:
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

@@ -29,6 +29,7 @@ def _chaos_module():
     return module
 
 
+@pytest.mark.slow  # the default tier resumes exactly in test_train_resume
 def test_sigkill_anywhere_resumes_to_bit_identical_params(tmp_path):
     chaos = _chaos_module()
     # One device: Orbax writes one shard per array, so a save takes milliseconds and most of the time goes to the

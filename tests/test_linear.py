@@ -169,6 +169,7 @@ def _faults(mode):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two 4096^2 matmul subprocesses (~60 s)
 @pytest.mark.skipif(host_memory._glibc() is None, reason="mallopt tuning applies to glibc only")
 def test_reuse_freed_memory_removes_per_call_page_faults():
     plain, reused = _faults("plain"), _faults("reuse")

@@ -174,7 +174,14 @@ def _tangent(p):
     return t / jnp.linalg.norm(t)
 
 
-@pytest.mark.parametrize("fusion", list(FUSIONS))
+# Three variants in the default tier (cross-attention in both directions, bottleneck tokens, FiLM's ReLU generator);
+# every other registered variant in the slow tier (`pytest -m slow`, run by .ci/run).
+_AUTODIFF_DEFAULT = ("co_attention", "bottleneck", "film")
+
+
+@pytest.mark.parametrize(
+    "fusion", [pytest.param(f, marks=() if f in _AUTODIFF_DEFAULT else pytest.mark.slow) for f in FUSIONS]
+)
 def test_forward_mode_autodiff_through_the_whole_model(fusion):
     """Every registered variant, by default: the jvp of the loss along a random tangent equals <grad, t>, and the
     Hessian-vector product (jvp of grad: forward over reverse) traces and is finite and non-zero."""

@@ -14,7 +14,7 @@ from train_testutil import REPO, config_flags, load_config, read_jsonl, subproce
 
 from vtfusion_jax import train_lib
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # 2 processes x 4 devices: ~75 s
 
 N, K, M = 6, 2, 4  # one chained run: steps 1..K in 1 process, K+1..M in 2 processes, M+1..N in 1 process again
 OVERRIDES = dict(
