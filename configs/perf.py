@@ -29,7 +29,7 @@ def _shared() -> dict:
         model=dict(  # VisionTextModel spec (vtfusion_jax/models)
             width=256,  # token width D of every tower
             dtype="float32",  # compute dtype: float32 | bfloat16 (params and optimiser state stay float32)
-            attention_impl="xla",  # dot_product_attention implementation: xla | cudnn | reference
+            attention_impl="auto",  # auto (GPU: cudnn, TPU: pallas, else xla) | xla | cudnn | pallas | reference
             scan_layers=False,  # nn.scan over layers (faster compiles; unrolled is a little faster to run on CPU)
             remat_policy="none",  # rematerialisation: none | minimal | full
             image_encoder=dict(  # image tower

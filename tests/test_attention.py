@@ -1,10 +1,13 @@
 """dot_product_attention and MultiHeadAttention against an independent NumPy implementation."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vtfusion_jax import attention, sharding
 from vtfusion_jax.attention import MultiHeadAttention, attention_weights
 from vtfusion_jax.attention import dot_product_attention as _dpa
 
@@ -211,3 +214,155 @@ def test_attention_dropout_is_deterministic_off_and_random_on():
     c = mha.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
     assert not np.allclose(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(b), np.asarray(c))
+
+
+# ---------------------------------------------------------------------------------------------- kernels per backend
+
+
+def _padded_inputs(seed=10, lq=5, lk=7, b=4, h=4, hkv=2, d=8):
+    """q/k/v, kv_lengths [B] (4, all, 0: an example with nothing to attend to, 2) and a key-only mask [B, 1, 1, Lk]
+    that is not a prefix (key 1 of example 0 masked)."""
+    q, k, v, _ = _inputs(seed, b, lq, lk, h, hkv, d)
+    lengths = jnp.asarray([4, lk, 0, 2], jnp.int32)
+    key_ok = jnp.ones((b, 1, 1, lk), bool).at[0, ..., 1].set(False)
+    return q, k, v, lengths, key_ok
+
+
+def _dense(lengths, lk, mask=True):
+    """The [B, 1, 1, Lk] boolean mask equal to ``lengths`` and ``mask`` together."""
+    return mask & (np.arange(lk) < np.asarray(lengths)[:, None])[:, None, None, :]
+
+
+def _value_and_grads(fn, q, k, v):
+    """fn(q, k, v) and the gradients of sum(sin(fn)) w.r.t. q, k, v."""
+    loss = lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))  # noqa: E731
+    return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _grads_vs_numpy(q, k, v, dense, got):
+    """Checks (out, (dq, dk, dv)) from _value_and_grads against the float64 NumPy forward and backward."""
+    out, grads = got
+    expected = numpy_attention(q, k, v, dense)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+    ref_grads = numpy_attention_grads(q, k, v, dense, np.cos(expected))
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), r, atol=2e-5, rtol=2e-5, err_msg=f"d/d{name}")
+
+
+def test_auto_picks_the_backend_kernel_and_logs_once_why_not(monkeypatch, caplog):
+    """ "auto" -> cudnn on GPU (bf16/fp16, head_dim % 8 == 0, <= 128 without a compute capability), pallas on TPU (key
+    padding only, no bias), xla elsewhere; each reason it passes a kernel over is logged once. Explicit names stay."""
+    monkeypatch.setattr(attention, "_NOTED", set())
+    caplog.set_level(logging.INFO, "vtfusion_jax.attention")
+    bf16 = jnp.zeros((2, 3, 2, 8), jnp.bfloat16)
+    key_only, per_query = np.ones((2, 1, 1, 5), bool), np.ones((2, 1, 3, 5), bool)
+    cases = {
+        "cpu": [(bf16, {}, "xla")],
+        "gpu": [
+            (bf16, {}, "cudnn"),
+            (jnp.zeros((2, 3, 2, 128), jnp.float16), {}, "cudnn"),
+            (bf16.astype(jnp.float32), {}, "xla"),  # reason: dtype
+            (jnp.zeros((2, 3, 2, 12), jnp.bfloat16), {}, "xla"),  # reason: head_dim
+        ],
+        "tpu": [
+            (bf16, dict(mask=key_only), "pallas"),
+            (bf16, dict(mask=per_query), "xla"),  # reason: mask over queries
+            (bf16, dict(bias=per_query), "xla"),  # reason: bias
+        ],
+    }
+    for backend, calls in cases.items():
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        for q, kw, want in calls * 2:  # twice: the second time logs nothing new
+            assert attention.resolve_implementation("auto", q, **kw) == want, (backend, q.dtype, q.shape, kw)
+            for name in ("xla", "reference", "cudnn", "pallas"):
+                assert attention.resolve_implementation(name, q, **kw) == name
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 4 == len(set(reasons)), reasons
+    for needle in (
+        "bfloat16 or float16 inputs, got float32",
+        "head_dim a multiple of 8 and <= 128, got 12",
+        "query",
+        "bias",
+    ):
+        assert sum(needle in r for r in reasons) == 1, (needle, reasons)
+
+
+def test_attention_maps_and_dropout_log_once_that_they_leave_the_kernel(monkeypatch, caplog):
+    monkeypatch.setattr(attention, "_NOTED", set())
+    caplog.set_level(logging.INFO, "vtfusion_jax.attention")
+    x = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
+    mha = MultiHeadAttention(num_heads=2, sow_weights=True, dropout_rate=0.1)
+    params = jax.eval_shape(mha.init, jax.random.key(0), x)
+    for _ in range(2):  # traced twice, logged once per reason
+        jax.eval_shape(lambda p, x: mha.apply(p, x, mutable=["intermediates"]), params, x)
+        jax.eval_shape(
+            lambda p, x: mha.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(1)}), params, x
+        )
+        jax.eval_shape(lambda p, x: mha.apply(p, x), params, x)  # the kernel path: nothing to say
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 2 and "attention maps (sow_weights)" in reasons[0] and "dropout" in reasons[1], reasons
+
+
+def test_kv_lengths_equal_the_dense_mask_in_every_implementation_and_the_cudnn_padding(monkeypatch):
+    """Key padding as lengths gives the dense mask's outputs and gradients (float64 NumPy) in reference and xla, and
+    through the cuDNN path's padding logic (padded to 64, xla standing in for the kernel), which hands the kernel
+    the lengths and no [B, H, Lq, Lk] mask. An example with length 0 gives zeros, without NaN."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+        seen.append((q.shape[1], k.shape[1], implementation, mask is None, kw["key_value_seq_lengths"] is not None))
+        return real(q, k, v, bias, mask, **kw, implementation="xla")
+
+    monkeypatch.setattr(attention, "check_cudnn_available", lambda dtype: None)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v, lengths, _ = _padded_inputs(lk=70)
+
+    def program(q, k, v):
+        impls = ("reference", "xla", "cudnn")
+        return {
+            i: _value_and_grads(lambda *a, i=i: _dpa(*a, kv_lengths=lengths, implementation=i), q, k, v) for i in impls
+        }
+
+    for impl, got in jax.jit(program)(q, k, v).items():
+        assert np.all(np.asarray(got[0][2]) == 0.0), impl
+        _grads_vs_numpy(q, k, v, _dense(lengths, 70), got)
+    assert set(seen) == {(5, 70, "xla", True, True), (64, 128, "cudnn", True, True)}, seen
+
+
+def test_pallas_kernel_in_interpret_mode_matches_numpy_forward_and_gradient():
+    """The splash kernel (implementation="pallas": interpret mode on CPU) with grouped-query heads, key padding as
+    lengths and as a non-prefix key mask, and an example with no key: outputs and gradients against float64 NumPy,
+    under a (data 2, fsdp 2, tensor 2) mesh, where it runs per shard (shard_map over batch and heads)."""
+    q, k, v, lengths, key_ok = _padded_inputs()
+    fn = lambda *a: _dpa(*a, mask=key_ok, kv_lengths=lengths, implementation="pallas")  # noqa: E731
+    with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
+        got = jax.jit(lambda q, k, v: _value_and_grads(fn, q, k, v))(q, k, v)
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+    assert np.all(np.asarray(got[0][2]) == 0.0)
+    _grads_vs_numpy(q, k, v, _dense(lengths, 7, np.asarray(key_ok)), got)
+
+
+def test_text_and_image_padding_reach_attention_as_lengths(monkeypatch):
+    """The BERT text encoder and the fusions whose attention sees one modality's padding pass it as kv_lengths, never
+    a dense mask (so the kernels get sequence lengths); merged / bottleneck mix modalities and keep a mask."""
+    from vtfusion_jax.models import get_fusion
+    from vtfusion_jax.models.text import BertEncoder
+
+    calls = []
+    real = attention.dot_product_attention
+    spy = lambda *a, **kw: calls.append((kw["mask"], kw["kv_lengths"])) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(attention, "dot_product_attention", spy)
+    f32, mask = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32), lambda n: jax.ShapeDtypeStruct((2, n), bool)  # noqa: E731
+    inputs = (f32(2, 5, 16), mask(5), f32(2, 4, 16), mask(4))  # text, text_mask, image, image_mask
+    size = dict(width=16, num_layers=1, num_heads=2, mlp_dim=16)
+    for name in ("cross", "co_attention", "gated_cross", "query", "merged", "bottleneck"):
+        calls.clear()
+        jax.eval_shape(get_fusion(dict(name=name), size).init, jax.random.key(0), *inputs)
+        dense = name in ("merged", "bottleneck")
+        with_keys = [c for c in calls if c != (None, None)]  # query's self-attention and text read-out have none
+        assert with_keys and all((m is None) != dense and (n is None) == dense for m, n in with_keys), name
+    calls.clear()
+    bert = BertEncoder(vocab_size=10, width=16, depth=1, num_heads=2, mlp_dim=16, max_len=8)
+    jax.eval_shape(bert.init, jax.random.key(0), jax.ShapeDtypeStruct((2, 5), jnp.int32), mask(5))
+    assert len(calls) == 1 and calls[0][0] is None and calls[0][1].shape == (2,)

@@ -1,18 +1,29 @@
 """Scaled dot-product attention, Softmax(QK^T / sqrt(d_k)) V, for self- and cross-attention.
 
 Layout is jax's: q ``[B, Lq, H, Dh]``, k/v ``[B, Lk, Hkv, Dh]``, ``H`` a multiple of ``Hkv`` (grouped-query). A
-boolean ``mask`` (True = may attend) and an additive ``bias`` broadcast to ``[B, H, Lq, Lk]``. Softmax runs in
-float32. A query row with nothing to attend to (padding, an empty modality) returns zeros, never NaN, everywhere.
+boolean ``mask`` (True = may attend) and an additive ``bias`` broadcast to ``[B, H, Lq, Lk]``; ``kv_lengths`` [B]
+marks keys ``j >= kv_lengths[b]`` as padding (right padding, e.g. text), which fused kernels take as sequence lengths
+instead of a dense mask. Softmax runs in float32. A query row with nothing to attend to returns zeros, never NaN.
 
-Implementations: ``"reference"`` (our einsum code; also whenever weights are returned or attention dropout is on,
-which ``jax.nn.dot_product_attention`` lacks), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``; cudnn
-needs a CUDA GPU and bf16/fp16, else a ValueError says why; lengths are padded to a multiple of 64 and masked,
-``padded_attention``).
+Implementations (each computes the same function, to float rounding; docs/accelerators.md "Attention kernels"):
+"auto" (default; ``resolve_implementation``, at trace time): "cudnn" on a GPU for bf16/fp16 and a head_dim cuDNN
+takes, "pallas" on a TPU for key-only masks / lengths and no bias, else "xla", logging once why a kernel was passed
+over. "reference": our einsum code, also whenever the probabilities (attention maps) or attention dropout are wanted
+(no kernel has them; logged once). "xla" / "cudnn": ``jax.nn.dot_product_attention``; cudnn needs a CUDA GPU and
+bf16/fp16 (else a ValueError says why) and runs on sequences padded to a multiple of 64 (``padded_attention``).
+"pallas": jax's TPU splash kernel, key padding as kv segment ids, sequences padded to a multiple of 128, per shard
+under a device mesh; off TPU in Pallas' interpret mode (slow: tests). Splash from jax rather than tokamax (which
+wraps the same kernel): it ships with every jax we support, takes grouped-query heads and per-example segment ids and
+pads head_dim; tokamax pins typeguard 2.13.3 and from 0.0.13 on needs Python >= 3.12; jax's older
+``pallas.ops.tpu.flash_attention`` has no grouped-query heads. All support grad and vmap; the cuDNN and splash
+kernels are ``custom_vjp``, without forward mode (``jax.jvp``, ``jax.hessian``): "auto" is "xla" on CPU, and "xla"
+is the switch for forward-mode work on an accelerator.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +35,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vtfusion_jax import linear
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "pallas")
+
+log = logging.getLogger(__name__)
+_NOTED: set[str] = set()  # reasons already logged (_note_once)
 
 
 def _as_4d(x: jax.Array | None, name: str) -> jax.Array | None:
@@ -90,19 +104,75 @@ def _reference(q, k, v, mask, bias, dropout_fn):
     return out.reshape(b, lq, h, dh).astype(q.dtype), probs
 
 
+def _and_lengths(mask: jax.Array | None, kv_lengths: jax.Array | None, lk: int) -> jax.Array | None:
+    """The dense mask equal to ``mask`` and ``kv_lengths`` [B] together."""
+    if kv_lengths is None:
+        return mask
+    m = (jnp.arange(lk) < kv_lengths[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
+    return m if mask is None else _as_4d(mask, "mask") & m
+
+
+def _note_once(reason: str) -> None:
+    """Logs why attention left a kernel, once per reason and process (tracing repeats it per jit, scan, remat)."""
+    if reason not in _NOTED:
+        _NOTED.add(reason)
+        log.info("attention: %s", reason)
+
+
+def _cudnn_problem(dtype: Any, head_dim: int | None = None) -> str | None:
+    """Why cuDNN's fused attention cannot run here (None when it can)."""
+    if jax.default_backend() != "gpu":
+        return f"cuDNN attention needs a CUDA GPU, but jax's default backend is {jax.default_backend()!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
+    try:  # jax's own limit (jax/_src/cudnn/fused_attention_stablehlo.py): 256 from Hopper (sm_90) on, else 128
+        max_dim = 256 if float(jax.devices()[0].compute_capability) >= 9.0 else 128
+    except (AttributeError, ValueError):
+        max_dim = 128
+    if head_dim is not None and (head_dim % 8 or head_dim > max_dim):
+        return f"cuDNN attention needs head_dim a multiple of 8 and <= {max_dim}, got {head_dim}"
+    return None
+
+
 def check_cudnn_available(dtype: Any) -> None:
     """Raises ValueError explaining why cuDNN attention cannot run here (no-op when it can)."""
+    if problem := _cudnn_problem(dtype):
+        raise ValueError(f"attention implementation 'cudnn': {problem}; use implementation='xla' (or 'auto').")
+
+
+def _pallas_problem(mask: jax.Array | None, bias: jax.Array | None) -> str | None:
+    """Why the splash kernel cannot take these inputs (None when it can)."""
+    if bias is not None:
+        return "an additive bias (the splash kernel takes none)"
+    if mask is not None and _as_4d(mask, "mask").shape[1:3] != (1, 1):
+        return "a mask that varies over heads or query positions (the splash kernel takes key padding only)"
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
+    except ImportError as e:
+        return f"the splash kernel is not importable ({e})"
+    return None
+
+
+def resolve_implementation(
+    implementation: str, q: jax.Array, *, mask: jax.Array | None = None, bias: jax.Array | None = None
+) -> str:
+    """The implementation that runs: ``implementation`` itself unless it is "auto", which picks the backend's kernel
+    when it takes these inputs (module docstring) and otherwise "xla", logging once why."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
     backend = jax.default_backend()
-    if backend != "gpu":
-        raise ValueError(
-            f"attention implementation 'cudnn' needs a CUDA GPU, but jax's default backend is {backend!r}; "
-            "use implementation='xla' (or 'reference')."
-        )
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(
-            f"attention implementation 'cudnn' needs bfloat16 or float16 inputs, got {jnp.dtype(dtype)}; "
-            "set dtype='bfloat16' or use implementation='xla'."
-        )
+    if backend == "gpu":
+        kernel, problem = "cudnn", _cudnn_problem(q.dtype, q.shape[-1])
+    elif backend == "tpu":
+        kernel, problem = "pallas", _pallas_problem(mask, bias)
+    else:
+        return "xla"
+    if problem:
+        _note_once(f"'auto' runs xla instead of {kernel}: {problem}")
+        return "xla"
+    return kernel
 
 
 def dot_product_attention(
@@ -112,7 +182,8 @@ def dot_product_attention(
     *,
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
-    implementation: str = "xla",
+    kv_lengths: jax.Array | None = None,
+    implementation: str = "auto",
     dropout_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Softmax(Q K^T / sqrt(d_k)) V.
@@ -120,21 +191,34 @@ def dot_product_attention(
     Args:
       q, k, v: ``[B, Lq, H, Dh]`` queries; ``[B, Lk, Hkv, Dh]`` keys and values, ``H % Hkv == 0``.
       mask, bias: optional, broadcastable to ``[B, H, Lq, Lk]``: boolean (True = may attend), additive logit bias.
-      implementation: ``"reference"``, ``"xla"`` or ``"cudnn"``.
+      kv_lengths: optional int ``[B]``: keys ``j >= kv_lengths[b]`` are padding (combined with ``mask``).
+      implementation: one of IMPLEMENTATIONS (module docstring).
       dropout_fn: optional function applied to the probabilities (attention dropout); forces the reference path.
 
     Returns:
       ``[B, Lq, H, Dh]`` in q's dtype; query rows with no valid key are exactly zero.
     """
     _check_shapes(q, k, v)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
-    if implementation == "reference" or dropout_fn is not None:
-        return _reference(q, k, v, mask, bias, dropout_fn)[0]
-    if implementation == "cudnn":
+    impl = resolve_implementation(implementation, q, mask=mask, bias=bias)
+    if dropout_fn is not None and impl != "reference":
+        _note_once("attention dropout runs the reference path (no kernel has it)")
+        impl = "reference"
+    # Kernels never see an empty row (cuDNN would divide 0 by 0): length 0 runs as 1, and its output is zeroed below.
+    lengths = None if kv_lengths is None else jnp.maximum(kv_lengths, 1).astype(jnp.int32)
+    if impl == "reference":
+        out = _reference(q, k, v, _and_lengths(mask, lengths, k.shape[1]), bias, dropout_fn)[0]
+    elif impl == "cudnn":
         check_cudnn_available(q.dtype)
-        return padded_attention(q, k, v, mask=mask, bias=bias, implementation="cudnn", multiple=CUDNN_SEQ_MULTIPLE)
-    return _fused(q, k, v, mask, bias, implementation)
+        out = padded_attention(q, k, v, mask=mask, bias=bias, kv_lengths=lengths, implementation="cudnn")
+    elif impl == "pallas":
+        if problem := _pallas_problem(mask, bias):
+            raise ValueError(f"attention implementation 'pallas' cannot take {problem}; use 'auto' or 'xla'.")
+        out = _pallas(q, k, v, _and_lengths(mask, lengths, k.shape[1]))
+    else:
+        out = _fused(q, k, v, mask, bias, impl, kv_lengths=lengths)
+    if kv_lengths is not None:
+        out = jnp.where((kv_lengths > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
+    return out
 
 
 def _fused(q, k, v, mask, bias, implementation, q_lengths=None, kv_lengths=None):
@@ -166,6 +250,8 @@ def _fused(q, k, v, mask, bias, implementation, q_lengths=None, kv_lengths=None)
 
 # cuDNN's fused attention kernels want sequence lengths that are multiples of 64 (197 ViT tokens run as 256).
 CUDNN_SEQ_MULTIPLE = 64
+# The splash kernel's blocks (and so the padded sequence lengths) are multiples of the TPU's 128 lanes.
+PALLAS_BLOCK = 128
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -188,27 +274,31 @@ def padded_attention(
     *,
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
     implementation: str = "xla",
     multiple: int = CUDNN_SEQ_MULTIPLE,
 ) -> jax.Array:
     """``dot_product_attention`` run on sequences padded to a multiple of ``multiple``, with the padding masked.
 
     Padded keys are never attended and padded query rows are sliced off, so the result and its gradient equal the
-    unpadded computation. Without mask or bias the kernel gets the real sequence lengths (no [B, H, Lq, Lk] bias in
-    memory); otherwise the mask is padded False on keys, True on queries (no row becomes empty). Args as for
-    ``dot_product_attention``, ``implementation`` "xla" (runs anywhere; tests) or "cudnn". Returns ``[B, Lq, H, Dh]``.
+    unpadded computation. Without mask or bias the kernel gets sequence lengths (``kv_lengths`` or the real length:
+    no [B, H, Lq, Lk] bias in memory); otherwise the mask (lengths folded in) is padded False on keys, True on
+    queries (no row becomes empty). Args as for ``dot_product_attention`` (``kv_lengths`` >= 1), ``implementation``
+    "xla" (runs anywhere; tests) or "cudnn". Returns ``[B, Lq, H, Dh]``.
     """
     _check_shapes(q, k, v)
     b, lq, _, _ = q.shape
     lk = k.shape[1]
+    if mask is not None or bias is not None:
+        mask, kv_lengths = _and_lengths(mask, kv_lengths, lk), None
     lq_p, lk_p = _round_up(lq, multiple), _round_up(lk, multiple)
     if (lq_p, lk_p) == (lq, lk):
-        return _fused(q, k, v, mask, bias, implementation)
+        return _fused(q, k, v, mask, bias, implementation, kv_lengths=kv_lengths)
     qp = _pad_axis(q, 1, lq_p)
     kp, vp = _pad_axis(k, 1, lk_p), _pad_axis(v, 1, lk_p)
     if mask is None and bias is None:
         q_len = jnp.full((b,), lq, jnp.int32)
-        kv_len = jnp.full((b,), lk, jnp.int32)
+        kv_len = jnp.full((b,), lk, jnp.int32) if kv_lengths is None else kv_lengths
         out = _fused(qp, kp, vp, None, None, implementation, q_lengths=q_len, kv_lengths=kv_len)
         return out[:, :lq]
     m = jnp.ones((1, 1, 1, lk), bool) if mask is None else _as_4d(mask, "mask")
@@ -219,6 +309,40 @@ def padded_attention(
     if bias is not None:
         bp = _pad_axis(_pad_axis(_as_4d(bias, "bias"), 2, lq_p), 3, lk_p)
     return _fused(qp, kp, vp, m, bp, implementation)[:, :lq]
+
+
+def _pallas(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The splash kernel; ``mask`` key-only ([B or 1, 1, 1, Lk]) or None. Returns [B, Lq, H, Dh]."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, lq, h, dh = q.shape
+    lk = k.shape[1]
+    key_ok = jnp.ones((b, lk), bool) if mask is None else jnp.broadcast_to(_as_4d(mask, "mask")[:, 0, 0], (b, lk))
+    has_key = jnp.any(key_ok, -1)
+    key_ok = key_ok.at[:, 0].set(key_ok[:, 0] | ~has_key)  # no empty row reaches the kernel (zeroed below)
+    lq_p, lk_p = _round_up(lq, PALLAS_BLOCK), _round_up(lk, PALLAS_BLOCK)
+    # [B, L, H, Dh] -> padded [B, H, L_p, Dh]; the kernel does not scale the logits, so q is scaled first.
+    to_bhld = lambda x, n: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))), 1, 2)  # noqa: E731
+    qt, kt, vt = to_bhld(q * jnp.asarray(dh**-0.5, q.dtype), lq_p), to_bhld(k, lk_p), to_bhld(v, lk_p)
+    q_ids = jnp.ones((b, lq_p), jnp.int32)
+    kv_ids = jnp.pad(key_ok, ((0, 0), (0, lk_p - lk))).astype(jnp.int32)  # 1 = real key; a query (id 1) sees those
+
+    def run(qt, kt, vt, q_ids, kv_ids):  # one shard: [b, h, L_p, Dh]
+        heads = splash.MultiHeadMask([splash.FullMask((lq_p, lk_p))] * qt.shape[1])
+        kernel = splash.make_splash_mha(heads, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu")
+        return jax.vmap(kernel)(qt, kt, vt, splash.SegmentIds(q_ids, kv_ids))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # a Mosaic kernel is not partitioned by XLA: run it per shard
+        from vtfusion_jax import sharding
+
+        batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or None
+        heads = "tensor" if "tensor" in mesh.axis_names else None
+        spec = sharding.fit_spec(jax.sharding.PartitionSpec(batch, heads), kt.shape, mesh)  # H % Hkv == 0: fits q
+        ids = jax.sharding.PartitionSpec(spec[0])
+        run = jax.shard_map(run, in_specs=(spec, spec, spec, ids, ids), out_specs=spec, check_vma=False)
+    out = jnp.swapaxes(run(qt, kt, vt, q_ids, kv_ids), 1, 2)[:, :lq]
+    return jnp.where(has_key[:, None, None, None], out, jnp.zeros((), out.dtype))
 
 
 class HeadsProjection(nn.Module):
@@ -270,7 +394,7 @@ class MultiHeadAttention(nn.Module):
       head_dim: per-head width (None = query feature dim // num_heads).
       qk_layernorm: LayerNorm on q and k per head (stabilises training; ViT-22B).
       dropout_rate: dropout on the attention probabilities.
-      implementation: see ``dot_product_attention``.
+      implementation: see the module docstring ("auto": the backend's kernel where it applies).
       sow_weights: sow the probabilities ``[B, H, Lq, Lk]`` as ``intermediates/attention_weights`` (attention maps).
       dtype: compute dtype; parameters are ``param_dtype``.
     """
@@ -280,17 +404,24 @@ class MultiHeadAttention(nn.Module):
     head_dim: int | None = None
     qk_layernorm: bool = False
     dropout_rate: float = 0.0
-    implementation: str = "xla"
+    implementation: str = "auto"
     sow_weights: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
-        self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *, mask=None, deterministic: bool = True
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        kv_lengths: jax.Array | None = None,
+        deterministic: bool = True,
     ) -> jax.Array:
         """Attends from ``inputs_q`` [B, Lq, Dq] to ``inputs_kv`` [B, Lk, Dkv] (None: self-attention); ``mask``
-        broadcasts to ``[B, H, Lq, Lk]``, True = may attend; ``deterministic`` disables dropout. Returns [B, Lq, Dq]."""
+        broadcasts to ``[B, H, Lq, Lk]``, True = may attend; ``kv_lengths`` [B]: keys from there on are padding;
+        ``deterministic`` disables dropout. Returns [B, Lq, Dq]."""
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         dq, h = inputs_q.shape[-1], self.num_heads
         hkv, dh = self.num_kv_heads or h, self.head_dim or dq // h
@@ -311,12 +442,14 @@ class MultiHeadAttention(nn.Module):
         if self.dropout_rate > 0.0 and not deterministic:
             dropout_fn = nn.Dropout(self.dropout_rate, deterministic=False)
         want_weights = self.sow_weights and self.is_mutable_collection("intermediates")
-        if want_weights or dropout_fn is not None:
-            out, probs = _reference(q, k, v, mask, None, dropout_fn)
-            if want_weights:
-                self.sow("intermediates", "attention_weights", probs)
+        if want_weights:  # the kernels never form the probabilities
+            if self.implementation != "reference":
+                _note_once("attention maps (sow_weights) run the reference path (kernels return no probabilities)")
+            out, probs = _reference(q, k, v, _and_lengths(mask, kv_lengths, k.shape[1]), None, dropout_fn)
+            self.sow("intermediates", "attention_weights", probs)
         else:
-            out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            kw = dict(mask=mask, kv_lengths=kv_lengths, implementation=self.implementation, dropout_fn=dropout_fn)
+            out = dot_product_attention(q, k, v, **kw)
         out = HeadsProjection((dq,), ("heads", "kv", "embed"), self.dtype, self.param_dtype, in_dims=2, name="out")(out)
         return checkpoint_name(nn.with_logical_constraint(out, ("batch", "length", "embed")), "attn_out")
 

@@ -122,10 +122,26 @@ def mlp_flops(length: int, d: int, mlp_dim: int) -> int:
     return 2 * 2 * length * d * mlp_dim
 
 
+def key_lengths(mask: jax.Array) -> jax.Array:
+    """Right-padded mask [B, L] (True entries a prefix of each row: text, image and fusion masks) -> lengths [B]
+    int32, what attention takes as ``kv_lengths`` (fused kernels read lengths, not a dense mask). Only for masks that
+    are right-padded by contract: the lengths of any other mask describe a different one."""
+    return jnp.sum(mask, axis=-1, dtype=jnp.int32)
+
+
+def attend_to(keys: jax.Array | None) -> dict:
+    """MultiHeadAttention keyword arguments for a block's key constraint: int [B] lengths (``key_lengths``) ->
+    ``kv_lengths``; a bool mask -> ``mask`` (``key_mask``); None -> none."""
+    if keys is not None and jnp.issubdtype(keys.dtype, jnp.integer):
+        return dict(kv_lengths=keys)
+    return dict(mask=key_mask(keys))
+
+
 def key_mask(kv_mask: jax.Array | None) -> jax.Array | None:
     """Attention mask for MultiHeadAttention from a fusion-level mask.
 
-    [B, Lk] (key padding) -> [B, 1, 1, Lk]; [B, Lq, Lk] (full pattern, e.g. block-diagonal) -> [B, 1, Lq, Lk].
+    [B, Lk] (key padding, any pattern) -> [B, 1, 1, Lk]; [B, Lq, Lk] (full pattern, e.g. block-diagonal) ->
+    [B, 1, Lq, Lk]. A right-padded [B, Lk] mask is better passed as ``key_lengths`` (``attend_to``).
     """
     if kv_mask is None:
         return None
@@ -148,7 +164,8 @@ def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 class TransformerBlock(nn.Module):
     """Self-attention (+ optional cross-attention) + MLP, pre-LN (default) or post-LN (BERT).
 
-    carry: x [B, L, D]. aux: (mask [B, L] or [B, L, L] or None, kv [B, Lk, Dkv] or None, kv_mask [B, Lk] or None).
+    carry: x [B, L, D]. aux: (mask, kv [B, Lk, Dkv] or None, kv_mask); mask / kv_mask: lengths [B] (``key_lengths``),
+    bool [B, L] / [B, L, L] (mask) or [B, Lk] (kv_mask), or None (``attend_to``).
     ``cross_attention=True``: self-attention, cross-attention to ``kv``, MLP (``cross_first``: cross before self).
     """
 
@@ -158,7 +175,7 @@ class TransformerBlock(nn.Module):
     cross_first: bool = False
     post_ln: bool = False
     dropout_rate: float = 0.0
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     ln_epsilon: float = 1e-6
     sow_weights: bool = False
     dtype: Any = jnp.float32
@@ -180,12 +197,12 @@ class TransformerBlock(nn.Module):
         self_attn = MultiHeadAttention(self.num_heads, **kw, name="self_attn")
 
         def do_self(x):
-            attend = lambda y: self_attn(y, mask=key_mask(mask), deterministic=deterministic)  # noqa: E731
+            attend = lambda y: self_attn(y, **attend_to(mask), deterministic=deterministic)  # noqa: E731
             return self._residual(x, attend, "self_attn", deterministic)
 
         def do_cross(x):
             cross_attn = MultiHeadAttention(self.num_heads, **kw, name="cross_attn")
-            attend = lambda y: cross_attn(y, kv, mask=key_mask(kv_mask), deterministic=deterministic)  # noqa: E731
+            attend = lambda y: cross_attn(y, kv, **attend_to(kv_mask), deterministic=deterministic)  # noqa: E731
             return self._residual(x, attend, "cross_attn", deterministic)
 
         if self.cross_attention:
@@ -347,7 +364,7 @@ def transformer_encoder(
     """The Transformer stack of a text/image encoder: ``module.depth`` TransformerBlocks named ``encoder``.
 
     ``module`` supplies the sizes (num_heads, mlp_dim, dropout_rate, attention_impl, ln_epsilon, activation, dtype,
-    depth, scan_layers, remat_policy). x: [B, L, D], mask: [B, L] or None -> [B, L, D].
+    depth, scan_layers, remat_policy). x: [B, L, D], mask: lengths [B], bool [B, L] or None -> [B, L, D].
     """
     fields = ("num_heads", "mlp_dim", "dropout_rate", "attention_impl", "ln_epsilon", "activation", "dtype")
     kwargs = dict({f: getattr(module, f) for f in fields}, post_ln=post_ln)

@@ -74,9 +74,12 @@ class DecoderLayer(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
             new_cache = (k, v)
             self_mask = (jnp.arange(k.shape[1]) <= index)[None, None, None, :]
-        x = x + self.o(dot_product_attention(q, k, v, mask=self_mask))
+        # The decoder stays on xla: its one-token decode steps gain nothing from a padded fused kernel.
+        x = x + self.o(dot_product_attention(q, k, v, mask=self_mask, implementation="xla"))
         y = self.cross_ln(x).astype(self.dtype)
-        x = x + self.co(dot_product_attention(self.cq(y), *cross, mask=cross_mask[:, None, None, :]))
+        x = x + self.co(
+            dot_product_attention(self.cq(y), *cross, mask=cross_mask[:, None, None, :], implementation="xla")
+        )
         x = x + self.mlp(self.mlp_ln(x).astype(self.dtype), deterministic)
         return x, new_cache
 

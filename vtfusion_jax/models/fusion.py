@@ -7,10 +7,12 @@ One interface for every variant::
     # text_out [B, L, D], image_out [B, N, D], pooled [B, P]  (P = D or 2D, see each variant)
 
 Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``).
-Masks are True on real tokens; "LN" is a float32 LayerNorm; blocks are pre-LN residual (x + f(LN(x))). Each variant
-is registered once (``@register_fusion``, models/registry.py: summary, paper, pooled width, attention maps); its
-class docstring gives the details and ``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input
-projections excluded). The variant tables are generated from the registry by scripts/fusion_table.py.
+Masks are True on real tokens and right-padded (real tokens first: text; image masks are all True), so attention
+gets them as lengths (``layers.key_lengths``: fused kernels skip the padding). "LN" is a float32 LayerNorm; blocks
+are pre-LN residual (x + f(LN(x))). Each variant is registered once (``@register_fusion``, models/registry.py:
+summary, paper, pooled width, attention maps); its class docstring gives the details and
+``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input projections excluded). The variant tables
+are generated from the registry by scripts/fusion_table.py.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class FusionBase(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 512
     dropout_rate: float = 0.0
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
     sow_weights: bool = False
@@ -217,7 +219,7 @@ class CrossFusion(FusionBase):
         i = self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
         t = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs(cross_attention=True, cross_first=True))(
-            t, (text_mask, kv, image_mask), deterministic
+            t, (layers.key_lengths(text_mask), kv, layers.key_lengths(image_mask)), deterministic
         )
         t = self.ln("final_ln")(t)
         pooled = layers.masked_mean(t, text_mask)
@@ -249,17 +251,17 @@ class CoAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, carry, aux, deterministic: bool):
         t, i = carry
-        text_mask, image_mask = aux
+        text_len, image_len = aux  # [B] lengths
         c = self.cfg
         norm, mha = c.ln, c.mha
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
         y = norm("text_self_ln")(t)
-        t = t + drop(mha("text_self_attn")(y, mask=layers.key_mask(text_mask), deterministic=deterministic))
+        t = t + drop(mha("text_self_attn")(y, kv_lengths=text_len, deterministic=deterministic))
         y = norm("image_self_ln")(i)
-        i = i + drop(mha("image_self_attn")(y, mask=layers.key_mask(image_mask), deterministic=deterministic))
+        i = i + drop(mha("image_self_attn")(y, kv_lengths=image_len, deterministic=deterministic))
         tq, iq = norm("text_cross_ln")(t), norm("image_cross_ln")(i)
-        t_new = t + drop(mha("text_to_image")(tq, iq, mask=layers.key_mask(image_mask), deterministic=deterministic))
-        i_new = i + drop(mha("image_to_text")(iq, tq, mask=layers.key_mask(text_mask), deterministic=deterministic))
+        t_new = t + drop(mha("text_to_image")(tq, iq, kv_lengths=image_len, deterministic=deterministic))
+        i_new = i + drop(mha("image_to_text")(iq, tq, kv_lengths=text_len, deterministic=deterministic))
         mlp = lambda x, s: layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name=f"{s}_mlp")(  # noqa: E731
             norm(f"{s}_mlp_ln")(x), deterministic
         )
@@ -284,7 +286,7 @@ class CoAttentionFusion(FusionBase):
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
         t, i = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())(
-            (t, i), (text_mask, image_mask), deterministic
+            (t, i), (layers.key_lengths(text_mask), layers.key_lengths(image_mask)), deterministic
         )
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
@@ -303,12 +305,12 @@ class GatedCrossBlock(nn.Module):
 
     @nn.compact
     def __call__(self, t, aux, deterministic: bool):
-        kv, kv_mask = aux
+        kv, kv_len = aux  # [B, N, D], [B] lengths
         c = self.cfg
         gate = lambda name: jnp.tanh(  # noqa: E731
             self.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), (), jnp.float32)
         ).astype(c.dtype)
-        attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, mask=layers.key_mask(kv_mask), deterministic=deterministic)
+        attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, kv_lengths=kv_len, deterministic=deterministic)
         t = t + gate("attn_gate") * nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
         y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(c.ln("mlp_ln")(t), deterministic)
         t = t + gate("mlp_gate") * nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
@@ -333,7 +335,8 @@ class GatedCrossFusion(FusionBase):
         t = self.project(text, "text_proj")
         i = self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
-        t = self.stack(GatedCrossBlock, "blocks", cfg=self.block_config())(t, (kv, image_mask), deterministic)
+        aux = (kv, layers.key_lengths(image_mask))
+        t = self.stack(GatedCrossBlock, "blocks", cfg=self.block_config())(t, aux, deterministic)
         return t, i, layers.masked_mean(t, text_mask)
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
@@ -401,17 +404,13 @@ class QueryBlock(nn.Module):
 
     @nn.compact
     def __call__(self, q, aux, deterministic: bool):
-        image, image_mask, text, text_mask = aux
+        image, image_len, text, text_len = aux  # lengths [B]
         c = self.cfg
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
         mha, norm = c.mha, lambda name, x: c.ln(name)(x)  # noqa: E731
         q = q + drop(mha("self_attn")(norm("self_ln", q), deterministic=deterministic))
-        q = q + drop(
-            mha("image_attn")(norm("image_ln", q), image, mask=layers.key_mask(image_mask), deterministic=deterministic)
-        )
-        q = q + drop(
-            mha("text_attn")(norm("text_ln", q), text, mask=layers.key_mask(text_mask), deterministic=deterministic)
-        )
+        q = q + drop(mha("image_attn")(norm("image_ln", q), image, kv_lengths=image_len, deterministic=deterministic))
+        q = q + drop(mha("text_attn")(norm("text_ln", q), text, kv_lengths=text_len, deterministic=deterministic))
         q = q + drop(layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(norm("mlp_ln", q), deterministic))
         return q, None
 
@@ -439,7 +438,7 @@ class QueryFusion(FusionBase):
         q = self.learned_tokens("queries", self.num_queries, t.shape[0])  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
         q = self.stack(QueryBlock, "blocks", cfg=self.block_config())(
-            q, (i_kv, image_mask, t_kv, text_mask), deterministic
+            q, (i_kv, layers.key_lengths(image_mask), t_kv, layers.key_lengths(text_mask)), deterministic
         )
         q = self.ln("query_final_ln")(q)
         t = t + self.mha("text_readout")(t_kv, q, deterministic=deterministic)

@@ -45,7 +45,7 @@ class BertEncoder(nn.Module):
     ln_epsilon: float = 1e-12
     activation: str = "gelu"
     pooler: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
@@ -74,7 +74,8 @@ class BertEncoder(nn.Module):
             x = layers.LayerNorm(self.ln_epsilon, name="embeddings_ln")(x)
         x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)  # [B, L, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = layers.transformer_encoder(self, x, text_mask, deterministic, post_ln=self.post_ln)
+        lengths = layers.key_lengths(text_mask)  # right-padded (module docstring): fused kernels take lengths
+        x = layers.transformer_encoder(self, x, lengths, deterministic, post_ln=self.post_ln)
         if not self.post_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
         x = x * text_mask[..., None].astype(x.dtype)

@@ -345,7 +345,7 @@ class ViT(nn.Module):
     patch_bias: bool = True
     pre_ln: bool = False
     final_ln: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
