@@ -61,6 +61,8 @@ def train(**overrides) -> ml_collections.ConfigDict:
             prefetch=2,  # batches prepared ahead on a background thread
             data_workers=0,  # grain worker processes (0 = threads)
             progress_bar=True,  # tqdm bar with loss and steps/s
+            compilation_cache_dir="",  # jax's persistent compilation cache: reruns load compiled programs ("" = off)
+            profile_steps=(0, 0),  # (first, last) step traced by jax.profiler into workdir/profile ((0, 0) = off)
         ),
         overrides,
     )
@@ -76,3 +78,13 @@ def evaluation(**overrides) -> ml_collections.ConfigDict:
         ),
         overrides,
     )
+
+
+def accelerator(c: ml_collections.ConfigDict, on: bool = True) -> ml_collections.ConfigDict:
+    """The ``accel=1`` ':' argument of every experiment config (docs/accelerators.md): ``c`` with bfloat16 compute
+    and the fused attention kernels chosen per backend. Batch size and mesh stay the experiment's: set them per
+    machine on the command line."""
+    if on:
+        c.model.dtype = "bfloat16"  # activations; params, optimiser state, softmax, LayerNorm and losses stay float32
+        c.model.attention_impl = "auto"  # GPU: cuDNN fused attention, TPU: Pallas splash kernel, else xla
+    return c

@@ -10,13 +10,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from vtfusion_jax import config_lib
+from vtfusion_jax.config_lib import parse_arg
 
 common = config_lib.sibling(__file__, "common")
 
 
 def get_config(arg=None):
-    """Returns the locked config (``arg`` is unused: easy-VQA has a single setting)."""
-    del arg
+    """Returns the locked config; ``arg`` "accel=1" is the accelerator preset (configs/common.py: accelerator)."""
+    arg = parse_arg(arg, accel=False)
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
@@ -87,4 +88,4 @@ def get_config(arg=None):
     c.eval = common.evaluation()  # eval.py: test split, best checkpoint, 8 attention maps
 
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -27,6 +27,8 @@ import ml_collections
 from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
+common = config_lib.sibling(__file__, "common")
+
 
 def _main_config():
     return config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py"))
@@ -35,7 +37,7 @@ def _main_config():
 def get_config(arg=None):
     """Returns the locked config. ``arg``: ``image_init_from=<folder | hub id>`` uses a pretrained image checkpoint
     (e.g. microsoft/resnet-50) instead of the pixel features."""
-    arg = parse_arg(arg, image_init_from="")
+    arg = parse_arg(arg, image_init_from="", accel=False)
     c = _main_config()
     with c.unlocked():
         if arg.image_init_from:
@@ -79,4 +81,4 @@ def get_config(arg=None):
     c.train.focal_gamma = 0.0  # plain cross-entropy, as in its committed run
     c.dataset.max_len = 16  # question length of its committed run
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

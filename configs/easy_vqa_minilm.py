@@ -15,14 +15,16 @@ import ml_collections
 
 from vtfusion_jax import config_lib
 
+common = config_lib.sibling(__file__, "common")
+
 
 def _main_config():
     return config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "easy_vqa.py"))
 
 
 def get_config(arg=None):
-    """Returns the locked config (``arg`` is unused)."""
-    del arg
+    """Returns the locked config; ``arg`` "accel=1" is the accelerator preset (configs/common.py)."""
+    arg = config_lib.parse_arg(arg, accel=False)
     c = _main_config()
     with c.unlocked():
         c.model.text_encoder = ml_collections.ConfigDict(  # text tower: architecture from the checkpoint's config.json
@@ -43,4 +45,4 @@ def get_config(arg=None):
     c.dataset.max_len = 16  # question length of its committed run
     c.train.eval_every_steps = c.train.checkpoint_every_steps = 150  # validation cadence of its committed run
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -11,14 +11,17 @@ python scripts/run.py --name=multiscale/<row> --config=configs/multiscale.py:<ar
 
 import os
 
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import load_config, parse_arg
+
+common = config_lib.sibling(__file__, "common")
 
 BASES = ("easy_vqa", "sort_of_clevr")
 
 
 def get_config(arg=None):
     """Returns the locked base config with ``model.image_encoder.scales`` set; ``arg`` "base=..,num_scales=.."."""
-    arg = parse_arg(arg, base="easy_vqa", fusion="cross", num_scales=1)
+    arg = parse_arg(arg, base="easy_vqa", fusion="cross", num_scales=1, accel=False)
     if arg.base not in BASES:
         raise ValueError(f"unknown base {arg.base!r}; valid: {BASES}")
     if arg.num_scales < 1:
@@ -39,4 +42,4 @@ def get_config(arg=None):
         # () = the last stage only (the single-scale encoder, same parameter names); (-k..-1) = the last k stages.
         c.model.image_encoder.scales = tuple(range(-arg.num_scales, 0)) if arg.num_scales > 1 else ()
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

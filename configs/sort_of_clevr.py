@@ -35,7 +35,7 @@ common = config_lib.sibling(__file__, "common")
 
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME" (default co_attention)."""
-    arg = parse_arg(arg, fusion="co_attention")
+    arg = parse_arg(arg, fusion="co_attention", accel=False)
     if arg.fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
     c = ml_collections.ConfigDict()
@@ -110,4 +110,4 @@ def get_config(arg=None):
     c.eval = common.evaluation()  # eval.py: test split, best checkpoint, 8 attention maps
 
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -21,7 +21,7 @@ common = config_lib.sibling(__file__, "common")
 
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "" (Sort-of-CLEVR) or "manifest=PATH" (a user dataset)."""
-    arg = parse_arg(arg, manifest="")
+    arg = parse_arg(arg, manifest="", accel=False)
     c = ml_collections.ConfigDict()
     c.task = "caption"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
@@ -107,4 +107,4 @@ def get_config(arg=None):
         c.eval.measure_cache_speedup = True  # also time greedy decoding without the KV cache
 
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -23,7 +23,7 @@ common = config_lib.sibling(__file__, "common")
 
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME[,manifest=PATH]" (default cross, Sort-of-CLEVR)."""
-    arg = parse_arg(arg, fusion="cross", manifest="")
+    arg = parse_arg(arg, fusion="cross", manifest="", accel=False)
     if arg.fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
     c = ml_collections.ConfigDict()
@@ -119,4 +119,4 @@ def get_config(arg=None):
         c.eval.rerank_score = "itm+itc"  # candidate score: "itm" log-odds | "itm+itc" log-odds + cos / tau (BLIP)
 
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -7,13 +7,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from vtfusion_jax import config_lib
+from vtfusion_jax.config_lib import parse_arg
 
 common = config_lib.sibling(__file__, "common")
 
 
 def get_config(arg=None):
-    """Returns the locked tiny config (``arg`` is unused)."""
-    del arg
+    """Returns the locked tiny config; ``arg`` "accel=1" is the accelerator preset (configs/common.py)."""
+    arg = parse_arg(arg, accel=False)
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order
@@ -82,4 +83,4 @@ def get_config(arg=None):
     c.eval = common.evaluation(split="validation[:256]", num_attention_maps=2)  # quick eval.py
 
     c.lock()
-    return c
+    return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

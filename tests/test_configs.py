@@ -38,6 +38,19 @@ def test_sort_of_clevr_arg_picks_the_fusion():
         load_config("sort_of_clevr", "fusoin=cross")
 
 
+def test_every_experiment_config_has_the_accelerator_preset():
+    """':accel=1' (configs/common.py: accelerator) sets bfloat16 compute and per-backend attention, nothing else."""
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+    names = [n for n in names if n not in ("common", "perf")]  # perf.py: benchmark sizes, its own presets
+    assert len(names) >= 8
+    for name in names:
+        plain, accel = load_config(name), load_config(name, "accel=1")
+        assert (accel.model.dtype, accel.model.attention_impl) == ("bfloat16", "auto"), name
+        assert plain.model.dtype == "float32", name
+        plain.model.dtype, plain.model.attention_impl = "bfloat16", "auto"
+        assert plain.to_dict() == accel.to_dict(), name
+
+
 def test_misspelt_override_fails_in_one_line_with_valid_keys(tmp_path):
     out = run_script(
         "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.optim.lrr=0.1", timeout=60

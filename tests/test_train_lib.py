@@ -1,8 +1,11 @@
 """The one training loop (train_lib.train_and_evaluate), for every task: train.nan_policy ("stop" names the step and
 keeps the last good checkpoint; "skip" leaves params and optimiser state unchanged and counts the step), SIGTERM
 (preemption) saves the current step and exits 0 and the next run continues, train.time_limit_seconds validates,
-saves and says which limit stopped it. The step is the one make_train_step builds for any task's loss."""
+saves and says which limit stopped it. The step is the one make_train_step builds for any task's loss.
+train.profile_steps writes a jax.profiler trace and train.compilation_cache_dir fills jax's persistent cache (checked
+in the nan_policy="skip" run, which needs no training of its own)."""
 
+import glob
 import json
 import logging
 import os
@@ -16,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_testutil import REPO, config_flags, load_config, read_jsonl, subprocess_env
+from jax.experimental.compilation_cache import compilation_cache
+from train_testutil import CACHE_DIR, REPO, config_flags, load_config, read_jsonl, subprocess_env
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import train_lib
@@ -127,8 +131,18 @@ def test_nan_policy_skip_keeps_params_and_optimizer_state_and_counts(tmp_path, m
     make = pipeline.make_train_iterator
     monkeypatch.setattr(pipeline, "make_train_iterator", lambda **kw: _PoisonedIterator(make(**kw), bad=1))
     kw = dict(train__checkpoint_every_steps=1, train__eval_every_steps=0, train__log_every_steps=1)
+    # and the run-time tools: a jax.profiler trace of step 3, jax's persistent compilation cache in tmp_path
+    kw.update(train__profile_steps=(3, 3), train__compilation_cache_dir=str(tmp_path / "xla_cache"))
     config = load_config("tiny", train__num_steps=3, train__nan_policy="skip", train__keep_checkpoints=5, **kw)
-    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(1))  # as in the suite: this process has opened the session's cache
+    try:
+        result = train_lib.train_and_evaluate(config, str(tmp_path))
+    finally:  # back to the session's cache (train_testutil)
+        compilation_cache.set_cache_dir(CACHE_DIR)
+        compilation_cache.reset_cache()
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # what TensorBoard's profile plugin reads
+    assert os.listdir(tmp_path / "xla_cache")  # the compiled programs
     assert result["step"] == 3 and result["skipped_steps"] == 1 and result["stop_reason"] == "num_steps"
     rows = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/skipped" in r}
     assert [rows[s]["train/skipped"] for s in (1, 2, 3)] == [0, 1, 0]

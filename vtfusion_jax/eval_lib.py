@@ -37,6 +37,8 @@ UPGRADES = {
     "train.progress_bar": False,
     "dataset.augment": False,
     "eval.num_attention_maps": 0,
+    "train.compilation_cache_dir": "",
+    "train.profile_steps": (0, 0),
 }
 
 

@@ -276,6 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t = config.train
     if t.nan_policy not in NAN_POLICIES:
         raise ValueError(f"train.nan_policy {t.nan_policy!r} is not one of {sorted(NAN_POLICIES)}")
+    if t.compilation_cache_dir:  # before the first compile: a rerun or a restart loads the compiled programs
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        cc.set_cache_dir(t.compilation_cache_dir)  # = jax.config.update("jax_compilation_cache_dir", ...)
+        cc.reset_cache()  # a cache this process opened before (an earlier run, a notebook) would otherwise stay
     maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
@@ -352,11 +357,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             jax.set_mesh(mesh),
             sharding.activation_rules(),
             _progress(total, start, t.progress_bar and is_main) as bar,
+            contextlib.ExitStack() as trace,  # train.profile_steps; closed at `last` or on the way out
         ):
             step = start
             while step < total:
+                if step + 1 == t.profile_steps[0]:  # TensorBoard's profile plugin reads workdir/profile
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    trace.callback(jax.profiler.stop_trace)
                 state, m = step_fn(state, next(train_iter))
                 step += 1
+                if step == t.profile_steps[1]:
+                    jax.block_until_ready(state)  # the trace holds the last step's device work
+                    trace.close()
                 if pending is not None:  # the previous step's metrics: one step of lag keeps dispatch async
                     window.append(jax.device_get(pending[1]))
                     check_finite(pending[0], window[-1], ckpt)
