@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,18 +132,24 @@ def test_nan_policy_skip_keeps_params_and_optimizer_state_and_counts(tmp_path, m
     make = pipeline.make_train_iterator
     monkeypatch.setattr(pipeline, "make_train_iterator", lambda **kw: _PoisonedIterator(make(**kw), bad=1))
     kw = dict(train__checkpoint_every_steps=1, train__eval_every_steps=0, train__log_every_steps=1)
-    # and the run-time tools: a jax.profiler trace of step 3, jax's persistent compilation cache in tmp_path
-    kw.update(train__profile_steps=(3, 3), train__compilation_cache_dir=str(tmp_path / "xla_cache"))
+    # and the run-time tools: a jax.profiler trace of step 3, jax's persistent compilation cache in a new folder,
+    # seeded with the session's (hard links: the programs other tests compiled still load instead of compiling)
+    cache = tmp_path / "xla_cache"
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    shutil.copytree(CACHE_DIR, cache, copy_function=os.link)  # both under the temporary folder: one filesystem
+    seeded = set(os.listdir(cache))
+    kw.update(train__profile_steps=(3, 3), train__compilation_cache_dir=str(cache))
     config = load_config("tiny", train__num_steps=3, train__nan_policy="skip", train__keep_checkpoints=5, **kw)
     jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(1))  # as in the suite: this process has opened the session's cache
     try:
         result = train_lib.train_and_evaluate(config, str(tmp_path))
+        jax.jit(lambda x: x * 5.0 - 2.0)(np.float32(1))  # a program no cache holds yet: compiled into the run's
     finally:  # back to the session's cache (train_testutil)
         compilation_cache.set_cache_dir(CACHE_DIR)
         compilation_cache.reset_cache()
     traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # what TensorBoard's profile plugin reads
-    assert os.listdir(tmp_path / "xla_cache")  # the compiled programs
+    assert set(os.listdir(cache)) - seeded  # the run's cache took the new programs
     assert result["step"] == 3 and result["skipped_steps"] == 1 and result["stop_reason"] == "num_steps"
     rows = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/skipped" in r}
     assert [rows[s]["train/skipped"] for s in (1, 2, 3)] == [0, 1, 0]
