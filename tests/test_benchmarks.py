@@ -190,6 +190,7 @@ def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"cudnn", "xla"}
 
 
+@pytest.mark.slow  # the switch's gradients are checked in the default tier: test_models.py (weight_grad_switch)
 def test_weight_grad_smoke(tmp_path):
     """The whole benchmark on the tiny config: the plain step has an Eigen ``A^T B`` dot (the kernel gradient) and
     the transposed one has none, and both give the same loss."""

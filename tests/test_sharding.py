@@ -49,28 +49,33 @@ def test_state_shardings_follow_the_rules_table():
     assert mu and all(s.spec in (P("fsdp", "tensor", None), P("tensor", None)) for s in mu)
 
 
-def test_every_mesh_trains_like_one_device(tmp_path):
-    """train_and_evaluate on tiny.py: data parallel, and data + FSDP + tensor parallel at once == a single device.
+def _mesh_losses(tmp_path, shape) -> list[float]:
+    """train_and_evaluate on tiny.py on a mesh: the 4 training losses and the validation loss."""
+    config = load_config(
+        "tiny",
+        mesh_shape=shape,
+        train__num_steps=4,
+        train__log_every_steps=1,
+        train__eval_every_steps=0,
+        train__checkpoint_every_steps=100,
+        dataset__val_split="validation[:32]",
+        train__eval_batch_size=32,
+    )
+    workdir = tmp_path / "x".join(map(str, shape))
+    result = train_lib.train_and_evaluate(config, str(workdir))
+    return [*(train_losses(str(workdir))[s] for s in range(1, 5)), result["val"]["loss"]]
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow)], ids=lambda s: "x".join(map(str, s))
+)
+def test_every_mesh_trains_like_one_device(tmp_path, shape):
+    """train_and_evaluate on tiny.py: data + FSDP + tensor parallel at once (and, in the slow tier, data parallel
+    alone) == a single device.
 
     (2, 2, 2) shards the batch over data x fsdp, the parameters over fsdp and the heads / MLP over tensor in one
     run: every code path that (2, 4, 1) and (1, 2, 4) took separately, at one compilation instead of two."""
-    losses = {}
-    for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2)):
-        config = load_config(
-            "tiny",
-            mesh_shape=shape,
-            train__num_steps=4,
-            train__log_every_steps=1,
-            train__eval_every_steps=0,
-            train__checkpoint_every_steps=100,
-            dataset__val_split="validation[:32]",
-            train__eval_batch_size=32,
-        )
-        workdir = tmp_path / "x".join(map(str, shape))
-        result = train_lib.train_and_evaluate(config, str(workdir))
-        losses[shape] = [train_losses(str(workdir))[s] for s in range(1, 5)]
-        losses[shape].append(result["val"]["loss"])
-    reference = np.array(losses[(1, 1, 1)])
+    reference = np.array(_mesh_losses(tmp_path, (1, 1, 1)))
     assert np.all(np.isfinite(reference)) and reference[0] != reference[3]
-    for shape, got in losses.items():
-        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
+    got = _mesh_losses(tmp_path, shape)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
