@@ -24,19 +24,23 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from vtfusion_jax import eval_lib, host_memory, train_lib
+    from vtfusion_jax import eval_lib, host_memory, preflight, train_lib
 
     host_memory.reuse_freed_memory_on_cpu()  # before jax starts a backend: reuse XLA:CPU's step buffers
     train_lib.maybe_initialize_distributed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = FLAGS.config if FLAGS.config is not None else eval_lib.load_config(FLAGS.workdir)
-    if FLAGS.num_attention_maps is not None:
-        with config.unlocked():
-            config.eval.num_attention_maps = FLAGS.num_attention_maps
-    split = FLAGS.split or config.eval.split
-    result = eval_lib.evaluate_split(config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint)
+    try:
+        config = FLAGS.config if FLAGS.config is not None else eval_lib.load_config(FLAGS.workdir)
+        if FLAGS.num_attention_maps is not None:
+            with config.unlocked():
+                config.eval.num_attention_maps = FLAGS.num_attention_maps
+        split = FLAGS.split or config.eval.split
+        result = eval_lib.evaluate_split(config, FLAGS.workdir, split, FLAGS.checkpoint or config.eval.checkpoint)
+    except (FileNotFoundError, preflight.CorruptFileError) as e:  # no readable checkpoint, a damaged file
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     brief = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "protocol"}
     brief.update({"per_type": result["per_type"]} if "per_type" in result else {})
     print(f"{split}: {json.dumps(brief)}", flush=True)

@@ -25,7 +25,7 @@ def main(argv):
     del argv
     import logging
 
-    from vtfusion_jax import eval_lib
+    from vtfusion_jax import eval_lib, preflight
 
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -39,7 +39,7 @@ def main(argv):
     try:
         out = eval_lib.predict(FLAGS.workdir, FLAGS.image, question=FLAGS.question, captions=captions,
                                attention_map=FLAGS.attention_map, checkpoint=FLAGS.checkpoint)  # fmt: skip
-    except (eval_lib.PredictError, FileNotFoundError) as e:
+    except (eval_lib.PredictError, FileNotFoundError, preflight.CorruptFileError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if "answer" in out:
@@ -53,6 +53,7 @@ def main(argv):
             print(f"  ITM {r['itm']:8.3f}  ITC {r['itc']:6.3f}  {r['caption']}")
     else:
         print(f"caption: {out['caption']}  (normalised log-probability {out['score']:.4f})")
+    print(f"checkpoint step: {out['checkpoint_step']}")  # the step used (after a fallback, an older one)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
   python train.py --config=configs/easy_vqa.py --workdir=runs/easy_vqa [--config.optim.lr=1e-3 ...]
 
 Writes workdir/config.json, workdir/checkpoints/ (Orbax), TensorBoard events and workdir/metrics.jsonl.
-Exit codes: 0 done (or preempted by SIGTERM after saving a checkpoint), 1 non-finite loss.
+Exit codes: 0 done (or preempted by SIGTERM after saving a checkpoint), 1 non-finite loss, unusable workdir or damaged
+input file (a one-line message; an unreadable checkpoint is not one: the newest one that reads is resumed).
 """
 
 import logging
@@ -20,7 +21,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from vtfusion_jax import host_memory, train_lib  # after flag parsing: jax starts here
+    from vtfusion_jax import host_memory, preflight, train_lib  # after flag parsing: jax starts here
 
     host_memory.reuse_freed_memory_on_cpu()  # before jax starts a backend: reuse XLA:CPU's step buffers
     train_lib.maybe_initialize_distributed()
@@ -29,7 +30,7 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train_lib.NonFiniteLossError as e:
+    except (train_lib.NonFiniteLossError, preflight.WorkdirError, preflight.CorruptFileError) as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     status = "done" if result["stop_reason"] == "num_steps" else f"stopped ({result['stop_reason']})"

@@ -238,7 +238,8 @@ def input_pipeline() -> str:
 
 
 def reliability() -> str:
-    """README: the archived reliability figures (results/archive/reliability/figures.json)."""
+    """README: the archived reliability figures (results/archive/reliability/figures.json) and the corrupt-file
+    outcomes (results/reliability/corrupt_files.json, written by tests/test_corrupt_files.py)."""
     f = _read(os.path.join(RESULTS, "archive", "reliability", "figures.json"))
     c, mp, st = f["chaos"], f["multiprocess"], f["sigterm"]
     rows = [
@@ -249,12 +250,18 @@ def reliability() -> str:
         [f"SIGTERM to a clean exit 0 | **{st['max_seconds']:.1f} s** at most (limit {st['limit_seconds']} s)",
          f"`{st['command']}`"],
     ]  # fmt: skip
-    for name, outcomes in sorted(f["bad_input"]["classes"].items()):
-        text = "; ".join(f"{n} x {o}" for o, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
-        rows.append([f"bad input: {name}", text, "`pytest tests/test_bad_input.py`"])
+    classes = [("bad input", f["bad_input"]["classes"], "pytest tests/test_bad_input.py")]
     intro = (
         f"Measured {f['measured']} ({f['machine']}; commit not recorded; test_train_failures.py is test_train_lib.py)"
     )
+    if os.path.exists(corrupt := os.path.join(RESULTS, "reliability", "corrupt_files.json")):  # issue 28
+        c = _read(corrupt)
+        classes.append(("corrupt file", c["classes"], c["command"]))
+        intro += f"; the corrupt-file rows {c['time']} ({provenance(c)})"
+    for kind, outcomes_by_class, command in classes:
+        for name, outcomes in sorted(outcomes_by_class.items()):
+            text = "; ".join(f"{n} x {o}" for o, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
+            rows.append([f"{kind}: {name}", text, f"`{command}`"])
     return intro + ".\n\n" + table("Figure | Value | Command", rows)
 
 

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vtfusion_jax import train_lib
+from vtfusion_jax import preflight, train_lib
 from vtfusion_jax.data import manifest, reader
 from vtfusion_jax.tasks import PredictError
 
@@ -59,9 +59,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path) as f:
-        c = ml_collections.ConfigDict(upgrade_config(json.load(f)))
-    c.mesh_shape = tuple(c.mesh_shape)
+    hint = "; restore it from a copy of the run, or pass --config"
+    raw = preflight.read_json(path, hint)
+    try:
+        c = ml_collections.ConfigDict(upgrade_config(raw))
+        c.mesh_shape = tuple(c.mesh_shape)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # valid JSON, but not a run's config
+        raise preflight.CorruptFileError(f"{path} is not a run config ({preflight.first_line(e)}){hint}") from None
     c.lock()
     return c
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from vtfusion_jax.preflight import CorruptFileError, first_line
+
 
 def accuracy(pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None) -> float:
     """Share of valid rows where pred == label (nan when there are none).
@@ -204,6 +206,17 @@ def create_writer(workdir: str, *, is_main: bool) -> MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows of a metrics.jsonl file (a half-written last line, from a killed run, is dropped); a garbled line raises
+    CorruptFileError naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except (ValueError, RecursionError) as e:
+            raise CorruptFileError(f"{path}:{n}: not JSON ({first_line(e)})") from None
+        if not isinstance(row, dict):
+            raise CorruptFileError(f"{path}:{n}: a JSON {type(row).__name__}, not an object")
+        rows += [row] if row else []
+    return rows

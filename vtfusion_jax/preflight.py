@@ -2,7 +2,7 @@
 
 ``check_writable`` (the workdir can be created and written), ``check_compatible`` (a checkpoint of a different model
 is refused, naming the differing state paths and config fields) and ``check_free_disk`` (room for one more checkpoint;
-the probe ``FREE_BYTES`` is replaceable by tests).
+the probe ``FREE_BYTES`` is replaceable by tests). ``CorruptFileError``: what a damaged file the run reads raises.
 """
 
 from __future__ import annotations
@@ -20,6 +20,24 @@ import numpy as np
 
 class WorkdirError(RuntimeError):
     """The workdir cannot be used for this run; the message says why and what to do."""
+
+
+class CorruptFileError(ValueError):
+    """A file the run reads is truncated or garbled; the one-line message names it and what to do."""
+
+
+def first_line(e: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 300 characters), for one-line error reports."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def read_json(path: str, hint: str = "") -> Any:
+    """The JSON content of ``path``; a truncated or garbled file raises CorruptFileError naming it (and ``hint``)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; deep nesting
+        raise CorruptFileError(f"{path} is not valid JSON ({first_line(e)}){hint}") from None
 
 
 def _disk_free(path: str) -> int:
@@ -87,11 +105,14 @@ def _key(entry) -> str:
     return str(entry)
 
 
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+    """{"params/head/logits/kernel": leaf}: the same path whether the tree holds dataclasses and named tuples (the
+    live state) or the dicts and lists Orbax's metadata has."""
+    return {"/".join(_key(k) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _flat(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{"params/head/logits/kernel": (shape, dtype)}: the same path whether the tree holds dataclasses and named
-    tuples (the live state) or the dicts and lists Orbax's metadata has."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key(k) for k in p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in leaves}
+    return {k: (tuple(x.shape), str(np.dtype(x.dtype))) for k, x in leaves_by_path(tree).items()}
 
 
 def _flat_config(d: Any, prefix: str = "") -> dict[str, Any]:

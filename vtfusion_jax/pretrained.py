@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import struct
@@ -34,9 +35,11 @@ import numpy as np
 from flax import traverse_util
 
 from vtfusion_jax import layers, models
+from vtfusion_jax.preflight import CorruptFileError, first_line, read_json
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default; HF ResNet does not store it in config.json.
 MAX_LISTED = 50  # per category in an error message
+MAX_HEADER_BYTES = 100_000_000  # a safetensors header claiming more is damaged (the safetensors package's limit)
 
 
 class CheckpointMismatchError(ValueError):
@@ -91,22 +94,46 @@ _ST_DTYPES.update(BOOL=np.dtype("bool"))
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-maps one .safetensors file: u64 header size, JSON header {name: dtype, shape, offsets}, raw data."""
+    """Memory-maps one .safetensors file: u64 header size, JSON header {name: dtype, shape, offsets}, raw data.
+
+    A damaged file raises CorruptFileError naming it and what is wrong; nothing larger than the file is allocated
+    (the header is read only when its length fits the file and MAX_HEADER_BYTES).
+    """
+    size = os.path.getsize(path)
+
+    def bad(why: str) -> CorruptFileError:
+        return CorruptFileError(f"{path} is not a valid safetensors file: {why}")
+
+    if size < 8:
+        raise bad(f"{size} bytes, too short for the 8-byte header length")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    size = os.path.getsize(path) - 8 - n
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"its header length {n} exceeds the {size}-byte file or {MAX_HEADER_BYTES} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise bad(f"its header is not JSON ({first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    size -= 8 + n
     data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        dtype, (start, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
-        if not 0 <= start <= end <= size or end - start != dtype.itemsize * int(np.prod(info["shape"])):
-            raise ValueError(f"{path}: tensor {key} has offsets {start}..{end} that do not fit its shape or the file")
-        out[key] = data[start:end].view(dtype).reshape(info["shape"])
+        try:
+            dtype, shape = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"tensor {key!r}: unsupported dtype or malformed entry ({first_line(e)})") from None
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= start <= end <= size
+            or end - start != dtype.itemsize * math.prod(shape)
+        ):
+            raise bad(f"tensor {key!r} has offsets {start}..{end} that do not fit its shape {shape} or the file")
+        out[key] = data[start:end].view(dtype).reshape(shape)
     return out
 
 
@@ -117,8 +144,7 @@ def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
     """
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -138,8 +164,7 @@ def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder} has no config.json")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def image_preprocessing(source: str) -> dict[str, Any]:
@@ -154,8 +179,7 @@ def image_preprocessing(source: str) -> dict[str, Any]:
     cfg = cfg.get("vision_config", cfg)
     pre = {}
     if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
-        with open(os.path.join(folder, "preprocessor_config.json")) as f:
-            pre = json.load(f)
+        pre = read_json(os.path.join(folder, "preprocessor_config.json"))
     size = pre.get("crop_size", pre.get("size", cfg.get("image_size")))
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge"))

@@ -138,7 +138,8 @@ def make_optimizer(config, task, total_steps: int):
 
 
 def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=None):
-    """A trained model: (task, params, checkpoint step) from ``workdir``'s checkpoint ("best" | "latest" | step).
+    """A trained model: (task, params, checkpoint step) from ``workdir``'s checkpoint ("best" | "latest" | step;
+    an unreadable best / latest step is moved aside and the newest step that reads is used).
 
     The restore target comes from ``state_layout`` (shapes and shardings), so nothing is initialised or compiled,
     and nothing reads the train split (the optimiser state's shapes do not depend on the schedule's length).
@@ -150,11 +151,14 @@ def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=No
     target, _ = state_layout(task.model, task.init_batch(), tx, task.mesh)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=task.main_metric, read_only=True)
     try:
-        step = ckpt_lib.resolve_step(ckpt, checkpoint)
-        state, _ = ckpt.restore(step, target)
+        found = ckpt.restore_readable(target, checkpoint)  # an unreadable step: the newest one that reads
     finally:
         ckpt.close()
-    return task, state.params, step
+    if found is None:
+        at = "" if checkpoint in (None, "best", "latest") else f" at step {checkpoint}"
+        raise FileNotFoundError(f"no readable checkpoint{at} in {ckpt.directory}")
+    log.info("Restored checkpoint step %d from %s", found[0], ckpt.directory)
+    return task, found[1].params, found[0]
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
@@ -294,28 +298,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, best_metric=task.main_metric, best_mode="max"
     )
-    abstract, _ = state_layout(model, init_batch, tx, mesh)  # shapes only: the checks cost no compilation
+    abstract, state_sh = state_layout(model, init_batch, tx, mesh)  # shapes only: the checks cost no compilation
+    config_json, saved = config.to_json_best_effort(sort_keys=True), ckpt.all_steps()
+
+    def compatible(step, meta):  # refuse another model's checkpoint before restoring it
+        preflight.check_compatible(workdir, step, meta, abstract, config_json)
+
     try:
-        if ckpt.latest_step() is not None:  # refuse another model's checkpoint before restoring it
-            step = ckpt.latest_step()
-            preflight.check_compatible(
-                workdir, step, ckpt.state_metadata(step), abstract, config.to_json_best_effort(sort_keys=True)
-            )
         if is_main:
             preflight.check_free_disk(ckpt.directory, abstract)
+        found = ckpt.restore_readable(abstract, "latest", compatible)  # unreadable steps are moved aside
     except preflight.WorkdirError:
         ckpt.close()
         raise
-    state, state_sh = create_train_state(model, init_batch, tx, mesh, config.seed)
     data_state, best = None, (-math.inf, None)
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state(state_sh, state))
+    if found is not None:
+        _, state, data_state = found
         best_step = ckpt.best_step()
         best_metrics = ckpt.metrics(best_step) if best_step is not None else None
         if best_metrics:
             best = (float(best_metrics[task.main_metric]), best_step)
         log.info("Resumed from step %d in %s", int(state.step), ckpt.directory)
     else:  # a fresh run: towers with model.<tower>.init_from start from their pretrained checkpoint
+        if saved:
+            log.warning("No readable checkpoint left in %s: training starts from step 0", ckpt.directory)
+        state, _ = create_train_state(model, init_batch, tx, mesh, config.seed)
         spec = getattr(model, "model_config", None) or config.model.to_dict()
         state = pretrained_init.import_into_state(state, state_sh, spec, task.image_size, config.seed)
     start = int(state.step)

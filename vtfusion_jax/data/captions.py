@@ -27,6 +27,7 @@ import numpy as np
 from vtfusion_jax.data import manifest, reader
 from vtfusion_jax.data.datasets import get_data_source
 from vtfusion_jax.metrics_caption import tokenize
+from vtfusion_jax.preflight import CorruptFileError, read_json
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 
@@ -60,8 +61,12 @@ class WordVocab:
 
     @classmethod
     def load(cls, path: str, max_len: int) -> WordVocab:
-        with open(path) as f:
-            return cls(json.load(f)["words"], max_len)
+        fix = "; delete it to rebuild it from the training captions"
+        raw = read_json(path, fix)
+        words = raw.get("words") if isinstance(raw, dict) else None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise CorruptFileError(f"{path} holds no word list{fix}")
+        return cls(words, max_len)
 
     def encode(self, text: str) -> np.ndarray:
         """[BOS] words [EOS] [PAD]... as int32 [max_len] (truncated: the last kept position stays [EOS])."""

@@ -1,18 +1,26 @@
 """Dataset registry: name (+ `builder_kwargs`) -> a TFDS builder, built once on first use into `array_record` under
-`data_dir`; metadata and a random-access `tfds` data source per split."""
+`data_dir`; metadata and a random-access `tfds` data source per split.
+
+A damaged prepared dataset (`dataset_info.json` that does not parse, an `array_record` file that fails to open or to
+read a record) raises a one-line CorruptFileError naming the file and how to rebuild it; a generated one (GENERATED)
+is first moved aside to `<folder>.corrupt`, so that its next use rebuilds it (at open: at once).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import os
 import time
 
 import jax
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from vtfusion_jax.data import easy_vqa, manifest, sort_of_clevr
+from vtfusion_jax.preflight import CorruptFileError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "manifest": DatasetSpec(_manifest_builder, "text", "label", "question_type"),
 }
+GENERATED = ("easy_vqa", "sort_of_clevr")  # built from an installed package / a seeded generator: rebuilt if damaged
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -119,7 +128,13 @@ def get_builder(
       A prepared tfds builder (unless prepare=False).
     """
     data_dir = data_dir or default_data_dir()
-    builder = get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
+    try:
+        builder = _make_builder(name, data_dir, builder_kwargs)
+    except CorruptFileError as e:
+        if name not in GENERATED:
+            raise
+        print(e, flush=True)
+        builder = _make_builder(name, data_dir, builder_kwargs)  # moved aside: built below
     if not prepare or _prepared(builder):
         return builder
     if _is_local(data_dir):
@@ -140,6 +155,60 @@ def get_builder(
     return get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
 
 
+def _make_builder(name: str, data_dir: str, builder_kwargs: dict | None):
+    try:
+        return get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
+    except Exception as e:  # the builder reads a prepared dataset's info: is one damaged?
+        for info in glob.glob(os.path.join(glob.escape(data_dir), name, "**", "dataset_info.json"), recursive=True):
+            try:
+                tfds.core.dataset_info.read_from_json(info)
+            except Exception:  # noqa: BLE001 (not UTF-8, not JSON, not the proto's fields)
+                raise _damaged(name, os.path.dirname(info), info, e) from None
+        raise
+
+
+def _damaged(name: str, folder: str, file: str, error: Exception) -> CorruptFileError:
+    """The one-line error for a damaged file of a prepared dataset; a generated dataset is moved aside first."""
+    why = f"{file} is damaged ({first_line(error)})"
+    dest = folder + ".corrupt" + (f".{time.time_ns()}" if os.path.exists(folder + ".corrupt") else "")
+    if name in GENERATED and _is_local(folder):
+        with contextlib.suppress(OSError):  # another process may have moved it already
+            os.rename(folder, dest)
+            return CorruptFileError(f"{why}; moved {folder} to {dest}: it is rebuilt on its next use")
+    return CorruptFileError(f"{why}; rebuild it: rm -r {folder}, then rerun (datasets are built on first use)")
+
+
+def _count_records(name: str, folder: str, path: str, expected: int) -> None:
+    try:  # the reader reads the file's footer and index (a record past the end would read as b"", silently)
+        reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+        found = reader.num_records()
+        with contextlib.suppress(RuntimeError):  # a damaged file may fail to close too: the count says more
+            reader.close()
+        if found != expected:
+            raise RuntimeError(f"{found} records where dataset_info.json has {expected}")
+    except RuntimeError as e:
+        raise _damaged(name, folder, path, e) from None
+
+
+class _Checked:
+    """A split's array_record source whose read errors are CorruptFileError naming its files (picklable)."""
+
+    def __init__(self, source, name: str, folder: str, files: list[str]):
+        self.source, self.name, self.folder, self.files = source, name, folder, files
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, keys):
+        try:
+            return self.source.__getitems__(keys)
+        except RuntimeError as e:  # riegeli: "Corrupted Riegeli/records file: chunk ... hash mismatch", ...
+            raise _damaged(self.name, self.folder, " / ".join(self.files), e) from None
+
+
 def get_data_source(name: str, split: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None):
     """Random-access source of decoded examples (dicts of numpy / bytes / int), e.g. to read `caption`.
 
@@ -150,14 +219,27 @@ def get_data_source(name: str, split: str, *, data_dir: str | None = None, build
     Returns:
       A tfds ArrayRecordDataSource: len(src), src[i], src.__getitems__(indices).
     """
-    builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
     base = split.split("[")[0]
-    if base not in builder.info.splits:
-        where = (
-            f"manifest {builder_kwargs['path']!r}: add {base}.jsonl beside train.jsonl" if name == "manifest" else ""
-        )
-        raise FileNotFoundError(f"{name} has no {base!r} split (splits: {sorted(builder.info.splits)}); {where}")
-    return builder.as_data_source(split=split)
+    for rebuilt in (False, True):
+        builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
+        if base not in builder.info.splits:
+            where = (
+                f"manifest {builder_kwargs['path']!r}: add {base}.jsonl beside train.jsonl"
+                if name == "manifest"
+                else ""
+            )
+            raise FileNotFoundError(f"{name} has no {base!r} split (splits: {sorted(builder.info.splits)}); {where}")
+        info, folder = builder.info.splits[base], str(builder.data_path)
+        try:
+            for path, n in zip(info.filepaths, info.shard_lengths, strict=True):  # a truncated or foreign file fails
+                _count_records(name, folder, str(path), n)
+            src = builder.as_data_source(split=split)
+            src.data_source = _Checked(src.data_source, name, folder, [str(p) for p in info.filepaths])
+            return src
+        except CorruptFileError as e:
+            if rebuilt or os.path.exists(builder.data_path):  # not moved aside (not generated): nothing to rebuild
+                raise
+            print(e, flush=True)
 
 
 def dataset_meta(name: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None) -> dict:
