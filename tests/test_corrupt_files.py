@@ -338,7 +338,7 @@ def test_damaged_generated_dataset_is_rebuilt(soc, tmp_path_factory, file, how):
         assert str(e).endswith(f"moved {folder} to {folder}.corrupt: it is rebuilt on its next use"), str(e)
         got, outcome = _records(data_dir), "one-line error at a record read, moved aside, rebuilt on the next use"
     if not os.path.exists(folder + ".corrupt"):
-        outcome = "read exactly (damage outside the bytes read)"
+        outcome = "records read exactly (the damage missed what is read, or still parses)"
     assert got == records
     OUTCOMES[f"generated dataset: {'dataset_info.json' if '.' in file else 'array_record file'}"][outcome] += 1
 
