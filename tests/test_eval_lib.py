@@ -145,12 +145,25 @@ def test_old_workdir_config_is_upgraded_once_where_it_is_read(tmp_path):
     that run behaved; fields the run did record are kept."""
     new = load_config("tiny")
     old = json.loads(new.to_json_best_effort())
-    for key in ("task",):
-        del old[key]
-    del old["train"]["nan_policy"], old["train"]["time_limit_seconds"], old["dataset"]["augment"]
+
+    def node(tree, key):  # (parent dict, leaf name) of a dotted key
+        *parents, leaf = key.split(".")
+        for p in parents:
+            tree = tree[p]
+        return tree, leaf
+
+    for key in eval_lib.UPGRADES:  # every upgraded field missing, as in the oldest runs; one recorded by the run
+        parent, leaf = node(old, key)
+        del parent[leaf]
     old["train"]["steps_per_run"] = 7
     (tmp_path / "config.json").write_text(json.dumps(old))
     c = eval_lib.load_config(str(tmp_path))
+    for key, value in eval_lib.UPGRADES.items():
+        if key != "train.steps_per_run":
+            got = getattr(*node(c, key))
+            assert (list(got) if isinstance(got, tuple | list) else got) == (
+                list(value) if isinstance(value, tuple) else value
+            ), key
     assert (c.task, c.train.nan_policy, c.train.time_limit_seconds, c.dataset.augment) == ("vqa", "stop", 0, False)
     assert c.train.steps_per_run == 7 and list(c.mesh_shape) == list(new.mesh_shape)
     with pytest.raises(AttributeError):
