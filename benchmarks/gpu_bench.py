@@ -1,10 +1,11 @@
-"""GPU benchmark: the train step on one H100/H200, with cuDNN and with XLA attention.
+"""GPU benchmark: the train step on one H100/H200 with attention_impl auto, xla and cudnn.
 
     python benchmarks/gpu_bench.py --out_dir=results/perf            # on the GPU machine
     python benchmarks/gpu_bench.py --tiny --out_dir=/tmp/gpu_smoke   # anywhere: the same code path, tiny model
 
-configs/perf.py's ``gpu`` preset (bf16, scanned); writes ``gpu_cudnn.json`` / ``gpu_xla.json`` as each finishes (no
-GPU: cuDNN recorded as skipped, with the reason). Needs only jax, flax, optax, numpy.
+configs/perf.py's ``gpu`` preset (bf16, scanned); writes ``gpu_<impl>.json`` as each finishes, ``auto`` first (with
+the kernel it resolved to), then ``xla`` and ``cudnn`` unless "auto" resolved to them ("same_as": "auto") or the time
+budget is spent (no GPU: cuDNN recorded as skipped, with the reason). Needs only jax, flax, optax, numpy.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as bench_lib  # noqa: E402  (benchmarks/train_step.py)
 
-from vtfusion_jax import speed  # noqa: E402
+from vtfusion_jax import attention, speed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,11 +46,17 @@ def main(argv=None) -> dict:
     summary = {"command": command, "host": speed.host_info(), "runs": {}}
     print(json.dumps(summary["host"]), flush=True)
     state = None
-    for impl in ("cudnn", "xla"):
+    heads = base["model"]["image_encoder"]["num_heads"]  # what "auto" picks for the model's attention
+    q = jax.ShapeDtypeStruct((1, 1, heads, base["model"]["width"] // heads), jax.numpy.dtype(base["model"]["dtype"]))
+    resolved = attention.resolve_implementation("auto", q)
+    for impl in ("auto", "xla", "cudnn"):
         name = f"gpu_{impl}" if not args.tiny else f"gpu_tiny_{impl}"
         cfg = copy.deepcopy(base)
         cfg["model"]["attention_impl"] = impl
         elapsed = time.time() - t_start
+        if impl == resolved:  # measured as "auto"
+            summary["runs"][impl] = {"same_as": "auto"}
+            continue
         if impl == "cudnn" and jax.default_backend() != "gpu":
             summary["runs"][impl] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend: {jax.default_backend()})"}
             continue
@@ -71,10 +78,13 @@ def main(argv=None) -> dict:
             json.dump(result, f, indent=1, default=float)
         keys = ("num_params", "step_s_median", "examples_per_s", "mfu_measured_peak", "mfu_datasheet", "compile")
         summary["runs"][impl] = {k: result.get(k) for k in keys}
+        summary["runs"][impl]["resolved_to"] = resolved if impl == "auto" else impl
         print(impl, json.dumps(summary["runs"][impl], default=float), flush=True)
     runs = summary["runs"]
-    if all("step_s_median" in runs.get(i, {}) for i in ("cudnn", "xla")):
-        summary["cudnn_speedup_over_xla"] = runs["xla"]["step_s_median"] / runs["cudnn"]["step_s_median"]
+    times = {i: runs[i]["step_s_median"] for i in runs if "step_s_median" in runs[i]}
+    times.update({i: times["auto"] for i in runs if "same_as" in runs[i] and "auto" in times})
+    if "xla" in times:
+        summary.update({f"{i}_speedup_over_xla": times["xla"] / times[i] for i in ("auto", "cudnn") if i in times})
     summary["elapsed_s"] = time.time() - t_start
     with open(os.path.join(args.out_dir, "gpu_summary.json" if not args.tiny else "gpu_tiny_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)

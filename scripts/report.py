@@ -426,14 +426,14 @@ def perf_compile() -> str:
 
 def perf_gpu() -> str:
     """docs/performance.md: benchmarks/gpu_bench.py's runs, or how to make them."""
-    rows = {k: r for k, r in _perf("gpu_").items() if not k.startswith("tiny")}
+    rows = {k: r for k, r in _perf("gpu_").items() if not k.startswith("tiny") and "step_s_median" in r}  # no summary
     if not rows:
         return (
             "Not measured yet: `python benchmarks/gpu_bench.py` on one H100/H200, then commit results/perf/gpu_*.json."
         )
     mfu = [f"`{k}` {100 * r['mfu_datasheet']:.1f} %" for k, r in rows.items() if r.get("mfu_datasheet")]
     note = "\n\nMFU against the 989 TFLOP/s bf16 datasheet peak: " + ", ".join(mfu) + "." if mfu else ""
-    return _step_rows(rows, ["cudnn", "xla"]) + note
+    return _step_rows(rows, ["auto", "cudnn", "xla"]) + note
 
 
 def perf_targets() -> str:

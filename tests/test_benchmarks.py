@@ -166,7 +166,7 @@ def test_cpu_identity_reads_family_model_and_widest_simd():
 
 def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     """benchmarks/gpu_bench.py --tiny (the GPU script's code path on a tiny bf16 model): without a GPU the cuDNN run
-    is recorded as skipped with its reason, the XLA run is measured, and the JSON files are written."""
+    is recorded as skipped with its reason, "auto" (xla here) is measured once, and the JSON files are written."""
     import gpu_bench  # noqa: PLC0415  (benchmarks/gpu_bench.py)
 
     # On one device, as on the one-GPU machine it is written for (conftest's 8 fake CPU devices would partition the
@@ -180,14 +180,16 @@ def test_gpu_bench_tiny_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_lib, "load_config", one_device)
     summary = gpu_bench.main(["--tiny", "--steps=2", f"--out_dir={tmp_path}"])
     runs = summary["runs"]
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu":  # "auto" is xla here: measured once, cuDNN skipped with the reason
         assert "CUDA GPU" in runs["cudnn"]["skipped"]
-    assert runs["xla"]["step_s_median"] > 0 and runs["xla"]["num_params"] > 0
-    assert 0 < runs["xla"]["mfu_measured_peak"] < 1.5
+        assert runs["auto"]["resolved_to"] == "xla" and runs["xla"] == {"same_as": "auto"}
+        assert summary["auto_speedup_over_xla"] == 1.0
+    assert runs["auto"]["step_s_median"] > 0 and runs["auto"]["num_params"] > 0
+    assert 0 < runs["auto"]["mfu_measured_peak"] < 1.5
     assert [c["mesh_shape"] for c in loaded] == [(1, 1, 1)]  # the script ran on one device
-    written = json.load(open(tmp_path / "gpu_tiny_xla.json"))
+    written = json.load(open(tmp_path / "gpu_tiny_auto.json"))
     assert len(written["step_s_all"]) == 2 and np.isfinite(written["final_loss"])
-    assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"cudnn", "xla"}
+    assert json.load(open(tmp_path / "gpu_tiny_summary.json"))["runs"].keys() == {"auto", "cudnn", "xla"}
 
 
 @pytest.mark.slow  # the switch's gradients are checked in the default tier: test_models.py (weight_grad_switch)
