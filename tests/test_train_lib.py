@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
-from train_testutil import CACHE_DIR, REPO, config_flags, load_config, read_jsonl, subprocess_env
+from train_testutil import REPO, config_flags, load_config, read_jsonl, subprocess_env
 
 from vtfusion_jax import checkpoint as ckpt_lib
 from vtfusion_jax import train_lib
@@ -132,24 +130,8 @@ def test_nan_policy_skip_keeps_params_and_optimizer_state_and_counts(tmp_path, m
     make = pipeline.make_train_iterator
     monkeypatch.setattr(pipeline, "make_train_iterator", lambda **kw: _PoisonedIterator(make(**kw), bad=1))
     kw = dict(train__checkpoint_every_steps=1, train__eval_every_steps=0, train__log_every_steps=1)
-    # and the run-time tools: a jax.profiler trace of step 3, jax's persistent compilation cache in a new folder,
-    # seeded with the session's (hard links: the programs other tests compiled still load instead of compiling)
-    cache = tmp_path / "xla_cache"
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    shutil.copytree(CACHE_DIR, cache, copy_function=os.link)  # both under the temporary folder: one filesystem
-    seeded = set(os.listdir(cache))
-    kw.update(train__profile_steps=(3, 3), train__compilation_cache_dir=str(cache))
     config = load_config("tiny", train__num_steps=3, train__nan_policy="skip", train__keep_checkpoints=5, **kw)
-    jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(1))  # as in the suite: this process has opened the session's cache
-    try:
-        result = train_lib.train_and_evaluate(config, str(tmp_path))
-        jax.jit(lambda x: x * 5.0 - 2.0)(np.float32(1))  # a program no cache holds yet: compiled into the run's
-    finally:  # back to the session's cache (train_testutil)
-        compilation_cache.set_cache_dir(CACHE_DIR)
-        compilation_cache.reset_cache()
-    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
-    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # what TensorBoard's profile plugin reads
-    assert set(os.listdir(cache)) - seeded  # the run's cache took the new programs
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 3 and result["skipped_steps"] == 1 and result["stop_reason"] == "num_steps"
     rows = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/skipped" in r}
     assert [rows[s]["train/skipped"] for s in (1, 2, 3)] == [0, 1, 0]
@@ -159,6 +141,22 @@ def test_nan_policy_skip_keeps_params_and_optimizer_state_and_counts(tmp_path, m
     assert _equal(states[1]["params"], states[2]["params"]) and _equal(states[1]["opt_state"], states[2]["opt_state"])
     assert not _equal(states[2]["params"], states[3]["params"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(states[3]["params"]))
+
+
+@pytest.mark.slow  # a fresh compilation cache: every program compiles (~20 s)
+def test_profile_steps_and_compilation_cache_dir(tmp_path):
+    """train.py with the run-time tools (in a subprocess: the profiler and the process-wide cache stay out of the
+    test worker): a jax.profiler trace of step 2 that TensorBoard's profile plugin reads, and jax's persistent
+    compilation cache in the configured folder."""
+    cache, workdir = tmp_path / "xla_cache", tmp_path / "run"
+    flags = config_flags(train__num_steps=2, train__eval_every_steps=0, train__checkpoint_every_steps=100,
+                         train__profile_steps="2,2", train__compilation_cache_dir=str(cache))  # fmt: skip
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+    assert os.listdir(cache)  # the run's programs went to the configured cache
 
 
 def test_time_limit_stop_says_which_limit(tmp_path, caplog, monkeypatch):
