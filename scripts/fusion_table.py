@@ -7,7 +7,6 @@ Run: python scripts/fusion_table.py (rewrites the ``variants`` section of README
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,15 +29,9 @@ def rows() -> list[dict]:
     out = []
     for name, info in models.FUSIONS.items():
         fusion = models.get_fusion(dict(name=name), SIZE)  # the shared size fills the fields the variant has
-        out.append(
-            dict(
-                name=name,
-                summary=info.summary,
-                paper=info.paper,
-                params=param_count(fusion, TEXT_LEN, IMAGE_LEN, SIZE["width"], SIZE["width"]),
-                flops=int(fusion.flops_per_example(TEXT_LEN, IMAGE_LEN)),
-            )
-        )
+        params = param_count(fusion, TEXT_LEN, IMAGE_LEN, SIZE["width"], SIZE["width"])
+        flops = int(fusion.flops_per_example(TEXT_LEN, IMAGE_LEN))
+        out.append(dict(name=name, summary=info.summary, paper=info.paper, params=params, flops=flops))
     return out
 
 
@@ -62,22 +55,15 @@ def render_sections() -> dict[str, str]:
     return {"variants": "\n".join(lines)}
 
 
-def write(path: str, sections: dict[str, str]) -> None:
-    """Replaces each ``<!-- BEGIN generated:NAME -->`` ... ``<!-- END generated:NAME -->`` block of ``path``."""
-    text = open(path).read()
-    for name, body in sections.items():
-        pattern = re.compile(rf"(<!-- BEGIN generated:{name} -->\n).*?(<!-- END generated:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise ValueError(f"{path} has no generated:{name} markers")
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> None:
-    sections = render_sections()
+    import report  # scripts/report.py, beside this file: the section markers
+
+    body = render_sections()["variants"]
     for target in TARGETS:
-        write(os.path.join(REPO, target), sections)
+        with open(os.path.join(REPO, target)) as f:
+            text = report.replace(f.read(), "variants", body, target)
+        with open(os.path.join(REPO, target), "w") as f:
+            f.write(text)
         print(f"wrote {target}")
 
 

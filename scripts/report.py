@@ -11,12 +11,13 @@ command, commit and CPU where recorded; the variant table is scripts/fusion_tabl
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import json
-import math
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable
 
@@ -67,15 +68,10 @@ def runs(pattern: str) -> list[dict]:
     return [run(p) for p in sorted(glob.glob(os.path.join(RESULTS, pattern, "summary.json")))]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def pct(xs: list[float]) -> str:
     """Percent, mean ± sample std when there are several values."""
-    m, s = _mean_std([100 * x for x in xs])
-    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
 def _load(rs: list[dict]) -> str:
@@ -120,8 +116,8 @@ def main_job() -> str:
             rows.append([
                 f"{name}: {what}", f"**{pct([x['accuracy'] for x in m])}** ({len(rs)} run{'s' * (len(rs) > 1)})",
                 ", ".join(f"{k} {pct([x['per_type'][k] for x in m])}" for k in m[0]["per_type"]),
-                pct([r["best_val"] for r in rs]), f"{_mean_std([r['train_s'] for r in rs])[0]:.0f}",
-                f"{_mean_std([r['eval_s'] for r in rs])[0]:.0f}", _load(rs), rs[0]["provenance"],
+                pct([r["best_val"] for r in rs]), f"{statistics.mean([r['train_s'] for r in rs]):.0f}",
+                f"{statistics.mean([r['eval_s'] for r in rs]):.0f}", _load(rs), rs[0]["provenance"],
                 "; ".join(f"`{r['command']}`" for r in rs),
             ])  # fmt: skip
     head = "Run | Test accuracy % | Per question type % | Best val. % | Train s | Eval s | Load | Commit, CPU | Command"
@@ -138,31 +134,32 @@ def main_job() -> str:
         verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
         lines += ["", f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest "
                   f"{100 * worst:.2f} % of {len(rs)}); train + eval <= 10 min: {verdict(max(minutes) <= 10)} "
-                  f"({_mean_std(minutes)[0]:.1f} min mean, {max(minutes):.1f} max; {rs[0]['provenance']}, load "
+                  f"({statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max; {rs[0]['provenance']}, load "
                   f"{_load(rs)})."]  # fmt: skip
     return "\n".join(lines)
 
 
 SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")
-_COUNTS: dict = {}
+
+
+@functools.cache
+def _subtype_counts(seed: int, split: str, num: int) -> dict[str, int]:
+    """Questions per subtype in the first ``num`` images of a Sort-of-CLEVR split (a pure function of the seed)."""
+    from vtfusion_jax.data import sort_of_clevr
+
+    counts = dict.fromkeys(SUBTYPES, 0)
+    for i in range(num):
+        for q in sort_of_clevr.generate_image(seed, split, i)["questions"]:
+            counts[SUBTYPES[q["subtype"]]] += 1
+    return counts
 
 
 def families(per_type: dict, config: dict, split: str) -> dict:
-    """per_type plus "relational" / "non_relational" accuracy, weighted by the split's question counts per subtype
-    (a pure function of the generator's seed and sizes)."""
+    """per_type plus "relational" / "non_relational" accuracy, weighted by the split's question counts per subtype."""
     if "relational" in per_type:
         return per_type
-    from vtfusion_jax.data import sort_of_clevr
-
     kw = {"num_train": 9800, "num_validation": 200, "num_test": 200, "seed": 0, **config["dataset"]["builder_kwargs"]}
-    key = (json.dumps(kw, sort_keys=True), split)
-    if key not in _COUNTS:
-        counts = dict.fromkeys(SUBTYPES, 0)
-        for i in range(kw[f"num_{split}"]):
-            for q in sort_of_clevr.generate_image(kw["seed"], split, i)["questions"]:
-                counts[SUBTYPES[q["subtype"]]] += 1
-        _COUNTS[key] = counts
-    out, c = dict(per_type), _COUNTS[key]
+    out, c = dict(per_type), _subtype_counts(kw["seed"], split, kw[f"num_{split}"])
     for fam, subs in (("non_relational", SUBTYPES[:3]), ("relational", SUBTYPES[3:])):
         out[fam] = sum(per_type[k] * c[k] for k in subs) / sum(c[k] for k in subs)
     return out
@@ -180,7 +177,7 @@ def sort_of_clevr_runs() -> dict[str, list[dict]]:
 
 
 def _soc_best(rs: dict[str, list[dict]]) -> str:
-    return max(rs, key=lambda v: _mean_std([r["best_val"] for r in rs[v]])[0])
+    return max(rs, key=lambda v: statistics.mean([r["best_val"] for r in rs[v]]))
 
 
 def sort_of_clevr() -> str:
@@ -320,7 +317,7 @@ def sort_of_clevr_table() -> str:
             f"`{v}`", ",".join(re.sub(r".*_seed", "", r["name"]) for r in group),
             pct([r["metrics"]["accuracy"] for r in group]),
             *(pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)),
-            pct([r["best_val"] for r in group]), f"{_mean_std([r['train_s'] for r in group])[0]:.0f}", _load(group),
+            pct([r["best_val"] for r in group]), f"{statistics.mean([r['train_s'] for r in group]):.0f}", _load(group),
             group[0]["provenance"],
         ])  # fmt: skip
     missing = [v for v in fusion_names() if v not in rs and v != "probe"]  # registered, no run yet: its command
@@ -478,58 +475,42 @@ def variants() -> dict[tuple[str, str], str]:
     return {(t, n): body for t in module.TARGETS for n, body in module.render_sections().items()}
 
 
-SECTIONS: dict[str, dict[str, Callable[[], str]]] = {
-    "README.md": {
-        "main_job": main_job,
-        "sort_of_clevr": sort_of_clevr,
-        "tasks": tasks,
-        "input_pipeline": input_pipeline,
-        "reliability": reliability,
-    },
-    "docs/results.md": {
-        "task_tables": task_tables,
-        "multiscale": multiscale,
-        "sort_of_clevr_table": sort_of_clevr_table,
-    },
-    "docs/performance.md": {
-        "perf_targets": perf_targets,
-        "perf_peer": perf_peer,
-        "perf_weight_grad": perf_weight_grad,
-        "perf_fusions": perf_fusions,
-        "perf_switches": perf_switches,
-        "perf_compile": perf_compile,
-        "perf_gpu": perf_gpu,
-    },
+def _by_name(*fns: Callable[[], str]) -> dict[str, Callable[[], str]]:
+    return {fn.__name__: fn for fn in fns}
+
+
+SECTIONS: dict[str, dict[str, Callable[[], str]]] = {  # {file: {section name: the function that writes its body}}
+    "README.md": _by_name(main_job, sort_of_clevr, tasks, input_pipeline, reliability),
+    "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_table),
+    "docs/performance.md": _by_name(
+        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_switches, perf_compile, perf_gpu
+    ),
 }
 
 
-def replace(text: str, name: str, body: str) -> str:
-    """``text`` with the body of its generated:``name`` section replaced (ValueError if the markers are missing)."""
+def replace(text: str, name: str, body: str, file: str = "") -> str:
+    """``text`` with the body of its generated:``name`` section replaced (SystemExit if the markers are missing)."""
     pattern = re.compile(
         rf"(<!-- BEGIN generated:{re.escape(name)} -->\n).*?(<!-- END generated:{re.escape(name)} -->)", re.S
     )
     if not pattern.search(text):
-        raise ValueError(f"no generated:{name} markers")
+        raise SystemExit(f"{file}: no generated:{name} markers")
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text, count=1)
 
 
 def render(root: str | None = None) -> dict[str, tuple[str, str]]:
     """{file under ``root`` (default: the repository): (current text, regenerated text)} for every file with
     generated sections."""
-    bodies: dict[tuple[str, str], str] = {(f, n): fn() for f, fns in SECTIONS.items() for n, fn in fns.items()}
-    bodies.update(variants())
-    out = {}
+    bodies = {(f, n): fn() for f, fns in SECTIONS.items() for n, fn in fns.items()} | variants()
+    old: dict[str, str] = {}
+    new: dict[str, str] = {}
     for (file, name), body in bodies.items():
         path = os.path.join(root or ROOT, file)
-        if path not in out:
+        if path not in old:
             with open(path) as f:
-                text = f.read()
-            out[path] = (text, text)
-        try:
-            out[path] = (out[path][0], replace(out[path][1], name, body))
-        except ValueError as e:
-            raise SystemExit(f"{file}: {e}") from None
-    return out
+                old[path] = new[path] = f.read()
+        new[path] = replace(new[path], name, body, file)
+    return {path: (old[path], new[path]) for path in old}
 
 
 def main(argv: list[str] | None = None) -> int:
