@@ -1,0 +1,181 @@
+"""Compiles (never runs) the library's train step of a large model on 8 simulated CPU devices for every mesh layout;
+records XLA's per-device memory_analysis() and the collectives it inserted (docs/scaling.md).
+
+    python benchmarks/scaling.py --out_dir=results/scaling                     # ViT-L/16 + BERT-large + 6 co-attn
+    python benchmarks/scaling.py --render                                     # docs/scaling.md table from the JSON
+    python benchmarks/scaling.py --config=configs/perf.py:preset=tiny --large=0 --layouts=data,fsdp   # smoke
+
+Shapes only: the state is ``train_lib.state_layout``'s abstract ShapeDtypeStructs with their shardings, the batch is
+ShapeDtypeStructs; ``jax.jit(make_train_step(...), in/out_shardings, donate).lower(...).compile()`` as training does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py: config loading, synthetic batch, provenance)
+
+from vtfusion_jax import flops, losses, optim, sharding, speed, train_lib  # noqa: E402
+from vtfusion_jax.models.vtfusion import VisionTextModel  # noqa: E402
+
+LAYOUTS = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8), "data_fsdp": (2, 4, 1)}
+LAYOUTS.update(data_tensor=(4, 1, 2), fsdp_tensor=(1, 4, 2), data_fsdp_tensor=(2, 2, 2))
+# ViT-L/16 at 224 px (197 tokens), a BERT-large-size text tower, 6 co-attention layers, all at D=1024 / 16 heads, on
+# top of configs/perf.py's gpu preset (bf16 compute, float32 params and AdamW state, scanned layers, 32 text tokens).
+LARGE = (
+    ["model.width=1024", "model.attention_impl=auto", "model.head.hidden_dim=2048"]
+    + [f"model.{t}.{k}={v}" for t in ("image_encoder", "text_encoder") for k, v in (("depth", 24), ("num_heads", 16))]
+    + [f"model.{t}.mlp_dim=4096" for t in ("image_encoder", "text_encoder", "fusion")]
+    + ["model.fusion.num_heads=16"]
+)
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "scaling.md")
+GB = 1e9
+SUMMARY = ("layout", "remat_policy", "memory_per_device", "collectives", "compile_s")
+MEM = ("argument_size", "output_size", "temp_size", "alias_size")
+HEAD = "layout|mesh (d,f,t)|remat|ex./dev|state GB|argument GB|output GB|temp GB|alias GB|code MB".split("|")
+
+
+def count_collectives(hlo: str) -> dict:
+    """Static count of each collective instruction (sync or async ``-start``) in compiled HLO text."""
+    return {k: len(re.findall(rf"\s{k}(?:-start)?\(", hlo)) for k in COLLECTIVES}
+
+
+def state_bytes_per_device(abstract, mesh) -> int:
+    """Bytes of one device's shard of every leaf of a state of ShapeDtypeStructs carrying shardings."""
+    leaves = jax.tree.leaves(abstract)
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves))
+
+
+def compile_layout(cfg: dict, mesh_shape) -> dict:
+    """Lowers and compiles the train step of ``cfg`` on ``mesh_shape``; returns memory, collectives and timings."""
+    b = cfg["bench"]
+    mesh = sharding.make_mesh(mesh_shape)
+    model = VisionTextModel(cfg["model"], int(b["num_classes"]))
+    tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
+    s, length = int(b["image_size"]), int(b["text_len"])
+    init = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
+    init["text_mask"] = jnp.ones((1, length), bool)
+    abstract, state_sh = train_lib.state_layout(model, init, tx, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    host = jax_bench.synthetic_batch(dict(cfg, bench=dict(b, batch_size=1)))  # shapes of one row
+    batch = {
+        k: jax.ShapeDtypeStruct((int(b["batch_size"]), *v.shape[1:]), v.dtype, sharding=batch_sh)
+        for k, v in host.items()
+    }
+    step = train_lib.make_train_step(functools.partial(losses.classification_loss, model), tx)
+    rep = sharding.replicated(mesh)
+    fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
+    with jax.set_mesh(mesh), sharding.activation_rules():
+        t0 = time.perf_counter()
+        lowered = fn.lower(abstract, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    fields = sorted(a for a in dir(mem) if a.endswith("_in_bytes"))
+    return {
+        "mesh_shape": list(mesh.devices.shape),
+        "num_params": flops.param_count(abstract.params),
+        "state_bytes_per_device": state_bytes_per_device(abstract, mesh),
+        "params_bytes_per_device": state_bytes_per_device(abstract.params, mesh),
+        "examples_per_device": int(b["batch_size"]) // sharding.mesh_axis_size(mesh, sharding.BATCH_AXES),
+        "memory_per_device": {f.removesuffix("_in_bytes"): int(getattr(mem, f)) for f in fields},
+        "collectives": count_collectives(compiled.as_text()),
+        "trace_s": t1 - t0,
+        "compile_s": t2 - t1,
+    }
+
+
+def measure(cfg: dict, layouts, remats, command: str = "", out_dir: str = "", tag: str = "") -> list[dict]:
+    """``compile_layout`` for every (layout, remat policy); writes out_dir/<layout>[_remat_<policy>]<tag>.json."""
+    results = []
+    for name in layouts:
+        for remat in remats:
+            c = dict(cfg, model=dict(cfg["model"], remat_policy=remat))
+            res = {"layout": name, "remat_policy": remat, **compile_layout(c, LAYOUTS[name])}
+            res = {**jax_bench.record("scaling", command, c, speed.loadavg()), **res}
+            results.append(res)
+            print(json.dumps({k: res[k] for k in SUMMARY}), flush=True)
+            if out_dir:
+                os.makedirs(out_dir, exist_ok=True)
+                suffix = "" if remat == "none" else f"_remat_{remat}"
+                with open(os.path.join(out_dir, f"{name}{suffix}{tag}.json"), "w") as f:
+                    json.dump(res, f, indent=1, default=float)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table of docs/scaling.md (GB = 1e9 bytes, per device)."""
+    rows = ["| " + " | ".join([*HEAD, *COLLECTIVES, "compile s"]) + " |", "|" + "---|" * (len(HEAD) + 6)]
+    order = {n: i for i, n in enumerate(LAYOUTS)}
+    for r in sorted(results, key=lambda r: (order.get(r["layout"], 99), r["remat_policy"], r["examples_per_device"])):
+        m, mesh = r["memory_per_device"], "x".join(map(str, r["mesh_shape"]))
+        cells = [
+            r["layout"],
+            mesh,
+            r["remat_policy"],
+            r["examples_per_device"],
+            f"{r['state_bytes_per_device'] / GB:.2f}",
+        ]
+        cells += [f"{m[k] / GB:.2f}" for k in MEM] + [f"{m['generated_code_size'] / 1e6:.1f}"]
+        cells += [r["collectives"][k] for k in COLLECTIVES] + [f"{r['compile_s']:.0f}"]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    r0 = results[0]
+    cmd = r0["command"]
+    note = (
+        f"\n{r0['num_params'] / 1e6:.1f}M parameters; global batch {r0['config']['bench']['batch_size']}, "
+        f"{r0['config']['bench']['image_size']} px images, {r0['config']['bench']['text_len']} text tokens, "
+        f"{r0['config']['model']['dtype']} compute; jax {r0['host']['jax']} on {r0['host']['cpu']} "
+        f"({r0['host']['cpu_count']} cores), commit {str(r0['git_commit'])[:10]}. Command: `{cmd}`; "
+        "regenerate with `python benchmarks/scaling.py --render`.\n"
+    )
+    return "\n".join(rows) + "\n" + note
+
+
+def render(results_dir: str, doc: str = DOC) -> None:
+    """Rewrites the table between the scaling-table markers of ``doc`` from results_dir/*.json."""
+    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    begin, end = "<!-- scaling-table:begin -->", "<!-- scaling-table:end -->"
+    text = open(doc).read()
+    pre, rest = text.split(begin, 1)
+    with open(doc, "w") as f:
+        f.write(pre + begin + "\n" + table(results) + end + rest.split(end, 1)[1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/perf.py:preset=gpu")
+    p.add_argument("--large", type=int, default=1, help="apply the ViT-L/16 + BERT-large overrides (LARGE)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--remat", default="none,full", help="remat policies (none | minimal | full)")
+    p.add_argument("--out_dir", default="")
+    p.add_argument("--tag", default="", help="suffix of the JSON file names (e.g. _b16)")
+    p.add_argument("--render", action="store_true", help="only rewrite docs/scaling.md's table from --results")
+    p.add_argument("--results", default="results/scaling")
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = jax_bench.parse(p, argv)
+    if args.render:
+        return render(args.results)
+    cfg = jax_bench.load_config(args.config, (LARGE if args.large else []) + overrides)
+    command = "python benchmarks/scaling.py " + " ".join(argv)
+    measure(cfg, args.layouts.split(","), args.remat.split(","), command, args.out_dir, args.tag)
+
+
+if __name__ == "__main__":
+    main()
