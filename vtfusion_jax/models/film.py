@@ -29,8 +29,7 @@ class FiLMFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")  # [B, L, D]
-        i = self.project(image, "image_proj")  # [B, N, D]
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")  # [B, L, D], [B, N, D]
         q = layers.masked_mean(t, text_mask)  # [B, D]: padded question tokens never count
         # Zero-initialised generators: gamma = beta = 0, the identity modulation, at the start.
         zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)  # noqa: E731

@@ -128,8 +128,7 @@ class ConcatFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")  # [B, L, D]
-        i = self.project(image, "image_proj")  # [B, N, D]
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")  # [B, L, D], [B, N, D]
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
         return t, i, pooled
 
@@ -215,8 +214,7 @@ class CrossFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")
-        i = self.project(image, "image_proj")
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
         t = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs(cross_attention=True, cross_first=True))(
             t, (layers.key_lengths(text_mask), kv, layers.key_lengths(image_mask)), deterministic
@@ -283,8 +281,7 @@ class CoAttentionFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")
-        i = self.project(image, "image_proj")
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         t, i = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())(
             (t, i), (layers.key_lengths(text_mask), layers.key_lengths(image_mask)), deterministic
         )
@@ -332,8 +329,7 @@ class GatedCrossFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")
-        i = self.project(image, "image_proj")
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
         aux = (kv, layers.key_lengths(image_mask))
         t = self.stack(GatedCrossBlock, "blocks", cfg=self.block_config())(t, aux, deterministic)
@@ -355,13 +351,12 @@ class BottleneckBlock(nn.Module):
         c = self.cfg
         n, lt, li = z.shape[1], t.shape[1], i.shape[1]
         z_mask = jnp.ones((z.shape[0], n), dtype=bool)
-        block = lambda name: layers.TransformerBlock(**c.block_kwargs(), name=name)  # noqa: E731
-        xt, _ = block("text_block")(
-            jnp.concatenate([t, z], 1), (jnp.concatenate([text_mask, z_mask], 1), None, None), deterministic
-        )
-        xi, _ = block("image_block")(
-            jnp.concatenate([i, z], 1), (jnp.concatenate([image_mask, z_mask], 1), None, None), deterministic
-        )
+
+        def stream(name, x, mask):  # [x; z] through the stream's own block
+            block = layers.TransformerBlock(**c.block_kwargs(), name=name)
+            return block(jnp.concatenate([x, z], 1), (jnp.concatenate([mask, z_mask], 1), None, None), deterministic)[0]
+
+        xt, xi = stream("text_block", t, text_mask), stream("image_block", i, image_mask)
         z = (xt[:, lt:] + xi[:, li:]) / 2
         return (xt[:, :lt], xi[:, :li], z), None
 
@@ -382,8 +377,7 @@ class BottleneckFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")
-        i = self.project(image, "image_proj")
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         z = self.learned_tokens("bottleneck", self.num_bottleneck, t.shape[0])  # [B, n, D]
         t, i, _ = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())(
             (t, i, z), (text_mask, image_mask), deterministic
@@ -433,8 +427,7 @@ class QueryFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")
-        i = self.project(image, "image_proj")
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         q = self.learned_tokens("queries", self.num_queries, t.shape[0])  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
         q = self.stack(QueryBlock, "blocks", cfg=self.block_config())(
@@ -490,8 +483,7 @@ class RelationNetworkFusion(FusionBase):
 
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
-        t = self.project(text, "text_proj")  # [B, L, D]
-        i = self.project(image, "image_proj")  # [B, N, D]
+        t, i = self.project(text, "text_proj"), self.project(image, "image_proj")  # [B, L, D], [B, N, D]
         objects, object_mask = self.pool_tokens(i, image_mask)  # [B, N', D], N' = N / token_pool^2
         q = layers.masked_mean(t, text_mask)  # [B, D]
         h = self.mlp_dim
