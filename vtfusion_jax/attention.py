@@ -50,14 +50,6 @@ def _as_4d(x: jax.Array | None, name: str) -> jax.Array | None:
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
-def _row_has_key(mask: jax.Array | None, shape: tuple[int, int, int, int]) -> jax.Array | None:
-    """[B, Lq, H, 1] float: 1 where the query row may attend to at least one key, else 0."""
-    if mask is None:
-        return None
-    any_key = jnp.any(jnp.broadcast_to(mask, shape), axis=-1)  # [B, H, Lq]
-    return jnp.transpose(any_key, (0, 2, 1))[..., None]  # [B, Lq, H, 1]
-
-
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, L, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
@@ -221,30 +213,17 @@ def dot_product_attention(
     return out
 
 
-def _fused(q, k, v, mask, bias, implementation, q_lengths=None, kv_lengths=None):
+def _fused(q, k, v, mask, bias, impl, q_lengths=None, kv_lengths=None):
     """jax.nn.dot_product_attention with our mask conventions (fully masked query rows give zeros)."""
     b, lq, h, _ = q.shape
     full = (b, h, lq, k.shape[1])
-    mask4 = _as_4d(mask, "mask")
-    bias4 = _as_4d(bias, "bias")
     # jax.nn.dot_product_attention wants masks/biases with full batch/head dims on some backends.
-    if mask4 is not None:
-        mask4 = jnp.broadcast_to(mask4, full)
-    if bias4 is not None:
-        bias4 = jnp.broadcast_to(bias4, full).astype(q.dtype)
-    out = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        bias=bias4,
-        mask=mask4,
-        query_seq_lengths=q_lengths,
-        key_value_seq_lengths=kv_lengths,
-        implementation=implementation,
-    )
-    row_ok = _row_has_key(mask4, full)
-    if row_ok is not None:
-        out = out * row_ok.astype(out.dtype)
+    mask4 = None if mask is None else jnp.broadcast_to(_as_4d(mask, "mask"), full)
+    bias4 = None if bias is None else jnp.broadcast_to(_as_4d(bias, "bias"), full).astype(q.dtype)
+    kw = dict(query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask4, **kw)
+    if mask4 is not None:  # a query row with no key to attend to: zeros
+        out = out * jnp.any(mask4, axis=-1).transpose(0, 2, 1)[..., None].astype(out.dtype)  # [B, Lq, H, 1]
     return out
 
 
@@ -362,24 +341,12 @@ class HeadsProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.in_dims :]
-        fan_in = int(np.prod(in_shape))
-        fan_out = int(np.prod(self.features))
         # xavier_uniform over the flattened [fan_in, fan_out] matrix, as DenseGeneral would draw it.
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit), self.names
-            ),
-            (*in_shape, *self.features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[self.in_dims :]),
-            self.features,
-            self.param_dtype,
-        )
+        limit = np.sqrt(6.0 / (np.prod(in_shape) + np.prod(self.features)))
+        xavier = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit)
+        part, zeros = nn.with_logical_partitioning, nn.initializers.zeros_init()
+        kernel = self.param("kernel", part(xavier, self.names), (*in_shape, *self.features), self.param_dtype)
+        bias = self.param("bias", part(zeros, self.names[self.in_dims :]), self.features, self.param_dtype)
         y = linear.linear(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
         return y + bias.astype(self.dtype)
 
