@@ -22,12 +22,14 @@ from matplotlib.figure import Figure
 from vtfusion_jax import layers, models
 
 
-def _attention_leaves(intermediates: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+def _leaves(tree: Any, name: str) -> list[tuple[list[str], int, np.ndarray]]:
+    """(path names, layer number (0 if none), float32 value) of every leaf with ``name`` in its path."""
     out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-        if "attention_weights" in names:
-            out.append(("/".join(names), np.asarray(leaf, np.float32)))
+        if name in names:
+            layer = next((int(p[len("layers_") :]) for p in names if re.fullmatch(r"layers_\d+", p)), 0)
+            out.append((names, layer, np.asarray(leaf, np.float32)))
     return out
 
 
@@ -38,9 +40,7 @@ def _by_module(intermediates: Mapping[str, Any]) -> dict[str, list[np.ndarray]]:
     ([layers, B, H, Lq, Lk]) both land under "fusion/blocks/cross_attn".
     """
     found: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for path, w in _attention_leaves(intermediates):
-        parts = path.split("/")
-        layer = next((int(p[len("layers_") :]) for p in parts if re.fullmatch(r"layers_\d+", p)), 0)
+    for parts, layer, w in _leaves(intermediates, "attention_weights"):
         module = parts[: parts.index("attention_weights")]
         key = "/".join(p for p in module if not re.fullmatch(r"layers_\d+|stacked", p))
         per_layer = w.reshape(-1, *w.shape[-4:])  # scanned: [layers, B, H, Lq, Lk]; unrolled: [1, ...]
@@ -166,12 +166,7 @@ def _views(maps: dict[str, list[np.ndarray]], text_mask: np.ndarray, n: int) -> 
 
 def gate_values(params: Mapping[str, Any]) -> list[float]:
     """tanh of every ``attn_gate`` parameter, in layer order (a variant registered with ``has_gates``; else empty)."""
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(layers.unbox(params))[0]:
-        names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-        if "attn_gate" in names:
-            layer = next((int(p[len("layers_") :]) for p in names if re.fullmatch(r"layers_\d+", p)), 0)
-            out.extend((layer, float(g)) for g in np.tanh(np.ravel(np.asarray(leaf, np.float32))))
+    out = [(layer, float(g)) for _, layer, v in _leaves(layers.unbox(params), "attn_gate") for g in np.tanh(v.ravel())]
     return [g for _, g in sorted(out, key=lambda t: t[0])]
 
 
@@ -316,18 +311,9 @@ def save_confusion_matrix(path: str, matrix: np.ndarray, names: Sequence[str], t
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if m[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    str(m[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if share[i, j] > 0.5 else "black",
-                )
+    for i, j in zip(*np.nonzero(m), strict=True):
+        color = "white" if share[i, j] > 0.5 else "black"
+        ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6, color=color)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -157,12 +157,8 @@ class RetrievalModel(nn.Module):
         image, image_mask = self.encode_image(batch["image"], train)
         text, text_mask = self.encode_text(batch["text_ids"], batch["text_mask"], train)
         img, txt = self.embed(image, image_mask, text, text_mask)
-        return {
-            "image_emb": img,
-            "text_emb": txt,
-            "temperature": self.temperature(),
-            "itm_logits": self.itm_logits(image, image_mask, text, text_mask, train),
-        }
+        itm_logits = self.itm_logits(image, image_mask, text, text_mask, train)
+        return {"image_emb": img, "text_emb": txt, "temperature": self.temperature(), "itm_logits": itm_logits}
 
 
 def gather_global(x: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
