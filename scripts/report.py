@@ -355,13 +355,11 @@ def _ms(x: float) -> str:
     return f"{1e3 * x:,.0f}"
 
 
-def _perf_load(r: dict) -> str:
-    a, b = r.get("loadavg_start"), r.get("loadavg_end")
-    return f"{a[0]:.2f}" + (f" / {b[0]:.2f}" if b else "") if a else "-"
-
-
 def _tail(r: dict) -> list[str]:
-    return [_perf_load(r), provenance(r), f"`{r['command']}`"]
+    """A benchmark row's last cells: 1-minute load at start / end, commit and CPU, command."""
+    a, b = r.get("loadavg_start"), r.get("loadavg_end")
+    load = f"{a[0]:.2f}" + (f" / {b[0]:.2f}" if b else "") if a else "-"
+    return [load, provenance(r), f"`{r['command']}`"]
 
 
 def _step_rows(rows: dict[str, dict], order: list[str]) -> str:

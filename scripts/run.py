@@ -14,6 +14,7 @@ accelerator, the command).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,50 +24,45 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from vtfusion_jax import metrics, speed  # noqa: E402
 
 
-class LoadSampler:
-    """Samples the 1-minute load average every ``period`` s on a thread: wall times on a shared machine are only
-    comparable together with the load they saw."""
+@contextlib.contextmanager
+def sampled_load(period: float = 15.0):
+    """Yields a dict that, on exit, holds {"mean", "max", "samples"} of the 1-minute load average sampled every
+    ``period`` s on a thread: wall times on a shared machine are only comparable together with the load they saw."""
+    samples, stop, summary = [], threading.Event(), {}
 
-    def __init__(self, period: float = 15.0):
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(period,), daemon=True)
-
-    def _loop(self, period: float) -> None:
+    def loop() -> None:
         while True:
-            self.samples.append(os.getloadavg()[0])
-            if self._stop.wait(period):
+            samples.append(os.getloadavg()[0])
+            if stop.wait(period):
                 return
 
-    def __enter__(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict:
-        """{"mean", "max", "samples"} of the 1-minute load average over the run."""
-        x = self.samples or [float("nan")]
-        return {"mean": round(sum(x) / len(x), 2), "max": round(max(x), 2), "samples": len(self.samples)}
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield summary
+    finally:
+        stop.set()
+        thread.join()
+        x = samples or [float("nan")]
+        summary.update(mean=round(sum(x) / len(x), 2), max=round(max(x), 2), samples=len(samples))
 
 
 def history(metrics_jsonl: str) -> dict:
     """{"validation": [{step, <val/ metrics>}], "train": [{step, <train/ metrics>}]} from a run's metrics.jsonl."""
+    try:
+        rows = metrics.read_jsonl(metrics_jsonl)
+    except ValueError as e:  # CorruptFileError: "path:line: not JSON ..."
+        raise SystemExit(str(e)) from None
     out: dict[str, list[dict]] = {"validation": [], "train": []}
-    with open(metrics_jsonl) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{metrics_jsonl}:{n}: not JSON ({e})") from None
-            for prefix, key in (("val/", "validation"), ("train/", "train")):
-                part = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
-                if part:
-                    out[key].append({"step": int(row["step"]), **part})
+    for row in rows:
+        for prefix, key in (("val/", "validation"), ("train/", "train")):
+            part = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+            if part:
+                out[key].append({"step": int(row["step"]), **part})
     return out
 
 
@@ -104,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_cmd = [sys.executable, "train.py", *common]
     eval_cmd = [sys.executable, "eval.py", *common, f"--split={a.split}"]
     this = ["python scripts/run.py", *(argv if argv is not None else sys.argv[1:])]
-    provenance = _provenance(" ".join(this))  # the code the run starts on (a commit during the run must not count)
-    with LoadSampler() as load:
+    provenance = speed.provenance(" ".join(this))  # the code the run starts on (a commit during the run must not count)
+    with sampled_load() as load:
         train_s = None if a.eval_only else _timed(train_cmd, a.nice)
         eval_s = _timed(eval_cmd, a.nice)
 
@@ -132,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "total_train_seconds": round(train_s + sum(r["train_seconds"] or 0 for r in previous), 1),
-        "load": load.summary(),  # 1-minute load average during train + eval (> CPU count: the times are inflated)
+        "load": load,  # 1-minute load average during train + eval (> CPU count: the times are inflated)
         "eval_only": a.eval_only,
         "previous_runs": previous,
         **provenance,
@@ -144,13 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(history(os.path.join(workdir, "metrics.jsonl")), f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "host"}, indent=2, default=str))
     return summary
-
-
-def _provenance(command: str) -> dict:
-    sys.path.insert(0, REPO)
-    from vtfusion_jax import speed
-
-    return speed.provenance(command)
 
 
 if __name__ == "__main__":
