@@ -11,7 +11,6 @@ budget is spent (no GPU: cuDNN recorded as skipped, with the reason). Needs only
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ def main(argv=None) -> dict:
 
     command = "python benchmarks/gpu_bench.py" + (" --tiny" if args.tiny else "")
     spec = os.path.join(REPO, "configs", "perf.py") + (":preset=tiny" if args.tiny else ":preset=gpu")
+    prefix = "gpu_tiny_" if args.tiny else "gpu_"  # the JSON files' names
     overrides = ["model.dtype=bfloat16", "model.scan_layers=True"]
     if args.steps:
         overrides.append(f"bench.steps={args.steps}")
@@ -50,9 +50,6 @@ def main(argv=None) -> dict:
     q = jax.ShapeDtypeStruct((1, 1, heads, base["model"]["width"] // heads), jax.numpy.dtype(base["model"]["dtype"]))
     resolved = attention.resolve_implementation("auto", q)
     for impl in ("auto", "xla", "cudnn"):
-        name = f"gpu_{impl}" if not args.tiny else f"gpu_tiny_{impl}"
-        cfg = copy.deepcopy(base)
-        cfg["model"]["attention_impl"] = impl
         elapsed = time.time() - t_start
         if impl == resolved:  # measured as "auto"
             summary["runs"][impl] = {"same_as": "auto"}
@@ -66,6 +63,7 @@ def main(argv=None) -> dict:
         try:
             # --tiny is a smoke run of this script: the unoptimised XLA backend compiles about twice as fast.
             options = {"xla_backend_optimization_level": 0} if args.tiny else None
+            cfg = dict(base, model=dict(base["model"], attention_impl=impl))
             bench = bench_lib.Bench(cfg, compiler_options=options, state=state)
             result = bench_lib.run(cfg, bench=bench, command=f"{command}  # attention_impl={impl}")
             state = bench.state
@@ -74,7 +72,7 @@ def main(argv=None) -> dict:
             print(f"{impl}: {type(e).__name__}: {e}", flush=True)
             continue
         result["elapsed_s"] = time.time() - t_start
-        with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
+        with open(os.path.join(args.out_dir, f"{prefix}{impl}.json"), "w") as f:
             json.dump(result, f, indent=1, default=float)
         keys = ("num_params", "step_s_median", "examples_per_s", "mfu_measured_peak", "mfu_datasheet", "compile")
         summary["runs"][impl] = {k: result.get(k) for k in keys}
@@ -86,7 +84,7 @@ def main(argv=None) -> dict:
     if "xla" in times:
         summary.update({f"{i}_speedup_over_xla": times["xla"] / times[i] for i in ("auto", "cudnn") if i in times})
     summary["elapsed_s"] = time.time() - t_start
-    with open(os.path.join(args.out_dir, "gpu_summary.json" if not args.tiny else "gpu_tiny_summary.json"), "w") as f:
+    with open(os.path.join(args.out_dir, f"{prefix}summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)
     print(json.dumps({k: v for k, v in summary.items() if k != "host"}, default=float), flush=True)
     return summary

@@ -10,6 +10,7 @@ One JSON line per dataset: build time, host rate of `BatchReader.train_batch`, e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,26 +89,16 @@ def bench(name, args, data_dir, builder_kwargs, mesh, tokenizer) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    tmp = None
-    names = args.datasets.split(",")
+    names, kwargs = args.datasets.split(","), None
     if args.smoke:
-        tmp = tempfile.TemporaryDirectory()
-        args.data_dir, names = tmp.name, ["sort_of_clevr"]
-        args.batch_size, args.steps, args.warmup = 32, 3, 1
-    data_dir = args.data_dir or datasets.default_data_dir()
-    n = jax.device_count()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(n), ("data",))
+        names, kwargs, args.batch_size, args.steps, args.warmup = ["sort_of_clevr"], SMOKE_SOC, 32, 3, 1
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     tokenizer = Tokenizer(max_len=32)
     rows = []
-    try:
+    with tempfile.TemporaryDirectory() if args.smoke else contextlib.nullcontext(args.data_dir) as data_dir:
         for name in names:
-            kwargs = SMOKE_SOC if args.smoke else None
-            row = bench(name, args, data_dir, kwargs, mesh, tokenizer)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            rows.append(bench(name, args, data_dir or datasets.default_data_dir(), kwargs, mesh, tokenizer))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -289,15 +289,11 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
     p = jax_bench.parser(__doc__)
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend, or 'none' to skip it")
     p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    args, overrides = jax_bench.parse(p, argv)
-    cfg = jax_bench.load_config(args.config, overrides)
-    env = jax_bench.prepare(args)  # host-memory reuse is process-wide: torch runs under it too
-    result = run(cfg, args.compile_backend, args.pause, "python benchmarks/torch_peer.py " + " ".join(argv))
-    return speed.emit_result({**result, **env}, args.out)
+    args, cfg, env, command = jax_bench.cli(p, argv, "torch_peer.py")  # host-memory reuse covers torch too
+    return speed.emit_result({**run(cfg, args.compile_backend, args.pause, command), **env}, args.out)
 
 
 if __name__ == "__main__":

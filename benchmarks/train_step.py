@@ -10,7 +10,7 @@
 Builds the state and the library's jitted step as training does, times the compile and ``bench.steps`` steps on one
 synthetic on-device batch. JSON: step times, examples/s, compile time, analytic FLOPs beside XLA's
 ``cost_analysis``, MFU against an in-process matmul peak (and ``bench.peak_tflops``), provenance. Also the command
-line the benchmarks share (parser, parse, prepare, alternate, record).
+line the benchmarks share (parser, parse, cli, alternate, record).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vtfusion_jax import flops as flops_lib  # noqa: E402
 from vtfusion_jax import losses, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
-from vtfusion_jax.train_lib import TrainState, make_train_step  # noqa: E402  (the library's own step)
+from vtfusion_jax.train_lib import TrainState, create_train_state, make_train_step, state_layout  # noqa: E402
 
 # Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
-BENCH_DEFAULTS = dict(batch_size=32, image_size=64, text_len=16, num_classes=13, warmup=3, steps=20)
-BENCH_DEFAULTS.update(matmul_size=2048, peak_tflops=0.0, compilation_cache_dir="")
+BENCH_DEFAULTS = dict(batch_size=32, image_size=64, text_len=16, num_classes=13, warmup=3, steps=20, matmul_size=2048)
+BENCH_DEFAULTS.update(peak_tflops=0.0, compilation_cache_dir="")
 DEFAULT_VOCAB = 30522
 
 
@@ -59,14 +58,25 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Nam
     return args, [a[len("--config.") :] for a in rest]
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Before building anything: keep freed host memory for reuse as train.py does (host_memory.py), then wait up to
-    ``--wait_quiet`` s for a quiet machine. Returns {"host_memory", "quiet_wait"} for the result."""
+def cli(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, script: str
+) -> tuple[argparse.Namespace, dict, dict, str]:
+    """A benchmark's command line: parses ``argv`` (default sys.argv) and loads the config; then, before anything is
+    built, keeps freed host memory for reuse as train.py does (host_memory.py) and waits up to ``--wait_quiet`` s
+    for a quiet machine.
+
+    Returns:
+      (flags, config, {"host_memory", "quiet_wait"} for the result, the command line to record).
+    """
     from vtfusion_jax import host_memory
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse(p, argv)
+    cfg = load_config(args.config, overrides)
     host_mem = host_memory.reuse_freed_memory_on_cpu()
     quiet = speed.wait_for_quiet(max_wait_s=args.wait_quiet) if args.wait_quiet > 0 else None
-    return {"host_memory": host_mem, "quiet_wait": quiet}
+    command = f"python benchmarks/{script} " + " ".join(argv)
+    return args, cfg, {"host_memory": host_mem, "quiet_wait": quiet}, command
 
 
 def alternate(runners: dict[str, Callable[[], float]], rounds: int, pause_s: float, warmup: int) -> dict:
@@ -118,13 +128,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
 
 
 def _from_train_config(c: dict) -> dict:
-    d, t = c.get("dataset", {}), c.get("train", {})
-    bench = dict(BENCH_DEFAULTS)
-    bench.update(batch_size=t.get("global_batch_size", 32), text_len=d.get("max_len", 16))
+    d, t, model = c.get("dataset", {}), c.get("train", {}), c["model"]
+    bench = dict(BENCH_DEFAULTS, batch_size=t.get("global_batch_size", 32), text_len=d.get("max_len", 16))
     bench.update(image_size=d.get("image_size") or 64)
-    model = c["model"]
-    model["text_encoder"] = dict(model["text_encoder"])
-    model["text_encoder"].setdefault("vocab_size", DEFAULT_VOCAB)
+    model["text_encoder"] = {"vocab_size": DEFAULT_VOCAB, **model["text_encoder"]}
     return dict(
         seed=c.get("seed", 0), mesh_shape=c.get("mesh_shape", (-1, 1, 1)), model=model, optim=c["optim"], bench=bench
     )
@@ -170,42 +177,22 @@ class Bench:
 
     def __init__(self, cfg: dict, compiler_options: dict | None = None, state: TrainState | None = None):
         """Builds everything for ``cfg``; ``compiler_options`` (XLA debug options, e.g.
-        {"xla_backend_optimization_level": 0}) apply to every program it compiles; ``state`` (of a Bench whose
-        config differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation."""
-        self.cfg = cfg
-        self.compiler_options = compiler_options
-        b = cfg["bench"]
+        {"xla_backend_optimization_level": 0}) apply to the step it compiles; ``state`` (of a Bench whose config
+        differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation."""
+        self.cfg, self.compiler_options, b = cfg, compiler_options, cfg["bench"]
         self.mesh = sharding.make_mesh(cfg["mesh_shape"])
         self.model = VisionTextModel(cfg["model"], int(b["num_classes"]))
-        frozen = optim.frozen_towers(cfg["model"])
-        self.tx, _ = optim.make_optimizer(cfg["optim"], 10_000, frozen)
+        self.tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
         s, length = int(b["image_size"]), int(b["text_len"])
         init_batch = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
         init_batch["text_mask"] = jnp.ones((1, length), bool)
-        key = jax.random.PRNGKey(int(cfg["seed"]))
-        boxed = jax.eval_shape(lambda k: self.model.init({"params": k}, init_batch, train=False)["params"], key)
-        p_sh = sharding.param_shardings(boxed, self.mesh)
-        abstract = sharding.unbox(boxed)
-        o_sh = sharding.optimizer_shardings(jax.eval_shape(self.tx.init, abstract), abstract, p_sh, self.mesh)
-        rep = sharding.replicated(self.mesh)
-        self.state_shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep)
-        self.num_params = flops_lib.param_count(abstract)
-
-        def init_params():
-            variables = self.model.init({"params": jax.random.fold_in(key, 0)}, init_batch, train=False)
-            return sharding.unbox(variables["params"])
-
-        def run_jit(fn, out_shardings, *args):
-            return jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(self.compiler_options)(*args)
-
-        if state is None:
-            with jax.set_mesh(self.mesh):
-                params = run_jit(init_params, p_sh)
-                opt_state = run_jit(self.tx.init, o_sh, params)
-                step, rng = run_jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(key, 1)), (rep, rep))
-            state = TrainState(step, params, opt_state, rng)
-        self.state = state
-        batch_sh = sharding.batch_sharding(self.mesh)
+        layout = (self.model, init_batch, self.tx, self.mesh)
+        if state is None:  # the sharded initialisation training does
+            state, self.state_shardings = create_train_state(*layout, int(cfg["seed"]))
+        else:
+            self.state_shardings = state_layout(*layout)[1]
+        self.state, self.num_params = state, flops_lib.param_count(state.params)
+        batch_sh, rep = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
         step = make_train_step(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
         shardings = dict(in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, rep))
@@ -250,24 +237,9 @@ def analytic_flops(cfg: dict) -> dict:
     return flops_lib.model_flops(cfg["model"], (s, s), int(b["text_len"]), int(b["num_classes"]))
 
 
-def summarize(times: Sequence[float], cfg: dict, fl: dict, peak: dict | None, n_devices: int) -> dict:
-    """Step-time statistics, throughput and MFU (per-device peaks are multiplied by the device count)."""
-    b = cfg["bench"]
-    if not times:
-        return {}
-    med, best = float(np.median(times)), float(np.min(times))
-    achieved = fl["train"] * int(b["batch_size"]) / med
-    out = {"step_s_median": med, "step_s_min": best, "step_s_all": [float(t) for t in times]}
-    out.update(examples_per_s=int(b["batch_size"]) / med, achieved_flops_per_s=achieved)
-    if peak:
-        out["mfu_measured_peak"] = achieved / (peak["flops_per_s"] * n_devices)
-    if float(b["peak_tflops"]) > 0:
-        out["mfu_datasheet"] = achieved / (float(b["peak_tflops"]) * 1e12 * n_devices)
-    return out
-
-
-def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench | None = None) -> dict:
-    """Builds (unless ``bench`` is given), compiles and times the step of ``cfg``; returns the JSON-able result."""
+def run(cfg: dict, *, command: str = "", bench: Bench | None = None) -> dict:
+    """Builds (unless ``bench`` is given), compiles and times the step of ``cfg``; returns the JSON-able result with
+    step-time statistics, throughput and MFU (per-device peaks multiplied by the device count) when steps ran."""
     b = cfg["bench"]
     if b["compilation_cache_dir"]:
         speed.enable_compilation_cache(b["compilation_cache_dir"])
@@ -278,10 +250,9 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
     for _ in range(int(b["warmup"])):
         bench.step()
     times = [bench.step() for _ in range(int(b["steps"]))]
-    dtype = DTYPES[cfg["model"].get("dtype", "float32")]
-    peak = speed.matmul_peak(dtype, int(b["matmul_size"])) if measure_peak and times else None
+    peak = speed.matmul_peak(DTYPES[cfg["model"].get("dtype", "float32")], int(b["matmul_size"])) if times else None
     analytic_step = fl["train"] * int(b["batch_size"])
-    return {
+    out = {
         **record("train_step", command, cfg, load_start),
         "num_params": bench.num_params,
         "flops_per_example": fl,
@@ -290,23 +261,26 @@ def run(cfg: dict, *, measure_peak: bool = True, command: str = "", bench: Bench
         "xla_over_analytic": comp["xla_flops_per_step"] / analytic_step,
         "peak": peak,
         "final_loss": bench.loss(),
-        **summarize(times, cfg, fl, peak, bench.mesh.size),
     }
+    if times:
+        med, n_devices = float(np.median(times)), bench.mesh.size
+        achieved = analytic_step / med
+        out.update(step_s_median=med, step_s_min=float(np.min(times)), step_s_all=[float(t) for t in times])
+        out.update(examples_per_s=int(b["batch_size"]) / med, achieved_flops_per_s=achieved)
+        out["mfu_measured_peak"] = achieved / (peak["flops_per_s"] * n_devices)
+        if float(b["peak_tflops"]) > 0:
+            out["mfu_datasheet"] = achieved / (float(b["peak_tflops"]) * 1e12 * n_devices)
+    return out
 
 
-def parse_args(argv: Sequence[str]) -> tuple[Any, list[str]]:
-    p = parser(__doc__)
-    p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
-    return parse(p, argv)
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This script's flags and its config overrides (see ``parse``)."""
+    return parse(parser(__doc__), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides)
-    env = prepare(args)
-    result = run(cfg, measure_peak=not args.no_peak, command="python benchmarks/train_step.py " + " ".join(argv))
-    return speed.emit_result({**result, **env}, args.out)
+    args, cfg, env, command = cli(parser(__doc__), argv, "train_step.py")
+    return speed.emit_result({**run(cfg, command=command), **env}, args.out)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,11 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "") -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: the shared benchmark flags plus --rounds / --pause."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     p = jax_bench.parser(__doc__)
     p.add_argument("--rounds", type=int, default=20, help="timed rounds (one step of each side per round)")
     p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    args, overrides = jax_bench.parse(p, argv)
-    cfg = jax_bench.load_config(args.config, overrides)
-    env = jax_bench.prepare(args)
-    result = run(cfg, args.rounds, args.pause, "python benchmarks/weight_grad.py " + " ".join(argv))
-    return speed.emit_result({**result, **env}, args.out)
+    args, cfg, env, command = jax_bench.cli(p, argv, "weight_grad.py")
+    return speed.emit_result({**run(cfg, args.rounds, args.pause, command), **env}, args.out)
 
 
 if __name__ == "__main__":
