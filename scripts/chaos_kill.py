@@ -16,13 +16,17 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 TMP_MARK = ".orbax-checkpoint-tmp"
 # Long enough for many kills; a save every step (nearly always a write in flight) with retention on; no validation.
 CHAOS_OVERRIDES = dict(
@@ -34,12 +38,12 @@ CHAOS_OVERRIDES = dict(
 )
 
 
-def chaos_env(cache_dir: str, devices: int = 8, base: dict | None = None) -> dict:
-    """Subprocess environment: CPU with ``devices`` devices, a persistent compilation cache in ``cache_dir``."""
-    env = dict(os.environ if base is None else base)
+def chaos_env(cache_dir: str) -> dict:
+    """Subprocess environment: CPU with 8 devices, a persistent compilation cache in ``cache_dir``."""
+    env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env.update(
-        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=cache_dir,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -49,27 +53,13 @@ def chaos_env(cache_dir: str, devices: int = 8, base: dict | None = None) -> dic
     return env
 
 
-def flag_list(data_dir: str, overrides: dict) -> list[str]:
-    return [f"--config.dataset.data_dir={data_dir}"] + [
-        f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()
-    ]
-
-
 def load_tiny(data_dir: str, overrides: dict):
     """configs/tiny.py with ``data_dir`` and dotted-key ``overrides`` ("train__num_steps" style)."""
-    import importlib.util
+    from vtfusion_jax import config_lib
 
-    spec = importlib.util.spec_from_file_location("configs_tiny", os.path.join(REPO, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.dataset.data_dir = data_dir
-    for key, value in overrides.items():
-        *parents, last = key.split("__")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    config = config_lib.load_config(os.path.join(REPO, "configs", "tiny.py"))
+    dotted = {k.replace("__", "."): v for k, v in overrides.items()}
+    config.update_from_flattened_dict({"dataset.data_dir": data_dir, **dotted})
     return config
 
 
@@ -84,22 +74,11 @@ def checkpoint_listing(workdir: str) -> tuple[list[int], list[str]]:
     return sorted(step_lib.checkpoint_steps(folder)), tmp
 
 
-def _start(workdir: str, data_dir: str, env: dict, overrides: dict, log_path: str) -> subprocess.Popen:
-    log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through proc.stdout)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=configs/tiny.py", f"--workdir={workdir}"]
-    proc = subprocess.Popen(
-        [*cmd, *flag_list(data_dir, overrides)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    proc._log = log  # type: ignore[attr-defined]
-    return proc
-
-
-def _logged_steps(workdir: str) -> int:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return f.read().count(b"\n")
+def _start(workdir: str, data_dir: str, env: dict, overrides: dict, log) -> subprocess.Popen:
+    """train.py on configs/tiny.py in ``workdir``, its output into the open file ``log``."""
+    flags = [f"--config.{k.replace('__', '.')}={v}" for k, v in {"dataset__data_dir": data_dir, **overrides}.items()]
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _kill_when(proc: subprocess.Popen, kind: str, workdir: str, rng: random.Random, span: float) -> bool:
@@ -132,22 +111,19 @@ def _final_params(config, workdir: str):
 
 def last_losses(workdir: str) -> dict[int, float]:
     """{step: train/loss}, the last row for each step (a resumed run logs again the steps after its checkpoint)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                out[row["step"]] = row["train/loss"]
-    return out
+    from vtfusion_jax import metrics
+
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
 def chaos(
     workdir: str,
     data_dir: str,
     config,
+    env: dict,
     kills: int = 10,
     seed: int = 0,
-    env: dict | None = None,
     overrides: dict | None = None,
     reference: str | None = None,
     kinds: tuple[str, ...] = ("save", "random"),
@@ -157,29 +133,28 @@ def chaos(
     Args:
       workdir, data_dir: scratch folder; TFDS folder holding the (already built) easy_vqa dataset.
       config: the tiny config with ``overrides`` applied (used to restore both runs' parameters).
+      env: the subprocess environment (chaos_env).
       kills: number of SIGKILLs before the run may finish; ``seed`` seeds their moments, ``kinds`` cycles.
-      env, overrides: subprocess environment (chaos_env) and config overrides (CHAOS_OVERRIDES).
+      overrides: config overrides (default CHAOS_OVERRIDES).
       reference: workdir of an uninterrupted run with the same config (None: run train.py once here).
 
     Returns:
       A report dict; ``report["ok"]`` is True when every check held, and ``report["failures"]`` lists the others.
     """
-    import numpy as np
-
     overrides = dict(CHAOS_OVERRIDES if overrides is None else overrides)
-    env = env or chaos_env(os.path.join(workdir, "xla_cache"))
     rng = random.Random(seed)
     os.makedirs(workdir, exist_ok=True)
     report: dict = {"kills": [], "failures": []}
     t0 = time.time()
     if reference is None:
         reference = os.path.join(workdir, "reference")
-        proc = _start(reference, data_dir, env, overrides, os.path.join(workdir, "reference.log"))
-        first = None
-        while proc.poll() is None:
-            if first is None and _logged_steps(reference):
-                first = time.time() - t0
-            time.sleep(0.01)
+        logged = os.path.join(reference, "metrics.jsonl")
+        with open(os.path.join(workdir, "reference.log"), "w") as log:
+            proc, first = _start(reference, data_dir, env, overrides, log), None
+            while proc.poll() is None:
+                if first is None and os.path.exists(logged) and os.path.getsize(logged):
+                    first = time.time() - t0
+                time.sleep(0.01)
         if proc.returncode != 0:
             raise RuntimeError(f"reference run failed; see {workdir}/reference.log")
         report["reference_seconds"] = time.time() - t0
@@ -197,20 +172,17 @@ def chaos(
         before, _ = checkpoint_listing(run_dir)
         if before and before[-1] >= total:  # finished before enough kills: start over, keeping the kills done
             report["restarts_from_scratch"] = report.get("restarts_from_scratch", 0) + 1
-            import shutil
-
             shutil.rmtree(run_dir)
             before = []
         log_path = os.path.join(workdir, f"run{attempt:02d}.log")
         t = time.time()
-        proc = _start(run_dir, data_dir, env, overrides, log_path)
-        # A random moment before this run would end: startup plus the time of the steps still to do.
-        left = total - (before[-1] if before else 0)
-        killed = _kill_when(proc, kind, run_dir, rng, 0.9 * (startup + left * per_step))
-        proc._log.close()
+        with open(log_path, "w") as log:
+            proc = _start(run_dir, data_dir, env, overrides, log)
+            # A random moment before this run would end: startup plus the time of the steps still to do.
+            left = total - (before[-1] if before else 0)
+            killed = _kill_when(proc, kind, run_dir, rng, 0.9 * (startup + left * per_step))
         with open(log_path) as f:
-            text = f.read()
-        resumed = re.search(r"Resumed from step (\d+)", text)
+            resumed = re.search(r"Resumed from step (\d+)", f.read())
         _, tmp = checkpoint_listing(run_dir)
         entry = {"kind": kind, "killed": killed, "seconds_alive": round(time.time() - t, 2), "tmp_folders_after": tmp}
         if resumed and int(resumed.group(1)) != (before[-1] if before else None):
@@ -220,14 +192,12 @@ def chaos(
         report["kills"].append(entry)
         i += killed
     final_log = os.path.join(workdir, "final.log")
-    before, _ = checkpoint_listing(run_dir)
-    proc = _start(run_dir, data_dir, env, overrides, final_log)
-    proc.wait()
-    proc._log.close()
+    with open(final_log, "w") as log:
+        returncode = _start(run_dir, data_dir, env, overrides, log).wait()
     with open(final_log) as f:
-        text = f.read()
-    if proc.returncode != 0 or f"done at step {total}" not in text:
-        report["failures"].append(f"final run exited {proc.returncode}; see {final_log}")
+        done = f"done at step {total}" in f.read()
+    if returncode != 0 or not done:
+        report["failures"].append(f"final run exited {returncode}; see {final_log}")
     else:
         a, b = last_losses(reference), last_losses(run_dir)
         if sorted(a) != sorted(b) or any(a[s] != b[s] for s in a):
@@ -257,12 +227,11 @@ def main() -> int:
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="chaos_kill_"))
     data_dir = os.path.abspath(args.data_dir or os.path.join(workdir, "tfds"))
     os.environ.update(chaos_env(os.path.join(workdir, "xla_cache")))
-    sys.path.insert(0, REPO)
     config = load_tiny(data_dir, CHAOS_OVERRIDES)
     from vtfusion_jax import tasks
 
     tasks.make_task(config)  # build the dataset once, before any kill
-    report = chaos(workdir, data_dir, config, kills=args.kills, seed=args.seed, env=dict(os.environ))
+    report = chaos(workdir, data_dir, config, dict(os.environ), kills=args.kills, seed=args.seed)
     report.update(seed=args.seed, command=" ".join(sys.argv))
     text = json.dumps(report, indent=1)
     if args.out:
