@@ -105,14 +105,18 @@ def beam_search(
     return tokens, pick(norm), pick(scores), pick(lengths)
 
 
+def _decoder(name: str) -> Callable:
+    """A CaptionModel method for ``model.apply``: its decoder's (``head``) method ``name``."""
+    return lambda model, *args: getattr(model.head, name)(*args)
+
+
 def cached_step(model, params, cross, image_mask) -> tuple[StepFn, Any]:
     """(step_fn, initial cache) decoding a CaptionModel with its key/value cache."""
-    rows = image_mask.shape[0]
-    cache = model.apply({"params": params}, rows, method=type(model).init_cache)
+    cache = model.apply({"params": params}, image_mask.shape[0], method=_decoder("init_cache"))
 
     def step(seq, t, cache):
         token = jax.lax.dynamic_index_in_dim(seq, t, axis=1, keepdims=False)
-        return model.apply({"params": params}, token, t, cache, cross, image_mask, method=type(model).decode_step)
+        return model.apply({"params": params}, token, t, cache, cross, image_mask, method=_decoder("decode_step"))
 
     return step, cache
 
@@ -121,7 +125,7 @@ def uncached_step(model, params, cross, image_mask) -> tuple[StepFn, Any]:
     """(step_fn, None) recomputing the whole prefix at every step (the reference for the cache)."""
 
     def step(seq, t, state):
-        logits = model.apply({"params": params}, seq[:, :-1], t, cross, image_mask, method=type(model).decode_full)
+        logits = model.apply({"params": params}, seq[:, :-1], t, cross, image_mask, method=_decoder("decode_full"))
         return logits, state
 
     return step, None
@@ -153,7 +157,7 @@ def decode_captions(
     rows = beam_size if method == "beam" else 1
     if rows > 1:
         tokens, mask = jnp.repeat(tokens, rows, axis=0), jnp.repeat(mask, rows, axis=0)
-    cross = model.apply({"params": params}, tokens, method=type(model).prepare)
+    cross = model.apply({"params": params}, tokens, method=_decoder("prepare"))
     make = cached_step if use_cache else uncached_step
     step, state = make(model, params, cross, mask)
     if method == "greedy":

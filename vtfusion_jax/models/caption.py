@@ -45,12 +45,8 @@ class DecoderLayer(nn.Module):
     def setup(self):
         h, dh = self.num_heads, self.width // self.num_heads
 
-        def proj(name):
-            return HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, name=name)
-
-        def out(name):
-            return HeadsProjection((self.width,), ("heads", "kv", "embed"), self.dtype, in_dims=2, name=name)
-
+        proj = lambda name: HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, name=name)
+        out = lambda name: HeadsProjection((self.width,), ("heads", "kv", "embed"), self.dtype, in_dims=2, name=name)
         self.self_ln, self.cross_ln, self.mlp_ln = (layers.LayerNorm(name=n) for n in ("self_ln", "cross_ln", "mlp_ln"))
         self.q, self.k, self.v, self.o = proj("query"), proj("key"), proj("value"), out("out")
         self.cq, self.ck, self.cv = (proj(f"cross_{n}") for n in ("query", "key", "value"))
@@ -215,30 +211,13 @@ class CaptionModel(nn.Module):
         decoders = {"caption_decoder": CaptionDecoder}
         self.head = models._build("head", decoders, cfg["head"], shared, vocab_size=self.vocab_size)
 
-    def encode_image(self, image, train: bool = False):
-        """image [B, H, W, 3] -> (tokens [B, N, Di], mask [B, N])."""
-        return self.image_encoder(image, deterministic=not train)
-
     def encode_memory(self, image, train: bool = False):
         """image [B, H, W, 3] -> what the decoder cross-attends to: (tokens [B, M, Dm], mask [B, M]); M = N for
-        memory "image", P + N for "fused"."""
-        tokens, mask = self.encode_image(image, train)
+        memory "image", P + N for "fused". Decoding then calls the decoder (``head``) directly (decoding.py)."""
+        tokens, mask = self.image_encoder(image, deterministic=not train)
         if self.memory == "fused":
             tokens, mask = self.fusion(tokens, mask, deterministic=not train)
         return tokens, mask
-
-    def prepare(self, memory):
-        """Memory tokens [B, M, Dm] -> per decoder layer the cross-attention (keys, values)."""
-        return self.head.prepare(memory)
-
-    def init_cache(self, batch: int):
-        return self.head.init_cache(batch)
-
-    def decode_step(self, token, index, cache, cross, image_mask):
-        return self.head.decode_step(token, index, cache, cross, image_mask)
-
-    def decode_full(self, tokens, index, cross, image_mask):
-        return self.head.decode_full(tokens, index, cross, image_mask)
 
     def __call__(self, batch, train: bool = False) -> dict:
         """batch image [B, H, W, 3], caption_in [B, T] -> {"logits": [B, T, V]} (teacher forcing)."""
