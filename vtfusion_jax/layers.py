@@ -88,14 +88,10 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises the last axis. x: [..., D] -> float32 [..., D]."""
-        return nn.LayerNorm(
-            epsilon=self.epsilon,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="ln",
-        )(x.astype(jnp.float32))
+        part = lambda init: nn.with_logical_partitioning(init, ("embed",))
+        inits = dict(scale_init=part(nn.initializers.ones_init()), bias_init=part(nn.initializers.zeros_init()))
+        norm = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name="ln", **inits)
+        return norm(x.astype(jnp.float32))
 
 
 class MLP(nn.Module):
@@ -249,10 +245,8 @@ class Repeated(nn.Module):
     @nn.compact
     def __call__(self, carry: Any, aux: Any, deterministic: bool) -> Any:
         """Runs the stack. carry: activations flowing through layers; aux: per-layer constants."""
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; valid: {REMAT_POLICIES}")
         cls = self.block_cls
-        if self.remat_policy != "none":
+        if self.remat_policy != "none":  # remat_policy() rejects an unknown name
             # static_argnums counts `self` as 0: deterministic is argument 3.
             policy = remat_policy(self.remat_policy)
             cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(3,))
@@ -336,12 +330,8 @@ class PositionEmbedding2D(nn.Module):
         h, w = hw
         d = x.shape[-1]
         if self.kind == "learn":
-            pe = self.param(
-                "pos_embedding",
-                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
-                (h * w, d),
-                jnp.float32,
-            )
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed"))
+            pe = self.param("pos_embedding", init, (h * w, d), jnp.float32)
         elif self.kind in ("sincos2d", "sincos2d_xy"):
             pe = jnp.asarray(sincos_2d(h, w, d))
             if self.kind == "sincos2d_xy":

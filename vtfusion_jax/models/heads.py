@@ -50,6 +50,4 @@ class ClassificationHead(nn.Module):
         return 2 * pooled_dim * self.num_classes
 
 
-HEADS: dict[str, type[nn.Module]] = {
-    "classification": ClassificationHead,
-}
+HEADS: dict[str, type[nn.Module]] = {"classification": ClassificationHead}

@@ -59,15 +59,9 @@ FUSIONS: dict[str, FusionInfo] = {}
 
 
 def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Callable[[type], type]:
-    """Class decorator registering a fusion variant under ``name`` (fields: FusionInfo).
-
-    Args:
-      name, summary, paper: the registry key, what attends to what (one line), the paper(s).
-      **info: ``pooled``, ``attention_maps``, ``has_gates`` (FusionInfo).
-
-    Returns:
-      The decorator; it returns the class unchanged.
-    """
+    """Class decorator (returning the class unchanged) registering a fusion variant: FusionInfo's ``name`` (the
+    registry key), ``summary`` (what attends to what, one line), ``paper`` and ``**info`` (``pooled``,
+    ``attention_maps``, ``has_gates``)."""
 
     def register(cls: type) -> type:
         if name in FUSIONS and FUSIONS[name].cls.__qualname__ != cls.__qualname__:
@@ -86,14 +80,8 @@ def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Call
 
 
 def fusion_info(fusion: str | Any) -> FusionInfo:
-    """The registry entry of a fusion variant.
-
-    Args:
-      fusion: its name, or a built fusion module.
-
-    Returns:
-      The FusionInfo. An unknown name raises a ValueError listing the registered ones.
-    """
+    """The FusionInfo of a fusion variant, by name or of a built fusion module (an unknown one raises a ValueError
+    listing the registered ones)."""
     if not isinstance(fusion, str):
         found = [i for i in FUSIONS.values() if type(fusion) is i.cls]
         if not found:

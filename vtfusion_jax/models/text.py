@@ -114,13 +114,10 @@ class GRUEncoder(nn.Module):
         inits["recurrent_kernel_init"] = part(init.orthogonal(), (None, "mlp"))
         cell = lambda name: nn.GRUCell(self.hidden, **inits, dtype=self.dtype, param_dtype=jnp.float32, name=name)  # noqa: E731
 
-        forward = nn.RNN(cell("forward_cell"), name="forward")
+        rnn = nn.RNN(cell("forward_cell"), name="forward")
         if self.bidirectional:
-            backward = nn.RNN(cell("backward_cell"), name="backward")
-            rnn = nn.Bidirectional(forward, backward, name="bigru")
-            h = rnn(x.astype(self.dtype), seq_lengths=lengths)  # [B, L, 2*hidden]
-        else:
-            h = forward(x.astype(self.dtype), seq_lengths=lengths)  # [B, L, hidden]
+            rnn = nn.Bidirectional(rnn, nn.RNN(cell("backward_cell"), name="backward"), name="bigru")
+        h = rnn(x.astype(self.dtype), seq_lengths=lengths)  # [B, L, 2*hidden] (bidirectional) or [B, L, hidden]
         out = layers.dense(self.width, "mlp", "embed", dtype=self.dtype, name="proj")(h)  # [B, L, D]
         out = out * text_mask[..., None].astype(out.dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), text_mask

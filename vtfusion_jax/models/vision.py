@@ -68,19 +68,18 @@ def _norm(kind: str, name: str, zero_init: bool = False):
         nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init(), ("conv_out",)
     )
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
-    if kind == "group":
-        return lambda x: nn.GroupNorm(
-            num_groups=None,
-            group_size=min(16, x.shape[-1]),
-            dtype=jnp.float32,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            name=name,
-        )(x.astype(jnp.float32)).astype(x.dtype)
-    if kind == "layer":
-        return lambda x: nn.LayerNorm(dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name)(
-            x.astype(jnp.float32)
-        ).astype(x.dtype)
+    if kind in ("group", "layer"):
+
+        def norm(x):
+            kw = dict(dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name)
+            layer = (
+                nn.GroupNorm(num_groups=None, group_size=min(16, x.shape[-1]), **kw)
+                if kind == "group"
+                else nn.LayerNorm(**kw)
+            )
+            return layer(x.astype(jnp.float32)).astype(x.dtype)
+
+        return norm
     if kind == "frozen_bn":
         return FrozenBatchNorm(zero_init=zero_init, name=name)
     if kind == "none":
@@ -144,14 +143,8 @@ def _multiscale_tokens(
 
 
 def token_grids(encoder: nn.Module, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """(h, w) of each scale's token grid, in token order (e.g. for drawing attention maps per scale).
-
-    Args:
-      encoder, image_hw: an image encoder (bound or not) and the input (H, W).
-
-    Returns:
-      A list of grid shapes (ViT: one, after its CLS token if any).
-    """
+    """(h, w) of each scale's token grid of an image encoder (bound or not) on (H, W) images, in token order (ViT:
+    one, after its CLS token if any), e.g. for drawing attention maps per scale."""
     if isinstance(encoder, ViT):
         return [(image_hw[0] // encoder.patch_size, image_hw[1] // encoder.patch_size)]
     maps = encoder.feature_map_shapes(image_hw)
