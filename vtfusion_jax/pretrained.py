@@ -444,14 +444,20 @@ def _flat(params: Any) -> dict[str, Any]:
 
 
 def _shapes(build, spec, inputs) -> dict[str, tuple[int, ...]]:
-    return {
-        k: tuple(v.shape)
-        for k, v in _flat(jax.eval_shape(build(spec).init, jax.random.key(0), *inputs)["params"]).items()
-    }
+    params = jax.eval_shape(build(spec).init, jax.random.key(0), *inputs)["params"]
+    return {k: tuple(v.shape) for k, v in _flat(params).items()}
 
 
-def _keys(keys: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (keys,) if isinstance(keys, str) else tuple(keys)
+def family_plan(folder: str, families: Mapping[str, Callable[[Mapping[str, Any]], Plan]], context: str):
+    """(config.json, model_type, the family's Plan) of the checkpoint in ``folder``; errors start with ``context``."""
+    cfg = read_config(folder)
+    family = cfg.get("model_type")
+    if family not in families:
+        raise ValueError(f"{context}: {folder}/config.json has model_type {family!r}; supported: {sorted(families)}")
+    try:
+        return cfg, family, families[family](cfg)
+    except KeyError as e:
+        raise ValueError(f"{context}: {folder}/config.json lacks {e} (needed for a {family} encoder)") from e
 
 
 def _listing(title: str, items: Sequence[str]) -> str:
@@ -462,20 +468,13 @@ def _listing(title: str, items: Sequence[str]) -> str:
 def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[str, Any], dict[str, Any]]:
     """Shared by load_text_encoder / load_image_encoder: resolve, derive the spec, check the table, convert."""
     folder = resolve(source)
-    cfg = read_config(folder)
-    family = cfg.get("model_type")
-    if family not in families:
-        raise ValueError(f"{folder}: model_type {family!r} is not supported here; supported: {sorted(families)}")
+    cfg, family, plan = family_plan(folder, families, f"checkpoint {source!r}")
     tensors = read_checkpoint(folder)
-    try:
-        plan = families[family](cfg)
-    except KeyError as e:
-        raise ValueError(f"{folder}/config.json lacks {e} (needed for a {family} encoder)") from e
     spec = {**plan.spec, **overrides}
     unrolled = {**spec, "scan_layers": False} if "scan_layers" in spec else spec  # the layout the tables address
     inputs = dummy_inputs(spec, cfg)
     target = _shapes(build, unrolled, inputs)
-    rows = [(ours, tuple(_keys(keys)), t) for ours, keys, t in plan.rows(spec)]
+    rows = [(ours, (keys,) if isinstance(keys, str) else tuple(keys), t) for ours, keys, t in plan.rows(spec)]
     prefix = max(plan.prefixes, key=lambda p: sum(p + k in tensors for _, ks, _ in rows for k in ks))
 
     missing, wrong, foreign, used = set(), set(), [], set()

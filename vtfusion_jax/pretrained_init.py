@@ -52,18 +52,8 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
     """
     families, _ = TOWERS[tower]
     src = _source(tower_spec)
-    folder = pretrained.resolve(src)
-    cfg = pretrained.read_config(folder)
-    family = cfg.get("model_type")  # the checkpoint's HF config.json; None (absent) is rejected below
-    if family not in families:
-        raise ValueError(
-            f"model.{tower}.init_from={src!r}: {folder}/config.json has model_type {family!r}; "
-            f"supported for this tower: {sorted(families)}"
-        )
-    try:
-        base = families[family](cfg).spec
-    except KeyError as e:
-        raise ValueError(f"model.{tower}.init_from={src!r}: {folder}/config.json lacks {e}") from e
+    _, family, plan = pretrained.family_plan(pretrained.resolve(src), families, f"model.{tower}.init_from={src!r}")
+    base = plan.spec
     name = tower_spec.get("name")
     if name is not None and name != base["name"]:
         raise ValueError(
