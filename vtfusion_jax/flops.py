@@ -34,12 +34,10 @@ def _cnn_flops(enc: vision.CNN, image_hw: tuple[int, int]) -> tuple[int, int]:
     flops, c_in, hw = 0, 3, tuple(image_hw)
     maps = []
     for c, s in zip(enc.channels, enc.strides, strict=True):
-        if enc.downsample == "max":  # stride-1 conv at the input resolution, then a max-pool (not counted)
-            flops += conv_flops(hw, 3, c_in, c)
-            hw = vision._down(hw, s)
-        else:
-            hw = vision._down(hw, s)
-            flops += conv_flops(hw, 3, c_in, c)
+        out_hw = vision._down(hw, s)
+        # "max": a stride-1 conv at the input resolution, then a max-pool (not counted)
+        flops += conv_flops(hw if enc.downsample == "max" else out_hw, 3, c_in, c)
+        hw = out_hw
         maps.append((hw, c))
         c_in = c
     proj, tokens = _token_projection(maps, enc.scales, enc.width, True)
@@ -60,13 +58,10 @@ def _token_projection(maps, scales, width: int, project: bool) -> tuple[int, int
 
 def _resnet_flops(enc: vision.ResNet, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(forward FLOPs, tokens) of a ResNet (basic or bottleneck blocks, v1.5 strides)."""
-    hw = vision._down(tuple(image_hw), 2)
-    c = enc.base_filters
+    hw, c = vision._down(tuple(image_hw), 2), enc.base_filters
+    flops = conv_flops(hw, 7 if enc.stem == "imagenet" else 3, 3, c)
     if enc.stem == "imagenet":
-        flops = conv_flops(hw, 7, 3, c)
         hw = vision._down(hw, 2)  # max-pool: no multiplies
-    else:
-        flops = conv_flops(hw, 3, 3, c)
     maps = []
     for i, n_blocks in enumerate(enc.stage_sizes):
         filters = enc.base_filters * 2**i
@@ -101,12 +96,9 @@ def _vit_flops(enc: vision.ViT, image_hw: tuple[int, int]) -> tuple[int, int]:
 
 def image_encoder_flops(encoder: Any, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(forward FLOPs per example, number of image tokens) of a built image encoder."""
-    if isinstance(encoder, vision.ViT):
-        return _vit_flops(encoder, image_hw)
-    if isinstance(encoder, vision.ResNet):
-        return _resnet_flops(encoder, image_hw)
-    if isinstance(encoder, vision.CNN):
-        return _cnn_flops(encoder, image_hw)
+    for cls, formula in ((vision.ViT, _vit_flops), (vision.ResNet, _resnet_flops), (vision.CNN, _cnn_flops)):
+        if isinstance(encoder, cls):
+            return formula(encoder, image_hw)
     raise ValueError(f"no FLOPs formula for image encoder {type(encoder).__name__}")
 
 
@@ -126,15 +118,8 @@ def text_encoder_flops(encoder: Any, text_len: int) -> tuple[int, int]:
 
 
 def pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, image_dim: int) -> int:
-    """Width P of the fusion's pooled vector: its registry entry's ``pooled``, else an abstract evaluation.
-
-    Args:
-      fusion: a built fusion module.
-      text_len, image_len, text_dim, image_dim: tokens L and N, and the widths of the encoders' tokens.
-
-    Returns:
-      P.
-    """
+    """Width P of a built fusion's pooled vector for L = ``text_len`` and N = ``image_len`` tokens of widths
+    ``text_dim`` / ``image_dim``: its registry entry's ``pooled``, else an abstract evaluation."""
     p = models.fusion_info(fusion).pooled_width(fusion)
     return traced_pooled_width(fusion, text_len, image_len, text_dim, image_dim) if p is None else p
 
@@ -224,12 +209,7 @@ def jaxpr_flops(jaxpr: Any) -> int:
     ``dot_general``: 2 * |out| * |contracted|; ``conv_general_dilated``: 2 * |out| * kernel size * input channels
     per group; a ``scan`` body counts ``length`` times, a ``cond`` its dearest branch, other sub-programs once; a
     ``while`` raises (no static trip count). An independent count that checks ``model_flops`` exactly.
-
-    Args:
-      jaxpr: a ``jax.make_jaxpr(...)`` result (ClosedJaxpr) or a Jaxpr.
-
-    Returns:
-      FLOPs of one execution of the program.
+    ``jaxpr``: a ``jax.make_jaxpr(...)`` result (ClosedJaxpr) or a Jaxpr; returns the FLOPs of one execution.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0

@@ -39,14 +39,8 @@ def _glibc():
 
 
 def reuse_freed_memory(force: bool = False) -> dict:
-    """Applies the malloc options above once per process; returns what it did.
-
-    Args:
-      force: apply even when ``VTFUSION_REUSE_HOST_MEMORY=0`` (tests).
-
-    Returns:
-      {"applied": bool, "reason": str, "glibc": version or None}.
-    """
+    """Applies the malloc options above once per process (``force``: even when ``VTFUSION_REUSE_HOST_MEMORY=0``,
+    tests); returns what it did: {"applied": bool, "reason": str, "glibc": version or None}."""
     global _applied
     if _applied is not None:
         return _applied

@@ -47,15 +47,8 @@ _matmul_transposed_weight_grad.defvjp(lambda x2, w2: (x2 @ w2, (x2, w2)), _bwd)
 
 
 def linear(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
-    """Contracts the last ``in_dims`` axes of ``x`` with the first ``in_dims`` axes of ``kernel``.
-
-    Args:
-      x, kernel: [..., *in] and [*in, *out], in the dtype of ``x``.
-      in_dims: number of contracted axes.
-
-    Returns:
-      [..., *out].
-    """
+    """Contracts the last ``in_dims`` axes of ``x`` [..., *in] with the first ``in_dims`` axes of ``kernel``
+    [*in, *out] (in the dtype of ``x``) -> [..., *out]."""
     if x.shape[x.ndim - in_dims :] != kernel.shape[:in_dims]:
         raise ValueError(f"linear: x {x.shape} and kernel {kernel.shape} disagree on the {in_dims} contracted axes")
     lead, out = x.shape[: x.ndim - in_dims], kernel.shape[in_dims:]

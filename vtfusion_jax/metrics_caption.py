@@ -41,9 +41,6 @@ def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequ
     Args:
       candidates, references: per image, one token list and a list of reference token lists.
       max_n: highest n-gram order.
-
-    Returns:
-      BLEU score.
     """
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference sets")

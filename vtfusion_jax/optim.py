@@ -26,15 +26,9 @@ _NORM_RE = re.compile(r"(^|_)(ln|norm|layernorm|groupnorm)\d*($|_)", re.IGNORECA
 
 
 def schedule(optim_config: Mapping[str, Any], num_updates: int) -> optax.Schedule:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine / linear decay to ``lr * end_lr_factor`` or constant.
-
-    Args:
-      optim_config: ``config.optim`` (lr, warmup_steps, schedule, end_lr_factor).
-      num_updates: total optimiser updates (micro-steps / accum_steps).
-
-    Returns:
-      An optax schedule: update count -> learning rate.
-    """
+    """An optax schedule (update count -> learning rate) from ``config.optim``: linear warmup to ``lr`` over
+    ``warmup_steps``, then cosine / linear decay to ``lr * end_lr_factor`` at ``num_updates`` (micro-steps /
+    accum_steps), or constant."""
     c = optim_config
     if c["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown optim.schedule {c['schedule']!r}; valid: {SCHEDULES}")
@@ -106,14 +100,7 @@ def make_optimizer(
 
     def adamw(mult: float) -> optax.GradientTransformation:
         lr = (lambda count: sched(count) * mult) if mult != 1.0 else sched
-        return optax.adamw(
-            lr,
-            b1=float(c["b1"]),
-            b2=float(c["b2"]),
-            eps=float(c["eps"]),
-            weight_decay=float(c["weight_decay"]),
-            mask=decay_mask,
-        )
+        return optax.adamw(lr, **{k: float(c[k]) for k in ("b1", "b2", "eps", "weight_decay")}, mask=decay_mask)
 
     per_tower = {t: adamw(float(mults.get(t, 1.0))) for t in TOWERS}
     per_tower[FROZEN] = optax.set_to_zero()
@@ -148,16 +135,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def _zero_frozen(labels) -> optax.GradientTransformation:
     """Zeroes the gradients of parameters labelled ``frozen`` (stateless)."""
 
-    def init(params):
-        del params
-        return optax.EmptyState()
-
     def update(updates, state, params=None):
         del params
         lab = labels(updates)
         return jax.tree.map(lambda g, lb: g * 0 if lb == FROZEN else g, updates, lab), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def current_lr(sched: optax.Schedule, step: int, accum_steps: int) -> float:

@@ -49,14 +49,10 @@ def activation_rules():
 
 
 def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A mesh over ``MESH_AXES`` with the given shape; one entry may be -1 (= the remaining devices).
+    """A jax Mesh over ``MESH_AXES`` with Auto axis types (linen's logical constraints need them).
 
-    Args:
-      mesh_shape: sizes of (data, fsdp, tensor), e.g. (-1, 1, 1); without -1 and fewer devices, the first ones.
-      devices: devices to use (default: all).
-
-    Returns:
-      A jax Mesh with Auto axis types (linen's logical constraints need them).
+    ``mesh_shape``: sizes of (data, fsdp, tensor), e.g. (-1, 1, 1); one entry may be -1 (= the remaining devices);
+    without -1 and fewer than all ``devices`` (default: all), the first ones.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(s) for s in mesh_shape]
@@ -116,23 +112,11 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 
 def param_shardings(boxed_abstract: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:
-    """NamedShardings for a boxed (eval_shape'd) parameter tree, following ``rules`` and divisibility.
-
-    Args:
-      boxed_abstract: tree of ShapeDtypeStructs, possibly inside flax logical-partitioning boxes.
-      mesh, rules: the device mesh and logical -> mesh rules.
-
-    Returns:
-      Tree of NamedSharding with the structure of ``unbox(boxed_abstract)``.
-    """
+    """NamedShardings on ``mesh`` (tree structure of ``unbox(boxed_abstract)``) for a boxed (eval_shape'd) tree of
+    ShapeDtypeStructs, following the logical -> mesh ``rules`` and divisibility."""
     specs = nn.logical_to_mesh(logical_specs(boxed_abstract), rules)
-    shapes = unbox(boxed_abstract)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
-        specs,
-        shapes,
-        is_leaf=lambda s: isinstance(s, PartitionSpec),
-    )
+    fit = lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh))
+    return jax.tree.map(fit, specs, unbox(boxed_abstract), is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -148,7 +132,6 @@ def optimizer_shardings(abstract_opt_state: Any, abstract_params: Any, p_shardin
     for (path, x), s in zip(flat_p, flat_s, strict=True):
         by_path[_dict_keys(path)] = (x.shape, s)
     lengths = sorted({len(k) for k in by_path}, reverse=True)
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
         keys = _dict_keys(path)
@@ -156,7 +139,7 @@ def optimizer_shardings(abstract_opt_state: Any, abstract_params: Any, p_shardin
             hit = by_path.get(keys[-n:]) if len(keys) >= n else None
             if hit is not None and tuple(hit[0]) == tuple(getattr(leaf, "shape", ())):
                 return hit[1]
-        return replicated
+        return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
