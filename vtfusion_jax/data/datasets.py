@@ -118,14 +118,10 @@ def get_builder(
     with a disk per host); on a remote one (gs://...) process 0 builds and the others poll for `dataset_info.json`.
 
     Args:
-      name: "easy_vqa", "sort_of_clevr" or "manifest".
-      data_dir: TFDS data folder (default: `default_data_dir()`).
+      name, data_dir: "easy_vqa", "sort_of_clevr" or "manifest"; TFDS data folder (default: `default_data_dir()`).
       builder_kwargs: builder options (Sort-of-CLEVR: num_train/num_validation/num_test/seed; manifest:
         path/image_dir/image_size/skip_bad_rows).
-      prepare: build when absent.
-
-    Returns:
-      A prepared tfds builder (unless prepare=False).
+      prepare: build when absent (else the builder is returned unprepared).
     """
     data_dir = data_dir or default_data_dir()
     try:
@@ -210,15 +206,9 @@ class _Checked:
 
 
 def get_data_source(name: str, split: str, *, data_dir: str | None = None, builder_kwargs: dict | None = None):
-    """Random-access source of decoded examples (dicts of numpy / bytes / int), e.g. to read `caption`.
-
-    Args:
-      name, data_dir, builder_kwargs: as for ``get_builder``.
-      split: "train", "validation" or "test" (also TFDS slicing like "train[:10%]").
-
-    Returns:
-      A tfds ArrayRecordDataSource: len(src), src[i], src.__getitems__(indices).
-    """
+    """A tfds ArrayRecordDataSource (len(src), src[i], src.__getitems__(indices)) of decoded examples (dicts of
+    numpy / bytes / int) of `split` ("train", "validation", "test", or TFDS slicing like "train[:10%]"); the other
+    arguments as for ``get_builder``."""
     base = split.split("[")[0]
     for rebuilt in (False, True):
         builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)

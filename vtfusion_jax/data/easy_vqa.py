@@ -26,11 +26,7 @@ _SHAPES = ("circle", "rectangle", "triangle")
 
 
 def package_data_dir() -> str:
-    """Returns `site-packages/easy_vqa/data` of the installed `easy-vqa` package.
-
-    Returns:
-      Absolute path holding answers.txt and {train,test}/{questions.json,images/}.
-    """
+    """Absolute path of `site-packages/easy_vqa/data` (answers.txt, {train,test}/{questions.json,images/})."""
     spec = importlib.util.find_spec("easy_vqa")
     if spec is None or spec.origin is None:
         raise FileNotFoundError("easy_vqa needs the `easy-vqa` package: pip install easy-vqa==1.0")
@@ -59,16 +55,8 @@ def question_type(answer: str) -> str:
 
 
 def validation_image_ids(image_ids, fraction: float = VALIDATION_FRACTION) -> set[int]:
-    """Picks the fixed held-out train images.
-
-    Ordered by a salted SHA-256 of the id: fixed forever, independent of numpy's RNG.
-
-    Args:
-      image_ids, fraction: all train image ids and the share to hold out.
-
-    Returns:
-      The set of `round(fraction * n)` validation image ids.
-    """
+    """The fixed held-out train images: the set of `round(fraction * n)` of the n train `image_ids`, ordered by a
+    salted SHA-256 of the id (fixed forever, independent of numpy's RNG)."""
     ids = sorted(set(int(i) for i in image_ids))
     key = lambda i: hashlib.sha256(f"easy_vqa/validation/{i}".encode()).hexdigest()
     return set(sorted(ids, key=key)[: round(fraction * len(ids))])
@@ -134,13 +122,5 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
         for n, (question, answer, image_id) in enumerate(rows):
             if image_id not in cache:
                 cache[image_id] = _png_bytes(os.path.join(split_dir, "images", f"{image_id}.png"))
-            yield (
-                n,
-                {
-                    "image": cache[image_id],
-                    "question": question,
-                    "answer": answer,
-                    "question_type": question_type(answer),
-                    "image_id": image_id,
-                },
-            )
+            example = dict(question=question, answer=answer, question_type=question_type(answer), image_id=image_id)
+            yield n, dict(example, image=cache[image_id])

@@ -130,15 +130,9 @@ def _captions(row: dict) -> list[str]:
 
 
 def parse_rows(manifest: str, image_dir: str, captions: bool = False) -> list[tuple[int, dict | None, str | None]]:
-    """Cheap checks of every line (no image decoding).
-
-    Args:
-      manifest, image_dir: path of a .jsonl file and the folder its image paths are relative to.
-      captions: caption mode (`caption` required, `text` / `label` optional; the row gets "captions": [str]).
-
-    Returns:
-      (line number, row dict with "path" added, None) for rows that pass, or (line number, None, error message).
-    """
+    """Cheap checks of every line of the .jsonl file ``manifest`` (no image decoding; image paths relative to
+    ``image_dir``; ``captions``: caption mode, `caption` required, `text` / `label` optional, the row gets "captions":
+    [str]). Returns (line, row dict with "path" added, None) for rows that pass, else (line, None, error message)."""
     out = []
     with open(manifest, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -327,18 +321,9 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                 continue
             buf = io.BytesIO()
             image.save(buf, format="PNG")
-            yield (
-                lineno,
-                {
-                    "image": buf.getvalue(),
-                    "text": row["text"],
-                    "label": label,
-                    "question_type": qtype,
-                    "caption": "\n".join(row["captions"]) if cfg.captions else str(row.get("caption") or ""),
-                    "image_path": row["image"],
-                    "line": lineno,
-                },
-            )
+            caption = "\n".join(row["captions"]) if cfg.captions else str(row.get("caption") or "")
+            example = dict(text=row["text"], label=label, question_type=qtype, caption=caption, image_path=row["image"])
+            yield lineno, dict(example, image=buf.getvalue(), line=lineno)
         self.info.metadata["skipped_rows"][split] = skipped
         self.info.metadata["unseen_label_rows"][split] = unseen
         if unseen:

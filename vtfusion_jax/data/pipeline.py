@@ -33,19 +33,13 @@ from vtfusion_jax.data.datasets import dataset_meta, get_data_source  # noqa: F4
 from vtfusion_jax.data.reader import BatchReader, group_plan, train_indices  # noqa: F401  (public API)
 
 _HORIZON = 2**40  # training steps are unbounded in practice
+# Reader fields a saved iterator state records: resuming with other values is refused.
+_STATE_KEYS = ("seed", "global_batch_size", "dataset", "split", "num_examples", "images_per_batch")
 
 
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """Rows of the global batch that process `process_index` reads in the usual contiguous layout.
-
-    Args:
-      global_batch_size: B, divisible by process_count.
-      process_index: this process, in [0, process_count).
-      process_count: number of processes.
-
-    Returns:
-      slice(process_index * B / P, (process_index + 1) * B / P).
-    """
+    """Rows ``slice(i * B / P, (i + 1) * B / P)`` of the global batch of B (divisible by P) rows that process
+    i = ``process_index`` of P = ``process_count`` reads in the usual contiguous layout."""
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
     n = global_batch_size // process_count
@@ -53,15 +47,8 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
 
 
 def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
-    """Contiguous rows of the global batch held by this process's devices under `sharding`.
-
-    Args:
-      sharding: batch sharding (sharding.batch_sharding).
-      global_batch_size: B.
-
-    Returns:
-      The slice of rows this process must read.
-    """
+    """The contiguous rows (a slice) of the global batch of B rows that this process's devices hold under the batch
+    sharding `sharding` (sharding.batch_sharding): the rows this process must read."""
     spans = set()
     for idx in sharding.addressable_devices_indices_map((global_batch_size,)).values():
         s = idx[0]
@@ -194,25 +181,13 @@ class TrainIterator:
 
     def get_state(self) -> dict:
         """Returns {"step", "seed", "global_batch_size", "dataset", "split", "num_examples", "images_per_batch"}."""
-        r = self.reader
-        return {
-            "step": self.step,
-            "seed": r.seed,
-            "global_batch_size": r.global_batch_size,
-            "dataset": r.dataset,
-            "split": r.split,
-            "num_examples": r.num_examples,
-            "images_per_batch": r.images_per_batch,
-        }
+        return {"step": self.step, **{k: getattr(self.reader, k) for k in _STATE_KEYS}}
 
     def set_state(self, state: dict) -> None:
-        """Resumes at `state["step"]`; refuses a state saved for another seed, batch size or dataset.
-
-        Args:
-          state: a dict from `get_state()`.
-        """
+        """Resumes at `state["step"]` (a dict from `get_state()`); refuses one saved for another seed, batch size or
+        dataset."""
         mine = self.get_state()
-        for key in ("seed", "global_batch_size", "dataset", "split", "num_examples", "images_per_batch"):
+        for key in _STATE_KEYS:
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has {mine[key]!r}")
         self.step = int(state["step"])
@@ -302,8 +277,7 @@ def make_train_iterator(
       prefetch: batches kept ready on device by the background thread (and in grain's buffer).
       worker_count: grain worker processes (0 = threads in this process).
       num_threads: grain threads each building whole batches in parallel.
-      image_mean: per-channel mean of images in [0, 1] (normalisation on device).
-      image_std: per-channel std.
+      image_mean, image_std: per-channel mean and std of images in [0, 1] (normalisation on device).
       captions: (image, caption) pair batches of data/captions.py instead of questions: True, or the split's
         CaptionIndex if already built; the tokenizer is then a captions.WordVocab.
       **reader_kwargs: the reader's (reader.BatchReader / captions.CaptionReader): dataset, split, seed, tokenizer,
@@ -332,15 +306,10 @@ def make_eval_iterator(
 ) -> EvalIterable:
     """Eval batches: each example exactly once, in record order; the last batch is padded.
 
-    Args:
-      mesh, global_batch_size, prefetch, image_mean, image_std, **reader_kwargs: as in `make_train_iterator` (no
-        augmentation, no shuffling).
-      captions: as in `make_train_iterator`: eval batches then hold each image of the split once
-        ({"image", "index", "valid"}; the captions are in the CaptionIndex).
-
-    Returns:
-      A re-iterable of len ceil(N / B) batches like the training ones, with "valid" bool [B] False on padding and
-      "index" int32 [B] (record index within the split, -1 on padding). Mask metrics with "valid".
+    Arguments as in `make_train_iterator` (no shuffling); with `captions` eval batches hold each image of the split
+    once ({"image", "index", "valid"}; the captions are in the CaptionIndex). Returns a re-iterable of len
+    ceil(N / B) batches like the training ones, with "valid" bool [B] False on padding and "index" int32 [B] (record
+    index within the split, -1 on padding). Mask metrics with "valid".
     """
     reader, to_global = _reader_for(mesh, global_batch_size, image_mean, image_std, captions=captions, **reader_kwargs)
     return EvalIterable(reader, to_global, prefetch=prefetch)

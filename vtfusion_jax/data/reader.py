@@ -30,17 +30,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_indices(seed: int, step: int, global_batch_size: int, num_examples: int) -> np.ndarray:
-    """Record indices of the global training batch at `step` (epoch-wise permutations seeded by (seed, epoch)).
-
-    Args:
-      seed: data seed.
-      step: training step.
-      global_batch_size: B.
-      num_examples: N, size of the split.
-
-    Returns:
-      int64 [B] record indices; each epoch of N consecutive positions is a permutation of range(N).
-    """
+    """int64 [B] record indices of the global training batch at `step` (B = `global_batch_size`, N = `num_examples`
+    in the split): epoch-wise permutations seeded by (seed, epoch), each epoch of N consecutive positions a
+    permutation of range(N)."""
     out = np.empty(global_batch_size, np.int64)  # [B]
     seeds: dict[int, int] = {}
     for r in range(global_batch_size):
@@ -75,16 +67,11 @@ class BatchReader:
         """Opens the split (building the dataset if absent).
 
         Args:
-          dataset: "easy_vqa", "sort_of_clevr" or "manifest".
-          split: split name (TFDS slicing allowed).
-          global_batch_size: B.
-          tokenizer: text tokenizer.
+          dataset, split, data_dir, builder_kwargs: as for datasets.get_data_source (TFDS slicing allowed).
+          global_batch_size, tokenizer, seed: B; the text tokenizer; the data seed (shuffling and crops).
           rows: rows of each global batch this process reads (see `process_slice` / `local_rows`).
-          seed: data seed (shuffling and crops).
           image_size: output side; None keeps the stored size. Resizing is PIL bilinear.
           augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
-          data_dir: TFDS data folder.
-          builder_kwargs: builder options.
           images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
             split's records need an ``image_id``); 0: one image per question.
           image_rows: image slots of each grouped batch this process reads (default: all K).

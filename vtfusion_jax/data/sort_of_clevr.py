@@ -59,14 +59,9 @@ def _unambiguous(xy: np.ndarray) -> bool:
 
 
 def sample_objects(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Samples one scene: 6 objects, one per colour, centres >= 10 px apart, no closest/furthest ties.
-
-    Args:
-      rng: numpy Generator.
-
-    Returns:
-      {"color": int [6] (0..5, index into COLOR_NAMES), "shape": int [6] (0 square, 1 circle),
-       "x": int [6] (column), "y": int [6] (row)}.
+    """Samples one scene with numpy Generator ``rng``: 6 objects, one per colour, centres >= 10 px apart, no
+    closest/furthest ties. Returns {"color": int [6] (0..5, index into COLOR_NAMES), "shape": int [6] (0 square,
+    1 circle), "x": int [6] (column), "y": int [6] (row)}.
     """
     while True:
         centres: list[np.ndarray] = []
@@ -86,14 +81,7 @@ def sample_objects(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def render(objects: dict[str, np.ndarray]) -> np.ndarray:
-    """Draws the scene on a white background.
-
-    Args:
-      objects: as returned by `sample_objects`.
-
-    Returns:
-      uint8 [75, 75, 3] image.
-    """
+    """Draws the scene (``sample_objects``) on a white background: uint8 [75, 75, 3]."""
     img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
     yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
     for color, shape, x, y in zip(objects["color"], objects["shape"], objects["x"], objects["y"], strict=True):
@@ -105,14 +93,8 @@ def render(objects: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def question_code(color: int, family: int, subtype: int) -> np.ndarray:
-    """The public generator's 11-bit question encoding.
-
-    Args:
-      color, family, subtype: 0..5 colour of the queried object; 0 non-relational, 1 relational; 0..2 subtype.
-
-    Returns:
-      float32 [11]: one-hot colour (0-5), one-hot family (6-7), one-hot subtype (8-10).
-    """
+    """The public generator's 11-bit question encoding, float32 [11]: one-hot ``color`` (0-5, the queried object's),
+    one-hot ``family`` (6-7: non-relational, relational), one-hot ``subtype`` (8-10)."""
     code = np.zeros(CODE_SIZE, np.float32)
     code[color] = 1.0
     code[6 + family] = 1.0
@@ -168,13 +150,8 @@ def caption(objects: dict[str, np.ndarray]) -> str:
 
 
 def generate_image(seed: int, split: str, index: int) -> dict:
-    """Generates image `index` of `split`; a pure function of (seed, split, index).
-
-    Args:
-      seed, split, index: the builder config's seed; "train", "validation" or "test"; image index in the split.
-
-    Returns:
-      {"image": uint8 [75, 75, 3], "objects": dict, "caption": str, "questions": list of 20 dicts with keys
+    """Image `index` of `split` ("train", "validation" or "test"), a pure function of (seed, split, index):
+    {"image": uint8 [75, 75, 3], "objects": dict, "caption": str, "questions": list of 20 dicts with keys
        question, question_code, answer, family, subtype}.
     """
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])

