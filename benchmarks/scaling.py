@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -48,7 +49,9 @@ DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 GB = 1e9
 SUMMARY = ("layout", "remat_policy", "memory_per_device", "collectives", "compile_s")
 MEM = ("argument_size", "output_size", "temp_size", "alias_size")
-HEAD = "layout|mesh (d,f,t)|remat|ex./dev|state GB|argument GB|output GB|temp GB|alias GB|code MB".split("|")
+HEAD = "layout|mesh (d,f,t)|remat|ex./dev|state GB|argument GB|output GB|temp GB|alias GB|total GB|code MB".split("|")
+ORDER = {n: i for i, n in enumerate(LAYOUTS)}
+TARGETS = {"8x H100 80 GB": 80, "256x v5p 95 GB": 95, "256x v5e 16 GB": 16}  # HBM per chip
 
 
 def count_collectives(hlo: str) -> dict:
@@ -109,53 +112,79 @@ def measure(cfg: dict, layouts, remats, command: str = "", out_dir: str = "", ta
         for remat in remats:
             c = dict(cfg, model=dict(cfg["model"], remat_policy=remat))
             res = {"layout": name, "remat_policy": remat, **compile_layout(c, LAYOUTS[name])}
-            res = {**jax_bench.record("scaling", command, c, speed.loadavg()), **res}
-            results.append(res)
+            results.append({**jax_bench.record("scaling", command, c, speed.loadavg()), **res})
             print(json.dumps({k: res[k] for k in SUMMARY}), flush=True)
             if out_dir:
                 os.makedirs(out_dir, exist_ok=True)
                 suffix = "" if remat == "none" else f"_remat_{remat}"
                 with open(os.path.join(out_dir, f"{name}{suffix}{tag}.json"), "w") as f:
-                    json.dump(res, f, indent=1, default=float)
+                    json.dump(results[-1], f, indent=1, default=float)
     return results
 
 
+def md_row(cells) -> str:
+    """A markdown table row; floats with 2 decimals (3 below 1)."""
+    cells = [f"{c:.{3 if abs(c) < 1 else 2}f}" if isinstance(c, float) else str(c) for c in cells]
+    return "| " + " | ".join(cells) + " |"
+
+
+def total(r: dict) -> int:
+    """A device's bytes during the step: arguments + temporaries + outputs not aliased to (donated) arguments."""
+    m = r["memory_per_device"]
+    return m["argument_size"] + m["temp_size"] + m["output_size"] - m["alias_size"]
+
+
 def table(results: list[dict]) -> str:
-    """The markdown table of docs/scaling.md (GB = 1e9 bytes, per device)."""
-    rows = ["| " + " | ".join([*HEAD, *COLLECTIVES, "compile s"]) + " |", "|" + "---|" * (len(HEAD) + 6)]
-    order = {n: i for i, n in enumerate(LAYOUTS)}
-    for r in sorted(results, key=lambda r: (order.get(r["layout"], 99), r["remat_policy"], r["examples_per_device"])):
+    """The compiled-memory table of docs/scaling.md (GB = 1e9 bytes, per device)."""
+    rows = [md_row([*HEAD, *COLLECTIVES, "compile s"]), "|" + "---|" * (len(HEAD) + 6)]
+    key = lambda r: (ORDER.get(r["layout"], 99), r["remat_policy"] != "none", -r["examples_per_device"])  # noqa: E731
+    for r in sorted(results, key=key):
         m, mesh = r["memory_per_device"], "x".join(map(str, r["mesh_shape"]))
-        cells = [
-            r["layout"],
-            mesh,
-            r["remat_policy"],
-            r["examples_per_device"],
-            f"{r['state_bytes_per_device'] / GB:.2f}",
-        ]
-        cells += [f"{m[k] / GB:.2f}" for k in MEM] + [f"{m['generated_code_size'] / 1e6:.1f}"]
-        cells += [r["collectives"][k] for k in COLLECTIVES] + [f"{r['compile_s']:.0f}"]
-        rows.append("| " + " | ".join(map(str, cells)) + " |")
-    r0 = results[0]
-    cmd = r0["command"]
-    note = (
-        f"\n{r0['num_params'] / 1e6:.1f}M parameters; global batch {r0['config']['bench']['batch_size']}, "
-        f"{r0['config']['bench']['image_size']} px images, {r0['config']['bench']['text_len']} text tokens, "
+        cells = [r["layout"], mesh, r["remat_policy"], r["examples_per_device"], r["state_bytes_per_device"] / GB]
+        cells += [m[k] / GB for k in MEM] + [total(r) / GB, m["generated_code_size"] / 1e6]
+        rows.append(md_row(cells + [r["collectives"][k] for k in COLLECTIVES] + [round(r["compile_s"])]))
+    r0, b = results[0], results[0]["config"]["bench"]
+    cmds = "; ".join(sorted({f"`{r['command']}`" for r in results}))
+    commits = ", ".join(sorted({str(r["git_commit"])[:7] for r in results}))
+    return "\n".join(rows) + (
+        f"\n\n{r0['num_params'] / 1e6:.1f}M parameters; {b['image_size']} px images, {b['text_len']} text tokens, "
         f"{r0['config']['model']['dtype']} compute; jax {r0['host']['jax']} on {r0['host']['cpu']} "
-        f"({r0['host']['cpu_count']} cores), commit {str(r0['git_commit'])[:10]}. Command: `{cmd}`; "
-        "regenerate with `python benchmarks/scaling.py --render`.\n"
+        f"({r0['host']['cpu_count']} cores), {r0['host']['num_devices']} simulated devices; commits {commits}. "
+        f"Commands: {cmds}.\n"
     )
-    return "\n".join(rows) + "\n" + note
+
+
+def extrapolation(results: list[dict]) -> str:
+    """Per layout: state per chip on 8 and 256 chips, activation GB per example (slope between the two measured
+    batches) with and without remat, and the largest global batch per chip that fits each target's HBM (a batch shard
+    spans the ``tensor`` chips: examples per shard / t)."""
+    by = {(r["layout"], r["remat_policy"], r["examples_per_device"]): r for r in results}
+    head = "layout|8-chip state GB|256-chip mesh|256-chip state GB|remat|act. GB/ex.|other temp GB".split("|")
+    rows = [md_row(head + [f"max batch/chip {n}" for n in TARGETS]), "|" + "---|" * (len(head) + 3)]
+    for (name, remat, e1), r1 in sorted(by.items(), key=lambda kv: (ORDER.get(kv[0][0], 99), kv[0][1] != "none")):
+        r2 = next((by[k] for k in by if k[:2] == (name, remat) and k[2] < e1), None)
+        if r2 is None:
+            continue
+        d, f, t = r1["mesh_shape"]
+        big = (256 // (f * t), 1, t) if f == 1 else (d, 256 // (d * t), t)  # the factor 32 goes to fsdp if sharded
+        s8, s256 = r1["state_bytes_per_device"], r1["state_bytes_per_device"] * f / big[1]
+        a = (total(r1) - total(r2)) / (e1 - r2["examples_per_device"])
+        other = total(r1) - s8 - a * e1  # gradients, casts, optimiser temporaries: kept at its 8-chip value
+        fits = [max(int((hbm * GB - (s8 if "8x" in n else s256) - other) // a), 0) // t for n, hbm in TARGETS.items()]
+        rows.append(md_row([name, s8 / GB, "x".join(map(str, big)), s256 / GB, remat, a / GB, other / GB, *fits]))
+    return "\n".join(rows) + "\n"
 
 
 def render(results_dir: str, doc: str = DOC) -> None:
-    """Rewrites the table between the scaling-table markers of ``doc`` from results_dir/*.json."""
-    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
-    begin, end = "<!-- scaling-table:begin -->", "<!-- scaling-table:end -->"
-    text = open(doc).read()
-    pre, rest = text.split(begin, 1)
-    with open(doc, "w") as f:
-        f.write(pre + begin + "\n" + table(results) + end + rest.split(end, 1)[1])
+    """Rewrites docs/scaling.md's scaling-table and scaling-extrapolation blocks from results_dir/*.json."""
+    results = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    text = Path(doc).read_text()
+    for name, body in (("table", table(results)), ("extrapolation", extrapolation(results))):
+        begin, end = f"<!-- scaling-{name}:begin -->", f"<!-- scaling-{name}:end -->"
+        if begin in text:
+            pre, rest = text.split(begin, 1)
+            text = pre + begin + "\n" + body + end + rest.split(end, 1)[1]
+    Path(doc).write_text(text)
 
 
 def main(argv=None) -> None:
@@ -166,7 +195,7 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="none,full", help="remat policies (none | minimal | full)")
     p.add_argument("--out_dir", default="")
     p.add_argument("--tag", default="", help="suffix of the JSON file names (e.g. _b16)")
-    p.add_argument("--render", action="store_true", help="only rewrite docs/scaling.md's table from --results")
+    p.add_argument("--render", action="store_true", help="only rewrite docs/scaling.md's tables from --results")
     p.add_argument("--results", default="results/scaling")
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = jax_bench.parse(p, argv)
