@@ -159,6 +159,7 @@ def extrapolation(results: list[dict]) -> str:
     batches) with and without remat, and the largest global batch per chip that fits each target's HBM (a batch shard
     spans the ``tensor`` chips: examples per shard / t)."""
     by = {(r["layout"], r["remat_policy"], r["examples_per_device"]): r for r in results}
+    full = max(r["state_bytes_per_device"] for r in results)
     head = "layout|8-chip state GB|256-chip mesh|256-chip state GB|remat|act. GB/ex.|other temp GB".split("|")
     rows = [md_row(head + [f"max batch/chip {n}" for n in TARGETS]), "|" + "---|" * (len(head) + 3)]
     for (name, remat, e1), r1 in sorted(by.items(), key=lambda kv: (ORDER.get(kv[0][0], 99), kv[0][1] != "none")):
@@ -167,7 +168,10 @@ def extrapolation(results: list[dict]) -> str:
             continue
         d, f, t = r1["mesh_shape"]
         big = (256 // (f * t), 1, t) if f == 1 else (d, 256 // (d * t), t)  # the factor 32 goes to fsdp if sharded
-        s8, s256 = r1["state_bytes_per_device"], r1["state_bytes_per_device"] * f / big[1]
+        # state = R (replicated leaves) + (S - R) / (f t): R from the 8-chip value, S = the unsharded state
+        s8, k = r1["state_bytes_per_device"], f * t
+        rep = (k * s8 - full) / (k - 1) if k > 1 else full
+        s256 = rep + (full - rep) / (big[1] * t)
         a = (total(r1) - total(r2)) / (e1 - r2["examples_per_device"])
         other = total(r1) - s8 - a * e1  # gradients, casts, optimiser temporaries: kept at its 8-chip value
         fits = [max(int((hbm * GB - (s8 if "8x" in n else s256) - other) // a), 0) // t for n, hbm in TARGETS.items()]
