@@ -137,22 +137,26 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a HF folder; a folder with only pickle weights is refused, never read."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return sorted(set(read_json(index)["weight_map"].values()))
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    others = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors (only safetensors are read, never pickle); found {others}. "
+        "Convert once: transformers Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+    )
+
+
 def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
     """All tensors of a HF folder (model.safetensors, or the shards of model.safetensors.index.json).
 
     Old TF-style LayerNorm names (``.gamma`` / ``.beta``, bert-base-uncased) become ``.weight`` / ``.bias``.
     """
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        others = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
-        raise FileNotFoundError(
-            f"{folder} has no model.safetensors (only safetensors are read, never pickle); found {others}. "
-            "Convert once: transformers Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
-        )
+    files = _weight_files(folder)
     tensors = {}
     for name in files:
         tensors.update(read_safetensors(os.path.join(folder, name)))
@@ -454,6 +458,7 @@ def family_plan(folder: str, families: Mapping[str, Callable[[Mapping[str, Any]]
     family = cfg.get("model_type")
     if family not in families:
         raise ValueError(f"{context}: {folder}/config.json has model_type {family!r}; supported: {sorted(families)}")
+    _weight_files(folder)
     try:
         return cfg, family, families[family](cfg)
     except KeyError as e:
