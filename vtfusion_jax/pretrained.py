@@ -127,11 +127,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"tensor {key!r}: unsupported dtype or malformed entry ({first_line(e)})") from None
-        if (
-            min(shape, default=0) < 0
-            or not 0 <= start <= end <= size
-            or end - start != dtype.itemsize * math.prod(shape)
-        ):
+        fits = 0 <= start <= end <= size and end - start == dtype.itemsize * math.prod(shape)
+        if min(shape, default=0) < 0 or not fits:
             raise bad(f"tensor {key!r} has offsets {start}..{end} that do not fit its shape {shape} or the file")
         out[key] = data[start:end].view(dtype).reshape(shape)
     return out
@@ -156,9 +153,8 @@ def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
 
     Old TF-style LayerNorm names (``.gamma`` / ``.beta``, bert-base-uncased) become ``.weight`` / ``.bias``.
     """
-    files = _weight_files(folder)
     tensors = {}
-    for name in files:
+    for name in _weight_files(folder):
         tensors.update(read_safetensors(os.path.join(folder, name)))
     return {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in tensors.items()}
 
@@ -181,14 +177,12 @@ def image_preprocessing(source: str) -> dict[str, Any]:
     cfg = read_config(folder)
     # ``cfg`` / ``pre`` are the checkpoint's HF files, not our config: missing keys take HF's own defaults.
     cfg = cfg.get("vision_config", cfg)
-    pre = {}
-    if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
-        pre = read_json(os.path.join(folder, "preprocessor_config.json"))
+    pre_path = os.path.join(folder, "preprocessor_config.json")
+    pre = read_json(pre_path) if os.path.exists(pre_path) else {}
     size = pre.get("crop_size", pre.get("size", cfg.get("image_size")))
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge"))
-    mean = pre.get("image_mean", [0.485, 0.456, 0.406])
-    std = pre.get("image_std", [0.229, 0.224, 0.225])
+    mean, std = pre.get("image_mean", [0.485, 0.456, 0.406]), pre.get("image_std", [0.229, 0.224, 0.225])
     return {"image_size": size, "mean": list(mean), "std": list(std)}
 
 
@@ -218,10 +212,7 @@ CLIP_POS = Transform(lambda p, s: p[1:], lambda s: ((s[0] + 1, s[1]),))  # [1+N,
 CLIP_CLS = Transform(lambda c, p, s: (c + p[0]).reshape(s), lambda s: ((s[-1],), None))  # [D] -> [1, 1, D]
 # Eval-mode BatchNorm folded into FrozenBatchNorm's affine, in float64.
 BN_SCALE = Transform(lambda g, v, s: (lambda g, v: g / np.sqrt(v + BN_EPS))(*_f64(g, v)), lambda s: (s, s))
-BN_BIAS = Transform(
-    lambda g, b, m, v, s: (lambda g, b, m, v: b - m * g / np.sqrt(v + BN_EPS))(*_f64(g, b, m, v)),
-    lambda s: (s, s, s, s),
-)
+BN_BIAS = Transform(lambda *a: (lambda g, b, m, v: b - m * g / np.sqrt(v + BN_EPS))(*_f64(*a[:4])), lambda s: (s,) * 4)
 
 Row = tuple[str, str | tuple[str, ...], Transform]  # (our param path, HF key(s), transform)
 
@@ -271,11 +262,14 @@ HF_ACTIVATIONS = dict(gelu="gelu", gelu_new="gelu_tanh", gelu_pytorch_tanh="gelu
 HF_ACTIVATIONS.update(relu="relu", silu="silu", swish="silu")
 
 
-def _activation(cfg: Mapping[str, Any], key: str) -> str:
-    act = cfg.get(key, "gelu")  # HF config.json; "gelu" is HF's default when the key is absent
+def _transformer_dims(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Our Transformer size fields from a HF config (BERT / ViT / CLIP share the key names), unrolled layers."""
+    act = cfg.get("hidden_act", "gelu")  # HF config.json; "gelu" is HF's default when the key is absent
     if act not in HF_ACTIVATIONS:
-        raise ValueError(f"unsupported {key}={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
-    return HF_ACTIVATIONS[act]
+        raise ValueError(f"unsupported hidden_act={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
+    keys = dict(width="hidden_size", depth="num_hidden_layers", num_heads="num_attention_heads")
+    keys.update(mlp_dim="intermediate_size")
+    return {**{k: cfg[v] for k, v in keys.items()}, "activation": HF_ACTIVATIONS[act], "scan_layers": False}
 
 
 @dataclasses.dataclass
@@ -291,21 +285,9 @@ class Plan:
 def _bert(cfg: Mapping[str, Any]) -> Plan:
     if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
-    spec = dict(
-        name="bert",
-        vocab_size=cfg["vocab_size"],
-        width=cfg["hidden_size"],
-        depth=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        mlp_dim=cfg["intermediate_size"],
-        max_len=cfg["max_position_embeddings"],
-        type_vocab_size=cfg.get("type_vocab_size", 2),
-        post_ln=True,
-        ln_epsilon=cfg.get("layer_norm_eps", 1e-12),
-        activation=_activation(cfg, "hidden_act"),
-        pooler=False,
-        scan_layers=False,
-    )
+    spec = dict(_transformer_dims(cfg), name="bert", vocab_size=cfg["vocab_size"], post_ln=True, pooler=False)
+    spec.update(max_len=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2))
+    spec.update(ln_epsilon=cfg.get("layer_norm_eps", 1e-12))
 
     def rows(s):
         top = [
@@ -331,26 +313,15 @@ CLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=32, image_size=224, layer_norm_eps
 
 
 def _vit_spec(cfg: Mapping[str, Any], **extra) -> dict[str, Any]:
-    return dict(
-        name="vit",
-        width=cfg["hidden_size"],
-        depth=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        mlp_dim=cfg["intermediate_size"],
-        patch_size=cfg["patch_size"],
-        pos_emb="learn",
-        use_cls=True,
-        activation=_activation(cfg, "hidden_act"),
-        scan_layers=False,
-        **extra,
-    )
+    spec = dict(_transformer_dims(cfg), name="vit", patch_size=cfg["patch_size"], pos_emb="learn", use_cls=True)
+    return spec | dict(ln_epsilon=cfg["layer_norm_eps"], final_ln=True, **extra)
 
 
 def _vit(cfg: Mapping[str, Any]) -> Plan:
     cfg = {**VIT_DEFAULTS, "patch_size": 16, "image_size": 224, "layer_norm_eps": 1e-12, **cfg}
     if not cfg.get("qkv_bias", True):
         raise ValueError("ViT checkpoints with qkv_bias=False are not supported (our attention has biases)")
-    spec = _vit_spec(cfg, ln_epsilon=cfg["layer_norm_eps"], final_ln=True)
+    spec = _vit_spec(cfg)
 
     def rows(s):
         top = [
@@ -371,7 +342,7 @@ def _vit(cfg: Mapping[str, Any]) -> Plan:
 
 def _clip(cfg: Mapping[str, Any]) -> Plan:
     cfg = {**CLIP_DEFAULTS, **cfg.get("vision_config", cfg)}  # a full CLIPModel config nests the tower's
-    spec = _vit_spec(cfg, ln_epsilon=cfg["layer_norm_eps"], patch_bias=False, pre_ln=True, final_ln=True)
+    spec = _vit_spec(cfg, patch_bias=False, pre_ln=True)
 
     def rows(s):
         top = [
@@ -407,17 +378,9 @@ def _resnet(cfg: Mapping[str, Any]) -> Plan:
         problems.append(f"hidden_act must be relu, got {cfg['hidden_act']!r}")
     if problems:
         raise ValueError("unsupported ResNet config: " + "; ".join(problems))
-    spec = dict(
-        name="resnet50" if bottleneck else "resnet18",
-        stage_sizes=tuple(depths),
-        bottleneck=bottleneck,
-        base_filters=base,
-        stem="imagenet",
-        norm="frozen_bn",
-        torch_layout=True,
-        project=False,  # tokens = HF's last_hidden_state; the fusion projects them to its width
-        pos_emb="none",
-    )
+    spec = dict(name="resnet50" if bottleneck else "resnet18", stage_sizes=tuple(depths), bottleneck=bottleneck)
+    spec.update(base_filters=base, stem="imagenet", norm="frozen_bn", torch_layout=True, pos_emb="none")
+    spec.update(project=False)  # tokens = HF's last_hidden_state; the fusion projects them to its width
 
     def rows(s):
         out = [("stem_conv/kernel", "embedder.embedder.convolution.weight", CONV)]
@@ -499,16 +462,10 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
     uncovered = sorted(set(target) - {ours for ours, _, _ in rows})
     if missing or wrong or unexpected or foreign or (uncovered and rng is None):
         msg = f"checkpoint {folder} ({family}) does not match the encoder spec {spec}:"
-        for title, items in [
-            ("missing tensors", sorted(missing)),
-            ("unexpected tensors", unexpected),
-            ("wrong shapes", sorted(wrong)),
-            ("table rows for parameters our encoder lacks", foreign),
-            (
-                "encoder parameters not in the checkpoint (pass rng= to initialise them)",
-                uncovered if rng is None else [],
-            ),
-        ]:
+        lacking = "encoder parameters not in the checkpoint (pass rng= to initialise them)"
+        for title, items in [("missing tensors", sorted(missing)), ("unexpected tensors", unexpected),
+                             ("wrong shapes", sorted(wrong)), ("table rows for parameters our encoder lacks", foreign),
+                             (lacking, uncovered if rng is None else [])]:  # fmt: skip
             msg += _listing(title, items) if items else ""
         raise CheckpointMismatchError(msg, sorted(missing), unexpected, sorted(wrong), uncovered)
 
