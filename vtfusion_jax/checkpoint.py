@@ -24,9 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from vtfusion_jax.preflight import first_line, leaves_by_path, read_json
+from vtfusion_jax.preflight import absolute, first_line, is_local, leaves_by_path, move, read_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Checkpointer:
           asynchronous: write in a background thread.
           read_only: never write or delete (evaluation); an unreadable step is still moved aside.
         """
-        self.directory = os.path.abspath(directory)
+        self.directory = absolute(directory)
         self.best_metric = best_metric
         policies = [ocm.LatestN(n=max(1, int(keep)))]
         best_fn = None
@@ -76,9 +77,9 @@ class Checkpointer:
 
     def _empty_trash(self) -> None:
         """Removes steps that retention renamed into ``TRASH`` (process 0; entries one by one, since Orbax may be
-        renaming another one in concurrently)."""
+        renaming another one in concurrently). On an object store Orbax deletes old steps directly: no trash."""
         trash = os.path.join(self.directory, TRASH)
-        if self._read_only or jax.process_index() != 0 or not os.path.isdir(trash):
+        if self._read_only or jax.process_index() != 0 or not is_local(trash) or not os.path.isdir(trash):
             return
         for name in os.listdir(trash):
             shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
@@ -157,12 +158,11 @@ class Checkpointer:
     def _set_aside(self, step: int, why: str) -> None:
         """Moves an unreadable step into ``CORRUPT`` (process 0; left in place where that fails: read-only)."""
         if jax.process_index() == 0:
-            dest = os.path.join(self.directory, CORRUPT, str(step))
-            if os.path.exists(dest):  # the same step number went bad before
-                dest += f".{time.time_ns()}"
+            dest = epath.Path(self.directory) / CORRUPT / str(step)
+            if dest.exists():  # the same step number went bad before
+                dest = dest.with_name(f"{step}.{time.time_ns()}")
             try:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.rename(os.path.join(self.directory, str(step)), dest)
+                move(epath.Path(self.directory) / str(step), dest)
                 where = f"moved to {dest}"
             except OSError as e:
                 where = f"skipped (cannot move it aside: {e.strerror or e})"
@@ -174,8 +174,6 @@ class Checkpointer:
 
     def state_metadata(self, step: int) -> Any:
         """The saved state's tree with shape / dtype metadata leaves (nothing is restored)."""
-        from etils import epath
-
         path = epath.Path(self.directory) / str(int(step)) / STATE
         meta = ocp.StandardCheckpointHandler().metadata(path)
         return getattr(meta, "tree", meta)
@@ -200,9 +198,10 @@ def _abstract(x: Any) -> Any:
 def _bad_metrics(directory: str, best_fn: Callable | None) -> list[tuple[int, str]]:
     """(step, error) of the steps whose saved validation metrics do not read."""
     out = []
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        path = os.path.join(directory, name, "metrics", "metrics")
-        if name.isdigit() and os.path.exists(path):
+    directory = epath.Path(directory)
+    for name in [p.name for p in directory.iterdir()] if directory.is_dir() else []:
+        path = directory / name / "metrics" / "metrics"
+        if name.isdigit() and path.exists():
             try:
                 (best_fn or dict)(read_json(path))
             except Exception as e:  # noqa: BLE001 (not JSON, not a dict, no such metric, not a number)

@@ -9,13 +9,13 @@ workdir/config.json + checkpoints/<best|latest|step> ─► train_lib.restore �
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vtfusion_jax import preflight, train_lib
 from vtfusion_jax.data import manifest, reader
@@ -56,8 +56,8 @@ def upgrade_config(raw: dict) -> dict:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run recorded in ``workdir/config.json`` (upgraded, locked)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
     hint = "; restore it from a copy of the run, or pass --config"
     raw = preflight.read_json(path, hint)
@@ -84,15 +84,14 @@ def evaluate_split(config: ml_collections.ConfigDict, workdir: str, split: str, 
     """
     started = time.time()
     task, params, step = train_lib.restore(config, workdir, checkpoint)
-    out_dir = os.path.join(workdir, "eval", _safe(split))
+    out_dir = f"{workdir}/eval/{_safe(split)}"
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     result = task.evaluate(params, split, out_dir)
     result.setdefault("num_examples", result.get("num_images"))  # retrieval / captioning: images
     result.update(task=config.task, split=split, checkpoint_step=int(step), wall_seconds=time.time() - started)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
+        (epath.Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
 
 

@@ -7,14 +7,16 @@ import abc
 import json
 import logging
 import math
-import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from vtfusion_jax.preflight import CorruptFileError, first_line
+from vtfusion_jax.preflight import CorruptFileError, append_text, copy_tree, first_line, is_local
 
 
 def accuracy(pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None) -> float:
@@ -104,7 +106,10 @@ class TensorBoardWriter(MetricWriter):
     def __init__(self, logdir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._writer = EventFileWriter(logdir)
+        # An object store cannot append to the event file: write it locally, upload the whole file on each flush.
+        self._remote = None if is_local(logdir) else logdir
+        self._local = logdir if self._remote is None else tempfile.mkdtemp(prefix="vtfusion_events_")
+        self._writer = EventFileWriter(self._local)
 
     def _add(self, step: int, summary) -> None:
         from tensorboard.compat.proto import event_pb2
@@ -129,20 +134,23 @@ class TensorBoardWriter(MetricWriter):
 
     def flush(self):
         self._writer.flush()
+        if self._remote is not None:
+            copy_tree(self._local, self._remote)
 
     def close(self):
         self._writer.close()
+        if self._remote is not None:
+            copy_tree(self._local, self._remote)
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _drop_partial_last_line(path: str) -> None:
     """A run killed mid-append leaves a last line without its newline; the resumed run would glue its first row to
     it. Cut the file back to its last complete line (rows after the last checkpoint are logged again anyway)."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+    path = epath.Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 class JsonlWriter(MetricWriter):
@@ -168,8 +176,7 @@ class JsonlWriter(MetricWriter):
 
     def flush(self):
         if self._row is not None:
-            with open(self._path, "a") as f:
-                f.write(json.dumps(self._row) + "\n")
+            append_text(self._path, json.dumps(self._row) + "\n")
             self._row = None
 
 
@@ -200,16 +207,15 @@ def create_writer(workdir: str, *, is_main: bool) -> MetricWriter:
     """Logging everywhere; TensorBoard events and ``workdir/metrics.jsonl`` on the main process only."""
     writers: list[MetricWriter] = [LoggingWriter()]
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        writers += [TensorBoardWriter(workdir), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        writers += [TensorBoardWriter(workdir), JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl"))]
     return MultiWriter(writers)
 
 
 def read_jsonl(path: str) -> list[dict]:
     """Rows of a metrics.jsonl file (a half-written last line, from a killed run, is dropped); a garbled line raises
     CorruptFileError naming the file and line."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]
+    lines = epath.Path(path).read_bytes().split(b"\n")[:-1]
     rows = []
     for n, line in enumerate(lines, 1):
         try:

@@ -3,6 +3,10 @@
 ``check_writable`` (the workdir can be created and written), ``check_compatible`` (a checkpoint of a different model
 is refused, naming the differing state paths and config fields) and ``check_free_disk`` (room for one more checkpoint;
 the probe ``FREE_BYTES`` is replaceable by tests). ``CorruptFileError``: what a damaged file the run reads raises.
+
+Workdirs are ``etils.epath`` paths: a local folder or a URI such as ``gs://bucket/run`` (through gcsfs). An object
+store has no append, no empty folders, no folder rename and no free-space query; ``append_text``, ``copy_tree`` and
+``move`` below are the run's only file operations that differ between the two.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class WorkdirError(RuntimeError):
@@ -34,10 +39,58 @@ def first_line(e: BaseException) -> str:
 def read_json(path: str, hint: str = "") -> Any:
     """The JSON content of ``path``; a truncated or garbled file raises CorruptFileError naming it (and ``hint``)."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(epath.Path(path).read_bytes())
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; deep nesting
         raise CorruptFileError(f"{path} is not valid JSON ({first_line(e)}){hint}") from None
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """False for a URI (gs://, s3://): an object store."""
+    return "://" not in os.fspath(path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URI unchanged."""
+    return os.path.abspath(path) if is_local(path) else path
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends ``text`` to the file ``path``; on an object store (objects are immutable) the whole object is
+    rewritten, which suits the small logs this is used for."""
+    p = epath.Path(path)
+    if is_local(path):
+        with p.open("a") as f:
+            f.write(text)
+    else:
+        p.write_text((p.read_text() if p.exists() else "") + text)
+
+
+def _files(folder: epath.Path):
+    # (epath refuses rglob's `**` on GCS, and its walk() drops the gs:// scheme)
+    for p in folder.iterdir():
+        yield from _files(p) if p.is_dir() else (p,)
+
+
+def copy_tree(src: str | os.PathLike, dest: str | os.PathLike, last: str | None = None) -> None:
+    """Copies the files under the folder ``src`` to ``dest`` (either may be on an object store), overwriting; files
+    named ``last`` are written after the others (a marker that readers of ``dest`` wait for)."""
+    src, dest = epath.Path(src), epath.Path(dest)
+    for f in sorted(_files(src), key=lambda f: f.name == last):
+        out = dest / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with f.open("rb") as r, out.open("wb") as w:
+            shutil.copyfileobj(r, w, 16 << 20)
+
+
+def move(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Moves the folder ``src`` to ``dest``; on an object store, object by object (copy, then delete)."""
+    src, dest = epath.Path(src), epath.Path(dest)
+    if is_local(src):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dest)
+    else:
+        copy_tree(src, dest)
+        src.rmtree()
 
 
 def _disk_free(path: str) -> int:
@@ -57,17 +110,19 @@ def check_writable(workdir: str) -> None:
     """Creates ``workdir`` (and missing parents) and checks a file can be written there.
 
     Raises:
-      WorkdirError: naming the path and the OS error.
+      WorkdirError: naming the path and the OS (or object store's) error.
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
         raise WorkdirError(f"workdir {workdir} exists and is not a folder")
     try:
-        os.makedirs(workdir, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    probe = path / f".write_probe_{uuid.uuid4().hex}"
     try:
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
-            pass
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
@@ -83,12 +138,14 @@ def check_free_disk(directory: str, abstract_state: Any) -> int:
     """Refuses to start when ``directory``'s file system cannot hold one more checkpoint of ``abstract_state``.
 
     Returns:
-      The estimated bytes of one checkpoint.
+      The estimated bytes of one checkpoint (not checked on an object store: it has no free-space limit to query).
 
     Raises:
       WorkdirError: with the estimate and the free space.
     """
     need = int(state_bytes(abstract_state) * CHECKPOINT_OVERHEAD) + CHECKPOINT_SLACK_BYTES
+    if not is_local(directory):
+        return need
     free = int(FREE_BYTES(directory))
     if free < need:
         raise WorkdirError(
@@ -156,11 +213,10 @@ def check_compatible(workdir: str, step: int, saved: Any, expected: Any, config_
     if not diffs:
         return
     fields = []
-    saved_config = os.path.join(workdir, "config.json")
-    if os.path.exists(saved_config):
+    saved_config = epath.Path(workdir) / "config.json"
+    if saved_config.exists():
         try:
-            with open(saved_config) as f:
-                old = json.load(f)
+            old = json.loads(saved_config.read_text())
             new = json.loads(config_json)
             fields = config_differences(old, new, "model") or config_differences(old, new, "optim")
         except (OSError, ValueError):

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import struct
 
 from vtfusion_jax import checkpoint as ckpt_lib
@@ -149,7 +151,7 @@ def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=No
     task = tasks.make_task(config, mesh, workdir)
     tx, _ = make_optimizer(config, task, 1)
     target, _ = state_layout(task.model, task.init_batch(), tx, task.mesh)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=task.main_metric, read_only=True)
+    ckpt = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", best_metric=task.main_metric, read_only=True)
     try:
         found = ckpt.restore_readable(target, checkpoint)  # an unreadable step: the newest one that reads
     finally:
@@ -225,9 +227,8 @@ def _progress(total: int, initial: int, enabled: bool):
 def write_config(config, workdir: str) -> None:
     """``workdir/config.json`` (process 0 only)."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def window_scalar(key: str, window: list[dict]) -> float:
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cc.set_cache_dir(t.compilation_cache_dir)  # = jax.config.update("jax_compilation_cache_dir", ...)
         cc.reset_cache()  # a cache this process opened before (an earlier run, a notebook) would otherwise stay
     maybe_initialize_distributed()
-    workdir = os.path.abspath(workdir)
+    workdir = preflight.absolute(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         preflight.check_writable(workdir)  # before any slow work
@@ -296,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     accum = int(config.optim.accum_steps)
     tx, sched = make_optimizer(config, task, total)
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, best_metric=task.main_metric, best_mode="max"
+        f"{workdir}/checkpoints", keep=t.keep_checkpoints, best_metric=task.main_metric, best_mode="max"
     )
     abstract, state_sh = state_layout(model, init_batch, tx, mesh)  # shapes only: the checks cost no compilation
     config_json, saved = config.to_json_best_effort(sort_keys=True), ckpt.all_steps()
@@ -369,8 +370,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step = start
             while step < total:
                 if step + 1 == t.profile_steps[0]:  # TensorBoard's profile plugin reads workdir/profile
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                    trace.callback(jax.profiler.stop_trace)
+                    profile = f"{workdir}/profile"  # staged locally and uploaded on an object store
+                    local = profile if preflight.is_local(profile) else tempfile.mkdtemp(prefix="vtfusion_profile_")
+                    jax.profiler.start_trace(local)
+                    if local != profile:
+                        trace.callback(preflight.copy_tree, local, profile)
+                    trace.callback(jax.profiler.stop_trace)  # (callbacks run last-in first-out)
                 state, m = step_fn(state, next(train_iter))
                 step += 1
                 if step == t.profile_steps[1]:
@@ -440,6 +445,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_seconds": time.time() - started,
     }
     if is_main:
-        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-            json.dump(result, f, indent=2, default=float)
+        (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=float))
     return result

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from vtfusion_jax.data import manifest, reader
 from vtfusion_jax.data.datasets import get_data_source
@@ -56,8 +57,7 @@ class WordVocab:
     vocab_size = size
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"words": self.words}, f)
+        epath.Path(path).write_text(json.dumps({"words": self.words}))
 
     @classmethod
     def load(cls, path: str, max_len: int) -> WordVocab:

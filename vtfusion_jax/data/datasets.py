@@ -18,9 +18,10 @@ import time
 import jax
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from etils import epath
 
 from vtfusion_jax.data import easy_vqa, manifest, sort_of_clevr
-from vtfusion_jax.preflight import CorruptFileError, first_line
+from vtfusion_jax.preflight import CorruptFileError, copy_tree, first_line, is_local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +91,6 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 @contextlib.contextmanager
 def _file_lock(path: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -114,8 +111,8 @@ def get_builder(
 ) -> tfds.core.DatasetBuilder:
     """Returns the builder of `name`, building the dataset first if it is absent.
 
-    On a local `data_dir` every process takes a file lock first, so one builds and the others wait (also correct
-    with a disk per host); on a remote one (gs://...) process 0 builds and the others poll for `dataset_info.json`.
+    Every process takes a file lock first, so one builds and the others wait (also correct with a disk per host). A
+    remote `data_dir` (gs://...) is mirrored into a local cache (``_mirrored``).
 
     Args:
       name, data_dir: "easy_vqa", "sort_of_clevr" or "manifest"; TFDS data folder (default: `default_data_dir()`).
@@ -124,6 +121,8 @@ def get_builder(
       prepare: build when absent (else the builder is returned unprepared).
     """
     data_dir = data_dir or default_data_dir()
+    if not is_local(data_dir):
+        return _mirrored(name, data_dir, builder_kwargs, prepare)
     try:
         builder = _make_builder(name, data_dir, builder_kwargs)
     except CorruptFileError as e:
@@ -133,22 +132,53 @@ def get_builder(
         builder = _make_builder(name, data_dir, builder_kwargs)  # moved aside: built below
     if not prepare or _prepared(builder):
         return builder
-    if _is_local(data_dir):
-        config = builder.builder_config.name if builder.builder_config else "default"
-        lock = os.path.join(data_dir, f".{builder.name}-{config}.lock")
-        with _file_lock(lock):
-            if not _prepared(builder):
-                start = time.time()
-                print(f"Building {name} ({builder.data_dir}) ...", flush=True)
-                builder.download_and_prepare(file_format="array_record")
-                print(f"Built {name} in {time.time() - start:.1f}s", flush=True)
-    elif jax.process_index() == 0:
-        builder.download_and_prepare(file_format="array_record")
-    else:
-        while not _prepared(builder):
-            time.sleep(5)
+    with _file_lock(_lock_path(data_dir, builder)):
+        if not _prepared(builder):
+            start = time.time()
+            print(f"Building {name} ({builder.data_dir}) ...", flush=True)
+            builder.download_and_prepare(file_format="array_record")
+            print(f"Built {name} in {time.time() - start:.1f}s", flush=True)
     # Re-create so the builder reads the info (split sizes, metadata) written by the build.
     return get_spec(name).make_builder(data_dir, dict(builder_kwargs or {}))
+
+
+def _lock_path(data_dir: str, builder) -> str:
+    config = builder.builder_config.name if builder.builder_config else "default"
+    return os.path.join(data_dir, f".{builder.name}-{config}.lock")
+
+
+def mirror_dir(uri: str) -> str:
+    """The local cache folder of the remote data_dir ``uri``: $VTFUSION_DATA_CACHE (default
+    ~/.cache/vtfusion_jax/data) / the URI without its ``://``."""
+    cache = os.environ.get("VTFUSION_DATA_CACHE") or os.path.expanduser("~/.cache/vtfusion_jax/data")
+    return os.path.join(cache, uri.replace("://", "/", 1))
+
+
+def _mirrored(name: str, uri: str, builder_kwargs: dict | None, prepare: bool) -> tfds.core.DatasetBuilder:
+    """The builder of `name` for the remote data_dir ``uri``, reading a local mirror (``mirror_dir``).
+
+    Decision: array_record's open-source reader opens local files only (no gs://), so datasets are read from local
+    disk. A dataset prepared at ``uri`` is downloaded once per host; one absent there is built here by process 0 and
+    uploaded (dataset_info.json last: the other processes wait for it, then download).
+    """
+    local = mirror_dir(uri)
+    builder = get_builder(name, data_dir=local, builder_kwargs=builder_kwargs, prepare=False)
+    if not prepare or _prepared(builder):
+        return builder
+    remote = epath.Path(uri) / os.path.relpath(builder.data_dir, local)
+    if not (remote / "dataset_info.json").exists():
+        if jax.process_index() == 0:
+            built = get_builder(name, data_dir=local, builder_kwargs=builder_kwargs)
+            print(f"Uploading {name} to {remote} ...", flush=True)
+            copy_tree(built.data_dir, remote, last="dataset_info.json")
+            return built
+        while not (remote / "dataset_info.json").exists():
+            time.sleep(5)
+    with _file_lock(_lock_path(local, builder)):
+        if not _prepared(builder):
+            print(f"Downloading {name} from {remote} ...", flush=True)
+            copy_tree(remote, builder.data_dir, last="dataset_info.json")
+    return get_spec(name).make_builder(local, dict(builder_kwargs or {}))
 
 
 def _make_builder(name: str, data_dir: str, builder_kwargs: dict | None):
@@ -167,7 +197,7 @@ def _damaged(name: str, folder: str, file: str, error: Exception) -> CorruptFile
     """The one-line error for a damaged file of a prepared dataset; a generated dataset is moved aside first."""
     why = f"{file} is damaged ({first_line(error)})"
     dest = folder + ".corrupt" + (f".{time.time_ns()}" if os.path.exists(folder + ".corrupt") else "")
-    if name in GENERATED and _is_local(folder):
+    if name in GENERATED and is_local(folder):
         with contextlib.suppress(OSError):  # another process may have moved it already
             os.rename(folder, dest)
             return CorruptFileError(f"{why}; moved {folder} to {dest}: it is rebuilt on its next use")

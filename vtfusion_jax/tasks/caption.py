@@ -10,12 +10,12 @@ required) and the speed ratio is reported.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vtfusion_jax import decoding, losses, metrics_caption
 from vtfusion_jax.models.caption import CaptionModel
@@ -105,7 +105,7 @@ class CaptionTask(CaptionDataTask):
         out.update(beam_size=int(self.config.eval.beam_size), length_penalty=float(self.config.eval.length_penalty))
         out["protocol"] = PROTOCOL
         if jax.process_index() == 0:
-            with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+            with (epath.Path(out_dir) / "captions.jsonl").open("w") as f:
                 for i, r in enumerate(refs):
                     f.write(json.dumps({"index": i, "references": r, "greedy": decoded["greedy"][i],
                                         "beam": decoded["beam"][i]}) + "\n")  # fmt: skip

@@ -16,12 +16,11 @@ Evaluation on a split with I images and T captions (T >= I; several captions per
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from vtfusion_jax import metrics_caption, sharding
 from vtfusion_jax.data import pipeline
@@ -53,9 +52,9 @@ class CaptionDataTask(Task):
                 f"the {type(self).__name__} supports datasets {list(DATASETS)}, got {config.dataset.name!r}"
             )
         self._index: dict[str, CaptionIndex] = {}
-        path = os.path.join(workdir, "vocab.json") if workdir else None
+        path = epath.Path(workdir) / "vocab.json" if workdir else None
         max_len = config.dataset.max_len
-        if path and os.path.exists(path):
+        if path and path.exists():
             self.tokenizer = WordVocab.load(path, max_len)
         else:
             self.tokenizer = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
@@ -73,7 +72,7 @@ class CaptionDataTask(Task):
 
     def save_assets(self, workdir: str) -> None:
         if jax.process_index() == 0:
-            self.tokenizer.save(os.path.join(workdir, "vocab.json"))
+            self.tokenizer.save(epath.Path(workdir) / "vocab.json")
 
     def stored_image_size(self) -> int:
         d = self.config.dataset

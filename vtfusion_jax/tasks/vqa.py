@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from vtfusion_jax import losses, models, pretrained_init, sharding, viz
 from vtfusion_jax import metrics as metrics_lib
@@ -154,7 +154,7 @@ class VqaTask(Task):
         d = self.config.dataset
         source = pipeline.get_data_source(d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
         text_key, type_names = self.meta["text_key"], self.meta["type_names"]
-        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        with (epath.Path(out_dir) / "predictions.jsonl").open("w") as f:
             for i, (idx, label, pred) in enumerate(zip(rows["index"], rows["label"], rows["pred"], strict=True)):
                 top = zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
                 row = {
@@ -168,7 +168,8 @@ class VqaTask(Task):
                 }
                 f.write(json.dumps(row) + "\n")
         title = f"{d.name} {split}: accuracy {summary['accuracy']:.4f}"
-        viz.save_confusion_matrix(os.path.join(out_dir, "confusion_matrix.png"), cm, names, title)
+        with (epath.Path(out_dir) / "confusion_matrix.png").open("wb") as f:  # a file object: any epath workdir
+            viz.save_confusion_matrix(f, cm, names, title)
         self._attention_maps(params, source, out_dir, min(int(self.config.eval.num_attention_maps), len(source)))
         return summary
 
@@ -223,11 +224,11 @@ class VqaTask(Task):
             pred = names[int(np.argmax(probs[i]))]
             title = f"{fusion}: Q: {questions[i]}\npredicted: {pred}{gate_note}"
             png = f"attention_{i:02d}.png"
-            panels = viz.save_attention_figure(os.path.join(out_dir, png), images[i], views, i, grids, tokens, title)
+            with (epath.Path(out_dir) / png).open("wb") as f:
+                panels = viz.save_attention_figure(f, images[i], views, i, grids, tokens, title)
             index[png] = {"question": questions[i], "prediction": pred, "fusion": fusion, "panels": panels}
             index[png].update({"gates": gates} if gates else {})
-        with open(os.path.join(out_dir, "attention_maps.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        (epath.Path(out_dir) / "attention_maps.json").write_text(json.dumps(index, indent=2))
 
     def predict(self, params, image_path: str, question: str, attention_map: str | None = None, top_k: int = 5):
         """Answers ``question`` about the image at ``image_path``.
