@@ -71,20 +71,10 @@ def bench(name, args, data_dir, builder_kwargs, mesh, tokenizer) -> dict:
         e2e = _rate(lambda: next(it), args.steps, args.warmup, args.batch_size)
     finally:
         it.close()
-    return {
-        "dataset": name,
-        "num_train_examples": meta["num_examples"]["train"],
-        "image_shape": list(meta["image_shape"]),
-        "build_s": build_s,
-        "batch_size": args.batch_size,
-        "host_single_thread_examples_per_s": round(host, 1),
-        "iterator_examples_per_s": round(e2e, 1),
-        "num_threads": args.num_threads,
-        "worker_count": args.worker_count,
-        "augment": args.augment,
-        "devices": jax.device_count(),
-        "cpus": os.cpu_count(),
-    }
+    row = dict(dataset=name, num_train_examples=meta["num_examples"]["train"], image_shape=list(meta["image_shape"]))
+    row.update(build_s=build_s, batch_size=args.batch_size, host_single_thread_examples_per_s=round(host, 1))
+    row.update(iterator_examples_per_s=round(e2e, 1), num_threads=args.num_threads, worker_count=args.worker_count)
+    return row | dict(augment=args.augment, devices=jax.device_count(), cpus=os.cpu_count())
 
 
 def main(argv=None) -> list[dict]:

@@ -12,38 +12,32 @@ ShapeDtypeStructs; ``jax.jit(make_train_step(...), in/out_shardings, donate).low
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py: config loading, synthetic batch, provenance)
 
-from vtfusion_jax import flops, losses, optim, sharding, speed, train_lib  # noqa: E402
-from vtfusion_jax.models.vtfusion import VisionTextModel  # noqa: E402
+from vtfusion_jax import flops, sharding, speed, train_lib  # noqa: E402
 
 LAYOUTS = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8), "data_fsdp": (2, 4, 1)}
 LAYOUTS.update(data_tensor=(4, 1, 2), fsdp_tensor=(1, 4, 2), data_fsdp_tensor=(2, 2, 2))
 # ViT-L/16 at 224 px (197 tokens), a BERT-large-size text tower, 6 co-attention layers, all at D=1024 / 16 heads, on
 # top of configs/perf.py's gpu preset (bf16 compute, float32 params and AdamW state, scanned layers, 32 text tokens).
-LARGE = (
-    ["model.width=1024", "model.attention_impl=auto", "model.head.hidden_dim=2048"]
-    + [f"model.{t}.{k}={v}" for t in ("image_encoder", "text_encoder") for k, v in (("depth", 24), ("num_heads", 16))]
-    + [f"model.{t}.mlp_dim=4096" for t in ("image_encoder", "text_encoder", "fusion")]
-    + ["model.fusion.num_heads=16"]
-)
+LARGE = ["model.width=1024", "model.attention_impl=auto", "model.head.hidden_dim=2048", "model.fusion.num_heads=16"]
+TOWERS = ("image_encoder", "text_encoder")
+LARGE += [f"model.{t}.{k}={v}" for t in TOWERS for k, v in (("depth", 24), ("num_heads", 16))]
+LARGE += [f"model.{t}.mlp_dim=4096" for t in (*TOWERS, "fusion")]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "scaling.md")
 GB = 1e9
@@ -61,35 +55,19 @@ def count_collectives(hlo: str) -> dict:
 
 def state_bytes_per_device(abstract, mesh) -> int:
     """Bytes of one device's shard of every leaf of a state of ShapeDtypeStructs carrying shardings."""
-    leaves = jax.tree.leaves(abstract)
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves))
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
 
 
 def compile_layout(cfg: dict, mesh_shape) -> dict:
     """Lowers and compiles the train step of ``cfg`` on ``mesh_shape``; returns memory, collectives and timings."""
-    b = cfg["bench"]
-    mesh = sharding.make_mesh(mesh_shape)
-    model = VisionTextModel(cfg["model"], int(b["num_classes"]))
-    tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
-    s, length = int(b["image_size"]), int(b["text_len"])
-    init = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
-    init["text_mask"] = jnp.ones((1, length), bool)
+    b, mesh, n = cfg["bench"], sharding.make_mesh(mesh_shape), int(cfg["bench"]["batch_size"])
+    model, tx, init = jax_bench.model_and_optimizer(cfg)
     abstract, state_sh = train_lib.state_layout(model, init, tx, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
     host = jax_bench.synthetic_batch(dict(cfg, bench=dict(b, batch_size=1)))  # shapes of one row
-    batch = {
-        k: jax.ShapeDtypeStruct((int(b["batch_size"]), *v.shape[1:]), v.dtype, sharding=batch_sh)
-        for k, v in host.items()
-    }
-    step = train_lib.make_train_step(functools.partial(losses.classification_loss, model), tx)
-    rep = sharding.replicated(mesh)
-    fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-    with jax.set_mesh(mesh), sharding.activation_rules():
-        t0 = time.perf_counter()
-        lowered = fn.lower(abstract, batch)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+    sh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype, sharding=sh) for k, v in host.items()}
+    fn = jax_bench.jit_step(model, tx, state_sh, mesh)
+    compiled, trace_s, compile_s = jax_bench.compile_timed(fn, (abstract, batch), mesh, rules=True)
     mem = compiled.memory_analysis()
     fields = sorted(a for a in dir(mem) if a.endswith("_in_bytes"))
     return {
@@ -97,11 +75,11 @@ def compile_layout(cfg: dict, mesh_shape) -> dict:
         "num_params": flops.param_count(abstract.params),
         "state_bytes_per_device": state_bytes_per_device(abstract, mesh),
         "params_bytes_per_device": state_bytes_per_device(abstract.params, mesh),
-        "examples_per_device": int(b["batch_size"]) // sharding.mesh_axis_size(mesh, sharding.BATCH_AXES),
+        "examples_per_device": n // sharding.mesh_axis_size(mesh, sharding.BATCH_AXES),
         "memory_per_device": {f.removesuffix("_in_bytes"): int(getattr(mem, f)) for f in fields},
         "collectives": count_collectives(compiled.as_text()),
-        "trace_s": t1 - t0,
-        "compile_s": t2 - t1,
+        "trace_s": trace_s,
+        "compile_s": compile_s,
     }
 
 

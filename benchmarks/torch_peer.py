@@ -180,8 +180,7 @@ class TorchTrainer:
         return loss
 
     def step(self) -> float:
-        t0 = time.perf_counter()
-        loss = self.forward_backward()
+        t0, loss = time.perf_counter(), self.forward_backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
         for g in self.opt.param_groups:
@@ -202,15 +201,10 @@ def jax_loss_and_grad(ours):
 def equality_check(ours, trainer: TorchTrainer) -> dict:
     """Loads our current parameters into ``trainer.model``, whose loss and gradients on the batch must then be ours
     (float32, highest matmul precision): |loss diff| <= RTOL |loss| and in every gradient entry |g_torch - g_jax| <=
-    RTOL |g_jax| + ATOL G, G = the largest |g_jax| (so noise passes where a gradient is zero: key biases).
-
-    Returns:
-      {"loss_jax", "loss_torch", "max_abs_grad_diff", "max_rel_grad_diff" (largest max |diff| / max |g_jax| over
-      parameters with max |g_jax| > ATOL G), "tolerance_used" (<= 1 passes), "worst", "tolerance", "passed"}.
-
-    Raises:
-      ValueError: the port computes another function (nothing is timed then).
-    """
+    RTOL |g_jax| + ATOL G, G = the largest |g_jax| (so noise passes where a gradient is zero: key biases); else
+    ValueError (nothing is timed then). Returns {"loss_jax", "loss_torch", "max_abs_grad_diff", "max_rel_grad_diff"
+    (largest max |diff| / max |g_jax| over parameters with max |g_jax| > ATOL G), "tolerance_used" (<= 1 passes),
+    "worst", "tolerance", "passed"}."""
     depths, params = trainer.model.depths, ours.state.params
     trainer.model.load_state_dict(torch_tensors(params, depths))  # strict: the same names and shapes as ours
     with jax.default_matmul_precision("highest"), jax.set_mesh(ours.mesh):
@@ -266,26 +260,18 @@ def run(cfg: dict, compile_backend: str, pause_s: float, command: str = "", benc
     t_peak = torch_matmul_peak(int(b["matmul_size"]))
     step_flops = jax_bench.analytic_flops(cfg)["train"] * int(b["batch_size"])
     med = {n: float(np.median(t)) for n, t in times.items()}
-    return {
-        **jax_bench.record("torch_peer", command, cfg, load_start),
-        "torch": torch.__version__,
-        "equality_check": check,
-        "threads": {"torch": torch.get_num_threads(), "xla_cpu_count": os.cpu_count()},
-        "num_params": {"jax": ours.num_params, "torch": sum(p.numel() for p in eager_model.parameters())},
-        "flops_per_step_train": step_flops,
-        "torch_flop_counter_per_step": counter.get_total_flops(),
-        "jax_compile_s": compile_info["total_s"],
-        "torch_compile_first_step_s": compile_s,
-        "torch_optimizer": trainers["torch_eager"].opt_kind,
-        "pause_between_steps_s": pause_s,
-        "step_s_median": med,
-        "step_s_min": {n: float(np.min(t)) for n, t in times.items()},
-        "step_s_all": times,
-        "peak_flops_per_s": {"jax": jax_peak, "torch": t_peak},
-        "mfu_measured_peak": {n: step_flops / med[n] / (jax_peak if n == "jax" else t_peak) for n in runners},
-        "speedup_vs": {n: med[n] / med["jax"] for n in runners if n != "jax"},
-        "final_loss": {"jax": ours.loss(), **{n: trainers[n].last_loss for n in trainers}},
-    }
+    r = dict(jax_bench.record("torch_peer", command, cfg, load_start), torch=torch.__version__, equality_check=check)
+    r["threads"] = {"torch": torch.get_num_threads(), "xla_cpu_count": os.cpu_count()}
+    r["num_params"] = {"jax": ours.num_params, "torch": sum(p.numel() for p in eager_model.parameters())}
+    r.update(flops_per_step_train=step_flops, torch_flop_counter_per_step=counter.get_total_flops())
+    r.update(jax_compile_s=compile_info["total_s"], torch_compile_first_step_s=compile_s)
+    r.update(torch_optimizer=trainers["torch_eager"].opt_kind, pause_between_steps_s=pause_s, step_s_median=med)
+    r.update(step_s_min={n: float(np.min(t)) for n, t in times.items()}, step_s_all=times)
+    r["peak_flops_per_s"] = {"jax": jax_peak, "torch": t_peak}
+    r["mfu_measured_peak"] = {n: step_flops / med[n] / (jax_peak if n == "jax" else t_peak) for n in runners}
+    r["speedup_vs"] = {n: med[n] / med["jax"] for n in runners if n != "jax"}
+    r["final_loss"] = {"jax": ours.loss(), **{n: trainers[n].last_loss for n in trainers}}
+    return r
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

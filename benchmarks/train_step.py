@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib.util
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vtfusion_jax import flops as flops_lib  # noqa: E402
@@ -34,9 +37,6 @@ from vtfusion_jax import losses, optim, sharding, speed  # noqa: E402
 from vtfusion_jax.models.vtfusion import DTYPES, VisionTextModel  # noqa: E402
 from vtfusion_jax.train_lib import TrainState, create_train_state, make_train_step, state_layout  # noqa: E402
 
-# Bench fields filled in for training configs (which have dataset / train sections instead of ``bench``).
-BENCH_DEFAULTS = dict(batch_size=32, image_size=64, text_len=16, num_classes=13, warmup=3, steps=20, matmul_size=2048)
-BENCH_DEFAULTS.update(peak_tflops=0.0, compilation_cache_dir="")
 DEFAULT_VOCAB = 30522
 
 
@@ -61,13 +61,9 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Nam
 def cli(
     p: argparse.ArgumentParser, argv: Sequence[str] | None, script: str
 ) -> tuple[argparse.Namespace, dict, dict, str]:
-    """A benchmark's command line: parses ``argv`` (default sys.argv) and loads the config; then, before anything is
-    built, keeps freed host memory for reuse as train.py does (host_memory.py) and waits up to ``--wait_quiet`` s
-    for a quiet machine.
-
-    Returns:
-      (flags, config, {"host_memory", "quiet_wait"} for the result, the command line to record).
-    """
+    """Parses ``argv`` (default sys.argv), loads the config, then keeps freed host memory for reuse as train.py does
+    and waits up to ``--wait_quiet`` s for a quiet machine. Returns (flags, config, {"host_memory", "quiet_wait"},
+    the command line to record)."""
     from vtfusion_jax import host_memory
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -101,14 +97,9 @@ def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
-    """Reads ``path[:arg]`` into nested plain dicts and applies ``KEY=VALUE`` overrides (dotted keys).
-
-    ``plain_config(arg)`` (configs/perf.py) needs no ml_collections; a ``get_config(arg)`` is converted (``bench``
-    derived from ``dataset`` / ``train``).
-
-    Raises:
-      SystemExit: an override names a key the config lacks (the message lists the valid keys at that level).
-    """
+    """Reads ``path[:arg]`` into nested plain dicts and applies ``KEY=VALUE`` overrides (dotted keys; SystemExit
+    listing the valid keys for an unknown one). ``plain_config(arg)`` (configs/perf.py) needs no ml_collections; a
+    ``get_config(arg)`` is converted (``bench`` derived from ``dataset`` / ``train``)."""
     path, _, arg = spec.partition(":")
     mod_spec = importlib.util.spec_from_file_location("_bench_config", os.path.abspath(path))
     if mod_spec is None or mod_spec.loader is None:
@@ -128,13 +119,14 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> dict:
 
 
 def _from_train_config(c: dict) -> dict:
+    """A training config (dataset / train sections instead of ``bench``) as a benchmark config."""
     d, t, model = c.get("dataset", {}), c.get("train", {}), c["model"]
-    bench = dict(BENCH_DEFAULTS, batch_size=t.get("global_batch_size", 32), text_len=d.get("max_len", 16))
-    bench.update(image_size=d.get("image_size") or 64)
+    bench = dict(batch_size=t.get("global_batch_size", 32), image_size=d.get("image_size") or 64)
+    bench.update(text_len=d.get("max_len", 16), num_classes=13, warmup=3, steps=20, matmul_size=2048, peak_tflops=0.0)
+    bench.update(compilation_cache_dir="")
     model["text_encoder"] = {"vocab_size": DEFAULT_VOCAB, **model["text_encoder"]}
-    return dict(
-        seed=c.get("seed", 0), mesh_shape=c.get("mesh_shape", (-1, 1, 1)), model=model, optim=c["optim"], bench=bench
-    )
+    mesh = c.get("mesh_shape", (-1, 1, 1))
+    return dict(seed=c.get("seed", 0), mesh_shape=mesh, model=model, optim=c["optim"], bench=bench)
 
 
 def _set(cfg: dict, key: str, raw: str) -> None:
@@ -172,6 +164,33 @@ def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
     }
 
 
+def model_and_optimizer(cfg: dict) -> tuple[VisionTextModel, optax.GradientTransformation, dict]:
+    """The model and optimiser of ``cfg`` and a one-row zero batch with its input shapes (for init and layouts)."""
+    b = cfg["bench"]
+    s, length = int(b["image_size"]), int(b["text_len"])
+    init = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
+    init["text_mask"] = jnp.ones((1, length), bool)
+    tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
+    return VisionTextModel(cfg["model"], int(b["num_classes"])), tx, init
+
+
+def jit_step(model, tx, state_shardings, mesh, **kw) -> Callable:
+    """The library's step over the classification loss, jitted with training's shardings and state donation."""
+    step = make_train_step(functools.partial(losses.classification_loss, model), tx, **kw)
+    io = (state_shardings, sharding.batch_sharding(mesh))
+    return jax.jit(step, in_shardings=io, out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def compile_timed(fn, args: Sequence, mesh, options: dict | None = None, rules=False) -> tuple[Any, float, float]:
+    """Lowers and compiles ``fn`` for ``args`` under ``mesh`` (``rules``: with the activation sharding rules);
+    returns (compiled, trace seconds, compile seconds)."""
+    with jax.set_mesh(mesh), sharding.activation_rules() if rules else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        lowered = fn.lower(*args)
+        t1 = time.perf_counter()
+        return lowered.compile(options), t1 - t0, time.perf_counter() - t1
+
+
 class Bench:
     """The built benchmark: model, optimiser, sharded state, on-device batch and the jitted step."""
 
@@ -179,40 +198,30 @@ class Bench:
         """Builds everything for ``cfg``; ``compiler_options`` (XLA debug options, e.g.
         {"xla_backend_optimization_level": 0}) apply to the step it compiles; ``state`` (of a Bench whose config
         differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation."""
-        self.cfg, self.compiler_options, b = cfg, compiler_options, cfg["bench"]
+        self.cfg, self.compiler_options = cfg, compiler_options
         self.mesh = sharding.make_mesh(cfg["mesh_shape"])
-        self.model = VisionTextModel(cfg["model"], int(b["num_classes"]))
-        self.tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
-        s, length = int(b["image_size"]), int(b["text_len"])
-        init_batch = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
-        init_batch["text_mask"] = jnp.ones((1, length), bool)
+        self.model, self.tx, init_batch = model_and_optimizer(cfg)
         layout = (self.model, init_batch, self.tx, self.mesh)
         if state is None:  # the sharded initialisation training does
             state, self.state_shardings = create_train_state(*layout, int(cfg["seed"]))
         else:
             self.state_shardings = state_layout(*layout)[1]
         self.state, self.num_params = state, flops_lib.param_count(state.params)
-        batch_sh, rep = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-        self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), batch_sh)
-        step = make_train_step(functools.partial(losses.classification_loss, self.model), self.tx, skip_nonfinite=False)
-        shardings = dict(in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, rep))
-        self.step_fn = jax.jit(step, **shardings, donate_argnums=0)
+        self.batch = jax.device_put(synthetic_batch(cfg, int(cfg["seed"])), sharding.batch_sharding(self.mesh))
+        self.step_fn = jit_step(self.model, self.tx, self.state_shardings, self.mesh, skip_nonfinite=False)
         self.compiled = self.compile_info = self.last_metrics = None
 
     def compile(self) -> dict:
         """Lowers and compiles the step (once). Returns {"trace_s", "compile_s", "total_s", "xla_flops_per_step"}."""
         if self.compile_info is not None:
             return self.compile_info
-        with jax.set_mesh(self.mesh):
-            t0 = time.perf_counter()
-            lowered = self.step_fn.lower(self.state, self.batch)
-            t1 = time.perf_counter()
-            self.compiled = lowered.compile(self.compiler_options)
-            t2 = time.perf_counter()
+        args = (self.step_fn, (self.state, self.batch), self.mesh, self.compiler_options)
+        self.compiled, trace_s, compile_s = compile_timed(*args)
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         xla = float(cost.get("flops", float("nan"))) if cost else float("nan")
-        self.compile_info = {"trace_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0, "xla_flops_per_step": xla}
+        total = trace_s + compile_s
+        self.compile_info = {"trace_s": trace_s, "compile_s": compile_s, "total_s": total, "xla_flops_per_step": xla}
         return self.compile_info
 
     def step(self) -> float:
@@ -220,11 +229,9 @@ class Bench:
         if self.compiled is None:
             self.compile()
         t0 = time.perf_counter()
-        self.state, m = self.compiled(self.state, self.batch)
-        jax.block_until_ready((self.state, m))
-        dt = time.perf_counter() - t0
-        self.last_metrics = m
-        return dt
+        self.state, self.last_metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, self.last_metrics))
+        return time.perf_counter() - t0
 
     def loss(self) -> float:
         return float(self.last_metrics["loss"]) if self.last_metrics is not None else float("nan")
@@ -232,8 +239,7 @@ class Bench:
 
 def analytic_flops(cfg: dict) -> dict:
     """flops.model_flops for this config's input sizes."""
-    b = cfg["bench"]
-    s = int(b["image_size"])
+    b, s = cfg["bench"], int(cfg["bench"]["image_size"])
     return flops_lib.model_flops(cfg["model"], (s, s), int(b["text_len"]), int(b["num_classes"]))
 
 
@@ -252,16 +258,9 @@ def run(cfg: dict, *, command: str = "", bench: Bench | None = None) -> dict:
     times = [bench.step() for _ in range(int(b["steps"]))]
     peak = speed.matmul_peak(DTYPES[cfg["model"].get("dtype", "float32")], int(b["matmul_size"])) if times else None
     analytic_step = fl["train"] * int(b["batch_size"])
-    out = {
-        **record("train_step", command, cfg, load_start),
-        "num_params": bench.num_params,
-        "flops_per_example": fl,
-        "flops_per_step_train": analytic_step,
-        "compile": comp,
-        "xla_over_analytic": comp["xla_flops_per_step"] / analytic_step,
-        "peak": peak,
-        "final_loss": bench.loss(),
-    }
+    out = dict(record("train_step", command, cfg, load_start), num_params=bench.num_params, flops_per_example=fl)
+    out.update(flops_per_step_train=analytic_step, compile=comp)
+    out.update(xla_over_analytic=comp["xla_flops_per_step"] / analytic_step, peak=peak, final_loss=bench.loss())
     if times:
         med, n_devices = float(np.median(times)), bench.mesh.size
         achieved = analytic_step / med
