@@ -29,28 +29,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 TMP_MARK = ".orbax-checkpoint-tmp"
 # Long enough for many kills; a save every step (nearly always a write in flight) with retention on; no validation.
-CHAOS_OVERRIDES = dict(
-    train__num_steps=24,
-    train__checkpoint_every_steps=1,
-    train__keep_checkpoints=2,
-    train__eval_every_steps=-1,
-    train__log_every_steps=1,
-)
+CHAOS_OVERRIDES = dict(train__num_steps=24, train__checkpoint_every_steps=1, train__keep_checkpoints=2)
+CHAOS_OVERRIDES.update(train__eval_every_steps=-1, train__log_every_steps=1)
 
 
 def chaos_env(cache_dir: str) -> dict:
     """Subprocess environment: CPU with 8 devices, a persistent compilation cache in ``cache_dir``."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env.update(
-        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
+    env.update(XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]), JAX_PLATFORMS="cpu")
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    return env | dict(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def load_tiny(data_dir: str, overrides: dict):
@@ -128,19 +117,11 @@ def chaos(
     reference: str | None = None,
     kinds: tuple[str, ...] = ("save", "random"),
 ) -> dict:
-    """Runs the kill loop in ``workdir``/chaos and compares with ``reference`` (trained here if None).
-
-    Args:
-      workdir, data_dir: scratch folder; TFDS folder holding the (already built) easy_vqa dataset.
-      config: the tiny config with ``overrides`` applied (used to restore both runs' parameters).
-      env: the subprocess environment (chaos_env).
-      kills: number of SIGKILLs before the run may finish; ``seed`` seeds their moments, ``kinds`` cycles.
-      overrides: config overrides (default CHAOS_OVERRIDES).
-      reference: workdir of an uninterrupted run with the same config (None: run train.py once here).
-
-    Returns:
-      A report dict; ``report["ok"]`` is True when every check held, and ``report["failures"]`` lists the others.
-    """
+    """Runs the kill loop in ``workdir``/chaos (``data_dir``: the built easy_vqa TFDS folder; ``env``: chaos_env's)
+    with ``kills`` SIGKILLs (moments seeded by ``seed``, cycling through ``kinds``) and compares with ``reference``,
+    an uninterrupted run's workdir (None: trained here). ``config``: the tiny config with ``overrides`` (default
+    CHAOS_OVERRIDES) applied, to restore both runs' parameters. Returns the report; ``report["ok"]`` when every check
+    held, else ``report["failures"]`` lists them."""
     overrides = dict(CHAOS_OVERRIDES if overrides is None else overrides)
     rng = random.Random(seed)
     os.makedirs(workdir, exist_ok=True)
@@ -207,13 +188,9 @@ def chaos(
         report["params_bit_identical"] = bool(same)
         if not same:
             report["failures"].append("final parameters differ from the uninterrupted run's")
-    report.update(
-        kills_survived=sum(k["killed"] for k in report["kills"]),
-        kills_mid_checkpoint_write=sum(k["killed"] and bool(k["tmp_folders_after"]) for k in report["kills"]),
-        wall_seconds=round(time.time() - t0, 1),
-        ok=not report["failures"],
-    )
-    return report
+    report["kills_survived"] = sum(k["killed"] for k in report["kills"])
+    report["kills_mid_checkpoint_write"] = sum(k["killed"] and bool(k["tmp_folders_after"]) for k in report["kills"])
+    return report | dict(wall_seconds=round(time.time() - t0, 1), ok=not report["failures"])
 
 
 def main() -> int:
