@@ -8,6 +8,7 @@ True (every token is real); they exist so that fusion code treats both modalitie
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,25 +21,20 @@ from vtfusion_jax import layers
 NORMS = ("group", "layer", "frozen_bn", "none")
 
 
-def _conv(
-    features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False, torch_pad: bool = False
-) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias=False, torch_pad=False) -> nn.Conv:
     # torch_pad: k//2 zeros on every side (PyTorch / HF), which differs from SAME for strided even-sized inputs.
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)) if torch_pad else "SAME",
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(2.0, "fan_out", "normal"), (None, None, "conv_in", "conv_out")
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-        name=name,
-    )
+    pad = ((kernel // 2,) * 2,) * 2 if torch_pad else "SAME"
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    kw = dict(kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")), name=name)
+    kw.update(param_dtype=jnp.float32)
+    kw.update(bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), padding=pad)
+    return nn.Conv(features, (kernel, kernel), (stride, stride), use_bias=use_bias, dtype=dtype, **kw)
+
+
+def _affine_inits(zero_init: bool) -> tuple[Any, Any]:
+    """(scale, bias) initialisers of a conv-feature norm; ``zero_init`` (a residual branch's last norm) zeros scale."""
+    scale = nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init()
+    return tuple(nn.with_logical_partitioning(i, ("conv_out",)) for i in (scale, nn.initializers.zeros_init()))
 
 
 class FrozenBatchNorm(nn.Module):
@@ -52,31 +48,22 @@ class FrozenBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.ones_init()
-        scale = self.param("scale", nn.with_logical_partitioning(scale_init, ("conv_out",)), (c,), jnp.float32)
-        bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (c,), jnp.float32
-        )
+        scale_init, bias_init = _affine_inits(self.zero_init)
+        scale = self.param("scale", scale_init, x.shape[-1:], jnp.float32)
+        bias = self.param("bias", bias_init, x.shape[-1:], jnp.float32)
         return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
 
 
 def _norm(kind: str, name: str, zero_init: bool = False):
     """Normalisation for conv features, computed in float32. None keeps batch statistics: GroupNorm is
     batch-independent and "frozen_bn" is a fixed per-channel affine (an imported BatchNorm, see FrozenBatchNorm)."""
-    scale_init = nn.with_logical_partitioning(
-        nn.initializers.zeros_init() if zero_init else nn.initializers.ones_init(), ("conv_out",)
-    )
-    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
+    scale_init, bias_init = _affine_inits(zero_init)
     if kind in ("group", "layer"):
 
         def norm(x):
             kw = dict(dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name)
-            layer = (
-                nn.GroupNorm(num_groups=None, group_size=min(16, x.shape[-1]), **kw)
-                if kind == "group"
-                else nn.LayerNorm(**kw)
-            )
+            group = dict(num_groups=None, group_size=min(16, x.shape[-1]))
+            layer = nn.GroupNorm(**group, **kw) if kind == "group" else nn.LayerNorm(**kw)
             return layer(x.astype(jnp.float32)).astype(x.dtype)
 
         return norm
@@ -87,13 +74,9 @@ def _norm(kind: str, name: str, zero_init: bool = False):
     raise ValueError(f"unknown norm {kind!r}; valid: {NORMS}")
 
 
-def _grid_to_tokens(
-    x: jax.Array, width: int, pos_emb: str, dtype: Any, project: bool = True, suffix: str = ""
-) -> tuple[jax.Array, jax.Array]:
+def _grid_to_tokens(x: jax.Array, width: int, pos_emb: str, dtype: Any, project=True, suffix="") -> tuple:
     """[B, h, w, C] feature map -> (tokens [B, h*w, width] with 2-D positions, mask [B, h*w]).
-
-    ``project=False`` keeps the C raw channels; ``suffix`` names the parameters of each scale.
-    """
+    ``project=False`` keeps the C raw channels; ``suffix`` names the parameters of each scale."""
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if project:
@@ -103,27 +86,11 @@ def _grid_to_tokens(
     return x, jnp.ones((b, h * w), dtype=bool)
 
 
-def _multiscale_tokens(
-    module: nn.Module,
-    features: Sequence[jax.Array],
-    scales: Sequence[int],
-    width: int,
-    pos_emb: str,
-    dtype: Any,
-    project: bool = True,
-) -> tuple[jax.Array, jax.Array]:
-    """Tokens from several feature maps (the method's multi-scale step 1), concatenated into one sequence.
-
-    Each selected map gets its own projection, 2-D position embedding and a learned per-scale embedding; a single
-    scale (default: the last map) uses the single-scale parameter names, no scale embedding.
-
-    Args:
-      module, features: the calling encoder (owns the scale embedding); [B, h_k, w_k, C_k] maps, shallow to deep.
-      scales: indices into ``features`` (negative counts from the end); empty = (-1,).
-
-    Returns:
-      (tokens [B, sum_k h_k*w_k, D], mask [B, sum_k h_k*w_k]).
-    """
+def _multiscale_tokens(module, features, scales, width, pos_emb, dtype, project=True) -> tuple[jax.Array, jax.Array]:
+    """Tokens from several feature maps (the method's multi-scale step 1), concatenated into one sequence:
+    ``features`` [B, h_k, w_k, C_k] shallow to deep, ``scales`` indices into them (negative from the end; () = (-1,))
+    -> (tokens [B, sum_k h_k*w_k, D], mask). Each selected map gets its own projection, 2-D position embedding and a
+    learned per-scale embedding (a param of ``module``); a single scale uses the single-scale names, no embedding."""
     n = len(features)
     idx = [s % n if -n <= s < n else None for s in (scales or (-1,))]
     if None in idx or len(set(idx)) != len(idx):
@@ -204,11 +171,7 @@ class CNN(nn.Module):
 
     def feature_map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
         """(h, w) of each conv layer's output for (H, W) images."""
-        shapes, hw = [], tuple(image_hw)
-        for s in self.strides:
-            hw = _down(hw, s)
-            shapes.append(hw)
-        return shapes
+        return list(itertools.accumulate(self.strides, _down, initial=tuple(image_hw)))[1:]
 
 
 def _max_pool(x: jax.Array, s: int) -> jax.Array:
@@ -301,14 +264,8 @@ class ResNet(nn.Module):
 
     def feature_map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
         """(h, w) of each stage's output for (H, W) images."""
-        hw = _down(tuple(image_hw), 2)
-        if self.stem == "imagenet":
-            hw = _down(hw, 2)
-        shapes = []
-        for i in range(len(self.stage_sizes)):
-            hw = _down(hw, 2) if i > 0 else hw
-            shapes.append(hw)
-        return shapes
+        hw = _down(_down(tuple(image_hw), 2), 2 if self.stem == "imagenet" else 1)  # stem conv, max-pool
+        return list(itertools.accumulate([2] * (len(self.stage_sizes) - 1), _down, initial=hw))
 
 
 class ViT(nn.Module):
@@ -347,12 +304,10 @@ class ViT(nn.Module):
     def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """image [B, H, W, 3] -> (tokens [B, N(+1), D], mask [B, N(+1)])."""
         p = self.patch_size
-        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed"))
-        bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
         kw = dict(use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")
-        x = nn.Conv(self.width, (p, p), (p, p), "VALID", kernel_init=kernel_init, bias_init=bias_init, **kw)(
-            image.astype(self.dtype)
-        )  # [B, h, w, D]
+        kw.update(kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")))
+        kw.update(bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        x = nn.Conv(self.width, (p, p), (p, p), "VALID", **kw)(image.astype(self.dtype))  # [B, h, w, D]
         b, h, w, d = x.shape
         x = layers.PositionEmbedding2D(self.pos_emb, name="pos_emb")(x.reshape(b, h * w, d), (h, w))
         if self.use_cls:
