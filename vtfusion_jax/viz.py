@@ -21,6 +21,9 @@ from matplotlib.figure import Figure
 
 from vtfusion_jax import layers, models
 
+Grids = Sequence[tuple[int, int]] | None  # (h, w) of each scale's token grid; None: one square grid
+Words = Sequence[str] | None  # the question's real tokens (bar labels)
+
 
 def _leaves(tree: Any, name: str) -> list[tuple[list[str], int, np.ndarray]]:
     """(path names, layer number (0 if none), float32 value) of every leaf with ``name`` in its path."""
@@ -89,10 +92,7 @@ class AttentionViews:
 
 
 def attention_views(
-    intermediates: Mapping[str, Any],
-    text_mask: np.ndarray,
-    num_image_tokens: int,
-    fusion: str | None = None,
+    intermediates: Mapping[str, Any], text_mask: np.ndarray, num_image_tokens: int, fusion: str | None = None
 ) -> AttentionViews:
     """Reduces a sow_weights model's ``intermediates`` to the maps eval draws, from the variant's attention roles.
 
@@ -105,13 +105,9 @@ def attention_views(
                       image stream; the question's map composes text -> z (layer l) with z -> image of layer l - 1
                       (what z carried into layer l); with one layer, where z looks.
 
-    Args:
-      intermediates, text_mask, num_image_tokens: a sow_weights model's ``intermediates``; bool [B, L]; N.
-      fusion: the variant's registry name; None tries every registered variant's roles (most roles first) and keeps
-        the first whose modules and shapes fit.
-
-    Returns:
-      AttentionViews (text_to_image None when the fusion has no attention, e.g. concat, rn).
+    ``text_mask`` is bool [B, L], ``num_image_tokens`` N; ``fusion`` the variant's registry name (None tries every
+    registered variant's roles, most roles first, and keeps the first whose modules and shapes fit). Returns
+    AttentionViews (text_to_image None when the fusion has no attention, e.g. concat, rn).
     """
     mods = _by_module(intermediates)
     text_mask = np.asarray(text_mask, bool)
@@ -181,9 +177,7 @@ def token_grid(num_tokens: int) -> tuple[int, int, int]:
 
 def overlay(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int] | None = None) -> np.ndarray:
     """Heat map of per-token ``attention`` [N] upsampled onto ``image`` [H, W, 3] in [0, 1]. Returns [H, W, 3].
-
-    ``grid`` (h, w) with h * w = N; None infers a square grid (after a ViT CLS token, if any).
-    """
+    ``grid`` (h, w) with h * w = N; None infers a square grid (after a ViT CLS token, if any)."""
     if grid is None:
         skip, h, w = token_grid(attention.shape[0])
     else:
@@ -196,11 +190,9 @@ def overlay(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int] | No
     return np.clip(0.55 * image + 0.45 * heat, 0.0, 1.0)
 
 
-def split_scales(attention: np.ndarray, grids: Sequence[tuple[int, int]] | None) -> list[np.ndarray]:
-    """Per-scale pieces of ``attention`` [N] over multi-scale image tokens (``vision.token_grids`` order).
-
-    A ViT CLS token (N = sum h*w + 1) is dropped; ``grids`` None or one grid: the whole vector, one piece.
-    """
+def split_scales(attention: np.ndarray, grids: Grids) -> list[np.ndarray]:
+    """Per-scale pieces of ``attention`` [N] over multi-scale image tokens (``vision.token_grids`` order); ``grids``
+    None or one grid: the whole vector, one piece."""
     if not grids or len(grids) == 1:
         return [attention]
     sizes = [h * w for h, w in grids]
@@ -220,26 +212,13 @@ def _scale_panels(image, attention, grids, label: str) -> list[tuple[str, np.nda
 
 
 def save_attention_figure(
-    path: str,
-    image: np.ndarray,
-    views: AttentionViews,
-    index: int,
-    grids: Sequence[tuple[int, int]] | None = None,
-    tokens: Sequence[str] | None = None,
-    title: str = "",
+    path: str, image: np.ndarray, views: AttentionViews, index: int, grids: Grids = None, tokens: Words = None, title=""
 ) -> list[str]:
-    """Writes one PNG of example ``index``: the image, the question's attention (a panel per scale, with its share),
-    co_attention's image -> text bars, and one query / bottleneck map per learned token.
-
-    Args:
-      path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
-      views, index: attention_views() of the batch and the example's row in it.
-      grids: (h, w) of each scale's token grid (``vision.token_grids``); None = one square grid.
-      tokens, title: the question's real tokens (bar labels); caption (question, answer, gate values).
-
-    Returns:
-      The panel titles, in drawing order (eval records them next to the PNGs).
-    """
+    """Writes one PNG of example ``index`` (its row in the batch's attention_views() ``views``): the image ([H, W, 3]
+    float in [0, 1], or uint8), the question's attention (a panel per scale, with its share), co_attention's image ->
+    text bars (labelled with ``tokens``, the question's real tokens), one query / bottleneck map per learned token.
+    ``grids``: (h, w) of each scale's token grid (``vision.token_grids``; None = one square grid); ``title``: the
+    caption. Returns the panel titles in drawing order (eval records them next to the PNGs)."""
     image = np.asarray(image)
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / 255.0
@@ -252,18 +231,16 @@ def save_attention_figure(
     if views.per_token is not None:
         for k in range(views.per_token.shape[1]):
             w = float(views.per_token_weight[index, k]) if views.per_token_weight is not None else float("nan")
-            extra += _scale_panels(
-                image, views.per_token[index, k], grids, f"{views.per_token_name} {k} (q reads {w:.2f})"
-            )
+            label = f"{views.per_token_name} {k} (q reads {w:.2f})"
+            extra += _scale_panels(image, views.per_token[index, k], grids, label)
     cols = max(len(top), min(4, len(extra)) or 1)
     rows = 1 + math.ceil(len(extra) / cols)
     fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.9))  # no pyplot: files only, the caller's backend untouched
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    placed = [(axes[0, c], p) for c, p in enumerate(top)] + [
-        (axes[1 + k // cols, k % cols], p) for k, p in enumerate(extra)
-    ]
+    placed = [(axes[0, c], p) for c, p in enumerate(top)]
+    placed += [(axes[1 + k // cols, k % cols], p) for k, p in enumerate(extra)]
     for ax, (name, content) in placed:
         ax.set_title(name, fontsize=7)
         if isinstance(content, tuple):  # ("bar", weights over the question's tokens)
@@ -281,20 +258,9 @@ def save_attention_figure(
     return [name for name, _ in top + extra]
 
 
-def save_attention_map(
-    path: str,
-    image: np.ndarray,
-    attention: np.ndarray,
-    title: str = "",
-    grids: Sequence[tuple[int, int]] | None = None,
-) -> None:
-    """Writes a PNG: the image beside the attention heat map drawn on it (one panel per scale).
-
-    Args:
-      path, image: output PNG path; [H, W, 3] float in [0, 1] (or uint8).
-      attention, title: [N] weights over the image tokens; caption (question, answer).
-      grids: (h, w) per scale of multi-scale tokens; None = one square grid.
-    """
+def save_attention_map(path: str, image: np.ndarray, attention: np.ndarray, title="", grids: Grids = None) -> None:
+    """Writes a PNG: ``image`` beside the heat map of ``attention`` ([N] weights over the image tokens) drawn on it,
+    one panel per scale (``grids`` as for save_attention_figure)."""
     views = AttentionViews(np.asarray(attention, np.float32)[None])
     save_attention_figure(path, image, views, 0, grids, title=title)
 
@@ -309,8 +275,7 @@ def save_confusion_matrix(path: str, matrix: np.ndarray, names: Sequence[str], t
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     for i, j in zip(*np.nonzero(m), strict=True):
         color = "white" if share[i, j] > 0.5 else "black"
         ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6, color=color)
