@@ -60,22 +60,15 @@ def with_captions(config: ManifestConfig) -> ManifestConfig:
 
 
 def manifest_config(
-    path: str,
-    image_dir: str | None = None,
-    image_size: int = 224,
-    skip_bad_rows: bool = False,
-    captions: bool = False,
+    path: str, image_dir: str | None = None, image_size: int = 224, skip_bad_rows: bool = False, captions: bool = False
 ) -> ManifestConfig:
-    """Builds the config for a dataset folder (or a single .jsonl file, which becomes the train split).
+    """The config, named after the manifests' content and the options, of a dataset folder ``path`` holding
+    train.jsonl [validation.jsonl, test.jsonl] (or of one .jsonl file, which becomes the train split).
 
     Args:
-      path: dataset folder holding train.jsonl [validation.jsonl, test.jsonl], or one .jsonl file.
       image_dir: folder the rows' image paths are relative to (default: the folder of the manifests).
       image_size, skip_bad_rows, captions: stored square image size; skip and count bad rows instead of raising
         ManifestError; caption mode (module docstring).
-
-    Returns:
-      A ManifestConfig whose name identifies the manifests' content and the options.
     """
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
@@ -94,14 +87,9 @@ def manifest_config(
         with open(manifests[split], "rb") as f:
             digest.update(f.read())
     stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(folder).lower()).strip("_") or "data"
-    config = ManifestConfig(
-        name=f"{stem}_{digest.hexdigest()[:10]}",  # unchanged by caption mode: existing datasets keep their names
-        description=f"manifests {manifests}, images under {image_dir}",
-        manifests=manifests,
-        image_dir=image_dir,
-        image_size=int(image_size),
-        skip_bad_rows=bool(skip_bad_rows),
-    )
+    name = f"{stem}_{digest.hexdigest()[:10]}"  # unchanged by caption mode: existing datasets keep their names
+    kw = dict(manifests=manifests, image_dir=image_dir, image_size=int(image_size), skip_bad_rows=bool(skip_bad_rows))
+    config = ManifestConfig(name=name, description=f"manifests {manifests}, images under {image_dir}", **kw)
     return with_captions(config) if captions else config
 
 
@@ -185,15 +173,9 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 def decode_image(path, min_size: int | None = None) -> Image.Image:
     """Any PIL-readable image (path or file object) as 8-bit RGB: alpha composited over white, 16-bit channels
-    scaled to 8 bits, CMYK / palette / grayscale converted.
-
-    Args:
-      path, min_size: image file; a JPEG much larger than min_size is decoded at a reduced scale (>= min_size).
-
-    Raises:
-      ValueError: the image has no pixels, or more than MAX_IMAGE_PIXELS (checked before decoding).
-      OSError / PIL errors: unreadable, truncated or unsupported files.
-    """
+    scaled to 8 bits, CMYK / palette / grayscale converted; a JPEG much larger than ``min_size`` is decoded at a
+    reduced scale (>= min_size). Raises ValueError for an image with no pixels or more than MAX_IMAGE_PIXELS (checked
+    before decoding), OSError / PIL errors for unreadable, truncated or unsupported files."""
     try:
         with warnings.catch_warnings():  # PIL warns between 1x and 2x of its limit; we refuse those below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -260,22 +242,13 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
             raise ManifestError(f"{cfg.manifests['train']}: no valid row with a label; cannot build a vocabulary")
         s = cfg.image_size
         types = [DEFAULT_TYPE] if cfg.captions else self._vocab("question_type", [DEFAULT_TYPE])
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=cfg.description,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(s, s, 3)),
-                    "text": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=labels),
-                    "question_type": tfds.features.ClassLabel(names=types),
-                    "caption": tfds.features.Text(),
-                    "image_path": tfds.features.Text(),
-                    "line": np.int32,
-                }
-            ),
-            metadata=tfds.core.MetadataDict(skipped_rows={}, unseen_label_rows={}),
+        text, label = tfds.features.Text, tfds.features.ClassLabel
+        features = dict(image=tfds.features.Image(shape=(s, s, 3)), text=text(), label=label(names=labels))
+        features = tfds.features.FeaturesDict(
+            dict(features, question_type=label(names=types), caption=text(), image_path=text(), line=np.int32)
         )
+        meta = tfds.core.MetadataDict(skipped_rows={}, unseen_label_rows={})
+        return tfds.core.DatasetInfo(builder=self, description=cfg.description, features=features, metadata=meta)
 
     def _split_generators(self, dl_manager):
         del dl_manager

@@ -17,6 +17,7 @@ Images travel to the devices as uint8 and are normalised there ((x / 255 - mean)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -49,10 +50,8 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
 def local_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
     """The contiguous rows (a slice) of the global batch of B rows that this process's devices hold under the batch
     sharding `sharding` (sharding.batch_sharding): the rows this process must read."""
-    spans = set()
-    for idx in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-        s = idx[0]
-        spans.add((s.start or 0, global_batch_size if s.stop is None else s.stop))
+    rows = [idx[0] for idx in sharding.addressable_devices_indices_map((global_batch_size,)).values()]
+    spans = {(s.start or 0, global_batch_size if s.stop is None else s.stop) for s in rows}
     start, stop = min(a for a, _ in spans), max(b for _, b in spans)
     covered = np.zeros(global_batch_size, bool)
     for a, b in spans:
@@ -78,10 +77,8 @@ class _ToGlobal:
         self._normalize = jax.jit(lambda x: normalize_images(x, image_mean, image_std), out_shardings=sharding)
 
     def __call__(self, batch: dict) -> dict:
-        out = {
-            k: jax.make_array_from_process_local_data(self._sharding, v, (self._sizes.get(k, self._size), *v.shape[1:]))
-            for k, v in batch.items()
-        }
+        shape = lambda k, v: (self._sizes.get(k, self._size), *v.shape[1:])  # noqa: E731
+        out = {k: jax.make_array_from_process_local_data(self._sharding, v, shape(k, v)) for k, v in batch.items()}
         if out["image"].dtype == jnp.uint8:
             out["image"] = self._normalize(out["image"])  # [B, H, W, 3] float32
         return out
@@ -159,9 +156,8 @@ class TrainIterator:
         if self._prefetcher is not None:
             self._prefetcher.close()
         ds = grain.MapDataset.range(self.step, self.step + _HORIZON).map(self.reader.train_batch)
-        it = ds.to_iter_dataset(
-            grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=max(self._prefetch, 1))
-        )
+        options = grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=max(self._prefetch, 1))
+        it = ds.to_iter_dataset(options)
         if self._worker_count > 0:
             from absl import flags  # grain's worker processes read absl flags; allow non-absl programs
 
@@ -200,10 +196,8 @@ class TrainIterator:
             self._prefetcher = None
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 class EvalIterable:
@@ -223,35 +217,23 @@ class EvalIterable:
         host = (self.reader.eval_batch(i) for i in range(len(self)))
         prefetcher = _Prefetcher(host, self._to_global, self._prefetch)
         try:
-            while True:
-                try:
-                    yield prefetcher.get()
-                except StopIteration:
-                    return
+            yield from iter(prefetcher.get, None)  # get() never returns None: its StopIteration ends the loop
         finally:
             prefetcher.close()
 
 
 def _reader_for(mesh, global_batch_size, image_mean, image_std, images_per_batch=0, captions=False, **kwargs):
-    batch = sharding.batch_sharding(mesh)
-    shards = sharding.mesh_axis_size(mesh, sharding.BATCH_AXES)
+    batch, axes = sharding.batch_sharding(mesh), sharding.BATCH_AXES
+    shards = sharding.mesh_axis_size(mesh, axes)
     for what, size in (("global_batch_size", global_batch_size), ("images_per_batch", images_per_batch)):
         if size % shards:
-            raise ValueError(
-                f"{what} {size} is not divisible by the {shards} batch shards of mesh axes {sharding.BATCH_AXES}"
-            )
-    rows = local_rows(batch, global_batch_size)
+            raise ValueError(f"{what} {size} is not divisible by the {shards} batch shards of mesh axes {axes}")
     image_rows = local_rows(batch, images_per_batch) if images_per_batch > 0 else None
     make = BatchReader
     if captions:  # True or the split's CaptionIndex
         make = functools.partial(CaptionReader, index=captions if isinstance(captions, CaptionIndex) else None)
-    reader = make(
-        global_batch_size=global_batch_size,
-        rows=rows,
-        images_per_batch=images_per_batch,
-        image_rows=image_rows,
-        **kwargs,
-    )
+    kw = dict(rows=local_rows(batch, global_batch_size), images_per_batch=images_per_batch, image_rows=image_rows)
+    reader = make(global_batch_size=global_batch_size, **kw, **kwargs)
     return reader, _ToGlobal(batch, global_batch_size, image_mean, image_std, images_per_batch)
 
 

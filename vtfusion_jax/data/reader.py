@@ -99,9 +99,8 @@ class BatchReader:
                     f"{dataset}/{split} records have no 'image_id' feature: image-grouped batches "
                     "(train.images_per_batch > 0) need one; set train.images_per_batch=0"
                 )
-            self.plan = grouped.GroupPlan(
-                read_image_ids(self.source), self.seed, self.global_batch_size, self.images_per_batch
-            )
+            ids = read_image_ids(self.source)
+            self.plan = grouped.GroupPlan(ids, self.seed, self.global_batch_size, self.images_per_batch)
         self.tokenizer = tokenizer
         self._text_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -115,28 +114,17 @@ class BatchReader:
             local = dict(zip(missing, zip(fresh["text_ids"], fresh["text_mask"], strict=True), strict=True))
             if len(cache) < _TEXT_CACHE_SIZE:
                 cache.update(local)
-        rows = [cache.get(t) or local[t] for t in texts]
-        return {
-            "text_ids": np.stack([r[0] for r in rows]).astype(np.int32),  # [b, L]
-            "text_mask": np.stack([r[1] for r in rows]).astype(bool),  # [b, L]
-        }
+        ids, mask = zip(*[cache.get(t) or local[t] for t in texts], strict=True)
+        return {"text_ids": np.stack(ids).astype(np.int32), "text_mask": np.stack(mask).astype(bool)}  # [b, L] each
 
     def load(
         self, indices: np.ndarray, valid: np.ndarray, crop_offsets: np.ndarray | None = None, with_images: bool = True
     ) -> dict:
-        """Reads and preprocesses records.
-
-        Args:
-          indices: int [b] record indices.
-          valid: bool [b]; False marks padding rows.
-          crop_offsets: int [b, 2] (dy, dx) crop offsets (ImageReader.offsets), or None for no crop.
-          with_images: False skips decoding images (the batch has no "image").
-
-        Returns:
-          {"image": uint8 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label": int32 [b],
-           "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR: "family"
-          int32 [b], "question_code" float32 [b,11]).
-        """
+        """Reads and preprocesses the records ``indices`` (int [b]; ``valid`` bool [b] False on padding rows), cropped
+        at ``crop_offsets`` (int [b, 2] (dy, dx) from ImageReader.offsets, or None), without "image" unless
+        ``with_images``. Returns {"image": uint8 [b,H,W,3], "text_ids": int32 [b,L], "text_mask": bool [b,L], "label":
+        int32 [b], "question_type": int32 [b], "valid": bool [b]} plus the dataset's extra keys (Sort-of-CLEVR:
+        "family" int32 [b], "question_code" float32 [b,11])."""
         records = self.source.data_source.__getitems__([int(i) for i in indices])
         examples = [self._decode_fields(r) for r in records]
         batch = self._tokenize([_text(ex[self.spec.text_key]) for ex in examples])

@@ -42,6 +42,7 @@ FAMILIES = ("non_relational", "relational")
 SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")  # family * 3 + subtype bit
 CODE_SIZE = 11
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+HOMEPAGE = "https://arxiv.org/abs/1706.01427"
 
 
 def _sq_dists(xy: np.ndarray) -> np.ndarray:
@@ -72,12 +73,8 @@ def sample_objects(rng: np.random.Generator) -> dict[str, np.ndarray]:
         xy = np.stack(centres)  # [6, 2]
         shapes = rng.integers(0, 2, size=NUM_OBJECTS)
         if _unambiguous(xy):
-            return {
-                "color": np.arange(NUM_OBJECTS, dtype=np.int32),
-                "shape": shapes.astype(np.int32),
-                "x": xy[:, 0].astype(np.int32),
-                "y": xy[:, 1].astype(np.int32),
-            }
+            x, y = xy.T.astype(np.int32)
+            return {"color": np.arange(NUM_OBJECTS, dtype=np.int32), "shape": shapes.astype(np.int32), "x": x, "y": y}
 
 
 def render(objects: dict[str, np.ndarray]) -> np.ndarray:
@@ -96,28 +93,17 @@ def question_code(color: int, family: int, subtype: int) -> np.ndarray:
     """The public generator's 11-bit question encoding, float32 [11]: one-hot ``color`` (0-5, the queried object's),
     one-hot ``family`` (6-7: non-relational, relational), one-hot ``subtype`` (8-10)."""
     code = np.zeros(CODE_SIZE, np.float32)
-    code[color] = 1.0
-    code[6 + family] = 1.0
-    code[8 + subtype] = 1.0
+    code[[color, 6 + family, 8 + subtype]] = 1.0
     return code
 
 
 def question_text(color: int, family: int, subtype: int) -> str:
     """English text of a question (see the module docstring)."""
     c = COLOR_NAMES[color]
-    texts = (
-        (
-            f"What is the shape of the {c} object?",
-            f"Is the {c} object on the left?",
-            f"Is the {c} object on the top?",
-        ),
-        (
-            f"What is the shape of the object closest to the {c} object?",
-            f"What is the shape of the object furthest from the {c} object?",
-            f"How many other objects have the same shape as the {c} object?",
-        ),
-    )
-    return texts[family][subtype]
+    texts = [f"What is the shape of the {c} object?"] + [f"Is the {c} object on the {w}?" for w in ("left", "top")]
+    texts += [f"What is the shape of the object {rel} the {c} object?" for rel in ("closest to", "furthest from")]
+    texts.append(f"How many other objects have the same shape as the {c} object?")
+    return texts[3 * family + subtype]
 
 
 def answer(objects: dict[str, np.ndarray], color: int, family: int, subtype: int) -> int:
@@ -160,15 +146,9 @@ def generate_image(seed: int, split: str, index: int) -> dict:
     for family in (0, 1):
         for _ in range(QUESTIONS_PER_FAMILY):
             color, sub = int(rng.integers(NUM_OBJECTS)), int(rng.integers(3))
-            questions.append(
-                {
-                    "question": question_text(color, family, sub),
-                    "question_code": question_code(color, family, sub),
-                    "answer": answer(objects, color, family, sub),
-                    "family": family,
-                    "subtype": family * 3 + sub,
-                }
-            )
+            q = dict(question=question_text(color, family, sub), question_code=question_code(color, family, sub))
+            q.update(answer=answer(objects, color, family, sub), family=family, subtype=family * 3 + sub)
+            questions.append(q)
     return {"image": render(objects), "objects": objects, "caption": caption(objects), "questions": questions}
 
 
@@ -191,13 +171,9 @@ class SortOfClevrConfig(tfds.core.BuilderConfig):
 
 def config_from_kwargs(num_train=9800, num_validation=200, num_test=200, seed=0) -> SortOfClevrConfig:
     """A named config for the given sizes/seed ("default" for the paper's 9,800/200/200 with seed 0)."""
-    if (num_train, num_validation, num_test, seed) == (9800, 200, 200, 0):
-        name = "default"
-    else:
-        name = f"s{seed}_tr{num_train}_va{num_validation}_te{num_test}"
-    return SortOfClevrConfig(
-        name=name, num_train=num_train, num_validation=num_validation, num_test=num_test, seed=seed
-    )
+    sizes = dict(num_train=num_train, num_validation=num_validation, num_test=num_test, seed=seed)
+    name = f"s{seed}_tr{num_train}_va{num_validation}_te{num_test}"
+    return SortOfClevrConfig(name="default" if tuple(sizes.values()) == (9800, 200, 200, 0) else name, **sizes)
 
 
 class SortOfClevr(tfds.core.GeneratorBasedBuilder):
@@ -209,27 +185,15 @@ class SortOfClevr(tfds.core.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        n = NUM_OBJECTS
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                    "image_id": np.int32,
-                    "question": tfds.features.Text(),
-                    "question_code": tfds.features.Tensor(shape=(CODE_SIZE,), dtype=np.float32),
-                    "answer": tfds.features.ClassLabel(names=list(ANSWERS)),
-                    "family": tfds.features.ClassLabel(names=list(FAMILIES)),
-                    "subtype": tfds.features.ClassLabel(names=list(SUBTYPES)),
-                    "objects": tfds.features.FeaturesDict(
-                        {k: tfds.features.Tensor(shape=(n,), dtype=np.int32) for k in ("color", "shape", "x", "y")}
-                    ),
-                    "caption": tfds.features.Text(),
-                }
-            ),
-            homepage="https://arxiv.org/abs/1706.01427",
-        )
+        f, n = tfds.features, NUM_OBJECTS
+        features = dict(image=f.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)), image_id=np.int32, question=f.Text())
+        features["question_code"] = f.Tensor(shape=(CODE_SIZE,), dtype=np.float32)
+        labels = dict(answer=ANSWERS, family=FAMILIES, subtype=SUBTYPES)
+        features.update({k: f.ClassLabel(names=list(v)) for k, v in labels.items()})
+        objects = {k: f.Tensor(shape=(n,), dtype=np.int32) for k in ("color", "shape", "x", "y")}
+        features["objects"] = f.FeaturesDict(objects)
+        features = f.FeaturesDict(dict(features, caption=f.Text()))
+        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features, homepage=HOMEPAGE)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # generated, nothing to download
@@ -243,13 +207,5 @@ class SortOfClevr(tfds.core.GeneratorBasedBuilder):
             g = generate_image(seed, split, index)
             png = png_bytes(g["image"])
             for q, question in enumerate(g["questions"]):
-                yield (
-                    f"{index}_{q}",
-                    {
-                        "image": png,
-                        "image_id": index,
-                        "objects": g["objects"],
-                        "caption": g["caption"],
-                        **question,
-                    },
-                )
+                example = dict(image=png, image_id=index, objects=g["objects"], caption=g["caption"])
+                yield f"{index}_{q}", dict(example, **question)
