@@ -44,7 +44,6 @@ class DecoderLayer(nn.Module):
 
     def setup(self):
         h, dh = self.num_heads, self.width // self.num_heads
-
         proj = lambda name: HeadsProjection((h, dh), ("embed", "heads", "kv"), self.dtype, name=name)
         out = lambda name: HeadsProjection((self.width,), ("heads", "kv", "embed"), self.dtype, in_dims=2, name=name)
         self.self_ln, self.cross_ln, self.mlp_ln = (layers.LayerNorm(name=n) for n in ("self_ln", "cross_ln", "mlp_ln"))
@@ -73,9 +72,8 @@ class DecoderLayer(nn.Module):
         # The decoder stays on xla: its one-token decode steps gain nothing from a padded fused kernel.
         x = x + self.o(dot_product_attention(q, k, v, mask=self_mask, implementation="xla"))
         y = self.cross_ln(x).astype(self.dtype)
-        x = x + self.co(
-            dot_product_attention(self.cq(y), *cross, mask=cross_mask[:, None, None, :], implementation="xla")
-        )
+        attn = dot_product_attention(self.cq(y), *cross, mask=cross_mask[:, None, None, :], implementation="xla")
+        x = x + self.co(attn)
         x = x + self.mlp(self.mlp_ln(x).astype(self.dtype), deterministic)
         return x, new_cache
 
@@ -104,10 +102,8 @@ class CaptionDecoder(nn.Module):
         pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
         self.pos = self.param("pos_embed", pos_init, (self.max_len, self.width), jnp.float32)
         self.image_proj = layers.dense(self.width, None, "embed", dtype=self.dtype, name="image_proj")
-        self.blocks = [
-            DecoderLayer(self.width, self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"layer_{i}")
-            for i in range(self.num_layers)
-        ]
+        sizes = (self.width, self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype)
+        self.blocks = [DecoderLayer(*sizes, name=f"layer_{i}") for i in range(self.num_layers)]
         self.final_ln = layers.LayerNorm(name="final_ln")
         self.logits = layers.dense(self.vocab_size, "embed", "vocab", dtype=self.dtype, name="logits")
 

@@ -75,9 +75,7 @@ class FusionBase(nn.Module):
     dtype: Any = jnp.float32
 
     def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_impl, self.sow_weights, self.dtype
-        )
+        return BlockConfig(*(getattr(self, f.name) for f in dataclasses.fields(BlockConfig)))
 
     def block_kwargs(self, **extra) -> dict:
         """Keyword arguments for a TransformerBlock of this fusion's size."""
@@ -108,9 +106,8 @@ class FusionBase(nn.Module):
 
     # --- analytic FLOPs helpers (one example, forward) ---
     def _attn(self, lq: int, lk: int) -> int:
-        return attention_flops(
-            lq, lk, self.width, self.width, self.num_heads, self.width // self.num_heads, self.num_heads
-        )
+        d, h = self.width, self.num_heads
+        return attention_flops(lq, lk, d, d, h, d // h, h)
 
     def _mlp(self, length: int) -> int:
         return layers.mlp_flops(length, self.width, self.mlp_dim)
@@ -216,9 +213,9 @@ class CrossFusion(FusionBase):
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
-        t = self.stack(layers.TransformerBlock, "blocks", **self.block_kwargs(cross_attention=True, cross_first=True))(
-            t, (layers.key_lengths(text_mask), kv, layers.key_lengths(image_mask)), deterministic
-        )
+        kw = self.block_kwargs(cross_attention=True, cross_first=True)
+        blocks = self.stack(layers.TransformerBlock, "blocks", **kw)
+        t = blocks(t, (layers.key_lengths(text_mask), kv, layers.key_lengths(image_mask)), deterministic)
         t = self.ln("final_ln")(t)
         pooled = layers.masked_mean(t, text_mask)
         if self.pool_product and self.image_pool == "none":
@@ -282,9 +279,8 @@ class CoAttentionFusion(FusionBase):
     @nn.compact
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
-        t, i = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())(
-            (t, i), (layers.key_lengths(text_mask), layers.key_lengths(image_mask)), deterministic
-        )
+        blocks = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())
+        t, i = blocks((t, i), (layers.key_lengths(text_mask), layers.key_lengths(image_mask)), deterministic)
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
         return t, i, pooled
@@ -304,9 +300,8 @@ class GatedCrossBlock(nn.Module):
     def __call__(self, t, aux, deterministic: bool):
         kv, kv_len = aux  # [B, N, D], [B] lengths
         c = self.cfg
-        gate = lambda name: jnp.tanh(  # noqa: E731
-            self.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), (), jnp.float32)
-        ).astype(c.dtype)
+        init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
+        gate = lambda name: jnp.tanh(self.param(name, init, (), jnp.float32)).astype(c.dtype)  # noqa: E731
         attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, kv_lengths=kv_len, deterministic=deterministic)
         t = t + gate("attn_gate") * nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
         y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(c.ln("mlp_ln")(t), deterministic)
@@ -379,9 +374,8 @@ class BottleneckFusion(FusionBase):
     def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         z = self.learned_tokens("bottleneck", self.num_bottleneck, t.shape[0])  # [B, n, D]
-        t, i, _ = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())(
-            (t, i, z), (text_mask, image_mask), deterministic
-        )
+        blocks = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())
+        t, i, _ = blocks((t, i, z), (text_mask, image_mask), deterministic)
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
         return t, i, pooled
@@ -430,9 +424,8 @@ class QueryFusion(FusionBase):
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         q = self.learned_tokens("queries", self.num_queries, t.shape[0])  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
-        q = self.stack(QueryBlock, "blocks", cfg=self.block_config())(
-            q, (i_kv, layers.key_lengths(image_mask), t_kv, layers.key_lengths(text_mask)), deterministic
-        )
+        blocks = self.stack(QueryBlock, "blocks", cfg=self.block_config())
+        q = blocks(q, (i_kv, layers.key_lengths(image_mask), t_kv, layers.key_lengths(text_mask)), deterministic)
         q = self.ln("query_final_ln")(q)
         t = t + self.mha("text_readout")(t_kv, q, deterministic=deterministic)
         t = self.ln("text_final_ln")(t)
@@ -471,10 +464,8 @@ class RelationNetworkFusion(FusionBase):
         b, n, d = image.shape
         s = math.isqrt(n)
         if k < 1 or s * s != n or s % k:
-            raise ValueError(
-                f"rn fusion token_pool={k} needs a square grid of image tokens with a side divisible by {k}; "
-                f"got {n} tokens"
-            )
+            need = f"a square grid of image tokens with a side divisible by {k}; got {n} tokens"
+            raise ValueError(f"rn fusion token_pool={k} needs {need}")
         grid = image.reshape(b, s // k, k, s // k, k, d)
         m = image_mask.reshape(b, s // k, k, s // k, k).astype(image.dtype)
         count = m.sum((2, 4))
@@ -508,11 +499,7 @@ class RelationNetworkFusion(FusionBase):
 
 
 def param_count(
-    fusion: FusionBase,
-    text_len: int,
-    image_len: int,
-    text_dim: int | None = None,
-    image_dim: int | None = None,
+    fusion: FusionBase, text_len: int, image_len: int, text_dim: int | None = None, image_dim: int | None = None
 ) -> int:
     """Number of parameters of ``fusion`` for inputs [1, text_len, text_dim] and [1, image_len, image_dim]."""
     t = jnp.zeros((1, text_len, text_dim or fusion.width))

@@ -69,13 +69,11 @@ class RetrievalHead(nn.Module):
         if self.pool_mlp_dim:
             self.image_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="image_pool_mlp")
             self.text_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="text_pool_mlp")
-        self.log_temperature = self.param(
-            "log_temperature", nn.initializers.constant(math.log(self.init_temperature)), (), jnp.float32
-        )
+        init = nn.initializers.constant(math.log(self.init_temperature))
+        self.log_temperature = self.param("log_temperature", init, (), jnp.float32)
         if self.itm_similarity:
-            self.itm_similarity_scale = self.param(
-                "itm_similarity_scale", nn.initializers.zeros_init(), (), jnp.float32
-            )
+            zeros = nn.initializers.zeros_init()
+            self.itm_similarity_scale = self.param("itm_similarity_scale", zeros, (), jnp.float32)
 
     def temperature(self) -> jax.Array:
         """float32 [] tau, clipped to [min_temperature, max_temperature]."""
@@ -169,19 +167,14 @@ def gather_global(x: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
 
 
 def itc_loss(
-    image_emb: jax.Array,
-    text_emb: jax.Array,
-    temperature: jax.Array,
-    image_id: jax.Array | None = None,
-    mesh: jax.sharding.Mesh | None = None,
+    image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, image_id: jax.Array | None = None, mesh=None
 ) -> tuple[jax.Array, jax.Array]:
     """Symmetric InfoNCE over the global batch.
 
     Args:
-      image_emb, text_emb: float32 [B, E] L2-normalised embeddings of pair b's image and text.
-      temperature: float32 [] tau.
+      image_emb, text_emb, temperature: float32 [B, E] L2-normalised embeddings of pair b's image and text; tau [].
       image_id: int [B]; pairs with equal ids are all positives (None: only the diagonal).
-      mesh: gather the embeddings over this mesh first (negatives from every device).
+      mesh: a jax.sharding.Mesh to gather the embeddings over first (negatives from every device), or None.
 
     Returns:
       (loss float32 [], similarity logits text x image [B, B] = text_emb @ image_emb.T / tau).
@@ -201,15 +194,9 @@ def itc_loss(
 
 
 def sample_hard_negatives(rng: jax.Array, logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """ALBEF hard negatives from the similarity logits (no gradient).
-
-    Args:
-      rng, logits: PRNG key; [B_text, B_image] similarity / tau.
-      pos: bool [B_text, B_image], True for matching pairs (never sampled).
-
-    Returns:
-      (negative text index for each image [B_image], negative image index for each text [B_text]).
-    """
+    """ALBEF hard negatives (no gradient) from ``logits`` [B_text, B_image] = similarity / tau, never a pair with
+    ``pos`` (bool [B_text, B_image]) True. Returns (negative text index for each image [B_image], negative image
+    index for each text [B_text])."""
     logits = jax.lax.stop_gradient(logits)
     k1, k2 = jax.random.split(rng)
     neg_text = jax.random.categorical(k1, jnp.where(pos.T, -jnp.inf, logits.T), axis=-1)
