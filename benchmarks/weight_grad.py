@@ -42,17 +42,11 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "") -> dict:
     runners = {side: benches[side].step for side in SIDES}
     times = jax_bench.alternate(runners, rounds, pause_s, warmup=max(1, int(cfg["bench"]["warmup"])))
     med = {s: float(np.median(t)) for s, t in times.items()}
-    return {
-        **jax_bench.record("weight_grad", command, cfg, load_start),
-        "rounds": rounds,
-        "pause_between_steps_s": pause_s,
-        "step_s_median": med,
-        "step_s_min": {s: float(min(t)) for s, t in times.items()},
-        "step_s_all": times,
-        "plain_over_transposed": med["plain"] / med["transposed"],
-        "lhs_transposed_dots": {s: lhs_transposed_dots(b.compiled.as_text()) for s, b in benches.items()},
-        "final_loss": {s: b.loss() for s, b in benches.items()},
-    }
+    r = dict(jax_bench.record("weight_grad", command, cfg, load_start), rounds=rounds, pause_between_steps_s=pause_s)
+    r.update(step_s_median=med, step_s_min={s: float(min(t)) for s, t in times.items()}, step_s_all=times)
+    r["plain_over_transposed"] = med["plain"] / med["transposed"]
+    r["lhs_transposed_dots"] = {s: lhs_transposed_dots(b.compiled.as_text()) for s, b in benches.items()}
+    return r | {"final_loss": {s: b.loss() for s, b in benches.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.path.join(a.results_dir, a.name)
     os.makedirs(out, exist_ok=True)
     split_dir = os.path.join(workdir, "eval", a.split)
-    for name in ("metrics.json", "captions.jsonl"):
-        if os.path.exists(os.path.join(split_dir, name)):
-            shutil.copy(os.path.join(split_dir, name), os.path.join(out, name))
+    for name in [n for n in ("metrics.json", "captions.jsonl") if os.path.exists(os.path.join(split_dir, n))]:
+        shutil.copy(os.path.join(split_dir, name), os.path.join(out, name))
     shutil.copy(os.path.join(workdir, "config.json"), os.path.join(out, "config.json"))
     train_summary = _read(os.path.join(workdir, "train_summary.json"))
     if train_s is None:  # --eval_only: the in-process wall time train.py recorded
@@ -119,20 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     if a.resume and os.path.exists(os.path.join(out, "summary.json")):
         old = _read(os.path.join(out, "summary.json"))
         previous = old.get("previous_runs", []) + [{k: old.get(k) for k in ("command", "train_seconds", "load")}]
-    summary = {
-        "name": a.name,
-        "split": a.split,
-        "commands": [" ".join(["python", *c[1:]]).replace(REPO + os.sep, "") for c in (train_cmd, eval_cmd)],
-        "metrics": _read(os.path.join(out, "metrics.json")),
-        "train": train_summary,  # train.py's own summary: steps, best validation, stop reason
-        "train_seconds": round(train_s, 1),
-        "eval_seconds": round(eval_s, 1),
-        "total_train_seconds": round(train_s + sum(r["train_seconds"] or 0 for r in previous), 1),
-        "load": load,  # 1-minute load average during train + eval (> CPU count: the times are inflated)
-        "eval_only": a.eval_only,
-        "previous_runs": previous,
-        **provenance,
-    }
+    commands = [" ".join(["python", *c[1:]]).replace(REPO + os.sep, "") for c in (train_cmd, eval_cmd)]
+    summary = dict(name=a.name, split=a.split, commands=commands, metrics=_read(os.path.join(out, "metrics.json")))
+    summary["train"] = train_summary  # train.py's own summary: steps, best validation, stop reason
+    summary.update(train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1))
+    summary["total_train_seconds"] = round(train_s + sum(r["train_seconds"] or 0 for r in previous), 1)
+    summary["load"] = load  # 1-minute load average during train + eval (> CPU count: the times are inflated)
+    summary.update(eval_only=a.eval_only, previous_runs=previous, **provenance)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):

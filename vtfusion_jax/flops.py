@@ -37,9 +37,8 @@ def _cnn_flops(enc: vision.CNN, image_hw: tuple[int, int]) -> tuple[int, int]:
         out_hw = vision._down(hw, s)
         # "max": a stride-1 conv at the input resolution, then a max-pool (not counted)
         flops += conv_flops(hw if enc.downsample == "max" else out_hw, 3, c_in, c)
-        hw = out_hw
+        hw, c_in = out_hw, c
         maps.append((hw, c))
-        c_in = c
     proj, tokens = _token_projection(maps, enc.scales, enc.width, True)
     return flops + proj, tokens
 
@@ -110,8 +109,7 @@ def text_encoder_flops(encoder: Any, text_len: int) -> tuple[int, int]:
         per_block = layers.transformer_block_flops(text_len, encoder.width, encoder.mlp_dim, encoder.num_heads)
         return encoder.depth * per_block, encoder.width
     if name == "GRUEncoder":
-        dirs = 2 if encoder.bidirectional else 1
-        h = encoder.hidden
+        dirs, h = 2 if encoder.bidirectional else 1, encoder.hidden
         cell = 2 * 3 * (h * h + h * h)  # input (embedding width = hidden) and recurrent kernels, 3 gates
         return dirs * text_len * cell + 2 * text_len * dirs * h * encoder.width, encoder.width
     raise ValueError(f"no FLOPs formula for text encoder {name}")
@@ -126,8 +124,7 @@ def pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, imag
 
 def traced_pooled_width(fusion: Any, text_len: int, image_len: int, text_dim: int, image_dim: int) -> int:
     """Width P of the fusion's pooled vector, read off an abstract evaluation (no compute)."""
-    t = jnp.zeros((1, text_len, text_dim))
-    i = jnp.zeros((1, image_len, image_dim))
+    t, i = jnp.zeros((1, text_len, text_dim)), jnp.zeros((1, image_len, image_dim))
     mt, mi = jnp.ones((1, text_len), bool), jnp.ones((1, image_len), bool)
 
     def run():

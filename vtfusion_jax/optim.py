@@ -64,11 +64,7 @@ def decay_mask(params: Any) -> Any:
 
 def tower_labels(params: Any, frozen: frozenset[str] = frozenset()) -> Any:
     """Label of each parameter: its top-level tower name, or ``"frozen"`` for frozen towers."""
-
-    def label(path, _):
-        tower = _keys(path)[0]
-        return FROZEN if tower in frozen else tower
-
+    label = lambda path, _: FROZEN if _keys(path)[0] in frozen else _keys(path)[0]  # noqa: E731
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -137,8 +133,7 @@ def _zero_frozen(labels) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        lab = labels(updates)
-        return jax.tree.map(lambda g, lb: g * 0 if lb == FROZEN else g, updates, lab), state
+        return jax.tree.map(lambda g, lb: g * 0 if lb == FROZEN else g, updates, labels(updates)), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
 

@@ -42,14 +42,9 @@ def _overrides(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The module spec of a tower with ``init_from``, from the checkpoint's config.json alone (no tensors read).
-
-    Returns:
-      {name, <architecture fields from config.json>, <overrides>, init_from, freeze?}.
-
-    Raises:
-      ValueError: unsupported model_type, a ``name`` not the checkpoint's family, or (text) another vocab size.
-    """
+    """The module spec {name, <architecture fields from config.json>, <overrides>, init_from, freeze?} of a tower with
+    ``init_from``, from the checkpoint's config.json alone (no tensors read). ValueError for an unsupported
+    model_type, a ``name`` not the checkpoint's family, or (text) another vocab size."""
     families, _ = TOWERS[tower]
     src = _source(tower_spec)
     _, family, plan = pretrained.family_plan(pretrained.resolve(src), families, f"model.{tower}.init_from={src!r}")
@@ -90,25 +85,17 @@ def _load(tower: str, spec: Mapping[str, Any], image_size: int, rng: jax.Array) 
 
 
 def import_into_params(
-    params: Mapping[str, Any],
-    param_shardings: Mapping[str, Any],
-    model_spec: Mapping[str, Any],
-    image_size: int,
-    rng: jax.Array,
+    params: Mapping[str, Any], param_shardings: Mapping[str, Any], model_spec: Mapping[str, Any], image_size: int, rng
 ) -> dict[str, Any]:
-    """Replaces the params subtree of every ``init_from`` tower by the converted checkpoint.
+    """Replaces the params subtree of every ``init_from`` tower by the converted checkpoint; returns the new tree
+    (other towers unchanged, same object). ValueError names an imported tensor whose shape differs, or a checkpoint
+    whose derived spec differs.
 
     Args:
       params, param_shardings: the initialised {tower: subtree} (unboxed global jax.Arrays) and its shardings.
       model_spec: the resolved model spec (``resolve_model_spec``; ``VisionTextModel.model_config``).
       image_size: the side of the images the model is fed (ViT / CLIP position embeddings depend on it).
-      rng: initialises parameters an override adds that the checkpoint lacks (e.g. ResNet ``project=True``).
-
-    Returns:
-      The new parameter tree (other towers unchanged, same object).
-
-    Raises:
-      ValueError: an imported tensor's shape (naming the path) or the checkpoint's derived spec differs.
+      rng: PRNG key; initialises parameters an override adds that the checkpoint lacks (e.g. ResNet ``project=True``).
     """
     out = dict(params)
     for i, tower in enumerate(TOWERS):

@@ -91,10 +91,8 @@ def mesh_axis_size(mesh: jax.sharding.Mesh, axes: Any) -> int:
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
     """Drops mesh axes from dimensions they do not divide (those dimensions become replicated)."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    out = []
-    for dim, axes in zip(shape, entries, strict=True):
-        out.append(axes if axes is not None and dim % mesh_axis_size(mesh, axes) == 0 else None)
-    return PartitionSpec(*out)
+    fits = lambda dim, axes: axes is not None and dim % mesh_axis_size(mesh, axes) == 0  # noqa: E731
+    return PartitionSpec(*(axes if fits(dim, axes) else None for dim, axes in zip(shape, entries, strict=True)))
 
 
 def _is_box(x: Any) -> bool:
@@ -126,11 +124,8 @@ def _dict_keys(path) -> tuple[str, ...]:
 def optimizer_shardings(abstract_opt_state: Any, abstract_params: Any, p_shardings: Any, mesh) -> Any:
     """Shardings for optimiser state: any leaf whose trailing dict path and shape match a parameter gets that
     parameter's sharding (Adam moments, accumulated gradients); everything else (counts, scalars) is replicated."""
-    by_path = {}
-    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    flat_s = jax.tree.leaves(p_shardings)
-    for (path, x), s in zip(flat_p, flat_s, strict=True):
-        by_path[_dict_keys(path)] = (x.shape, s)
+    flat = zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(p_shardings), strict=True)
+    by_path = {_dict_keys(path): (x.shape, s) for (path, x), s in flat}
     lengths = sorted({len(k) for k in by_path}, reverse=True)
 
     def pick(path, leaf):

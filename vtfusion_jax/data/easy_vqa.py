@@ -47,11 +47,7 @@ def read_questions(split: str, data_dir: str | None = None) -> list[tuple[str, s
 
 def question_type(answer: str) -> str:
     """Derives the question type from the answer: yes/no -> yes_no, a shape -> shape, otherwise color."""
-    if answer in _YES_NO:
-        return "yes_no"
-    if answer in _SHAPES:
-        return "shape"
-    return "color"
+    return "yes_no" if answer in _YES_NO else "shape" if answer in _SHAPES else "color"
 
 
 def validation_image_ids(image_ids, fraction: float = VALIDATION_FRACTION) -> set[int]:
@@ -92,30 +88,19 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Package splits; validation = questions of a fixed 10% of train images."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                    "question": tfds.features.Text(),
-                    "answer": tfds.features.ClassLabel(names=read_answers()),
-                    "question_type": tfds.features.ClassLabel(names=list(QUESTION_TYPES)),
-                    "image_id": np.int32,
-                }
-            ),
-            homepage="https://github.com/vzhou842/easy-VQA",
-            supervised_keys=None,
-        )
+        f = tfds.features
+        features = dict(image=f.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)), question=f.Text())
+        features.update(answer=f.ClassLabel(names=read_answers()), question_type=f.ClassLabel(names=QUESTION_TYPES))
+        features = f.FeaturesDict(dict(features, image_id=np.int32))
+        homepage = "https://github.com/vzhou842/easy-VQA"
+        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features, homepage=homepage)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is in the installed package
         root = package_data_dir()
         splits = split_questions(root)
-        return {
-            name: self._generate_examples(rows, os.path.join(root, "test" if name == "test" else "train"))
-            for name, rows in splits.items()
-        }
+        folder = lambda name: os.path.join(root, "test" if name == "test" else "train")  # noqa: E731
+        return {name: self._generate_examples(rows, folder(name)) for name, rows in splits.items()}
 
     def _generate_examples(self, rows, split_dir):
         cache: dict[int, bytes] = {}  # ~10 questions per image: encode/read each PNG once

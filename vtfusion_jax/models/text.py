@@ -106,14 +106,11 @@ class GRUEncoder(nn.Module):
         """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L])."""
         x = _embed(self.vocab_size, self.hidden, ("vocab", "embed"), "word_embeddings")(text_ids)
         lengths = jnp.sum(text_mask.astype(jnp.int32), axis=-1)  # [B]
-
         part, init = nn.with_logical_partitioning, nn.initializers
-        inits = dict(
-            kernel_init=part(init.lecun_normal(), ("embed", "mlp")), bias_init=part(init.zeros_init(), ("mlp",))
-        )
+        inits = dict(kernel_init=part(init.lecun_normal(), ("embed", "mlp")))
+        inits.update(bias_init=part(init.zeros_init(), ("mlp",)))
         inits["recurrent_kernel_init"] = part(init.orthogonal(), (None, "mlp"))
         cell = lambda name: nn.GRUCell(self.hidden, **inits, dtype=self.dtype, param_dtype=jnp.float32, name=name)  # noqa: E731
-
         rnn = nn.RNN(cell("forward_cell"), name="forward")
         if self.bidirectional:
             rnn = nn.Bidirectional(rnn, nn.RNN(cell("backward_cell"), name="backward"), name="bigru")
