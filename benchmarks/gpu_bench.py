@@ -38,9 +38,8 @@ def main(argv=None) -> dict:
     command = "python benchmarks/gpu_bench.py" + (" --tiny" if args.tiny else "")
     spec = os.path.join(REPO, "configs", "perf.py") + (":preset=tiny" if args.tiny else ":preset=gpu")
     prefix = "gpu_tiny_" if args.tiny else "gpu_"  # the JSON files' names
-    overrides = ["model.dtype=bfloat16", "model.scan_layers=True"]
-    if args.steps:
-        overrides.append(f"bench.steps={args.steps}")
+    steps = [f"bench.steps={args.steps}"] if args.steps else []
+    overrides = ["model.dtype=bfloat16", "model.scan_layers=True", *steps]
     base = bench_lib.load_config(spec, overrides)
     os.makedirs(args.out_dir, exist_ok=True)
     summary = {"command": command, "host": speed.host_info(), "runs": {}}

@@ -285,7 +285,7 @@ class Plan:
 def _bert(cfg: Mapping[str, Any]) -> Plan:
     if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
-    spec = dict(_transformer_dims(cfg), name="bert", vocab_size=cfg["vocab_size"], post_ln=True, pooler=False)
+    spec = dict(name="bert", vocab_size=cfg["vocab_size"], **_transformer_dims(cfg), post_ln=True, pooler=False)
     spec.update(max_len=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2))
     spec.update(ln_epsilon=cfg.get("layer_norm_eps", 1e-12))
 
@@ -313,7 +313,7 @@ CLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=32, image_size=224, layer_norm_eps
 
 
 def _vit_spec(cfg: Mapping[str, Any], **extra) -> dict[str, Any]:
-    spec = dict(_transformer_dims(cfg), name="vit", patch_size=cfg["patch_size"], pos_emb="learn", use_cls=True)
+    spec = dict(name="vit", **_transformer_dims(cfg), patch_size=cfg["patch_size"], pos_emb="learn", use_cls=True)
     return spec | dict(ln_epsilon=cfg["layer_norm_eps"], final_ln=True, **extra)
 
 

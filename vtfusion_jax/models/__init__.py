@@ -43,8 +43,7 @@ def _build(kind: str, registry: Mapping[str, Any], spec: Mapping[str, Any], shar
     entry = registry[name]
     cls, defaults = entry if isinstance(entry, tuple) else (getattr(entry, "cls", entry), {})
     fields = _module_fields(cls)
-    kwargs = dict(defaults)
-    kwargs.update({k: v for k, v in shared.items() if k in fields})
+    kwargs = {**defaults, **{k: v for k, v in shared.items() if k in fields}}
     for k, v in spec.items():
         if k in NON_MODULE_KEYS:
             continue

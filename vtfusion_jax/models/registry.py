@@ -66,11 +66,9 @@ def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Call
     def register(cls: type) -> type:
         if name in FUSIONS and FUSIONS[name].cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"fusion {name!r} is already registered ({FUSIONS[name].cls.__qualname__})")
-        unknown = set(info.get("attention_maps", {})) - set(ATTENTION_ROLES)
+        unknown = sorted(set(info.get("attention_maps", {})) - set(ATTENTION_ROLES))
         if unknown:
-            raise ValueError(
-                f"fusion {name!r}: unknown attention roles {sorted(unknown)}; valid: {list(ATTENTION_ROLES)}"
-            )
+            raise ValueError(f"fusion {name!r}: unknown attention roles {unknown}; valid: {list(ATTENTION_ROLES)}")
         if not callable(getattr(cls, "flops_per_example", None)):
             raise ValueError(f"fusion {name!r} needs flops_per_example(text_len, image_len)")
         FUSIONS[name] = FusionInfo(name, cls, summary, paper, **info)

@@ -75,5 +75,4 @@ class VisionTextModel(nn.Module):
     def __call__(self, batch: Mapping[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
         """batch with image [B,H,W,3], text_ids [B,L], text_mask [B,L] -> {"logits": float32 [B, C]}."""
         text, text_mask, image, image_mask, pooled = self.encode(batch, train)
-        logits = self.head(text, text_mask, image, image_mask, pooled, deterministic=not train)
-        return {"logits": logits}
+        return {"logits": self.head(text, text_mask, image, image_mask, pooled, deterministic=not train)}
