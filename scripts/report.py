@@ -74,6 +74,11 @@ def pct(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def _provenance(rs: list[dict]) -> str:
+    """The distinct commits / CPUs of a group of runs, in run order (seeds may run at different commits)."""
+    return "; ".join(dict.fromkeys(r["provenance"] for r in rs))
+
+
 def _load(rs: list[dict]) -> str:
     loads = [r["load"] for r in rs if r["load"]]
     if not loads:
@@ -117,7 +122,7 @@ def main_job() -> str:
                 f"{name}: {what}", f"**{pct([x['accuracy'] for x in m])}** ({len(rs)} run{'s' * (len(rs) > 1)})",
                 ", ".join(f"{k} {pct([x['per_type'][k] for x in m])}" for k in m[0]["per_type"]),
                 pct([r["best_val"] for r in rs]), f"{statistics.mean([r['train_s'] for r in rs]):.0f}",
-                f"{statistics.mean([r['eval_s'] for r in rs]):.0f}", _load(rs), rs[0]["provenance"],
+                f"{statistics.mean([r['eval_s'] for r in rs]):.0f}", _load(rs), _provenance(rs),
                 "; ".join(f"`{r['command']}`" for r in rs),
             ])  # fmt: skip
     head = "Run | Test accuracy % | Per question type % | Best val. % | Train s | Eval s | Load | Commit, CPU | Command"
@@ -134,7 +139,7 @@ def main_job() -> str:
         verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
         lines += ["", f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest "
                   f"{100 * worst:.2f} % of {len(rs)}); train + eval <= 10 min: {verdict(max(minutes) <= 10)} "
-                  f"({statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max; {rs[0]['provenance']}, load "
+                  f"({statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max; {_provenance(rs)}, load "
                   f"{_load(rs)})."]  # fmt: skip
     return "\n".join(lines)
 
@@ -318,7 +323,7 @@ def sort_of_clevr_table() -> str:
             pct([r["metrics"]["accuracy"] for r in group]),
             *(pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)),
             pct([r["best_val"] for r in group]), f"{statistics.mean([r['train_s'] for r in group]):.0f}", _load(group),
-            group[0]["provenance"],
+            _provenance(group),
         ])  # fmt: skip
     missing = [v for v in fusion_names() if v not in rs and v != "probe"]  # registered, no run yet: its command
     rows += [[f"`{v}`", "not run yet", *["—"] * (len(rows[0]) - 2)] for v in missing]
