@@ -31,6 +31,7 @@ def optim(**overrides) -> ml_collections.ConfigDict:
             weight_decay=0.01,  # decoupled weight decay (never on biases / norm parameters)
             grad_clip_norm=1.0,  # global-norm clipping (0 = off)
             accum_steps=1,  # micro-batches per update (optax.MultiSteps); effective batch = global * accum
+            ema_decay=0.0,  # > 0: evaluate / predict / export an exponential moving average of the parameters
             lr_multipliers=ml_collections.ConfigDict(  # per-tower learning-rate scale
                 dict(image_encoder=1.0, text_encoder=1.0, fusion=1.0, head=1.0)
             ),

@@ -139,3 +139,25 @@ def test_clip_by_global_norm_matches_optax(max_norm):
     clipped = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(ours)))
     assert clipped == pytest.approx(min(norm, max_norm), rel=1e-6)
     assert norm > 1.0  # the 0.5 and 1.0 cases clip, the 100.0 case does not
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_params_ema_is_the_moving_average_of_the_updated_params(accum):
+    """ema <- d * ema + (1 - d) * params after every real update, from the initial params; the parameters follow
+    exactly the path they follow without it (also inside optax.MultiSteps)."""
+    d, params = 0.75, _tree()
+    c = dict(lr=0.1, warmup_steps=0, schedule="constant", accum_steps=accum)
+    tx, _ = optim.make_optimizer(_optim_config(ema_decay=d, **c), 10)
+    ref_tx, _ = optim.make_optimizer(_optim_config(**c), 10)
+    state, ref_state, ref, want = tx.init(params), ref_tx.init(params), params, params
+    assert optim.ema_params(ref_state) is None
+    for i in range(4 * accum):
+        grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1) + jnp.arange(p.size).reshape(p.shape)), params)
+        updates, state = tx.update(grads, state, params)
+        ref_updates, ref_state = ref_tx.update(grads, ref_state, ref)
+        params, ref = optax.apply_updates(params, updates), optax.apply_updates(ref, ref_updates)
+        if (i + 1) % accum == 0:
+            want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, want, params)
+    jax.tree.map(np.testing.assert_array_equal, params, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), optim.ema_params(state), want)
+    assert not np.allclose(want["head"]["w"], params["head"]["w"])  # the average lags the parameters

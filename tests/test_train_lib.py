@@ -191,3 +191,28 @@ def test_make_train_step_is_the_gradient_step_of_any_loss():
     np.testing.assert_allclose(new.params["w"], p["w"] - 0.1 * grad, rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], jnp.linalg.norm(grad), rtol=1e-6)
     assert int(new.step) == 1 and float(m["aux"]) == 3.0 and int(m["skipped"]) == 0
+
+
+@pytest.mark.slow  # ~40 s: three short training runs
+def test_ema_resumes_bit_exact_and_is_what_restore_returns(tmp_path):
+    """optim.ema_decay > 0: the average is checkpointed with the optimiser state, so 2 + 2 resumed steps end with
+    the same average, bit for bit, as 4 straight ones; restore() (eval, predict) returns it, not the raw params."""
+    kw = dict(
+        optim__ema_decay=0.5, train__checkpoint_every_steps=2, train__eval_every_steps=0, train__progress_bar=False
+    )
+    train_lib.train_and_evaluate(load_config("tiny", train__num_steps=4, **kw), str(tmp_path / "straight"))
+    for steps in (2, 4):
+        train_lib.train_and_evaluate(load_config("tiny", train__num_steps=steps, **kw), str(tmp_path / "resumed"))
+    config = load_config("tiny", train__num_steps=4, **kw)
+    (task, ema, step), (_, ema2, _) = (
+        train_lib.restore(config, str(tmp_path / w), "latest") for w in ("straight", "resumed")
+    )
+    assert step == 4
+    jax.tree.map(np.testing.assert_array_equal, ema, ema2)
+    tx, _ = train_lib.make_optimizer(config, task, 1)
+    target, _ = train_lib.state_layout(task.model, task.init_batch(), tx, task.mesh)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "straight" / "checkpoints"), read_only=True)
+    raw = ckpt.restore_readable(target, "latest")[1]
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, ema, train_lib.optim.ema_params(raw.opt_state))
+    assert not np.array_equal(jax.tree.leaves(ema)[0], jax.tree.leaves(raw.params)[0])

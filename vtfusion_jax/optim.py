@@ -1,7 +1,7 @@
 """Optimiser and learning-rate schedule from the config (``config.optim``).
 
     grads ─► zero frozen towers ─► clip by global norm ─► per tower: AdamW(lr = schedule * multiplier)
-          ─► (optax.MultiSteps: applied every ``accum_steps`` micro-batches)
+          ─► (optim.ema_decay > 0: ParamsEma) ─► (optax.MultiSteps: applied every ``accum_steps`` micro-batches)
 
 Weight decay skips biases and normalisation parameters (by path). Towers, the top-level entries of the parameter
 tree, freeze with ``model.<tower>.freeze`` and scale their lr by ``optim.lr_multipliers.<tower>``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ def make_optimizer(
 
     Args:
       optim_config: ``config.optim`` with lr, warmup_steps, schedule, end_lr_factor, b1, b2, eps, weight_decay,
-        grad_clip_norm (0 = off), accum_steps (1 = off) and lr_multipliers {tower: float}.
+        grad_clip_norm (0 = off), accum_steps (1 = off), ema_decay (0 = off) and lr_multipliers {tower: float}.
       num_updates: total optimiser updates, for the schedule.
       frozen: towers whose parameters never change.
 
@@ -108,10 +108,34 @@ def make_optimizer(
     if float(c["grad_clip_norm"]) > 0:
         chain.append(clip_by_global_norm(float(c["grad_clip_norm"])))
     chain.append(optax.multi_transform(per_tower, labels))
+    if float(c.get("ema_decay", 0.0)) > 0:
+        chain.append(params_ema(float(c["ema_decay"])))
     tx = optax.chain(*chain)
     if int(c["accum_steps"]) > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(c["accum_steps"]))
     return tx, sched
+
+
+class ParamsEma(NamedTuple):
+    ema: Any  # the moving average of the parameters, a tree like them
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """Last in the chain: ema <- decay * ema + (1 - decay) * (params + updates) after every update, from the initial
+    parameters. It lives in the optimiser state, so it is sharded like the parameters (``optimizer_shardings``),
+    checkpointed, resumed exactly and rolled back with a skipped non-finite step; updates pass through unchanged."""
+
+    def update(updates, state, params):
+        new = optax.apply_updates(params, updates)
+        return updates, ParamsEma(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, new))
+
+    return optax.GradientTransformation(lambda params: ParamsEma(jax.tree.map(jnp.array, params)), update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+    """The parameter average held in ``opt_state`` (see ``params_ema``), or None when the optimiser keeps none."""
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEma))
+    return next((x.ema for x in found if isinstance(x, ParamsEma)), None)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

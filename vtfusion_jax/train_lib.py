@@ -160,7 +160,13 @@ def restore(config, workdir: str, checkpoint: str | int | None = "best", mesh=No
         at = "" if checkpoint in (None, "best", "latest") else f" at step {checkpoint}"
         raise FileNotFoundError(f"no readable checkpoint{at} in {ckpt.directory}")
     log.info("Restored checkpoint step %d from %s", found[0], ckpt.directory)
-    return task, found[1].params, found[0]
+    return task, eval_params(found[1]), found[0]
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters evaluation and prediction use: the moving average when ``optim.ema_decay`` > 0."""
+    ema = optim.ema_params(state.opt_state)
+    return state.params if ema is None else ema
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, skip_nonfinite: bool = False) -> Callable:
@@ -343,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     def validate(step: int) -> dict:
-        val = task.evaluate(state.params, config.dataset.val_split)
+        val = task.evaluate(eval_params(state), config.dataset.val_split)
         scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
         scalars.update({f"accuracy_{k}": v for k, v in val.get("per_type", {}).items()})
         writer.write_scalars(step, {f"val/{k}": v for k, v in scalars.items()})
