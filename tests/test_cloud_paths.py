@@ -130,15 +130,18 @@ def test_data_dir_on_an_object_store_is_built_once_and_mirrored(bucket, tmp_path
 
 @pytest.mark.slow  # ~35 s: two training runs and an eval
 def test_train_resume_and_eval_in_a_gs_workdir(bucket):
-    """config.json, metrics.jsonl, TensorBoard events, checkpoints (kept 2), a resumed run and the eval outputs, all
-    in a gs:// workdir, and nothing written to a local folder named after it."""
+    """config.json, metrics.jsonl, TensorBoard events, a profiler trace, checkpoints (kept 2), a resumed run and the
+    eval outputs, all in a gs:// workdir, and nothing written to a local folder named after it."""
+    import gcsfs
     from tensorboard.backend.event_processing import event_accumulator
 
     workdir = f"{bucket}/run-{uuid.uuid4().hex[:8]}"
     kw = dict(train__checkpoint_every_steps=2, train__keep_checkpoints=2, train__eval_every_steps=4,
               train__log_every_steps=1, train__progress_bar=False)  # fmt: skip
     first = train_lib.train_and_evaluate(load_config("tiny", train__num_steps=4, **kw), workdir)
-    second = train_lib.train_and_evaluate(load_config("tiny", train__num_steps=6, **kw), workdir)
+    second = train_lib.train_and_evaluate(
+        load_config("tiny", train__num_steps=6, train__profile_steps=(5, 6), **kw), workdir
+    )
     assert (first["step"], second["step"]) == (4, 6)
     root = epath.Path(workdir)
     assert json.loads((root / "config.json").read_text())["train"]["num_steps"] == 6
@@ -149,6 +152,9 @@ def test_train_resume_and_eval_in_a_gs_workdir(bucket):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
     assert json.loads((root / "train_summary.json").read_text())["step"] == 6
+    assert any(
+        name.endswith(".xplane.pb") for name in gcsfs.core.GCSFileSystem().find(f"{workdir}/profile")
+    )  # uploaded
     result = eval_lib.evaluate_split(load_config("tiny"), workdir, "validation[:32]", "latest")
     out = root / "eval" / "validation_32"
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == result["accuracy"]

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from vtfusion_jax.preflight import absolute, first_line, is_local, leaves_by_path, move, read_json
+from vtfusion_jax.preflight import absolute, first_line, leaves_by_path, move, read_json
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Checkpointer:
         """Removes steps that retention renamed into ``TRASH`` (process 0; entries one by one, since Orbax may be
         renaming another one in concurrently). On an object store Orbax deletes old steps directly: no trash."""
         trash = os.path.join(self.directory, TRASH)
-        if self._read_only or jax.process_index() != 0 or not is_local(trash) or not os.path.isdir(trash):
+        if self._read_only or jax.process_index() != 0 or not os.path.isdir(trash):
             return
         for name in os.listdir(trash):
             shutil.rmtree(os.path.join(trash, name), ignore_errors=True)

@@ -197,7 +197,7 @@ def _damaged(name: str, folder: str, file: str, error: Exception) -> CorruptFile
     """The one-line error for a damaged file of a prepared dataset; a generated dataset is moved aside first."""
     why = f"{file} is damaged ({first_line(error)})"
     dest = folder + ".corrupt" + (f".{time.time_ns()}" if os.path.exists(folder + ".corrupt") else "")
-    if name in GENERATED and is_local(folder):
+    if name in GENERATED:  # (a gs:// data_dir is read from its local mirror: folder is local)
         with contextlib.suppress(OSError):  # another process may have moved it already
             os.rename(folder, dest)
             return CorruptFileError(f"{why}; moved {folder} to {dest}: it is rebuilt on its next use")
