@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from etils import epath
 
-from vtfusion_jax.data import easy_vqa, manifest, sort_of_clevr
+from vtfusion_jax.data import coco, easy_vqa, manifest, sort_of_clevr
 from vtfusion_jax.preflight import CorruptFileError, copy_tree, first_line, is_local
 
 
@@ -65,6 +65,13 @@ def _manifest_builder(data_dir, kwargs):
     return manifest.Manifest(data_dir=data_dir, config=config, **kwargs)
 
 
+def _coco_builder(data_dir, kwargs):
+    if not kwargs.get("path"):
+        raise ValueError("dataset 'coco' needs builder_kwargs.path: the folder of dataset_coco.json, train2014/, "
+                         "val2014/ (e.g. configs/coco_retrieval.py:coco=/data/coco)")  # fmt: skip
+    return coco.CocoKarpathy(data_dir=data_dir, config=coco.coco_config(**kwargs))  # path, image_size, ...
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "easy_vqa": DatasetSpec(_easy_vqa_builder, "question", "answer", "question_type"),
     "sort_of_clevr": DatasetSpec(
@@ -75,6 +82,7 @@ DATASETS: dict[str, DatasetSpec] = {
         extra_keys=(("family", "family"), ("question_code", "question_code")),
     ),
     "manifest": DatasetSpec(_manifest_builder, "text", "label", "question_type"),
+    "coco": DatasetSpec(_coco_builder, "caption", "", ""),  # caption data only (retrieval / caption tasks)
 }
 GENERATED = ("easy_vqa", "sort_of_clevr")  # built from an installed package / a seeded generator: rebuilt if damaged
 

@@ -29,7 +29,7 @@ from vtfusion_jax.models.retrieval import RetrievalModel, itc_loss, sample_hard_
 from vtfusion_jax.tasks.base import Task
 
 RERANK_SCORES = ("itm", "itm+itc")
-DATASETS = ("sort_of_clevr", "manifest")
+DATASETS = ("sort_of_clevr", "manifest", "coco")
 
 
 def rerank(itc: np.ndarray, rows: np.ndarray, cols: np.ndarray, itm: np.ndarray, itc_scale: float) -> np.ndarray:
@@ -78,7 +78,7 @@ class CaptionDataTask(Task):
         d = self.config.dataset
         if d.image_size:
             return int(d.image_size)
-        if d.name == "manifest":
+        if d.name in ("manifest", "coco"):
             return int(d.builder_kwargs.image_size)
         from vtfusion_jax.data import sort_of_clevr
 
