@@ -121,7 +121,7 @@ class CocoKarpathy(tfds.core.GeneratorBasedBuilder):
                     f"{where}: not Karpathy's JSON with an 'images' list ({type(e).__name__}: {e})"
                 ) from None
         splits = split_images(images, where, cfg.captions_per_image, cfg.max_images)  # before reading any image
-        return {split: self._generate_examples(rows) for split, rows in splits.items()}
+        return {split: self._generate_examples(rows) for split, rows in splits.items() if rows}  # subsets may lack one
 
     def _generate_examples(self, rows):
         cfg = self.builder_config
