@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from etils import epath
 
-from vtfusion_jax.data import coco, easy_vqa, manifest, sort_of_clevr
+from vtfusion_jax.data import clevr, coco, easy_vqa, manifest, sort_of_clevr
 from vtfusion_jax.preflight import CorruptFileError, copy_tree, first_line, is_local
 
 
@@ -33,6 +33,8 @@ class DatasetSpec:
       text_key, label_key: features holding the input text and the ClassLabel target.
       type_key: ClassLabel feature used as `question_type` in batches (per-type metrics).
       extra_keys: feature name -> batch key for additional numeric features.
+      per_question: for a builder storing one record per image with its questions, the module flattening it to
+        one record per question (SPLITS, question_source(builder, split, local data_dir): data/clevr.py).
     """
 
     make_builder: object
@@ -40,6 +42,7 @@ class DatasetSpec:
     label_key: str
     type_key: str
     extra_keys: tuple[tuple[str, str], ...] = ()
+    per_question: object = None
 
 
 def _easy_vqa_builder(data_dir, kwargs):
@@ -82,6 +85,7 @@ DATASETS: dict[str, DatasetSpec] = {
         extra_keys=(("family", "family"), ("question_code", "question_code")),
     ),
     "manifest": DatasetSpec(_manifest_builder, "text", "label", "question_type"),
+    "clevr": DatasetSpec(clevr.make_builder, "question", "answer", "question_type", per_question=clevr),
     "coco": DatasetSpec(_coco_builder, "caption", "", ""),  # caption data only (retrieval / caption tasks)
 }
 GENERATED = ("easy_vqa", "sort_of_clevr")  # built from an installed package / a seeded generator: rebuilt if damaged
@@ -247,6 +251,12 @@ def get_data_source(name: str, split: str, *, data_dir: str | None = None, build
     """A tfds ArrayRecordDataSource (len(src), src[i], src.__getitems__(indices)) of decoded examples (dicts of
     numpy / bytes / int) of `split` ("train", "validation", "test", or TFDS slicing like "train[:10%]"); the other
     arguments as for ``get_builder``."""
+    spec = get_spec(name)
+    if spec.per_question is not None:  # prepared separately (TFDS's builder needs TensorFlow): never built here
+        data_dir = data_dir or default_data_dir()
+        builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs, prepare=not is_local(data_dir))
+        local = data_dir if is_local(data_dir) else mirror_dir(data_dir)
+        return spec.per_question.question_source(builder, split, local)
     base = split.split("[")[0]
     for rebuilt in (False, True):
         builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
@@ -282,17 +292,24 @@ def dataset_meta(name: str, *, data_dir: str | None = None, builder_kwargs: dict
       for manifests "skipped_rows": {split: n}.
     """
     spec = get_spec(name)
-    builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
-    feats = builder.info.features
+    if spec.per_question is not None:
+        kw = dict(data_dir=data_dir, builder_kwargs=builder_kwargs)
+        sources = {s: get_data_source(name, s, **kw) for s in spec.per_question.SPLITS}
+        feats, builder_dir = sources["train"].dataset_info.features, sources["train"].builder_dir
+        counts = {s: len(src) for s, src in sources.items()}
+    else:
+        builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
+        feats, builder_dir = builder.info.features, str(builder.data_dir)
+        counts = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
     meta = {
         "num_classes": feats[spec.label_key].num_classes,
         "label_names": list(feats[spec.label_key].names),
         "type_names": list(feats[spec.type_key].names),
         "type_key": spec.type_key,
         "image_shape": tuple(int(d) for d in feats["image"].shape),
-        "num_examples": {s: int(info.num_examples) for s, info in builder.info.splits.items()},
+        "num_examples": counts,
         "text_key": spec.text_key,
-        "builder_dir": str(builder.data_dir),
+        "builder_dir": builder_dir,
     }
     if "family" in feats:
         meta["family_names"] = list(feats["family"].names)

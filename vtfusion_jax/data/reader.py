@@ -8,7 +8,8 @@ global batch that one process owns, decoding only the features a batch needs str
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -73,7 +74,7 @@ class BatchReader:
           image_size: output side; None keeps the stored size. Resizing is PIL bilinear.
           augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
           images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
-            split's records need an ``image_id``); 0: one image per question.
+            split's records need an image: ``read_image_ids``); 0: one image per question.
           image_rows: image slots of each grouped batch this process reads (default: all K).
           plan: the split's GroupPlan if already built (group_plan); built here otherwise.
         """
@@ -94,9 +95,9 @@ class BatchReader:
         self.image_rows = image_rows if image_rows is not None else slice(0, self.images_per_batch)
         self.plan = plan
         if self.images_per_batch > 0 and plan is None:
-            if "image_id" not in features:
+            if "image_id" not in features and "image_path" not in features:
                 raise ValueError(
-                    f"{dataset}/{split} records have no 'image_id' feature: image-grouped batches "
+                    f"{dataset}/{split} records have no 'image_id' / 'image_path' feature: image-grouped batches "
                     "(train.images_per_batch > 0) need one; set train.images_per_batch=0"
                 )
             ids = read_image_ids(self.source)
@@ -212,12 +213,19 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_image_ids(source) -> np.ndarray:
-    """int64 [N]: the ``image_id`` of every record of a TFDS data source, in record order."""
-    decode = RecordDecoder(source.dataset_info.features, ["image_id"])
+    """int64 [N]: the image of every record of a data source, in record order: the source's own ``image_ids()``
+    (one record per question over one per image, data/clevr.py), else the ``image_id`` feature, else the number of
+    the normalised ``image_path`` (manifests: rows sharing an image path share an image)."""
+    if hasattr(source, "image_ids"):
+        return source.image_ids()
+    key = "image_id" if "image_id" in source.dataset_info.features else "image_path"
+    decode = RecordDecoder(source.dataset_info.features, [key])
     ids, chunk, n = [], 4096, len(source)
     for start in range(0, n, chunk):
         records = source.data_source.__getitems__(list(range(start, min(start + chunk, n))))
-        ids += [decode(r)["image_id"] for r in records]
+        ids += [decode(r)[key] for r in records]
+    if key == "image_path":
+        return np.unique([os.path.normpath(_text(p)) for p in ids], return_inverse=True)[1].astype(np.int64)
     return np.asarray(ids, np.int64)
 
 
@@ -242,7 +250,8 @@ class RecordDecoder:
     """Decodes selected top-level features of a serialized TFDS record (tf.train.Example) with numpy + PIL.
 
     Gives the same values as the tfds data source (texts as bytes, ClassLabels as int, tensors as arrays, images
-    as uint8 [H, W, C]) while skipping the features a batch does not use.
+    as uint8 [H, W, C]) while skipping the features a batch does not use. A record already decoded (a mapping:
+    data/clevr.py's per-question records) gives its values of the selected features.
     """
 
     def __init__(self, features: tfds.features.FeaturesDict, keys: Sequence[str]):
@@ -256,7 +265,9 @@ class RecordDecoder:
             else:
                 self._specs[key] = ("tensor", tuple(f.shape), np.dtype(f.np_dtype))
 
-    def __call__(self, record: bytes) -> dict:
+    def __call__(self, record: bytes | Mapping) -> dict:
+        if isinstance(record, Mapping):
+            return {key: record[key] for key in self._specs}
         fmap = tf_example_pb2.Example.FromString(record).features.feature
         out = {}
         for key, (kind, shape, dtype) in self._specs.items():
