@@ -6,7 +6,7 @@ import re
 import pytest
 from train_testutil import REPO, load_config, run_script
 
-CONFIGS = ("easy_vqa", "tiny", "sort_of_clevr", "coco_retrieval", "coco_caption", "clevr")
+CONFIGS = ("easy_vqa", "tiny", "sort_of_clevr", "coco_retrieval", "coco_caption", "clevr", "manifest_vqa")
 COMMENTED = (*CONFIGS, "common")  # common.py: the shared blocks, every field described once
 
 

@@ -193,3 +193,20 @@ def test_manifest_through_the_pipeline(folder, tmp_path):
         assert h["question_type"][row] == 0
         rgb = {1: (255, 0, 0), 2: (100, 100, 100), 3: (255, 255, 255), 4: (0, 200, 0)}[ex["line"]]
         np.testing.assert_allclose(h["image"][row], np.broadcast_to(np.array(rgb) / 127.5 - 1, (8, 8, 3)), atol=1e-6)
+
+
+def test_rows_sharing_an_image_path_share_an_image(folder, tmp_path):
+    """Image-grouped batches (data/grouped.py) group manifest rows by their normalised image path."""
+    from vtfusion_jax.data import reader
+
+    paths = ["images/red.png", "images/gray.png", "./images/red.png", "images/sub/../gray.png", "images/clear.png"]
+    _write(folder, "train.jsonl", [dict(GOOD[0], image=p, text=f"q{i}") for i, p in enumerate(paths)])
+    kwargs = dict(path=str(folder), image_size=SIZE)
+    src = datasets.get_data_source("manifest", "train", data_dir=str(tmp_path / "tfds"), builder_kwargs=kwargs)
+    line = {i: ex["line"] for i, ex in enumerate(src.__getitems__(list(range(len(src)))))}
+    ids = reader.read_image_ids(src)
+    image = {i: os.path.normpath(paths[line[i] - 1]) for i in range(len(src))}
+    for i in range(len(src)):
+        for j in range(len(src)):
+            assert (ids[i] == ids[j]) == (image[i] == image[j]), (paths[line[i] - 1], paths[line[j] - 1])
+    assert len(set(ids.tolist())) == 3

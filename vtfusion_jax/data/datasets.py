@@ -61,8 +61,8 @@ def _sort_of_clevr_builder(data_dir, kwargs):
 
 def _manifest_builder(data_dir, kwargs):
     kwargs = dict(kwargs)
-    if "path" not in kwargs:
-        raise ValueError("dataset 'manifest' needs builder_kwargs={'path': <folder or .jsonl>, ...}")
+    if not kwargs.get("path"):  # configs/manifest_vqa.py without its ':manifest=PATH' argument
+        raise ValueError("dataset 'manifest' needs builder_kwargs.path: a folder or .jsonl (configs: :manifest=PATH)")
     keys = ("path", "image_dir", "image_size", "skip_bad_rows")
     config = manifest.manifest_config(**{k: kwargs.pop(k) for k in keys if k in kwargs})
     return manifest.Manifest(data_dir=data_dir, config=config, **kwargs)
