@@ -4,6 +4,7 @@
       [--attention_map=out.png] [--checkpoint=best]                                  # VQA: answer + top 5
   python predict.py --workdir=runs/soc_caption --image=scene.png                     # captioning: beam search
   python predict.py --workdir=runs/soc_retrieval --image=scene.png --retrieve=captions.txt   # rank captions
+  python predict.py --exported=runs/easy_vqa/export --image=photo.png --question="..."  # eval.py --export's folder
 """
 
 import os
@@ -17,7 +18,9 @@ flags.DEFINE_string("question", None, "VQA: question about the image.")
 flags.DEFINE_string("attention_map", None, "VQA: optional PNG, the question's attention drawn on the image.")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a step.")
 flags.DEFINE_string("retrieve", None, "Retrieval: captions to rank, a text file (one per line) or 'a|b|c'.")
-flags.mark_flags_as_required(["workdir", "image"])
+flags.DEFINE_string("exported", None, "VQA: a folder written by eval.py --export, instead of --workdir (no config).")
+flags.mark_flags_as_required(["image"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
 FLAGS = flags.FLAGS
 
 
@@ -25,7 +28,7 @@ def main(argv):
     del argv
     import logging
 
-    from vtfusion_jax import eval_lib, preflight
+    from vtfusion_jax import eval_lib, export, preflight
 
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -37,8 +40,15 @@ def main(argv):
         else:
             captions = [c.strip() for c in FLAGS.retrieve.split("|") if c.strip()]
     try:
-        out = eval_lib.predict(FLAGS.workdir, FLAGS.image, question=FLAGS.question, captions=captions,
-                               attention_map=FLAGS.attention_map, checkpoint=FLAGS.checkpoint)  # fmt: skip
+        if FLAGS.exported and (captions or FLAGS.attention_map):
+            raise eval_lib.PredictError(
+                "an exported model answers questions: --retrieve, --attention_map need --workdir"
+            )
+        if FLAGS.exported:
+            out = export.predict(FLAGS.exported, FLAGS.image, FLAGS.question)
+        else:
+            out = eval_lib.predict(FLAGS.workdir, FLAGS.image, question=FLAGS.question, captions=captions,
+                                   attention_map=FLAGS.attention_map, checkpoint=FLAGS.checkpoint)  # fmt: skip
     except (eval_lib.PredictError, FileNotFoundError, preflight.CorruptFileError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

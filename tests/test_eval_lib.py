@@ -1,19 +1,23 @@
-"""An easy-VQA smoke run beats the majority answer; eval.py writes its schema; predict.py answers a real test
-image's question correctly and reports bad inputs in one line."""
+"""An easy-VQA smoke run beats the majority answer; eval.py writes its schema (its figures also as TensorBoard images);
+predict.py answers a real test image's question correctly and reports bad inputs in one line; the run exported with
+jax.export (eval.py --export) gives predict's answers from any batch size."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 from train_testutil import DATA_DIR, REPO, config_flags, load_config, subprocess_env
 
-from vtfusion_jax import eval_lib, metrics
-from vtfusion_jax.data import easy_vqa, pipeline
+from vtfusion_jax import eval_lib, export, metrics, preflight, train_lib
+from vtfusion_jax.data import easy_vqa, pipeline, reader
 
 SMOKE = dict(
     train__num_steps=150,  # 0.72 validation accuracy (0.80 at 250 steps); the bar is the majority answer + 0.15
@@ -81,6 +85,31 @@ def test_eval_writes_the_schema(smoke_run):
     assert np.isclose(np.mean([r["correct"] for r in rows]), m["accuracy"])
     for png in ("confusion_matrix.png", "attention_00.png", "attention_01.png"):
         assert Image.open(folder / png).size[0] > 100
+    # The same figures as TensorBoard images in the eval folder's own run, at the checkpoint's step, same pixels.
+    events = event_accumulator.EventAccumulator(str(folder), size_guidance={"images": 0})
+    events.Reload()
+    tags = ["eval/test[:600]/confusion_matrix", "eval/test[:600]/attention_00", "eval/test[:600]/attention_01"]
+    assert sorted(events.Tags()["images"]) == sorted(tags)
+    for tag in tags:
+        (image,) = events.Images(tag)
+        decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+        assert image.step == SMOKE["train__num_steps"] and (image.height, image.width) == decoded.shape[:2]
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(folder / f"{tag.split('/')[-1]}.png")))
+
+
+def test_tensorboard_images_from_arrays(tmp_path):
+    """write_images encodes uint8 arrays (RGB, grey) as PNGs TensorBoard decodes to the same pixels."""
+    rng = np.random.default_rng(0)
+    arrays = {"rgb": rng.integers(0, 256, (5, 7, 3), np.uint8), "grey": rng.integers(0, 256, (4, 6), np.uint8)}
+    writer = metrics.MultiWriter([metrics.LoggingWriter(), metrics.TensorBoardWriter(str(tmp_path))])
+    writer.write_images(3, arrays)
+    writer.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    for tag, array in arrays.items():
+        (image,) = events.Images(tag)
+        assert (image.step, image.height, image.width) == (3, *array.shape[:2])
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), array)
 
 
 def test_predict_answers_a_test_question_it_gets_right(smoke_run, tmp_path):
@@ -186,3 +215,97 @@ def test_old_workdir_config_is_upgraded_once_where_it_is_read(tmp_path):
     assert c.train.steps_per_run == 7 and list(c.mesh_shape) == list(new.mesh_shape)
     with pytest.raises(AttributeError):
         c.train.not_a_field = 1  # locked
+
+
+PLATFORMS = ("cpu", "cuda", "tpu")  # all lower on this CPU host; the artifact runs here on cpu
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, tmp_path_factory):
+    """(export folder, export.json) of the smoke run's best checkpoint, lowered for PLATFORMS."""
+    workdir, _, _ = smoke_run
+    out = str(tmp_path_factory.mktemp("export"))
+    return out, export.export_model(eval_lib.load_config(str(workdir)), str(workdir), out, "best", PLATFORMS)
+
+
+@pytest.fixture(scope="module")
+def restored(smoke_run):
+    """(task, params, step): the smoke run's best checkpoint, as predict.py --workdir restores it."""
+    workdir = str(smoke_run[0])
+    return train_lib.restore(eval_lib.load_config(workdir), workdir)
+
+
+def _inputs(tmp_path, n: int) -> list[tuple[str, str]]:
+    """(image path, question) pairs: easy-VQA test images (64 px, the model takes 32) and one 50 x 70 JPEG."""
+    images = os.path.join(easy_vqa.package_data_dir(), "test", "images")
+    pairs = [(os.path.join(images, f"{i}.png"), q) for q, _, i in easy_vqa.split_questions()["test"][:n]]
+    jpeg = tmp_path / "odd.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)).save(jpeg)
+    return pairs + [(str(jpeg), "  What color is the shape? ")]
+
+
+def _same(got: dict, want: dict) -> None:
+    assert (got["answer"], got["checkpoint_step"]) == (want["answer"], want["checkpoint_step"])
+    assert [a for a, _ in got["top"]] == [a for a, _ in want["top"]]
+    np.testing.assert_allclose([p for _, p in got["top"]], [p for _, p in want["top"]], rtol=1e-5, atol=1e-7)
+
+
+def test_exported_model_answers_like_the_workdir(smoke_run, exported, restored, tmp_path):
+    (workdir, _, _), (out, meta), (task, params, step) = smoke_run, exported, restored
+    assert meta["platforms"] == list(PLATFORMS) and meta["checkpoint_step"] == SMOKE["train__num_steps"]
+    assert set(os.listdir(out)) == {"model.jax", "params.msgpack", "tokenizer.json", "export.json"}
+    pairs = _inputs(tmp_path, 2)
+    _same(export.predict(out, *pairs[0]), eval_lib.predict(str(workdir), pairs[0][0], question=pairs[0][1]))
+    for image, question in pairs[1:]:  # the library function behind predict.py --workdir, restored once
+        _same(export.predict(out, image, question), dict(task.predict(params, image, question), checkpoint_step=step))
+
+
+def test_one_exported_model_takes_any_batch_size(exported, restored, tmp_path):
+    """Rows of batches of 1, 3 and 5 match the restored model's probabilities on the same examples; the folder's
+    tokenizer encodes like the run's (truncation, unknown characters, empty text)."""
+    (out, _), (task, params, _) = exported, restored
+    model = export.ExportedModel(out)
+    pairs = _inputs(tmp_path, 4)
+    images = np.stack([reader.resize(eval_lib.read_image(p), model.image_size) for p, _ in pairs])  # [5, S, S, 3]
+    questions = [q for _, q in pairs]
+    want, _ = task.attention_views(params, {"image": task.normalize(images), **task.tokenizer(questions)})
+    for rows in (slice(0, 1), slice(1, 4), slice(0, 5)):
+        np.testing.assert_allclose(model.probs(images[rows], questions[rows]), want[rows], rtol=1e-5, atol=1e-7)
+    texts = [*questions, "word " * 40, "ünïcödé ☃ 🙂 shapes?", ""]
+    for key, value in model.tokenizer(texts).items():
+        np.testing.assert_array_equal(value, task.tokenizer(texts)[key])
+
+
+def test_export_bad_folders_and_tasks_are_clear_errors(smoke_run, exported, tmp_path):
+    (workdir, _, _), (out, _) = smoke_run, exported
+    with pytest.raises(FileNotFoundError, match="export.json not found"):
+        export.ExportedModel(str(tmp_path))
+    for name in ("model.jax", "params.msgpack", "tokenizer.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    (tmp_path / "export.json").write_text(json.dumps({"format": 99, "task": "vqa"}))
+    with pytest.raises(preflight.CorruptFileError, match="format / task"):
+        export.ExportedModel(str(tmp_path))
+    with pytest.raises(eval_lib.PredictError, match="question"):
+        export.predict(out, _inputs(tmp_path, 1)[0][0], "  ")
+    config = load_config("tiny")
+    config.task = "retrieval"
+    with pytest.raises(NotImplementedError, match="'vqa'"):
+        export.export_model(config, str(workdir), str(tmp_path / "x"))
+
+
+@pytest.mark.slow  # ~15 s: three subprocesses
+def test_eval_py_exports_and_predict_py_answers_from_it(smoke_run, tmp_path):
+    """The command lines: eval.py --export (this backend by default), then predict.py --exported prints what
+    predict.py --workdir prints, the checkpoint step included."""
+    workdir, _, _ = smoke_run
+    out = tmp_path / "export"
+    done = run_script("eval.py", f"--workdir={workdir}", f"--export={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "export.json").read_text())["platforms"] == [jax.default_backend()]
+    image, question = _inputs(tmp_path, 1)[0]
+    answers = [
+        run_script("predict.py", source, f"--image={image}", f"--question={question}")
+        for source in (f"--exported={out}", f"--workdir={workdir}")
+    ]
+    assert all(a.returncode == 0 for a in answers), [a.stderr[-2000:] for a in answers]
+    assert answers[0].stdout == answers[1].stdout and answers[0].stdout.startswith("answer: ")

@@ -2,7 +2,7 @@
 
 workdir/config.json + checkpoints/<best|latest|step> ─► train_lib.restore ─► (task, params)
   ─► evaluate_split: task.evaluate ─► workdir/eval/<split>/metrics.json (+ the task's files: VQA predictions.jsonl,
-     confusion_matrix.png, attention_*.png; captioning captions.jsonl)
+     confusion_matrix.png, attention_*.png; captioning captions.jsonl; its PNGs also as TensorBoard images there)
   ─► predict / caption / rank_captions: one image (+ question / captions)
 """
 
@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vtfusion_jax import preflight, train_lib
+from vtfusion_jax import metrics, preflight, train_lib
 from vtfusion_jax.data import manifest, reader
 from vtfusion_jax.tasks import PredictError
 
-__all__ = ["PredictError", "evaluate_split", "load_config", "predict", "upgrade_config"]
+__all__ = ["PredictError", "evaluate_split", "load_config", "predict", "read_image", "upgrade_config"]
 
 # Fields added since older runs wrote their config.json, with the value that reproduces how those runs behaved.
 # The one place where a missing field gets a default (library code reads every field directly).
@@ -87,15 +87,31 @@ def evaluate_split(config: ml_collections.ConfigDict, workdir: str, split: str, 
     out_dir = f"{workdir}/eval/{_safe(split)}"
     if jax.process_index() == 0:
         epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    before = _pngs(out_dir)
     result = task.evaluate(params, split, out_dir)
     result.setdefault("num_examples", result.get("num_images"))  # retrieval / captioning: images
     result.update(task=config.task, split=split, checkpoint_step=int(step), wall_seconds=time.time() - started)
     if jax.process_index() == 0:
         (epath.Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        # The figures this evaluation wrote (not an earlier one's leftovers), as TensorBoard images in a run of
+        # their own: a second writer in the training run's folder could hide the training events from TensorBoard.
+        figures = sorted(name for name, stat in _pngs(out_dir).items() if before.get(name) != stat)
+        if figures:
+            writer = metrics.TensorBoardWriter(out_dir)
+            writer.write_images(
+                step, {f"eval/{split}/{n[:-4]}": (epath.Path(out_dir) / n).read_bytes() for n in figures}
+            )
+            writer.close()
     return result
 
 
-def _image(path: str) -> np.ndarray:
+def _pngs(folder: str) -> dict[str, tuple[int, int]]:
+    """{name: (mtime, size)} of the PNGs in ``folder``."""
+    return {p.name: (p.stat().mtime, p.stat().length) for p in epath.Path(folder).glob("*.png")}
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of any image PIL reads; PredictError (one line) for anything else."""
     try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
         return np.asarray(manifest.decode_image(path))
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
@@ -122,7 +138,7 @@ def predict(workdir: str, image_path: str, *, question: str | None = None, capti
     """
     if question is not None and not question.strip():
         raise PredictError("the question is empty")
-    image = _image(image_path)
+    image = read_image(image_path)
     config = load_config(workdir)
     if config.task == "vqa" and question is None:
         raise PredictError("a VQA run answers a question: give --question")

@@ -4,6 +4,7 @@ metrics_caption.py) and metric writers (TensorBoard event files + metrics.jsonl)
 from __future__ import annotations
 
 import abc
+import io
 import json
 import logging
 import math
@@ -76,7 +77,8 @@ def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> floa
 
 
 class MetricWriter(abc.ABC):
-    """Interface: ``write_scalars(step, {name: value})``, ``write_hparams(dict)``, ``flush()``, ``close()``."""
+    """Interface: ``write_scalars(step, {name: value})``, ``write_hparams(dict)``, ``write_images(step, {tag: image})``,
+    ``flush()``, ``close()``."""
 
     @abc.abstractmethod
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -84,6 +86,11 @@ class MetricWriter(abc.ABC):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         del hparams
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray | bytes]) -> None:
+        """Records ``{tag: uint8 [H, W] / [H, W, 3 | 4] array or PNG bytes}`` at ``step`` (writers without images
+        ignore them)."""
+        del step, images
 
     def flush(self) -> None:  # noqa: B027  (optional hook: buffering writers override it)
         pass
@@ -101,7 +108,7 @@ class LoggingWriter(MetricWriter):
 
 
 class TensorBoardWriter(MetricWriter):
-    """Scalars (and hparams as text) to TensorBoard event files via the `tensorboard` package (no TensorFlow)."""
+    """Scalars, images and hparams (as text) to TensorBoard event files via the `tensorboard` package (no TF)."""
 
     def __init__(self, logdir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -131,6 +138,22 @@ class TensorBoardWriter(MetricWriter):
         )  # dtype 7 = DT_STRING
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         self._add(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="config", tensor=tensor, metadata=meta)]))
+
+    def write_images(self, step, images):
+        from PIL import Image
+        from tensorboard.compat.proto import summary_pb2
+
+        values = []
+        for tag, image in images.items():
+            if not isinstance(image, bytes):  # TensorBoard stores encoded images
+                buf = io.BytesIO()
+                Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+                image = buf.getvalue()
+            with Image.open(io.BytesIO(image)) as im:  # reads the header only
+                (w, h), channels = im.size, len(im.getbands())
+            image_pb = summary_pb2.Summary.Image(height=h, width=w, colorspace=channels, encoded_image_string=image)
+            values.append(summary_pb2.Summary.Value(tag=tag, image=image_pb))
+        self._add(step, summary_pb2.Summary(value=values))
 
     def flush(self):
         self._writer.flush()
@@ -193,6 +216,10 @@ class MultiWriter(MetricWriter):
     def write_hparams(self, hparams):
         for w in self.writers:
             w.write_hparams(hparams)
+
+    def write_images(self, step, images):
+        for w in self.writers:
+            w.write_images(step, images)
 
     def flush(self):
         for w in self.writers:
