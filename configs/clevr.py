@@ -2,14 +2,15 @@
 
 Run (CLEVR prepared first with TFDS, which needs TensorFlow and the network: docs/datasets.md):
   python train.py --config=configs/clevr.py --workdir=runs/clevr_rn
-  python eval.py --config=configs/clevr.py --workdir=runs/clevr_rn --split=validation
+  python eval.py --config=configs/clevr.py --workdir=runs/clevr_rn   # eval.split: validation[1000:]
   python train.py --config=configs/clevr.py:fusion=cross --workdir=runs/clevr_cross   # any registered variant
 
 Data (vtfusion_jax/data/clevr.py): TFDS clevr 3.1.0, one record per question over TFDS's one per image; answer
 vocabulary = the train split's 28 answers; question_type = Santoro et al.'s five types (exist, count,
 compare_numbers, query_attribute, compare_attribute), derived from the answer and the question's words because
-TFDS keeps no question family (the rules: data/clevr.py). The test split has no answers: report ``validation``
-(149,991 questions); its first 1,000 images pick the best checkpoint.
+TFDS keeps no question family (the rules: data/clevr.py). The test split has no answers (CLEVR withholds them), so
+the validation split (15,000 images, 149,991 questions) is cut by image: the questions of its first 1,000 images
+pick the best checkpoint, those of the other 14,000 give the reported figure (the paper's are on the test split).
 
 rn follows the paper's CLEVR-from-pixels model where this codebase has the part: images scaled to 128 x 128, padded
 8 px and randomly cropped back (not the paper's +-0.05 rad rotations); 4 conv layers of 24 3x3 kernels, stride 2,
@@ -48,7 +49,7 @@ def get_config(arg=None):
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.dataset.builder_kwargs = ml_collections.ConfigDict()  # builder options (none for CLEVR)
     c.dataset.train_split = "train"  # 699,989 questions on 70,000 images
-    c.dataset.val_split = "validation[:1000]"  # model selection: the first 1,000 validation images' questions
+    c.dataset.val_split = "validation[:1000]"  # model selection: the questions of the first 1,000 validation images
     c.dataset.image_size = 128  # resized at load (PIL bilinear) from 480 x 320, as the paper
     c.dataset.augment = True  # 8 px edge padding + random 128 px crops (the paper's padding and crops)
     c.dataset.max_len = 64  # tokens per question incl. [CLS]/[SEP] (longer ones are truncated)
@@ -105,11 +106,11 @@ def get_config(arg=None):
         images_per_batch=8,  # image-grouped batches (~10 questions per image): each image encoded once per batch
         num_epochs=20.0,  # passes over the train questions (the paper does not state its length)
         log_every_steps=100,  # train metrics cadence
-        eval_every_steps=5000,  # validation on the 10k model-selection questions
+        eval_every_steps=5000,  # validation on the ~10,000 model-selection questions
         checkpoint_every_steps=5000,  # with each validation
         eval_batch_size=512,  # validation / test batch size
     )
-    c.eval = common.evaluation(split="validation")  # eval.py: validation (the test split has no answers)
+    c.eval = common.evaluation(split="validation[1000:]")  # eval.py: the other 14,000 images (test has no answers)
 
     c.lock()
     return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

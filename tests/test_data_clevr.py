@@ -3,6 +3,7 @@
 
 import io
 import math
+import os
 
 import numpy as np
 import pytest
@@ -104,6 +105,22 @@ def test_answers_outside_the_train_vocabulary_are_minus_one(mock_clevr):
     missing = np.asarray([a not in labels for a in index["answers"]])
     assert missing.any() and (src.answers[missing] == -1).all() and (src.answers[~missing] >= 0).all()
     np.testing.assert_array_equal(clevr._index(images, f"{data_dir}/index.npz")["image_record"], index["image_record"])
+
+
+def test_a_split_without_answers_is_refused(mock_clevr, monkeypatch):
+    """CLEVR withholds the test answers (TFDS stores ""): evaluating that split would score 0 %, so it is refused."""
+    data_dir, _ = mock_clevr
+    real = clevr._index
+    withheld = lambda images, cache: (  # noqa: E731
+        dict(out := real(images, cache), answers=[""] * len(out["answers"]))
+        if os.path.basename(cache).startswith("test")
+        else real(images, cache)
+    )
+    monkeypatch.setattr(clevr, "_index", withheld)
+    monkeypatch.setattr(clevr, "_INDEXES", {})
+    with pytest.raises(ValueError, match=r"no answers .* validation\[1000:\]"):
+        datasets.get_data_source("clevr", "test", data_dir=data_dir)
+    assert len(datasets.get_data_source("clevr", "validation", data_dir=data_dir)) > 0
 
 
 def test_image_grouped_batches_keep_each_images_questions_together(mock_clevr):

@@ -190,4 +190,7 @@ def question_source(builder: tfds.core.DatasetBuilder, split: str, data_dir: str
         sources[s] = (images, _INDEXES[cache, len(images)])
     labels = sorted(set(sources["train"][1]["answers"]))
     images, index = sources[split]
+    if index["answers"] and not any(index["answers"]):
+        raise ValueError(f"CLEVR split {split!r} has no answers (CLEVR withholds the test answers): evaluate a "
+                         "validation slice instead, e.g. configs/clevr.py's eval.split validation[1000:]")  # fmt: skip
     return QuestionSource(images, index, labels, str(builder.data_dir))
