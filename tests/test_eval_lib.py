@@ -276,8 +276,12 @@ def test_one_exported_model_takes_any_batch_size(exported, restored, tmp_path):
         np.testing.assert_array_equal(value, task.tokenizer(texts)[key])
 
 
-def test_export_bad_folders_and_tasks_are_clear_errors(smoke_run, exported, tmp_path):
+def test_export_bad_folders_platforms_and_tasks_are_clear_errors(smoke_run, exported, tmp_path, monkeypatch):
     (workdir, _, _), (out, _) = smoke_run, exported
+    with monkeypatch.context() as m:
+        m.setattr(jax.export, "default_export_platform", lambda: "rocm")
+        with pytest.raises(NotImplementedError, match=r"exported for \['cpu', 'cuda', 'tpu'\].*runs rocm"):
+            export.ExportedModel(out)
     with pytest.raises(FileNotFoundError, match="export.json not found"):
         export.ExportedModel(str(tmp_path))
     for name in ("model.jax", "params.msgpack", "tokenizer.json"):
@@ -293,10 +297,10 @@ def test_export_bad_folders_and_tasks_are_clear_errors(smoke_run, exported, tmp_
         export.export_model(config, str(workdir), str(tmp_path / "x"))
 
 
-@pytest.mark.slow  # ~15 s: three subprocesses
+@pytest.mark.slow  # ~20 s: four subprocesses
 def test_eval_py_exports_and_predict_py_answers_from_it(smoke_run, tmp_path):
     """The command lines: eval.py --export (this backend by default), then predict.py --exported prints what
-    predict.py --workdir prints, the checkpoint step included."""
+    predict.py --workdir prints, the checkpoint step included; the folder runs without the model code."""
     workdir, _, _ = smoke_run
     out = tmp_path / "export"
     done = run_script("eval.py", f"--workdir={workdir}", f"--export={out}")
@@ -309,3 +313,12 @@ def test_eval_py_exports_and_predict_py_answers_from_it(smoke_run, tmp_path):
     ]
     assert all(a.returncode == 0 for a in answers), [a.stderr[-2000:] for a in answers]
     assert answers[0].stdout == answers[1].stdout and answers[0].stdout.startswith("answer: ")
+    # Loading and running the folder imports neither TFDS, ml_collections, Orbax nor the model code.
+    probe = (
+        "import sys, numpy as np; from vtfusion_jax import export; m = export.ExportedModel(sys.argv[1]); "
+        "p = m.probs(np.zeros((3, m.image_size, m.image_size, 3), np.uint8), ['what shape?', 'red?', '']); "
+        "print(p.shape, sorted(set(sys.modules) & {'tensorflow_datasets', 'ml_collections', 'orbax', "
+        "'vtfusion_jax.models', 'vtfusion_jax.tasks', 'vtfusion_jax.train_lib'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(out)], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2] == "(3, 13) []", done.stdout + done.stderr[-2000:]

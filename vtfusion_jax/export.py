@@ -96,6 +96,7 @@ class ExportedModel:
     Raises:
       FileNotFoundError: ``directory`` lacks one of the four files.
       CorruptFileError: an unreadable export.json, or one of another format or task.
+      NotImplementedError: not exported for this machine's platform.
     """
 
     def __init__(self, directory: str):
@@ -109,6 +110,10 @@ class ExportedModel:
             raise preflight.CorruptFileError(f"{d / META}: format / task {kind}, this code reads ({FORMAT}, 'vqa')")
         self.meta = meta
         self.exported = jax.export.deserialize(bytearray((d / MODEL).read_bytes()))
+        here = jax.export.default_export_platform()  # "cuda", not jax's "gpu": the names export uses
+        if here not in self.exported.platforms:
+            raise NotImplementedError(f"{d / MODEL} was exported for {list(self.exported.platforms)}, this machine "
+                                      f"runs {here}: export it again with --export_platforms=...,{here}")  # fmt: skip
         self.params = jax.device_put(serialization.msgpack_restore((d / PARAMS).read_bytes()))
         self.tokenizer = Tokenizer(str(d / TOKENIZER), max_len=int(self.meta["max_len"]))
         self.image_size, self.label_names = int(self.meta["image_size"]), list(self.meta["label_names"])
