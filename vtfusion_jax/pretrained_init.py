@@ -7,9 +7,11 @@
          placed on the state's parameter shardings
       ─► image_normalization: the image checkpoint's pixel mean / std for the input pipeline
 
-Likewise ``model.image_encoder`` (ViT, CLIP vision, ResNet). Fields beside ``init_from`` / ``freeze`` are loader
-overrides (pretrained.load_*_encoder), never a silent architecture change; a ``name`` that differs from the
-checkpoint's family raises.
+Likewise ``model.image_encoder`` (ViT, CLIP / SigLIP vision, ResNet). Fields beside ``init_from`` / ``freeze`` are
+loader overrides (pretrained.load_*_encoder; ``pooler: True`` adds the checkpoint's pooled-output head), never a
+silent architecture change; a ``name`` that differs from the checkpoint's family raises. ``model.head.init_from``
+(a CLIP / SigLIP two-tower file, retrieval head) imports the contrastive temperature tau = exp(-logit_scale) into
+``log_temperature`` and SigLIP's ``logit_bias``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ TOWERS = {"text_encoder": (pretrained.TEXT_FAMILIES, "text"), "image_encoder": (
 DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def _source(tower_spec: Mapping[str, Any]) -> str | None:
+def init_source(tower_spec: Mapping[str, Any]) -> str | None:
+    """A tower (or head) spec's ``init_from``, or None."""
     # Tower specs are open dicts of module fields: a tower without the key simply has no checkpoint.
     src = tower_spec.get("init_from")
     return str(src) if src else None
@@ -46,7 +49,7 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
     ``init_from``, from the checkpoint's config.json alone (no tensors read). ValueError for an unsupported
     model_type, a ``name`` not the checkpoint's family, or (text) another vocab size."""
     families, _ = TOWERS[tower]
-    src = _source(tower_spec)
+    src = init_source(tower_spec)
     _, family, plan = pretrained.family_plan(pretrained.resolve(src), families, f"model.{tower}.init_from={src!r}")
     base = plan.spec
     name = tower_spec.get("name")
@@ -61,7 +64,7 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
             f"model.{tower}.init_from={src!r} has vocab_size {base['vocab_size']} but the tokenizer has {vocab}: "
             f"set dataset.tokenizer_path to the checkpoint's vocabulary"
         )
-    spec = {**base, **_overrides(tower, tower_spec), "init_from": src}
+    spec = {**plan.spec_with(_overrides(tower, tower_spec)), "init_from": src}
     if "freeze" in tower_spec:
         spec["freeze"] = tower_spec["freeze"]
     return spec
@@ -71,7 +74,7 @@ def resolve_model_spec(model_spec: Mapping[str, Any]) -> dict[str, Any]:
     """``config.model`` as a dict with each ``init_from`` tower replaced by ``checkpoint_spec`` (others unchanged)."""
     out = dict(model_spec)
     for tower in TOWERS:
-        if tower in out and _source(out[tower]):
+        if tower in out and init_source(out[tower]):
             out[tower] = checkpoint_spec(tower, out[tower])
     return out
 
@@ -100,7 +103,7 @@ def import_into_params(
     out = dict(params)
     for i, tower in enumerate(TOWERS):
         spec = model_spec.get(tower, {})
-        if not _source(spec):
+        if not init_source(spec):
             continue
         loaded_spec, imported = _load(tower, spec, image_size, jax.random.fold_in(rng, i))
         module = lambda s: {k: v for k, v in s.items() if k not in NON_MODULE_KEYS or k == "name"}  # noqa: E731
@@ -124,12 +127,28 @@ def import_into_params(
                 f"(image_size={image_size}):\n  " + "\n  ".join(problems)
             )
         out[tower] = jax.device_put(imported, param_shardings[tower])
+    src = init_source(model_spec.get("head", {}))
+    if src:
+        out["head"] = jax.device_put(_head_params(params["head"], src), param_shardings["head"])
     return out
+
+
+def _head_params(head: Mapping[str, Any], src: str) -> dict[str, Any]:
+    """The head's params with log_temperature = -logit_scale (and logit_bias) from checkpoint ``src``."""
+    scale, bias = pretrained.load_logit_scale(src)
+    if "log_temperature" not in head or ("logit_bias" in head) != (bias is not None):
+        have = "a logit_bias" if bias is not None else "no logit_bias"
+        raise ValueError(
+            f"model.head.init_from={src!r} ({have}) needs a retrieval head with log_temperature and, exactly when the "
+            f"checkpoint has a bias, contrastive='sigmoid'; the head has {sorted(head)}"
+        )
+    new = {"log_temperature": np.float32(-scale)} | ({"logit_bias": np.float32(bias)} if bias is not None else {})
+    return dict(head) | {k: np.asarray(v, head[k].dtype) for k, v in new.items()}
 
 
 def import_into_state(state: Any, state_shardings: Any, model_spec: Mapping[str, Any], image_size: int, seed: int):
     """A fresh train state with its ``init_from`` towers imported (AdamW's zero moments need no change)."""
-    if not any(_source(model_spec.get(t, {})) for t in TOWERS):
+    if not any(init_source(model_spec.get(t, {})) for t in (*TOWERS, "head")):
         return state
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)  # 0: params, 1: the state's RNG (train_lib)
     params = import_into_params(state.params, state_shardings.params, model_spec, image_size, rng)
@@ -139,7 +158,7 @@ def import_into_state(state: Any, state_shardings: Any, model_spec: Mapping[str,
 def image_normalization(model_spec: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
     """{"image_mean", "image_std"} for the input pipeline: the image checkpoint's statistics
     (pretrained.image_preprocessing) when ``model.image_encoder.init_from`` is set, else the pipeline's defaults."""
-    src = _source(model_spec.get("image_encoder", {}))
+    src = init_source(model_spec.get("image_encoder", {}))
     if not src:
         return {"image_mean": DEFAULT_IMAGE_MEAN, "image_std": DEFAULT_IMAGE_STD}
     pre = pretrained.image_preprocessing(src)

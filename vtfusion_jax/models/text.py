@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from vtfusion_jax import layers
 
+POOLS = ("cls", "eos", "last")  # BertEncoder.pool
+
 
 def _embed(num: int, width: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
     init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
@@ -23,14 +25,21 @@ def _embed(num: int, width: int, axes: tuple[str | None, str], name: str) -> nn.
 class BertEncoder(nn.Module):
     """BERT (Devlin et al. 2019): token + position + type embeddings, embedding LayerNorm, Transformer blocks.
 
-    ``post_ln=True``: BERT's layout (importable from HF); False: pre-LN + final LayerNorm (stabler from scratch).
+    ``post_ln=True``: BERT's layout (importable from HF); False: pre-LN + final LayerNorm (stabler from scratch; the
+    layout of CLIP's and SigLIP's text towers, with ``type_vocab_size=0`` and, for CLIP, ``causal=True``).
 
     Attributes:
       vocab_size: WordPiece vocabulary size (30522 for BERT / MiniLM uncased).
       width, depth, num_heads, mlp_dim: Transformer size.
-      max_len, type_vocab_size: number of learned positions and of segment (token type) embeddings.
+      max_len, type_vocab_size: number of learned positions and of segment (token type) embeddings (0: none).
       activation: MLP activation (layers.ACTIVATIONS; BERT: exact "gelu").
-      pooler: add BERT's pooler, tanh(Dense([CLS] output)), returned with ``return_pooled=True``.
+      causal: each token attends to itself and the tokens before it only (CLIP's text tower).
+      pooler: add BERT's pooler, tanh(Dense(pooled token)), returned with ``return_pooled=True``.
+      pool: the token a pooled output reads: "cls" (position 0, BERT), "eos" (CLIP: the first ``eos_token_id``;
+        with eos_token_id None or 2 the largest id, as HF does for legacy CLIP configs), "last" (the last position,
+        padding or not: SigLIP).
+      proj_dim, proj_bias: Dense(proj_dim) on the pooled output (0: none): CLIP's ``text_projection`` (no bias),
+        SigLIP's text ``head`` (bias); returned with ``return_pooled=True``.
     """
 
     vocab_size: int = 30522
@@ -44,7 +53,12 @@ class BertEncoder(nn.Module):
     dropout_rate: float = 0.0
     ln_epsilon: float = 1e-12
     activation: str = "gelu"
+    causal: bool = False
     pooler: bool = False
+    pool: str = "cls"
+    eos_token_id: int | None = None
+    proj_dim: int = 0
+    proj_bias: bool = True
     attention_impl: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -59,31 +73,49 @@ class BertEncoder(nn.Module):
         token_type_ids: jax.Array | None = None,
         return_pooled: bool = False,
     ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
-        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L]) (+ pooled [B, D] if return_pooled)."""
-        if return_pooled and not self.pooler:
-            raise ValueError("return_pooled=True needs BertEncoder(pooler=True)")
+        """text_ids [B, L], text_mask [B, L] -> (tokens [B, L, D], mask [B, L]) (+ pooled [B, D or proj_dim] if
+        return_pooled)."""
+        pooled_head = self.pooler or self.proj_dim > 0
+        if return_pooled and not pooled_head:
+            raise ValueError("return_pooled=True needs BertEncoder(pooler=True) or proj_dim > 0")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown BertEncoder.pool {self.pool!r}; valid: {POOLS}")
         b, seq = text_ids.shape
         if seq > self.max_len:
             raise ValueError(f"text length {seq} exceeds BertEncoder.max_len={self.max_len}")
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(text_ids)
         x = _embed(self.vocab_size, self.width, ("vocab", "embed"), "word_embeddings")(text_ids)
         x = x + _embed(self.max_len, self.width, (None, "embed"), "position_embeddings")(jnp.arange(seq))[None]
-        x = x + _embed(self.type_vocab_size, self.width, (None, "embed"), "token_type_embeddings")(token_type_ids)
+        if self.type_vocab_size:
+            types = jnp.zeros_like(text_ids) if token_type_ids is None else token_type_ids
+            x = x + _embed(self.type_vocab_size, self.width, (None, "embed"), "token_type_embeddings")(types)
         if self.post_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="embeddings_ln")(x)
         x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)  # [B, L, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        lengths = layers.key_lengths(text_mask)  # right-padded (module docstring): fused kernels take lengths
-        x = layers.transformer_encoder(self, x, lengths, deterministic, post_ln=self.post_ln)
+        # Right-padded (module docstring): fused kernels take lengths; causal needs the full [B, L, L] pattern.
+        keys = layers.key_lengths(text_mask)
+        if self.causal:
+            keys = jnp.tril(jnp.ones((seq, seq), bool))[None] & text_mask[:, None, :]  # [B, L, L]
+        x = layers.transformer_encoder(self, x, keys, deterministic, post_ln=self.post_ln)
         if not self.post_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
-        x = x * text_mask[..., None].astype(x.dtype)
-        if not self.pooler:
-            return x, text_mask
-        # BERT's pooler reads the first ([CLS]) position.
-        pooled = jnp.tanh(layers.dense(self.width, "embed", "mlp", dtype=self.dtype, name="pooler")(x[:, 0]))  # [B, D]
-        return (x, text_mask, pooled) if return_pooled else (x, text_mask)
+        out = x * text_mask[..., None].astype(x.dtype)
+        if not pooled_head:
+            return out, text_mask
+        if self.pool == "cls":
+            pooled = x[:, 0]  # [B, D]
+        elif self.pool == "last":  # the last position even where it is padding (as HF SigLIP reads it)
+            pooled = x[:, -1]
+        else:
+            legacy = self.eos_token_id in (None, 2)  # HF CLIP: configs from before its eos fix point at the max id
+            pos = jnp.argmax(text_ids if legacy else (text_ids == self.eos_token_id).astype(jnp.int32), axis=-1)
+            pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+        if self.pooler:
+            pooled = jnp.tanh(layers.dense(self.width, "embed", "mlp", dtype=self.dtype, name="pooler")(pooled))
+        if self.proj_dim:
+            proj = layers.dense(self.proj_dim, "embed", None, dtype=self.dtype, name="proj", use_bias=self.proj_bias)
+            pooled = proj(pooled)
+        return (out, text_mask, pooled) if return_pooled else (out, text_mask)
 
 
 class GRUEncoder(nn.Module):

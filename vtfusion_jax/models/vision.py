@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vtfusion_jax import layers
+from vtfusion_jax.attention import MultiHeadAttention
 
 NORMS = ("group", "layer", "frozen_bn", "none")
 
@@ -280,6 +281,9 @@ class ViT(nn.Module):
       pre_ln: LayerNorm on the token sequence before the first block (CLIP's ``pre_layrnorm``).
       final_ln: LayerNorm after the last block (ViT's ``layernorm``; CLIP's ``post_layernorm`` on every token, so
         CLS is HF's ``pooler_output``; False: HF CLIP's ``last_hidden_state``).
+      pool: the pooled output (``return_pooled=True``): "none", "cls" (the CLS token, CLIP), "map" (SigLIP's
+        multihead attention pooling, MAPHead).
+      proj_dim, proj_bias: Dense(proj_dim) on the pooled output (0: none; CLIP's ``visual_projection``: no bias).
     """
 
     width: int = 192
@@ -295,14 +299,22 @@ class ViT(nn.Module):
     patch_bias: bool = True
     pre_ln: bool = False
     final_ln: bool = True
+    pool: str = "none"
+    proj_dim: int = 0
+    proj_bias: bool = True
     attention_impl: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, image: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """image [B, H, W, 3] -> (tokens [B, N(+1), D], mask [B, N(+1)])."""
+    def __call__(self, image: jax.Array, deterministic: bool = True, return_pooled: bool = False) -> tuple:
+        """image [B, H, W, 3] -> (tokens [B, N(+1), D], mask [B, N(+1)]) (+ pooled [B, D or proj_dim] if
+        return_pooled)."""
+        if self.pool not in ("none", "cls", "map") or (self.pool == "cls" and not self.use_cls):
+            raise ValueError(f"ViT.pool must be 'none', 'cls' (needs use_cls=True) or 'map', got {self.pool!r}")
+        if return_pooled and self.pool == "none":
+            raise ValueError("return_pooled=True needs ViT.pool 'cls' or 'map'")
         p = self.patch_size
         kw = dict(use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")
         kw.update(kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")))
@@ -321,7 +333,41 @@ class ViT(nn.Module):
         x = layers.transformer_encoder(self, x, None, deterministic)
         if self.final_ln:
             x = layers.LayerNorm(self.ln_epsilon, name="final_ln")(x).astype(self.dtype)
-        return x, mask
+        if self.pool == "none":
+            return x, mask
+        if self.pool == "cls":
+            pooled = x[:, 0]  # [B, D]
+        else:
+            kw = dict(ln_epsilon=self.ln_epsilon, activation=self.activation, attention_impl=self.attention_impl)
+            pooled = MAPHead(self.num_heads, self.mlp_dim, **kw, dtype=self.dtype, name="map")(x)
+        if self.proj_dim:
+            proj = layers.dense(self.proj_dim, "embed", None, dtype=self.dtype, name="proj", use_bias=self.proj_bias)
+            pooled = proj(pooled)
+        return (x, mask, pooled) if return_pooled else (x, mask)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (Lee et al. 2019; SigLIP's vision ``head``): a learned probe attends to the
+    tokens, then ``y + MLP(LN(y))``. x [B, N, D] -> [B, D]."""
+
+    num_heads: int
+    mlp_dim: int
+    ln_epsilon: float = 1e-6
+    activation: str = "gelu_tanh"
+    attention_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed"))
+        probe = self.param("probe", init, (1, 1, x.shape[-1]), jnp.float32)
+        probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(self.dtype)
+        attn = MultiHeadAttention(
+            self.num_heads, implementation=self.attention_impl, dtype=self.dtype, name="attention"
+        )
+        y = attn(probe, x)  # [B, 1, D]
+        h = layers.LayerNorm(self.ln_epsilon, name="layernorm")(y).astype(self.dtype)
+        return (y + layers.MLP(self.mlp_dim, 0.0, self.dtype, self.activation, name="mlp")(h))[:, 0]
 
 
 # name -> (class, default overrides). Sizes beyond these come from the config's kwargs.

@@ -22,10 +22,10 @@ import numpy as np
 import optax
 from etils import epath
 
-from vtfusion_jax import metrics_caption, sharding
+from vtfusion_jax import metrics_caption, pretrained, pretrained_init, sharding
 from vtfusion_jax.data import pipeline
 from vtfusion_jax.data.captions import CaptionIndex, WordVocab
-from vtfusion_jax.models.retrieval import RetrievalModel, itc_loss, sample_hard_negatives
+from vtfusion_jax.models.retrieval import RetrievalModel, sample_hard_negatives
 from vtfusion_jax.tasks.base import Task
 
 RERANK_SCORES = ("itm", "itm+itc")
@@ -54,7 +54,10 @@ class CaptionDataTask(Task):
         self._index: dict[str, CaptionIndex] = {}
         path = epath.Path(workdir) / "vocab.json" if workdir else None
         max_len = config.dataset.max_len
-        if path and path.exists():
+        text_init = pretrained_init.init_source(config.model.text_encoder)
+        if text_init:  # a pretrained text tower reads its checkpoint's token ids
+            self.tokenizer = pretrained.CheckpointTokenizer(text_init, max_len)
+        elif path and path.exists():
             self.tokenizer = WordVocab.load(path, max_len)
         else:
             self.tokenizer = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
@@ -71,7 +74,7 @@ class CaptionDataTask(Task):
         return self._index[split]
 
     def save_assets(self, workdir: str) -> None:
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and isinstance(self.tokenizer, WordVocab):
             self.tokenizer.save(epath.Path(workdir) / "vocab.json")
 
     def stored_image_size(self) -> int:
@@ -106,7 +109,7 @@ class RetrievalTask(CaptionDataTask):
     def build_model(self, sow_weights: bool = False):
         spec = self.config.model.to_dict()
         spec["text_encoder"] = dict(spec["text_encoder"], vocab_size=self.tokenizer.size)
-        return RetrievalModel(spec)
+        return RetrievalModel(pretrained_init.resolve_model_spec(spec))  # init_from towers: the checkpoint's spec
 
     def init_batch(self):
         length, s = self.config.dataset.max_len, self.stored_image_size()
@@ -120,11 +123,10 @@ class RetrievalTask(CaptionDataTask):
         c = self.config.loss
         m = self.model
         apply = lambda method, *a: m.apply({"params": params}, *a, method=method, rngs={"dropout": rng})  # noqa: E731
-        image, image_mask = apply(RetrievalModel.encode_image, batch["image"], True)
-        text, text_mask = apply(RetrievalModel.encode_text, batch["text_ids"], batch["text_mask"], True)
-        img_emb, txt_emb = apply(RetrievalModel.embed, image, image_mask, text, text_mask)
+        image, image_mask, img_emb = apply(RetrievalModel.encode_image, batch["image"], True)
+        text, text_mask, txt_emb = apply(RetrievalModel.encode_text, batch["text_ids"], batch["text_mask"], True)
         tau = apply(RetrievalModel.temperature)
-        itc, logits = itc_loss(img_emb, txt_emb, tau, batch["image_id"], mesh=self.mesh)
+        itc, logits = apply(RetrievalModel.itc, img_emb, txt_emb, batch["image_id"], self.mesh)
         ids = batch["image_id"]
         pos = ids[:, None] == ids[None, :]
         neg_text, neg_image = sample_hard_negatives(rng, logits, pos)
@@ -143,15 +145,13 @@ class RetrievalTask(CaptionDataTask):
     def _fns(self) -> dict:
         if "fns" in self._eval_cache:
             return self._eval_cache["fns"]
-        m, pad = self.model, self.tokenizer.pad_id
+        m = self.model
 
         def enc_img(p, x):
-            tok, mask = m.apply({"params": p}, x, method=RetrievalModel.encode_image)
-            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_image)
+            return m.apply({"params": p}, x, method=RetrievalModel.encode_image)
 
-        def enc_txt(p, t):
-            tok, mask = m.apply({"params": p}, t, t != pad, method=RetrievalModel.encode_text)
-            return tok, mask, m.apply({"params": p}, tok, mask, method=RetrievalModel.embed_text)
+        def enc_txt(p, t):  # t: ids and mask stacked, int32 [B, 2, L]
+            return m.apply({"params": p}, t[:, 0], t[:, 1] > 0, method=RetrievalModel.encode_text)
 
         def itm(p, a, am, b, bm):
             return m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
@@ -162,7 +162,8 @@ class RetrievalTask(CaptionDataTask):
     def encode_texts(self, params, texts: list[str]) -> tuple[np.ndarray, ...]:
         """(tokens, mask, embeddings) of texts, host arrays."""
         fn = self._fns()["text"]
-        ids = self.tokenizer(texts)["text_ids"]
+        tok = self.tokenizer(texts)
+        ids = np.stack([tok["text_ids"], tok["text_mask"].astype(np.int32)], axis=1)  # [T, 2, L]
         with jax.set_mesh(self.mesh):
             return self.map_batches(lambda t: fn(params, self.put(t)), ids, self.config.train.eval_batch_size)
 
