@@ -85,7 +85,7 @@ def export_model(config, workdir: str, out_dir: str, checkpoint="best", platform
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL).write_bytes(exported.serialize())
     (out / PARAMS).write_bytes(serialization.msgpack_serialize(params))
-    (out / TOKENIZER).write_text(task.tokenizer._tok.to_str())  # the loaded tokenizer, whatever file it came from
+    (out / TOKENIZER).write_text(task.tokenizer.to_json())  # the loaded tokenizer, whatever file it came from
     (out / META).write_text(json.dumps(meta, indent=1))
     return meta
 

@@ -137,3 +137,7 @@ class Tokenizer:
         """Inverse of `encode`: the text of token ids, special tokens and padding dropped (lower-cased for uncased
         vocabularies)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def to_json(self) -> str:
+        """The tokenizer in the HF ``tokenizers`` JSON format (what ``Tokenizer(path)`` loads back)."""
+        return self._tok.to_str()
