@@ -222,6 +222,30 @@ def tasks() -> str:
     return " ".join(parts + [f"Each: `{RUN}` with configs/sort_of_clevr_{{retrieval,caption}}.py."])
 
 
+def datasets_measured() -> str:
+    """docs/datasets.md: per dataset, the test figure measured here (model chosen on validation), from results/."""
+    rows = []
+    if rs := _group("easy_vqa"):
+        rows.append(["easy-VQA", "VQA", f"accuracy {pct([r['metrics']['accuracy'] for r in rs])} %", rs])
+    if soc := sort_of_clevr_runs():
+        best = _soc_best(soc)
+        rs, t = soc[best], [r["metrics"]["per_type"] for r in soc[best]]
+        what = f"`{best}`: relational {pct([x['relational'] for x in t])} %, non-relational "
+        rows.append(["Sort-of-CLEVR", "VQA", what + f"{pct([x['non_relational'] for x in t])} %", rs])
+    for name, task, key, unit in (("retrieval", "retrieval", "rerank_i2t_R@1", "R@1 image->text"),
+                                  ("caption", "captioning", "beam_cider_d", "CIDEr-D")):  # fmt: skip
+        if rs := runs(f"sort_of_clevr_{name}"):
+            x = rs[0]["metrics"][key]
+            rows.append(
+                ["Sort-of-CLEVR scenes", task, f"{unit} {100 * x:.1f} %" if "R@" in key else f"{unit} {x:.2f}", rs]
+            )
+    body = [[d, t, w, len(rs), _provenance(rs)] for d, t, w, rs in rows]
+    return table("Dataset | Task | Test figure (measured here) | Runs | Commit, CPU", body) + (
+        "\n\nFrom `results/` by `python scripts/report.py`; each run's command is in its `summary.json` and in the "
+        "tables of README.md / docs/results.md. CLEVR, COCO and manifest data were not run here (no downloads)."
+    )
+
+
 def input_pipeline() -> str:
     """README: benchmarks/input_pipeline.py's throughput table."""
     folder = os.path.join(RESULTS, "input_pipeline")
@@ -478,6 +502,7 @@ def _by_name(*fns: Callable[[], str]) -> dict[str, Callable[[], str]]:
 SECTIONS: dict[str, dict[str, Callable[[], str]]] = {  # {file: {section name: the function that writes its body}}
     "README.md": _by_name(main_job, sort_of_clevr, tasks, input_pipeline, reliability),
     "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_table),
+    "docs/datasets.md": _by_name(datasets_measured),
     "docs/performance.md": _by_name(
         perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_switches, perf_compile, perf_gpu
     ),

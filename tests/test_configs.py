@@ -59,3 +59,11 @@ def test_misspelt_override_fails_in_one_line_with_valid_keys(tmp_path):
     assert "Traceback" not in out.stderr
     assert "optim.lrr" in out.stderr and "Did you mean lr" in out.stderr and "warmup_steps" in out.stderr
     assert not os.path.exists(os.path.join(tmp_path, "config.json"))  # failed before doing anything
+
+
+def test_readme_names_every_config():
+    """README's "Configs: datasets and tasks" table names every file under configs/ (common.py: the shared blocks)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("## Configs: datasets and tasks")[1].split("\n## ")[0]
+    names = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py") and f != "common.py")
+    assert [n for n in names if f"`{n}" not in section] == []
