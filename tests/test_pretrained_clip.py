@@ -5,6 +5,8 @@ with vtfusion_jax.pretrained; texts of different lengths are padded under an att
 Embeddings and logits (CLIP: exp(logit_scale) * cosine; SigLIP: + logit_bias) must match to 1e-5 in float32.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -13,12 +15,14 @@ from train_testutil import load_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import test_data_coco  # noqa: E402
 from test_pretrained import _images, _randomise, _save  # noqa: E402
 
 from vtfusion_jax import layers, pretrained, pretrained_init  # noqa: E402
 from vtfusion_jax.models import get_image_encoder, get_text_encoder  # noqa: E402
 from vtfusion_jax.models.retrieval import RetrievalModel, itc_logits  # noqa: E402
 
+coco_dir = test_data_coco.coco_dir  # the tiny COCO folder fixture
 TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 VISION = dict(TOWER, image_size=16, patch_size=4)
 EOS = 39  # the largest id, as CLIP's <|endoftext|>: the legacy (eos_token_id == 2) argmax rule finds it too
@@ -109,7 +113,12 @@ def test_siglip_towers_heads_and_logits_match_transformers(tmp_path):
     ids, mask = _texts(pad_id=1)
     spec, params = pretrained.load_image_encoder(folder, pooler=True)
     assert not spec["use_cls"] and spec["pool"] == "map" and "map" in params
-    assert pretrained.load_logit_scale(folder)[1] is not None
+    # model.head.init_from: tau and the bias go into a sigmoid head; a head without a bias is refused.
+    scale, bias = pretrained.load_logit_scale(folder)
+    head = {"log_temperature": np.float32(0.0), "logit_bias": np.float32(0.0)}
+    assert pretrained_init._head_params(head, folder) == {"log_temperature": -scale, "logit_bias": np.float32(bias)}
+    with pytest.raises(ValueError, match="contrastive='sigmoid'"):
+        pretrained_init._head_params({"log_temperature": np.float32(0.0)}, folder)
     _check(model, folder, ids, mask, lambda ref: ref.text_model_output.last_hidden_state.numpy())
 
 
@@ -157,3 +166,40 @@ def test_checkpoint_tokenizer_pads_truncates_and_keeps_the_end_token():
     assert mask[0].tolist() == [True] * 5 + [False] and ids[0, 5] == tok.pad_id and mask[1].all()
     assert ids[0, 4] == ids[1, 5] == 102  # [SEP] closes the short and the truncated text
     assert not tok.attend_padding
+
+
+def _tiny_clip_with_tokenizer(folder):
+    """A tiny random CLIPModel + a character-level CLIP BPE tokenizer (no merges) saved together in ``folder``."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.":
+        vocab.update({ch: len(vocab), ch + "</w>": len(vocab) + 1})
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    text = dict(TOWER, vocab_size=len(tok), max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = _randomise(transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION)))
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(20.0))
+    tok.save_pretrained(str(folder))
+    return model, _save(model, folder)
+
+
+@pytest.mark.slow  # ~30 s: a COCO build, 3 training steps, ITC + ITM evaluation
+def test_coco_retrieval_init_clip_trains_and_evaluates(coco_dir, tmp_path):
+    """configs/coco_retrieval.py:init=clip,init_from=<tiny CLIP + tokenizer> through train.py's loop: the towers and
+    tau are imported (tau stays ~0.05 at lr 1e-4 for 3 steps), the checkpoint's tokenizer feeds the text tower, and
+    the test split is evaluated."""
+    from vtfusion_jax import eval_lib, train_lib
+
+    _, folder = _tiny_clip_with_tokenizer(tmp_path / "clip")
+    c = load_config("coco_retrieval", f"coco={coco_dir},init=clip,init_from={folder}")
+    c.dataset.builder_kwargs.update(image_size=16, max_images=100)
+    c.model.width = 16
+    c.model.fusion = dict(c.model.fusion, num_layers=1, num_heads=2, mlp_dim=32)
+    c.eval.rerank_k = 2
+    c.train.update(global_batch_size=8, num_steps=3, log_every_steps=1, eval_every_steps=3, eval_batch_size=8)
+    c.train.checkpoint_every_steps = 3
+    wd = str(tmp_path / "run")
+    assert train_lib.train_and_evaluate(c, wd)["step"] == 3
+    m = eval_lib.evaluate_split(c, wd, "test", "latest")
+    assert m["num_images"] == 3 and m["num_texts"] == 15
+    assert m["temperature"] == pytest.approx(0.05, rel=0.01)
+    assert not os.path.exists(os.path.join(wd, "vocab.json"))  # the checkpoint's tokenizer, no word vocabulary
