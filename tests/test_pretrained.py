@@ -121,10 +121,13 @@ def test_params_match_init_tree_and_scan_layout(bert_folder):
         (get_text_encoder, dict(name="bert", vocab_size=50, width=32, num_heads=4, pooler=True), "text"),
         (get_image_encoder, dict(name="vit", width=32, num_heads=4, pre_ln=True, patch_bias=False), "image"),
         (get_image_encoder, dict(name="resnet50", base_filters=4, norm="frozen_bn", torch_layout=True), "image"),
+        (get_text_encoder, dict(name="bert", vocab_size=50, width=32, num_heads=4, causal=True, proj_dim=8), "text"),
+        (get_image_encoder, dict(name="vit", width=32, num_heads=4, use_cls=False, pool="map", proj_dim=8), "image"),
     ],
 )
 def test_new_encoder_options_keep_logical_axis_names(getter, spec, inputs):
-    """Pooler, pre-LN and frozen BatchNorm params carry logical names like every other param (sharding needs them)."""
+    """Pooler, pre-LN, frozen BatchNorm, projection and attention-pooling params carry logical names like every other
+    param (sharding needs them)."""
     x = (jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool)) if inputs == "text" else (jnp.zeros((1, 32, 32, 3)),)
     variables = jax.eval_shape(getter(spec).init, jax.random.key(0), *x)
     leaves = jax.tree_util.tree_leaves_with_path(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))

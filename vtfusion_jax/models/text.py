@@ -85,6 +85,8 @@ class BertEncoder(nn.Module):
             raise ValueError(f"text length {seq} exceeds BertEncoder.max_len={self.max_len}")
         x = _embed(self.vocab_size, self.width, ("vocab", "embed"), "word_embeddings")(text_ids)
         x = x + _embed(self.max_len, self.width, (None, "embed"), "position_embeddings")(jnp.arange(seq))[None]
+        if token_type_ids is not None and not self.type_vocab_size:
+            raise ValueError("token_type_ids given to a BertEncoder without token types (type_vocab_size=0)")
         if self.type_vocab_size:
             types = jnp.zeros_like(text_ids) if token_type_ids is None else token_type_ids
             x = x + _embed(self.type_vocab_size, self.width, (None, "embed"), "token_type_embeddings")(types)
