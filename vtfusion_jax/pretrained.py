@@ -366,7 +366,7 @@ CLIP_TEXT_DEFAULTS.update(intermediate_size=2048, max_position_embeddings=77, hi
 CLIP_TEXT_DEFAULTS.update(layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
 SIGLIP_TEXT_DEFAULTS = dict(VIT_DEFAULTS, vocab_size=32000, max_position_embeddings=64, layer_norm_eps=1e-6)
 SIGLIP_TEXT_DEFAULTS.update(hidden_act="gelu_pytorch_tanh")
-# Keys of the other tower / the two-tower model a single-tower plan leaves to others (load_logit_scale).
+# Two-tower keys no tower plan imports: the logit scale / bias (load_logit_scale reads them), position_ids buffers.
 TWO_TOWER = [r"^logit_(scale|bias)$", r"\.position_ids$"]
 
 
@@ -505,10 +505,8 @@ def load_logit_scale(source: str) -> tuple[float, float | None]:
         raise CheckpointMismatchError(
             f"{folder} has no logit_scale (a CLIPModel / SiglipModel file has)", ["logit_scale"]
         )
-    bias = tensors.get("logit_bias")
-    return float(np.asarray(tensors["logit_scale"]).reshape(())), None if bias is None else float(
-        np.asarray(bias).reshape(())
-    )
+    scalar = lambda key: float(np.asarray(tensors[key]).reshape(()))  # noqa: E731  (stored as [1] or [])
+    return scalar("logit_scale"), scalar("logit_bias") if "logit_bias" in tensors else None
 
 
 def _resnet(cfg: Mapping[str, Any]) -> Plan:
