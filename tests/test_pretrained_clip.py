@@ -147,7 +147,12 @@ def test_retrieval_model_from_config_starts_itc_at_clip(clip_folder):
     params = pretrained_init.import_into_params(
         params, jax.tree.map(lambda a: a.sharding, params), spec, 16, jax.random.key(1)
     )
-    out = jax.jit(lambda p, b: ours.apply({"params": p}, b))(params, batch)
+
+    def itc(m, b):  # the model's ITC path (RetrievalTask.loss): the fusion does not enter it
+        img, txt = m.encode_image(b["image"])[2], m.encode_text(b["text_ids"], b["text_mask"])[2]
+        return {"itc_logits": m.itc(img, txt)[1], "temperature": m.temperature(), "image_emb": img}
+
+    out = jax.jit(lambda p, b: ours.apply({"params": p}, b, method=itc))(params, batch)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
                     pixel_values=xt)  # fmt: skip

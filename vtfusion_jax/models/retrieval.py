@@ -185,8 +185,7 @@ class RetrievalModel(nn.Module):
         image, image_mask, img = self.encode_image(batch["image"], train)
         text, text_mask, txt = self.encode_text(batch["text_ids"], batch["text_mask"], train)
         itm_logits = self.itm_logits(image, image_mask, text, text_mask, train)
-        out = {"image_emb": img, "text_emb": txt, "temperature": self.temperature(), "itm_logits": itm_logits}
-        return out | {"itc_logits": self.itc(img, txt)[1]}
+        return {"image_emb": img, "text_emb": txt, "temperature": self.temperature(), "itm_logits": itm_logits}
 
 
 def gather_global(x: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
