@@ -54,7 +54,8 @@ class CaptionDataTask(Task):
         self._index: dict[str, CaptionIndex] = {}
         path = epath.Path(workdir) / "vocab.json" if workdir else None
         max_len = config.dataset.max_len
-        text_init = pretrained_init.init_source(config.model.text_encoder)
+        has_tower = "text_encoder" in config.model  # captioning: a decoder, no text tower
+        text_init = has_tower and pretrained_init.init_source(config.model.text_encoder)
         if text_init:  # a pretrained text tower reads its checkpoint's token ids
             self.tokenizer = pretrained.CheckpointTokenizer(text_init, max_len)
         elif path and path.exists():
