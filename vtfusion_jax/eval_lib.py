@@ -14,12 +14,12 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
 from vtfusion_jax import metrics, preflight, train_lib
-from vtfusion_jax.data import manifest, reader
+from vtfusion_jax.data import reader
 from vtfusion_jax.tasks import PredictError
+from vtfusion_jax.tasks.vqa import read_image  # public here too: export.predict decodes through it
 
 __all__ = ["PredictError", "evaluate_split", "load_config", "predict", "read_image", "upgrade_config"]
 
@@ -85,37 +85,24 @@ def evaluate_split(config: ml_collections.ConfigDict, workdir: str, split: str, 
     started = time.time()
     task, params, step = train_lib.restore(config, workdir, checkpoint)
     out_dir = f"{workdir}/eval/{_safe(split)}"
+    out = epath.Path(out_dir)
     if jax.process_index() == 0:
-        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-    before = _pngs(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    pngs = lambda: {p.name: (p.stat().mtime, p.stat().length) for p in out.glob("*.png")}  # name -> (mtime, size)
+    before = pngs()
     result = task.evaluate(params, split, out_dir)
     result.setdefault("num_examples", result.get("num_images"))  # retrieval / captioning: images
     result.update(task=config.task, split=split, checkpoint_step=int(step), wall_seconds=time.time() - started)
     if jax.process_index() == 0:
-        (epath.Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         # The figures this evaluation wrote (not an earlier one's leftovers), as TensorBoard images in a run of
         # their own: a second writer in the training run's folder could hide the training events from TensorBoard.
-        figures = sorted(name for name, stat in _pngs(out_dir).items() if before.get(name) != stat)
+        figures = sorted(name for name, stat in pngs().items() if before.get(name) != stat)
         if figures:
             writer = metrics.TensorBoardWriter(out_dir)
-            writer.write_images(
-                step, {f"eval/{split}/{n[:-4]}": (epath.Path(out_dir) / n).read_bytes() for n in figures}
-            )
+            writer.write_images(step, {f"eval/{split}/{n[:-4]}": (out / n).read_bytes() for n in figures})
             writer.close()
     return result
-
-
-def _pngs(folder: str) -> dict[str, tuple[int, int]]:
-    """{name: (mtime, size)} of the PNGs in ``folder``."""
-    return {p.name: (p.stat().mtime, p.stat().length) for p in epath.Path(folder).glob("*.png")}
-
-
-def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] of any image PIL reads; PredictError (one line) for anything else."""
-    try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
-        return np.asarray(manifest.decode_image(path))
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise PredictError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
 
 
 def predict(workdir: str, image_path: str, *, question: str | None = None, captions: list[str] | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +42,12 @@ def predict_step(params, batch: dict, *, model, top_k: int = 5) -> dict:
     return {"pred": jnp.argmax(logits, -1), "loss": loss, "top_ids": top_ids, "top_probs": top_probs}
 
 
-def _text(v: Any) -> str:
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+def read_image(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of any image PIL reads; PredictError (one line) for anything else."""
+    try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
+        return np.asarray(manifest.decode_image(path))
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise PredictError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
 
 
 class VqaTask(Task):
@@ -159,7 +162,7 @@ class VqaTask(Task):
                 top = zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
                 row = {
                     "index": int(idx),
-                    "question": _text(source[int(idx)][text_key]),
+                    "question": reader._text(source[int(idx)][text_key]),
                     "answer": names[label] if label >= 0 else None,  # None: unseen in training
                     "prediction": names[pred],
                     "correct": bool(pred == label),
@@ -207,7 +210,7 @@ class VqaTask(Task):
             return
         records = [source[i] for i in range(n)]
         images = np.stack([reader.resize(np.asarray(rec["image"]), self.image_size) for rec in records])
-        questions = [_text(rec[self.meta["text_key"]]) for rec in records]
+        questions = [reader._text(rec[self.meta["text_key"]]) for rec in records]
         batch = self._host_batch(images, questions)
         probs, views = self.attention_views(params, batch)
         fusion = self.config.model.fusion.name
@@ -241,11 +244,7 @@ class VqaTask(Task):
         """
         if not question or not question.strip():
             raise PredictError("the question is empty")
-        try:  # the manifest builder's decoder: 16-bit, CMYK, alpha handled; 0-pixel and oversized images refused
-            img = np.asarray(manifest.decode_image(image_path))
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            raise PredictError(f"cannot read image {image_path!r}: {type(e).__name__}: {e}") from None
-        img = reader.resize(img, self.image_size)
+        img = reader.resize(read_image(image_path), self.image_size)
         probs, views = self.attention_views(params, self._host_batch(img[None], [question.strip()]))
         names = self.meta["label_names"]
         order = np.argsort(-probs[0])[:top_k]
