@@ -102,12 +102,10 @@ class CocoKarpathy(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS: list = []  # made per source folder by coco_config(...)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        s = self.builder_config.image_size
-        features = dict(image=tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"), image_id=np.int64)
-        features.update(caption=tfds.features.Text(), image_path=tfds.features.Text())
-        return tfds.core.DatasetInfo(
-            builder=self, description=self.builder_config.description, features=tfds.features.FeaturesDict(features)
-        )
+        s, f = self.builder_config.image_size, tfds.features
+        features = f.FeaturesDict(dict(image=f.Image(shape=(s, s, 3), encoding_format="jpeg"), image_id=np.int64,
+                                       caption=f.Text(), image_path=f.Text()))  # fmt: skip
+        return tfds.core.DatasetInfo(builder=self, description=self.builder_config.description, features=features)
 
     def _split_generators(self, dl_manager):
         del dl_manager
