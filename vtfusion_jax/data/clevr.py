@@ -94,17 +94,14 @@ def _index(images, cache: str) -> dict[str, np.ndarray]:
                 split = lambda k: z[k].tobytes().decode().split("\n") if len(z["image_record"]) else []  # noqa: E731
                 return {"image_record": z["image_record"], "questions": split("questions"), "answers": split("answers")}
     print(f"Indexing the questions of {n} CLEVR images -> {cache} ...", flush=True)
-    records, questions, answers = [], [], []
-    for r in range(n):
-        q, a = _questions(images.data_source[r])
-        records += [r] * len(q)
-        questions += q
-        answers += a
-    out = dict(image_record=np.asarray(records, np.int64), questions=questions, answers=answers)
+    per_image = [_questions(images.data_source[r]) for r in range(n)]
+    records = np.repeat(np.arange(n, dtype=np.int64), [len(q) for q, _ in per_image])
+    out = dict(image_record=records, questions=[q for qs, _ in per_image for q in qs],
+               answers=[a for _, ans in per_image for a in ans])  # fmt: skip
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp.npz"
     blobs = {k: np.frombuffer("\n".join(out[k]).encode(), np.uint8) for k in ("questions", "answers")}
-    np.savez(tmp, image_record=out["image_record"], num_images=n, **blobs)
+    np.savez(tmp, image_record=records, num_images=n, **blobs)
     os.replace(tmp, cache)  # atomic: concurrent processes write the same content
     return out
 
