@@ -127,7 +127,7 @@ def get_builder(
     remote `data_dir` (gs://...) is mirrored into a local cache (``_mirrored``).
 
     Args:
-      name, data_dir: "easy_vqa", "sort_of_clevr" or "manifest"; TFDS data folder (default: `default_data_dir()`).
+      name, data_dir: a DATASETS name; TFDS data folder (default: `default_data_dir()`).
       builder_kwargs: builder options (Sort-of-CLEVR: num_train/num_validation/num_test/seed; manifest:
         path/image_dir/image_size/skip_bad_rows).
       prepare: build when absent (else the builder is returned unprepared).
@@ -261,11 +261,9 @@ def get_data_source(name: str, split: str, *, data_dir: str | None = None, build
     for rebuilt in (False, True):
         builder = get_builder(name, data_dir=data_dir, builder_kwargs=builder_kwargs)
         if base not in builder.info.splits:
-            where = (
-                f"manifest {builder_kwargs['path']!r}: add {base}.jsonl beside train.jsonl"
-                if name == "manifest"
-                else ""
-            )
+            where = ""
+            if name == "manifest":
+                where = f"manifest {builder_kwargs['path']!r}: add {base}.jsonl beside train.jsonl"
             raise FileNotFoundError(f"{name} has no {base!r} split (splits: {sorted(builder.info.splits)}); {where}")
         info, folder = builder.info.splits[base], str(builder.data_path)
         try:
