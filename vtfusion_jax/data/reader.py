@@ -79,15 +79,13 @@ class BatchReader:
           plan: the split's GroupPlan if already built (group_plan); built here otherwise.
         """
         self.dataset, self.split, self.seed = dataset, split, int(seed)
-        self.global_batch_size = int(global_batch_size)
-        self.rows = rows
+        self.global_batch_size, self.rows = int(global_batch_size), rows
         self.spec = datasets.get_spec(dataset)
         self.source = get_data_source(dataset, split, data_dir=data_dir, builder_kwargs=builder_kwargs)
         self.num_examples = len(self.source)
         if self.num_examples == 0:
             raise ValueError(f"{dataset}/{split} is empty")
-        keys = [self.spec.text_key, self.spec.label_key, self.spec.type_key]
-        keys += [feature for feature, _ in self.spec.extra_keys]
+        keys = [self.spec.text_key, self.spec.label_key, self.spec.type_key, *(f for f, _ in self.spec.extra_keys)]
         features = self.source.dataset_info.features
         self._decode_fields = RecordDecoder(features, keys)
         self.images = ImageReader(self.source, image_size, augment, seed)
