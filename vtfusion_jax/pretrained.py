@@ -277,9 +277,8 @@ def _transformer_dims(cfg: Mapping[str, Any]) -> dict[str, Any]:
     act = cfg.get("hidden_act", "gelu")  # HF config.json; "gelu" is HF's default when the key is absent
     if act not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
-    keys = dict(width="hidden_size", depth="num_hidden_layers", num_heads="num_attention_heads")
-    keys.update(mlp_dim="intermediate_size")
-    return {**{k: cfg[v] for k, v in keys.items()}, "activation": HF_ACTIVATIONS[act], "scan_layers": False}
+    dims = dict(width=cfg["hidden_size"], depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"])
+    return dims | dict(mlp_dim=cfg["intermediate_size"], activation=HF_ACTIVATIONS[act], scan_layers=False)
 
 
 @dataclasses.dataclass
@@ -301,20 +300,21 @@ class Plan:
         return {**self.spec, **(self.pooled if pooler else {}), **overrides}
 
 
+def _bert_spec(cfg: Mapping[str, Any], post_ln: bool, **extra) -> dict[str, Any]:
+    spec = dict(name="bert", vocab_size=cfg["vocab_size"], **_transformer_dims(cfg), post_ln=post_ln, pooler=False)
+    return spec | dict(max_len=cfg["max_position_embeddings"], **extra)
+
+
 def _bert(cfg: Mapping[str, Any]) -> Plan:
     if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
-    spec = dict(name="bert", vocab_size=cfg["vocab_size"], **_transformer_dims(cfg), post_ln=True, pooler=False)
-    spec.update(max_len=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2))
-    spec.update(ln_epsilon=cfg.get("layer_norm_eps", 1e-12))
+    types, eps = cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12)
+    spec = _bert_spec(cfg, True, type_vocab_size=types, ln_epsilon=eps)
 
     def rows(s):
-        top = [
-            ("word_embeddings/embedding", "embeddings.word_embeddings.weight", COPY),
-            ("position_embeddings/embedding", "embeddings.position_embeddings.weight", COPY),
-            ("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY),
-            *_ln("embeddings_ln", "embeddings.LayerNorm"),
-        ]
+        top = [(f"{x}_embeddings/embedding", f"embeddings.{x}_embeddings.weight", COPY) for x in ("word", "position")]
+        top += [("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY)]
+        top += _ln("embeddings_ln", "embeddings.LayerNorm")
         pool = _linear("pooler", "pooler.dense") if s["pooler"] else []
         return top + _expand(BERT_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layer.{i}.") + pool
 
@@ -329,6 +329,13 @@ def _bert(cfg: Mapping[str, Any]) -> Plan:
 # HF config defaults, for config.json files that leave keys out (older CLIP files store only non-defaults).
 VIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 CLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=32, image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+SIGLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=16, image_size=224, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)
+CLIP_TEXT_DEFAULTS.update(intermediate_size=2048, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_TEXT_DEFAULTS.update(layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
+SIGLIP_TEXT_DEFAULTS = dict(SIGLIP_DEFAULTS, vocab_size=32000, max_position_embeddings=64)  # (+ unused vision keys)
+# Two-tower keys no tower plan imports: the logit scale / bias (load_logit_scale reads them), position_ids buffers.
+TWO_TOWER = [r"^logit_(scale|bias)$", r"\.position_ids$"]
 
 
 def _vit_spec(cfg: Mapping[str, Any], **extra) -> dict[str, Any]:
@@ -359,110 +366,83 @@ def _vit(cfg: Mapping[str, Any]) -> Plan:
     return Plan(spec, rows, ("", "vit."), ignore)
 
 
-SIGLIP_DEFAULTS = dict(VIT_DEFAULTS, patch_size=16, image_size=224, layer_norm_eps=1e-6)
-SIGLIP_DEFAULTS.update(hidden_act="gelu_pytorch_tanh")
-CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)
-CLIP_TEXT_DEFAULTS.update(intermediate_size=2048, max_position_embeddings=77, hidden_act="quick_gelu")
-CLIP_TEXT_DEFAULTS.update(layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
-SIGLIP_TEXT_DEFAULTS = dict(VIT_DEFAULTS, vocab_size=32000, max_position_embeddings=64, layer_norm_eps=1e-6)
-SIGLIP_TEXT_DEFAULTS.update(hidden_act="gelu_pytorch_tanh")
-# Two-tower keys no tower plan imports: the logit scale / bias (load_logit_scale reads them), position_ids buffers.
-TWO_TOWER = [r"^logit_(scale|bias)$", r"\.position_ids$"]
+def _tower(spec: dict[str, Any], tower: str, top: list[Row], head: Callable, head_key: str, other: list[str],
+           pooled: dict[str, Any] | None) -> Plan:  # fmt: skip
+    """A CLIP / SigLIP tower (``tower``: HF's key prefix): ``top`` (embedding rows), the shared layers and final
+    LayerNorm, then ``head(s)``, the pooled-output head's rows ([] when the spec has none: its keys, regex
+    ``head_key``, are ignored); ``other``: regexes of the other tower's (and task heads') keys."""
 
+    def rows(s):
+        layer_rows = _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", tower + ".encoder.layers.{i}.")
+        final = "final_layer_norm" if tower == "text_model" else "post_layernorm"
+        return top + layer_rows + (_ln("final_ln", f"{tower}.{final}") if s.get("final_ln", True) else []) + head(s)
 
-def _tower_rows(s: Mapping[str, Any], tower: str) -> list[Row]:
-    """The Transformer layers and final LayerNorm shared by CLIP / SigLIP towers (``tower``: HF's key prefix)."""
-    rows = _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", tower + ".encoder.layers.{i}.")
-    name = "final_layer_norm" if tower == "text_model" else "post_layernorm"
-    return rows + (_ln("final_ln", f"{tower}.{name}") if s.get("final_ln", True) else [])
+    def ignore(s):
+        keys = [*other, *TWO_TOWER] + ([] if head(s) else [head_key])
+        return keys + ([] if s.get("final_ln", True) else [rf"^{tower}\.post_layernorm\."])
+
+    return Plan(spec, rows, ("",), ignore, pooled)
 
 
 def _clip(cfg: Mapping[str, Any]) -> Plan:
     """CLIP's vision tower (CLIPModel, CLIPVisionModel[WithProjection]); pooled: CLS + ``visual_projection``."""
     proj = cfg.get("projection_dim", 512)  # HF CLIPConfig's default
     cfg = {**CLIP_DEFAULTS, **cfg.get("vision_config", cfg)}  # a full CLIPModel config nests the tower's
-    spec = _vit_spec(cfg, patch_bias=False, pre_ln=True)
+    emb = "vision_model.embeddings."
+    top = [
+        ("patch_embed/kernel", emb + "patch_embedding.weight", CONV),
+        ("pos_emb/pos_embedding", emb + "position_embedding.weight", CLIP_POS),
+        ("cls", (emb + "class_embedding", emb + "position_embedding.weight"), CLIP_CLS),
+        *_ln("pre_ln", "vision_model.pre_layrnorm"),  # sic: HF's name
+    ]
 
-    def rows(s):
+    def head(s):
         if s.get("pool") == "cls" and not s["final_ln"]:
             raise ValueError("CLIP's pooled output is the CLS token after post_layernorm: keep final_ln=True")
-        top = [
-            ("patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", CONV),
-            ("pos_emb/pos_embedding", "vision_model.embeddings.position_embedding.weight", CLIP_POS),
-            ("cls", ("vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding.weight"),
-             CLIP_CLS),
-            *_ln("pre_ln", "vision_model.pre_layrnorm"),  # sic: HF's name
-        ]  # fmt: skip
-        proj = _linear("proj", "visual_projection", bias=False) if s.get("proj_dim") else []
-        return top + _tower_rows(s, "vision_model") + proj
+        return _linear("proj", "visual_projection", bias=False) if s.get("proj_dim") else []
 
-    def ignore(s):
-        keys = [r"^text_model\.", r"^text_projection\.", r"^classifier\.", *TWO_TOWER]
-        keys += [] if s.get("proj_dim") else [r"^visual_projection\."]
-        return keys + ([] if s["final_ln"] else [r"^vision_model\.post_layernorm\."])
-
-    return Plan(spec, rows, ("",), ignore, dict(pool="cls", proj_dim=proj, proj_bias=False))
+    other = [r"^text_model\.", r"^text_projection\.", r"^classifier\."]
+    pooled = dict(pool="cls", proj_dim=proj, proj_bias=False)
+    return _tower(_vit_spec(cfg, patch_bias=False, pre_ln=True), "vision_model", top, head, r"^visual_projection\.",
+                  other, pooled)  # fmt: skip
 
 
 def _siglip(cfg: Mapping[str, Any]) -> Plan:
     """SigLIP's vision tower (SiglipModel, SiglipVisionModel): no CLS, post-LN; pooled: the attention-pooling head."""
     cfg = {**SIGLIP_DEFAULTS, "vision_use_head": True, **cfg.get("vision_config", cfg)}
-    spec = _vit_spec(cfg, use_cls=False)
-
-    def rows(s):
-        top = [
-            ("patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", CONV),
-            ("patch_embed/bias", "vision_model.embeddings.patch_embedding.bias", COPY),
-            ("pos_emb/pos_embedding", "vision_model.embeddings.position_embedding.weight", COPY),
-        ]
-        head, attn = "vision_model.head.", "vision_model.head.attention."
-        pool = [("map/probe", head + "probe", COPY), ("map/attention/out/bias", attn + "out_proj.bias", COPY)]
-        for i, o in enumerate(("query", "key", "value")):
-            pool.append((f"map/attention/{o}/kernel", attn + "in_proj_weight", PACKED_IN[i]))
-            pool.append((f"map/attention/{o}/bias", attn + "in_proj_bias", PACKED_BIAS[i]))
-        pool += [
-            ("map/attention/out/kernel", attn + "out_proj.weight", HEADS_OUT),
-            *_ln("map/layernorm", head + "layernorm"),
-        ]
-        pool += _linear("map/mlp/fc1", head + "mlp.fc1") + _linear("map/mlp/fc2", head + "mlp.fc2")
-        return top + _tower_rows(s, "vision_model") + (pool if s.get("pool") == "map" else [])
-
-    def ignore(s):
-        keys = [r"^text_model\.", r"^classifier\.", *TWO_TOWER]
-        keys += [] if s.get("pool") == "map" else [r"^vision_model\.head\."]
-        return keys + ([] if s["final_ln"] else [r"^vision_model\.post_layernorm\."])
-
-    return Plan(spec, rows, ("",), ignore, dict(pool="map") if cfg["vision_use_head"] else None)
+    emb, h, a = "vision_model.embeddings.", "vision_model.head.", "vision_model.head.attention."
+    top = [
+        ("patch_embed/kernel", emb + "patch_embedding.weight", CONV),
+        ("patch_embed/bias", emb + "patch_embedding.bias", COPY),
+        ("pos_emb/pos_embedding", emb + "position_embedding.weight", COPY),
+    ]
+    pool = [("map/probe", h + "probe", COPY), ("map/attention/out/bias", a + "out_proj.bias", COPY)]
+    pool += [(f"map/attention/{o}/{p}", f"{a}in_proj_{w}", t[i]) for i, o in enumerate(QKV)
+             for p, w, t in (("kernel", "weight", PACKED_IN), ("bias", "bias", PACKED_BIAS))]  # fmt: skip
+    pool += [("map/attention/out/kernel", a + "out_proj.weight", HEADS_OUT), *_ln("map/layernorm", h + "layernorm")]
+    pool += _linear("map/mlp/fc1", h + "mlp.fc1") + _linear("map/mlp/fc2", h + "mlp.fc2")
+    head = lambda s: pool if s.get("pool") == "map" else []  # noqa: E731
+    pooled = dict(pool="map") if cfg["vision_use_head"] else None
+    return _tower(_vit_spec(cfg, use_cls=False), "vision_model", top, head, r"^vision_model\.head\.",
+                  [r"^text_model\.", r"^classifier\."], pooled)  # fmt: skip
 
 
 def _text_tower(cfg: Mapping[str, Any], pooled: dict[str, Any], head: str, other: list[str], **extra) -> Plan:
     """CLIP / SigLIP text tower: pre-LN BertEncoder without token types; ``head``: HF name of the pooled
     projection, ``other``: regexes of the other tower's keys."""
-    spec = dict(name="bert", vocab_size=cfg["vocab_size"], **_transformer_dims(cfg), post_ln=False, pooler=False)
-    spec.update(max_len=cfg["max_position_embeddings"], type_vocab_size=0, ln_epsilon=cfg["layer_norm_eps"], **extra)
-
-    def rows(s):
-        top = [
-            ("word_embeddings/embedding", "text_model.embeddings.token_embedding.weight", COPY),
-            ("position_embeddings/embedding", "text_model.embeddings.position_embedding.weight", COPY),
-        ]
-        proj = _linear("proj", head, bias=s["proj_bias"]) if s.get("proj_dim") else []
-        return top + _tower_rows(s, "text_model") + proj
-
-    def ignore(s):
-        return [*other, *TWO_TOWER] + ([] if s.get("proj_dim") else [rf"^{re.escape(head)}\."])
-
-    return Plan(spec, rows, ("",), ignore, pooled)
+    spec = _bert_spec(cfg, False, type_vocab_size=0, ln_epsilon=cfg["layer_norm_eps"], **extra)
+    top = [(f"{o}_embeddings/embedding", f"text_model.embeddings.{h}_embedding.weight", COPY)
+           for o, h in (("word", "token"), ("position", "position"))]  # fmt: skip
+    proj = lambda s: _linear("proj", head, bias=s["proj_bias"]) if s.get("proj_dim") else []  # noqa: E731
+    return _tower(spec, "text_model", top, proj, rf"^{re.escape(head)}\.", other, pooled)
 
 
 def _clip_text(cfg: Mapping[str, Any]) -> Plan:
     """CLIP's text tower (CLIPModel, CLIPTextModel[WithProjection]): causal; pooled: EOS + ``text_projection``."""
-    top = cfg
-    cfg = {**CLIP_TEXT_DEFAULTS, **cfg.get("text_config", cfg)}
+    top, cfg = cfg, {**CLIP_TEXT_DEFAULTS, **cfg.get("text_config", cfg)}
     pooled = dict(pool="eos", eos_token_id=cfg["eos_token_id"], proj_bias=False)
     pooled["proj_dim"] = top.get("projection_dim", cfg["projection_dim"])
-    other = [r"^vision_model\.", r"^visual_projection\."]
-    return _text_tower(cfg, pooled, "text_projection", other, causal=True)
+    return _text_tower(cfg, pooled, "text_projection", [r"^vision_model\.", r"^visual_projection\."], causal=True)
 
 
 def _siglip_text(cfg: Mapping[str, Any]) -> Plan:
@@ -617,9 +597,7 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
             msg += _listing(title, items) if items else ""
         raise CheckpointMismatchError(msg, sorted(missing), unexpected, sorted(wrong), uncovered)
 
-    flat = {
-        ours: t.fn(*[np.asarray(tensors[prefix + k], np.float32) for k in keys], target[ours]) for ours, keys, t in rows
-    }
+    flat = {o: t.fn(*[np.asarray(tensors[prefix + k], np.float32) for k in ks], target[o]) for o, ks, t in rows}
     if uncovered:  # parameters the checkpoint never had (e.g. a new projection): from encoder.init(rng)
         # Jitting only the selected leaves lets XLA drop every other initialiser (a much faster compile).
         init = build(unrolled).init
@@ -659,12 +637,7 @@ def load_text_encoder(
 
 
 def load_image_encoder(
-    source: str,
-    *,
-    image_size: int | None = None,
-    pooler: bool = False,
-    rng: jax.Array | None = None,
-    **overrides: Any,
+    source: str, *, image_size: int | None = None, pooler: bool = False, rng: jax.Array | None = None, **overrides: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Imports a ViT, CLIP / SigLIP (vision tower) or ResNet checkpoint into our ViT / ResNet.
 
