@@ -70,11 +70,8 @@ class VqaTask(Task):
 
     def init_batch(self) -> dict:
         s, length = int(self.config.dataset.image_size or self.meta["image_shape"][0]), self.config.dataset.max_len
-        return {
-            "image": jnp.zeros((1, s, s, 3), jnp.float32),
-            "text_ids": jnp.zeros((1, length), jnp.int32),
-            "text_mask": jnp.ones((1, length), bool),
-        }
+        return {"image": jnp.zeros((1, s, s, 3), jnp.float32), "text_ids": jnp.zeros((1, length), jnp.int32),
+                "text_mask": jnp.ones((1, length), bool)}  # fmt: skip
 
     def loss(self, params, batch, rng):
         t = self.config.train
@@ -118,11 +115,9 @@ class VqaTask(Task):
           accuracy of each question type and, for datasets with question families (Sort-of-CLEVR), of each family.
         """
         if split not in self._eval_cache:
-            batches = self.eval_batches(split)
-            fn = jax.jit(
-                lambda p, b: predict_step(p, b, model=self.model), out_shardings=sharding.replicated(self.mesh)
-            )
-            self._eval_cache[split] = (batches, fn)
+            replicated = sharding.replicated(self.mesh)
+            fn = jax.jit(lambda p, b: predict_step(p, b, model=self.model), out_shardings=replicated)
+            self._eval_cache[split] = (self.eval_batches(split), fn)
         batches, fn = self._eval_cache[split]
         keep = ("index", "label", "question_type", "family", "valid")
         rows: dict[str, list] = {k: [] for k in (*keep, "pred", "loss", "top_ids", "top_probs")}
@@ -180,10 +175,8 @@ class VqaTask(Task):
         """(probs [B, C], viz.AttentionViews: every map the fusion variant offers) for a host batch."""
         if "sow" not in self._eval_cache:  # one compile per task (per input shape)
             sow = self.build_model(sow_weights=True)
-            self._eval_cache["sow"] = (
-                sow,
-                jax.jit(lambda p, b: sow.apply({"params": p}, b, mutable=["intermediates"])),
-            )
+            apply = jax.jit(lambda p, b: sow.apply({"params": p}, b, mutable=["intermediates"]))
+            self._eval_cache["sow"] = (sow, apply)
         sow, apply = self._eval_cache["sow"]
         out, variables = apply(params, batch)
         probs = np.asarray(jax.nn.softmax(out["logits"]))
