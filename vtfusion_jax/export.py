@@ -70,12 +70,9 @@ def export_model(config, workdir: str, out_dir: str, checkpoint="best", platform
 
     (b,) = jax.export.symbolic_shape("batch")
     s, length = task.image_size, int(config.dataset.max_len)
-    args = (
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-        jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-        jax.ShapeDtypeStruct((b, length), jnp.int32),
-        jax.ShapeDtypeStruct((b, length), jnp.bool_),
-    )
+    spec = jax.ShapeDtypeStruct
+    args = (jax.tree.map(lambda x: spec(x.shape, x.dtype), params), spec((b, s, s, 3), jnp.uint8),
+            spec((b, length), jnp.int32), spec((b, length), jnp.bool_))  # fmt: skip
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(*args)
     meta = dict(format=FORMAT, task="vqa", checkpoint_step=int(step), platforms=list(exported.platforms),
                 image_size=s, max_len=length, **{k: list(v) for k, v in task.image_norm.items()},
