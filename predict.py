@@ -33,12 +33,10 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     captions = None
-    if FLAGS.retrieve:
-        if os.path.exists(FLAGS.retrieve):
-            with open(FLAGS.retrieve) as f:
-                captions = [line.strip() for line in f if line.strip()]
-        else:
-            captions = [c.strip() for c in FLAGS.retrieve.split("|") if c.strip()]
+    if FLAGS.retrieve:  # a text file, one caption per line, or 'a|b|c'
+        is_file = os.path.exists(FLAGS.retrieve)
+        texts = open(FLAGS.retrieve).read().split("\n") if is_file else FLAGS.retrieve.split("|")
+        captions = [c.strip() for c in texts if c.strip()]
     try:
         if FLAGS.exported and (captions or FLAGS.attention_map):
             raise eval_lib.PredictError(
