@@ -20,12 +20,8 @@ flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split, e.g. test).")
 flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint).")
 flags.DEFINE_integer("num_attention_maps", None, "VQA attention-map PNGs (default: config.eval.num_attention_maps).")
-flags.DEFINE_string(
-    "export", None, "Instead of evaluating: export the checkpoint to this folder (predict.py --exported)."
-)
-flags.DEFINE_list(
-    "export_platforms", None, "With --export: platforms to lower for, e.g. cpu,cuda,tpu (default: this one)."
-)
+flags.DEFINE_string("export", None, "Instead of evaluating: export the checkpoint here (predict.py --exported).")
+flags.DEFINE_list("export_platforms", None, "With --export: platforms, e.g. cpu,cuda,tpu (default: this machine's).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
