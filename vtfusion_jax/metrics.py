@@ -133,9 +133,8 @@ class TensorBoardWriter(MetricWriter):
         from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
 
         text = json.dumps({k: str(v) for k, v in hparams.items()}, sort_keys=True, indent=1)
-        tensor = tensor_pb2.TensorProto(
-            dtype=7, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
-        )  # dtype 7 = DT_STRING
+        shape = tensor_shape_pb2.TensorShapeProto()
+        tensor = tensor_pb2.TensorProto(dtype=7, string_val=[text.encode()], tensor_shape=shape)  # 7 = DT_STRING
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         self._add(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="config", tensor=tensor, metadata=meta)]))
 
