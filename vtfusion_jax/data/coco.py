@@ -77,15 +77,15 @@ def split_images(images: list, where: str, captions_per_image: int = 5, max_imag
     counts = dict.fromkeys(KARPATHY_IMAGES, 0)
     for n, img in enumerate(images):
         try:
-            split, caps = ours[img["split"]], [" ".join(s["raw"].split()) for s in img["sentences"]]
+            split, caps = ours[img["split"]], [c for c in (" ".join(s["raw"].split()) for s in img["sentences"]) if c]
             row = dict(image_id=int(img["cocoid"]), image_path=f"{img['filepath']}/{img['filename']}")
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise CocoError(f"{where}: images[{n}] is not a Karpathy entry ({type(e).__name__}: {e})") from None
-        if len([c for c in caps if c]) < captions_per_image:
+        if len(caps) < captions_per_image:
             raise CocoError(f"{where}: images[{n}] (cocoid {row['image_id']}) has < {captions_per_image} captions")
         counts[img["split"]] += 1
         if not max_images or len(out[split]) < max_images:
-            out[split].append(dict(row, captions=[c for c in caps if c][:captions_per_image]))
+            out[split].append(dict(row, captions=caps[:captions_per_image]))
     if not max_images and counts != KARPATHY_IMAGES:
         raise CocoError(
             f"{where}: images per Karpathy split {counts}, expected {KARPATHY_IMAGES} (train = train + restval = "
@@ -111,13 +111,11 @@ class CocoKarpathy(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         cfg = self.builder_config
         where = os.path.join(cfg.path, JSON_NAME)
-        with open(where, "rb") as f:
-            try:
+        try:
+            with open(where, "rb") as f:
                 images = json.load(f)["images"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CocoError(
-                    f"{where}: not Karpathy's JSON with an 'images' list ({type(e).__name__}: {e})"
-                ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CocoError(f"{where}: not Karpathy's JSON with an 'images' list ({type(e).__name__}: {e})") from None
         splits = split_images(images, where, cfg.captions_per_image, cfg.max_images)  # before reading any image
         return {split: self._generate_examples(rows) for split, rows in splits.items() if rows}  # subsets may lack one
 
