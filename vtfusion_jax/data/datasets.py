@@ -75,15 +75,10 @@ def _coco_builder(data_dir, kwargs):
     return coco.CocoKarpathy(data_dir=data_dir, config=coco.coco_config(**kwargs))  # path, image_size, ...
 
 
+_SOC_EXTRA = (("family", "family"), ("question_code", "question_code"))  # Sort-of-CLEVR's extra batch keys
 DATASETS: dict[str, DatasetSpec] = {
     "easy_vqa": DatasetSpec(_easy_vqa_builder, "question", "answer", "question_type"),
-    "sort_of_clevr": DatasetSpec(
-        _sort_of_clevr_builder,
-        "question",
-        "answer",
-        "subtype",
-        extra_keys=(("family", "family"), ("question_code", "question_code")),
-    ),
+    "sort_of_clevr": DatasetSpec(_sort_of_clevr_builder, "question", "answer", "subtype", extra_keys=_SOC_EXTRA),
     "manifest": DatasetSpec(_manifest_builder, "text", "label", "question_type"),
     "clevr": DatasetSpec(clevr.make_builder, "question", "answer", "question_type", per_question=clevr),
     "coco": DatasetSpec(_coco_builder, "caption", "", ""),  # caption data only (retrieval / caption tasks)
