@@ -305,25 +305,38 @@ def _bert_spec(cfg: Mapping[str, Any], post_ln: bool, **extra) -> dict[str, Any]
     return spec | dict(max_len=cfg["max_position_embeddings"], **extra)
 
 
+def _plan(spec: dict, top: list[Row], layer: list[Row], hf_layer: str, final: str | None, head: Callable, head_key: str,
+          other: list[str], prefixes: tuple[str, ...] = ("",), pooled: dict | None = None) -> Plan:  # fmt: skip
+    """A Transformer family's Plan. Rows: ``top`` (embeddings), the ``layer`` rows per layer under HF's ``hf_layer``
+    (``{i}``: the index), the final LayerNorm from HF's ``final`` (None: none; its keys are ignored when the spec
+    drops it), then ``head(s)``: the pooled-output head's rows ([]: the keys under ``head_key`` are ignored).
+    ``other``: regexes of keys never imported (task heads, the other tower, buffers)."""
+    pre = "^(" + "|".join(map(re.escape, prefixes)) + ")"  # HF keys are matched with any of the prefixes
+
+    def rows(s):
+        last = _ln("final_ln", final) if final and s.get("final_ln", True) else []
+        return top + _expand(layer, s["depth"], "encoder/layers_{i}/", hf_layer) + last + head(s)
+
+    def ignore(s):
+        keys = [*other] + ([] if head(s) else [pre + re.escape(head_key)])
+        return keys + ([] if s.get("final_ln", True) else [pre + re.escape(final) + r"\."])
+
+    return Plan(spec, rows, prefixes, ignore, pooled)
+
+
 def _bert(cfg: Mapping[str, Any]) -> Plan:
     if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
     types, eps = cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12)
     spec = _bert_spec(cfg, True, type_vocab_size=types, ln_epsilon=eps)
-
-    def rows(s):
-        top = [(f"{x}_embeddings/embedding", f"embeddings.{x}_embeddings.weight", COPY) for x in ("word", "position")]
-        top += [("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY)]
-        top += _ln("embeddings_ln", "embeddings.LayerNorm")
-        pool = _linear("pooler", "pooler.dense") if s["pooler"] else []
-        return top + _expand(BERT_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layer.{i}.") + pool
-
-    def ignore(s):
-        # Pre-training / task heads (cls., classifier., qa_outputs.), the position_ids buffer, an unused pooler.
-        keys = [r"^cls\.", r"^classifier\.", r"^qa_outputs\.", r"^(bert\.)?embeddings\.position_ids$"]
-        return keys + ([] if s["pooler"] else [r"^(bert\.)?pooler\."])
-
-    return Plan(spec, rows, ("", "bert."), ignore, dict(pooler=True))
+    top = [(f"{x}_embeddings/embedding", f"embeddings.{x}_embeddings.weight", COPY) for x in ("word", "position")]
+    top += [("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY)]
+    top += _ln("embeddings_ln", "embeddings.LayerNorm")
+    pool = lambda s: _linear("pooler", "pooler.dense") if s["pooler"] else []
+    # Pre-training / task heads (cls., classifier., qa_outputs.), the position_ids buffer (and an unused pooler).
+    other = [r"^cls\.", r"^classifier\.", r"^qa_outputs\.", r"^(bert\.)?embeddings\.position_ids$"]
+    return _plan(spec, top, BERT_LAYER, "encoder.layer.{i}.", None, pool, "pooler.", other, ("", "bert."),
+                 dict(pooler=True))  # fmt: skip
 
 
 # HF config defaults, for config.json files that leave keys out (older CLIP files store only non-defaults).
@@ -347,41 +360,15 @@ def _vit(cfg: Mapping[str, Any]) -> Plan:
     cfg = {**VIT_DEFAULTS, "patch_size": 16, "image_size": 224, "layer_norm_eps": 1e-12, **cfg}
     if not cfg.get("qkv_bias", True):
         raise ValueError("ViT checkpoints with qkv_bias=False are not supported (our attention has biases)")
-    spec = _vit_spec(cfg)
-
-    def rows(s):
-        top = [
-            ("patch_embed/kernel", "embeddings.patch_embeddings.projection.weight", CONV),
-            ("patch_embed/bias", "embeddings.patch_embeddings.projection.bias", COPY),
-            ("pos_emb/pos_embedding", "embeddings.position_embeddings", VIT_POS),
-            ("cls", ("embeddings.cls_token", "embeddings.position_embeddings"), VIT_CLS),
-        ]
-        final = _ln("final_ln", "layernorm") if s["final_ln"] else []
-        return top + _expand(VIT_LAYER, s["depth"], "encoder/layers_{i}/", "encoder.layer.{i}.") + final
-
-    def ignore(s):
-        keys = [r"^(vit\.)?pooler\.", r"^classifier\.", r"^(vit\.)?embeddings\.mask_token$", r"^decoder\."]
-        return keys + ([] if s["final_ln"] else [r"^(vit\.)?layernorm\."])
-
-    return Plan(spec, rows, ("", "vit."), ignore)
-
-
-def _tower(spec: dict[str, Any], tower: str, top: list[Row], head: Callable, head_key: str, other: list[str],
-           pooled: dict[str, Any] | None) -> Plan:  # fmt: skip
-    """A CLIP / SigLIP tower (``tower``: HF's key prefix): ``top`` (embedding rows), the shared layers and final
-    LayerNorm, then ``head(s)``, the pooled-output head's rows ([] when the spec has none: its keys, regex
-    ``head_key``, are ignored); ``other``: regexes of the other tower's (and task heads') keys."""
-
-    def rows(s):
-        layer_rows = _expand(CLIP_LAYER, s["depth"], "encoder/layers_{i}/", tower + ".encoder.layers.{i}.")
-        final = "final_layer_norm" if tower == "text_model" else "post_layernorm"
-        return top + layer_rows + (_ln("final_ln", f"{tower}.{final}") if s.get("final_ln", True) else []) + head(s)
-
-    def ignore(s):
-        keys = [*other, *TWO_TOWER] + ([] if head(s) else [head_key])
-        return keys + ([] if s.get("final_ln", True) else [rf"^{tower}\.post_layernorm\."])
-
-    return Plan(spec, rows, ("",), ignore, pooled)
+    top = [
+        ("patch_embed/kernel", "embeddings.patch_embeddings.projection.weight", CONV),
+        ("patch_embed/bias", "embeddings.patch_embeddings.projection.bias", COPY),
+        ("pos_emb/pos_embedding", "embeddings.position_embeddings", VIT_POS),
+        ("cls", ("embeddings.cls_token", "embeddings.position_embeddings"), VIT_CLS),
+    ]
+    other = [r"^classifier\.", r"^(vit\.)?embeddings\.mask_token$", r"^decoder\."]  # (HF's pooler: head_key)
+    return _plan(_vit_spec(cfg), top, VIT_LAYER, "encoder.layer.{i}.", "layernorm", lambda s: [], "pooler.", other,
+                 ("", "vit."))  # fmt: skip
 
 
 def _clip(cfg: Mapping[str, Any]) -> Plan:
@@ -401,10 +388,10 @@ def _clip(cfg: Mapping[str, Any]) -> Plan:
             raise ValueError("CLIP's pooled output is the CLS token after post_layernorm: keep final_ln=True")
         return _linear("proj", "visual_projection", bias=False) if s.get("proj_dim") else []
 
-    other = [r"^text_model\.", r"^text_projection\.", r"^classifier\."]
-    pooled = dict(pool="cls", proj_dim=proj, proj_bias=False)
-    return _tower(_vit_spec(cfg, patch_bias=False, pre_ln=True), "vision_model", top, head, r"^visual_projection\.",
-                  other, pooled)  # fmt: skip
+    other = [r"^text_model\.", r"^text_projection\.", r"^classifier\.", *TWO_TOWER]
+    return _plan(_vit_spec(cfg, patch_bias=False, pre_ln=True), top, CLIP_LAYER, "vision_model.encoder.layers.{i}.",
+                 "vision_model.post_layernorm", head, "visual_projection.", other,
+                 pooled=dict(pool="cls", proj_dim=proj, proj_bias=False))  # fmt: skip
 
 
 def _siglip(cfg: Mapping[str, Any]) -> Plan:
@@ -421,10 +408,10 @@ def _siglip(cfg: Mapping[str, Any]) -> Plan:
              for p, w, t in (("kernel", "weight", PACKED_IN), ("bias", "bias", PACKED_BIAS))]  # fmt: skip
     pool += [("map/attention/out/kernel", a + "out_proj.weight", HEADS_OUT), *_ln("map/layernorm", h + "layernorm")]
     pool += _linear("map/mlp/fc1", h + "mlp.fc1") + _linear("map/mlp/fc2", h + "mlp.fc2")
-    head = lambda s: pool if s.get("pool") == "map" else []  # noqa: E731
-    pooled = dict(pool="map") if cfg["vision_use_head"] else None
-    return _tower(_vit_spec(cfg, use_cls=False), "vision_model", top, head, r"^vision_model\.head\.",
-                  [r"^text_model\.", r"^classifier\."], pooled)  # fmt: skip
+    head = lambda s: pool if s.get("pool") == "map" else []
+    return _plan(_vit_spec(cfg, use_cls=False), top, CLIP_LAYER, "vision_model.encoder.layers.{i}.",
+                 "vision_model.post_layernorm", head, h, [r"^text_model\.", r"^classifier\.", *TWO_TOWER],
+                 pooled=dict(pool="map") if cfg["vision_use_head"] else None)  # fmt: skip
 
 
 def _text_tower(cfg: Mapping[str, Any], pooled: dict[str, Any], head: str, other: list[str], **extra) -> Plan:
@@ -433,8 +420,9 @@ def _text_tower(cfg: Mapping[str, Any], pooled: dict[str, Any], head: str, other
     spec = _bert_spec(cfg, False, type_vocab_size=0, ln_epsilon=cfg["layer_norm_eps"], **extra)
     top = [(f"{o}_embeddings/embedding", f"text_model.embeddings.{h}_embedding.weight", COPY)
            for o, h in (("word", "token"), ("position", "position"))]  # fmt: skip
-    proj = lambda s: _linear("proj", head, bias=s["proj_bias"]) if s.get("proj_dim") else []  # noqa: E731
-    return _tower(spec, "text_model", top, proj, rf"^{re.escape(head)}\.", other, pooled)
+    proj = lambda s: _linear("proj", head, bias=s["proj_bias"]) if s.get("proj_dim") else []
+    return _plan(spec, top, CLIP_LAYER, "text_model.encoder.layers.{i}.", "text_model.final_layer_norm", proj,
+                 head + ".", [*other, *TWO_TOWER], pooled=pooled)  # fmt: skip
 
 
 def _clip_text(cfg: Mapping[str, Any]) -> Plan:
