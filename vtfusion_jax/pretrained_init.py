@@ -38,7 +38,7 @@ def init_source(tower_spec: Mapping[str, Any]) -> str | None:
     return str(src) if src else None
 
 
-def _overrides(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]:
+def _overrides(tower_spec: Mapping[str, Any]) -> dict[str, Any]:
     """Loader overrides: the tower's fields except name / init_from / freeze (and the tokenizer's vocab_size)."""
     skip = set(NON_MODULE_KEYS) | {"vocab_size"}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in tower_spec.items() if k not in skip}
@@ -48,8 +48,7 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
     """The module spec {name, <architecture fields from config.json>, <overrides>, init_from, freeze?} of a tower with
     ``init_from``, from the checkpoint's config.json alone (no tensors read). ValueError for an unsupported
     model_type, a ``name`` not the checkpoint's family, or (text) another vocab size."""
-    families, _ = TOWERS[tower]
-    src = init_source(tower_spec)
+    families, src = TOWERS[tower][0], init_source(tower_spec)
     _, family, plan = pretrained.family_plan(pretrained.resolve(src), families, f"model.{tower}.init_from={src!r}")
     base = plan.spec
     name = tower_spec.get("name")
@@ -64,7 +63,7 @@ def checkpoint_spec(tower: str, tower_spec: Mapping[str, Any]) -> dict[str, Any]
             f"model.{tower}.init_from={src!r} has vocab_size {base['vocab_size']} but the tokenizer has {vocab}: "
             f"set dataset.tokenizer_path to the checkpoint's vocabulary"
         )
-    spec = {**plan.spec_with(_overrides(tower, tower_spec)), "init_from": src}
+    spec = {**plan.spec_with(_overrides(tower_spec)), "init_from": src}
     if "freeze" in tower_spec:
         spec["freeze"] = tower_spec["freeze"]
     return spec
@@ -77,14 +76,6 @@ def resolve_model_spec(model_spec: Mapping[str, Any]) -> dict[str, Any]:
         if tower in out and init_source(out[tower]):
             out[tower] = checkpoint_spec(tower, out[tower])
     return out
-
-
-def _load(tower: str, spec: Mapping[str, Any], image_size: int, rng: jax.Array) -> tuple[dict, Any]:
-    _, kind = TOWERS[tower]
-    overrides = _overrides(tower, spec)
-    if kind == "text":
-        return pretrained.load_text_encoder(spec["init_from"], rng=rng, **overrides)
-    return pretrained.load_image_encoder(spec["init_from"], image_size=image_size, rng=rng, **overrides)
 
 
 def import_into_params(
@@ -101,11 +92,13 @@ def import_into_params(
       rng: PRNG key; initialises parameters an override adds that the checkpoint lacks (e.g. ResNet ``project=True``).
     """
     out = dict(params)
-    for i, tower in enumerate(TOWERS):
+    for i, (tower, (_, kind)) in enumerate(TOWERS.items()):
         spec = model_spec.get(tower, {})
         if not init_source(spec):
             continue
-        loaded_spec, imported = _load(tower, spec, image_size, jax.random.fold_in(rng, i))
+        kw = dict(image_size=image_size) if kind == "image" else {}
+        load = pretrained.load_image_encoder if kind == "image" else pretrained.load_text_encoder
+        loaded_spec, imported = load(spec["init_from"], **kw, rng=jax.random.fold_in(rng, i), **_overrides(spec))
         module = lambda s: {k: v for k, v in s.items() if k not in NON_MODULE_KEYS or k == "name"}  # noqa: E731
         if module(loaded_spec) != module(spec):
             raise ValueError(
