@@ -104,14 +104,12 @@ class BertEncoder(nn.Module):
         out = x * text_mask[..., None].astype(x.dtype)
         if not pooled_head:
             return out, text_mask
-        if self.pool == "cls":
-            pooled = x[:, 0]  # [B, D]
-        elif self.pool == "last":  # the last position even where it is padding (as HF SigLIP reads it)
-            pooled = x[:, -1]
-        else:
+        if self.pool == "eos":
             legacy = self.eos_token_id in (None, 2)  # HF CLIP: configs from before its eos fix point at the max id
             pos = jnp.argmax(text_ids if legacy else (text_ids == self.eos_token_id).astype(jnp.int32), axis=-1)
             pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+        else:  # "cls": position 0; "last": the last position even where it is padding (as HF SigLIP reads it)
+            pooled = x[:, 0 if self.pool == "cls" else -1]  # [B, D]
         if self.pooler:
             pooled = jnp.tanh(layers.dense(self.width, "embed", "mlp", dtype=self.dtype, name="pooler")(pooled))
         if self.proj_dim:
