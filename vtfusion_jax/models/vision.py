@@ -362,10 +362,8 @@ class MAPHead(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed"))
         probe = self.param("probe", init, (1, 1, x.shape[-1]), jnp.float32)
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(self.dtype)
-        attn = MultiHeadAttention(
-            self.num_heads, implementation=self.attention_impl, dtype=self.dtype, name="attention"
-        )
-        y = attn(probe, x)  # [B, 1, D]
+        kw = dict(implementation=self.attention_impl, dtype=self.dtype, name="attention")
+        y = MultiHeadAttention(self.num_heads, **kw)(probe, x)  # [B, 1, D]
         h = layers.LayerNorm(self.ln_epsilon, name="layernorm")(y).astype(self.dtype)
         return (y + layers.MLP(self.mlp_dim, 0.0, self.dtype, self.activation, name="mlp")(h))[:, 0]
 
