@@ -167,9 +167,8 @@ class RetrievalModel(nn.Module):
 
     def itc(self, image_emb, text_emb, image_id=None, mesh=None) -> tuple[jax.Array, jax.Array]:
         """The head's ITC loss and logits text x image (``itc_loss``) with its temperature (and bias)."""
-        return itc_loss(
-            image_emb, text_emb, self.temperature(), image_id, mesh, self.head.bias(), self.head.contrastive
-        )
+        h = self.head
+        return itc_loss(image_emb, text_emb, h.temperature(), image_id, mesh, h.bias(), h.contrastive)
 
     def itm_logits(self, image, image_mask, text, text_mask, train: bool = False) -> jax.Array:
         """Encoder tokens of B (image, text) pairs -> ITM logits float32 [B, 2]."""
@@ -202,14 +201,8 @@ def itc_logits(image_emb, text_emb, temperature, bias=None) -> jax.Array:
 
 
 def itc_loss(
-    image_emb: jax.Array,
-    text_emb: jax.Array,
-    temperature: jax.Array,
-    image_id: jax.Array | None = None,
-    mesh=None,
-    bias: jax.Array | None = None,
-    kind: str = "softmax",
-) -> tuple[jax.Array, jax.Array]:
+    image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, image_id: jax.Array | None = None, mesh=None,
+    bias: jax.Array | None = None, kind: str = "softmax") -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """Symmetric InfoNCE ("softmax") or SigLIP's pairwise logistic loss ("sigmoid") over the global batch.
 
     Args:
