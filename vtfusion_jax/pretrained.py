@@ -470,9 +470,8 @@ def load_logit_scale(source: str) -> tuple[float, float | None]:
     folder = resolve(source)
     tensors = read_checkpoint(folder)
     if "logit_scale" not in tensors:
-        raise CheckpointMismatchError(
-            f"{folder} has no logit_scale (a CLIPModel / SiglipModel file has)", ["logit_scale"]
-        )
+        msg = f"{folder} has no logit_scale (a CLIPModel / SiglipModel file has)"
+        raise CheckpointMismatchError(msg, ["logit_scale"])
     scalar = lambda key: float(np.asarray(tensors[key]).reshape(()))  # noqa: E731  (stored as [1] or [])
     return scalar("logit_scale"), scalar("logit_bias") if "logit_bias" in tensors else None
 
@@ -589,9 +588,8 @@ def _load(source, families, build, dummy_inputs, rng, overrides) -> tuple[dict[s
     if uncovered:  # parameters the checkpoint never had (e.g. a new projection): from encoder.init(rng)
         # Jitting only the selected leaves lets XLA drop every other initialiser (a much faster compile).
         init = build(unrolled).init
-        flat.update(
-            jax.jit(lambda r: {p: v for p, v in _flat(init(r, *inputs)["params"]).items() if p in uncovered})(rng)
-        )
+        keep = lambda r: {p: v for p, v in _flat(init(r, *inputs)["params"]).items() if p in uncovered}
+        flat.update(jax.jit(keep)(rng))
     params = traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
     if spec.get("scan_layers"):
         params = layers.unrolled_to_scanned(params, spec["depth"])
