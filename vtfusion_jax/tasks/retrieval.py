@@ -147,16 +147,10 @@ class RetrievalTask(CaptionDataTask):
         if "fns" in self._eval_cache:
             return self._eval_cache["fns"]
         m = self.model
-
-        def enc_img(p, x):
-            return m.apply({"params": p}, x, method=RetrievalModel.encode_image)
-
-        def enc_txt(p, t):  # t: ids and mask stacked, int32 [B, 2, L]
-            return m.apply({"params": p}, t[:, 0], t[:, 1] > 0, method=RetrievalModel.encode_text)
-
-        def itm(p, a, am, b, bm):
-            return m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
-
+        enc_img = lambda p, x: m.apply({"params": p}, x, method=RetrievalModel.encode_image)
+        # t: text ids and mask stacked, int32 [B, 2, L]
+        enc_txt = lambda p, t: m.apply({"params": p}, t[:, 0], t[:, 1] > 0, method=RetrievalModel.encode_text)
+        itm = lambda p, a, am, b, bm: m.apply({"params": p}, a, am, b, bm, method=RetrievalModel.itm_logits)
         self._eval_cache["fns"] = {"image": enc_img, "text": jax.jit(enc_txt), "itm": jax.jit(itm)}
         return self._eval_cache["fns"]
 
