@@ -85,8 +85,7 @@ class RetrievalHead(nn.Module):
             self.text_proj = layers.dense(self.embed_dim, None, "embed", dtype=self.dtype, name="text_proj")
         self.itm = layers.dense(2, None, None, dtype=self.dtype, name="itm")
         if self.contrastive == "sigmoid":
-            init = nn.initializers.constant(self.init_logit_bias)
-            self.logit_bias = self.param("logit_bias", init, (), jnp.float32)
+            self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias), (), jnp.float32)
         if self.pool_mlp_dim:
             self.image_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="image_pool_mlp")
             self.text_pool_mlp = TokenMLP(self.pool_mlp_dim, self.dtype, name="text_pool_mlp")
