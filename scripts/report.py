@@ -137,10 +137,12 @@ def main_job() -> str:
     if rs:
         worst, minutes = min(r["metrics"]["accuracy"] for r in rs), [(r["train_s"] + r["eval_s"]) / 60 for r in rs]
         verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+        peaks = [f"{p['flops_per_s'] / 1e9:.0f}" for r in rs if (p := r["summary"].get("matmul_peak"))]
+        peak = f"float32 matmul peak {' / '.join(peaks)} GFLOP/s" if peaks else "matmul peak not measured"
         lines += ["", f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest "
                   f"{100 * worst:.2f} % of {len(rs)}); train + eval <= 10 min: {verdict(max(minutes) <= 10)} "
                   f"({statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max; {_provenance(rs)}, load "
-                  f"{_load(rs)})."]  # fmt: skip
+                  f"{_load(rs)}, {peak} (scripts/run.py --matmul_size))."]  # fmt: skip
     return "\n".join(lines)
 
 

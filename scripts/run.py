@@ -7,8 +7,8 @@
   python scripts/run.py --name=NAME --config=CONFIG --eval_only            # the workdir holds a finished run
 
 Any task. Writes results/NAME/{config,metrics,summary,history}.json (+ captions.jsonl; never checkpoints);
-summary.json: metrics, wall times, load average seen, and provenance (git commit and dirty flag, CPU model / ISA or
-accelerator, the command).
+summary.json: metrics, wall times, load average seen, the host's float32 matmul peak (--matmul_size) and
+provenance (git commit and dirty flag, CPU model / ISA or accelerator, the command).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nice", type=int, default=0, help="run train / eval under nice -n N")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir (earlier runs are kept)")
     p.add_argument("--eval_only", action="store_true", help="evaluate the finished run in --workdir")
+    p.add_argument("--matmul_size", type=int, default=2048, help="float32 matmul peak on [N, N] first (0: skip)")
     p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")
     a = p.parse_args(argv)
     workdir = os.path.join(REPO, a.workdir or os.path.join("runs", a.name))
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_cmd = [sys.executable, "eval.py", *common, f"--split={a.split}"]
     this = ["python scripts/run.py", *(argv if argv is not None else sys.argv[1:])]
     provenance = speed.provenance(" ".join(this))  # the code the run starts on (a commit during the run must not count)
+    # The host's float32 matmul peak (what the times mean on another host; speed.matmul_peak), before the run.
+    peak = speed.matmul_peak(n=a.matmul_size) if a.matmul_size else None
     with sampled_load() as load:
         train_s = None if a.eval_only else _timed(train_cmd, a.nice)
         eval_s = _timed(eval_cmd, a.nice)
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary.update(train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1))
     summary["total_train_seconds"] = round(train_s + sum(r["train_seconds"] or 0 for r in previous), 1)
     summary["load"] = load  # 1-minute load average during train + eval (> CPU count: the times are inflated)
+    summary["matmul_peak"] = peak  # {"flops_per_s" (best of 5), "median_flops_per_s", "n", ...} or None
     summary.update(eval_only=a.eval_only, previous_runs=previous, **provenance)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

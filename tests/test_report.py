@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
     """configs/tiny.py for 3 steps through scripts/run.py (train.py then eval.py, validation split)."""
     tmp = tmp_path_factory.mktemp("run")
     args = ["--name=tiny", "--config=configs/tiny.py", "--seed=1", "--split=validation", f"--workdir={tmp / 'w'}"]
-    args += [f"--results_dir={tmp / 'results'}", "--", f"--config.dataset.data_dir={DATA_DIR}"]
+    args += ["--matmul_size=128", f"--results_dir={tmp / 'results'}", "--", f"--config.dataset.data_dir={DATA_DIR}"]
     args += ["--config.train.num_steps=3"]
     proc = run_script("scripts/run.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +40,7 @@ def test_run_records_metrics_times_and_provenance(tiny_run):
     assert json.load(open(out / "metrics.json")) == evaluated == summary["metrics"]  # eval's file, copied as is
     assert json.load(open(out / "config.json"))["seed"] == 1  # --seed reached train.py
     assert summary["train_seconds"] > 0 and summary["eval_seconds"] > 0 and summary["load"]["samples"] >= 1
+    assert summary["matmul_peak"]["n"] == 128 and summary["matmul_peak"]["flops_per_s"] > 0  # --matmul_size
     assert len(summary["git_commit"]) == 40 and isinstance(summary["git_dirty"], bool)
     assert summary["host"]["cpu"] and "cpu_isa" in summary["host"]
     assert summary["command"].startswith("python scripts/run.py --name=tiny --config=configs/tiny.py --seed=1")
