@@ -46,7 +46,7 @@ def main(argv):
             print(f"exported step {meta['checkpoint_step']} for {meta['platforms']} to {FLAGS.export}", flush=True)
             return
         result = eval_lib.evaluate_split(config, FLAGS.workdir, split, checkpoint)
-    except (FileNotFoundError, preflight.CorruptFileError, NotImplementedError) as e:  # no readable checkpoint, a
+    except (FileNotFoundError, preflight.CorruptFileError, export.ExportError) as e:  # no readable checkpoint, a
         print(f"ERROR: {e}", file=sys.stderr, flush=True)  # damaged file, a task export does not take
         sys.exit(1)
     brief = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "protocol"}

@@ -47,7 +47,7 @@ def main(argv):
         else:
             out = eval_lib.predict(FLAGS.workdir, FLAGS.image, question=FLAGS.question, captions=captions,
                                    attention_map=FLAGS.attention_map, checkpoint=FLAGS.checkpoint)  # fmt: skip
-    except (eval_lib.PredictError, FileNotFoundError, preflight.CorruptFileError, NotImplementedError) as e:
+    except (eval_lib.PredictError, FileNotFoundError, preflight.CorruptFileError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if "answer" in out:

@@ -24,10 +24,9 @@ share the towers, optimiser and batch; their fusion is 2 layers, 4 heads, MLP 25
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib, models
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
-FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 # rn only (replacing the shared fields): the paper's g (4 x 256) and f (256, 256, then the head's dropout + linear)
 RN_EXTRAS = dict(fusion=dict(g_layers=4, f_layers=2, mlp_dim=256, token_pool=1), head=dict(hidden_dim=0, ln=False))
 
@@ -37,8 +36,7 @@ common = config_lib.sibling(__file__, "common")
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME" (default rn)."""
     arg = parse_arg(arg, fusion="rn", accel=False)
-    if arg.fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    common.fusion_name(arg.fusion)  # a ValueError listing the variants for any other name
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order

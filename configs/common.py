@@ -17,6 +17,17 @@ def _block(fields: dict, overrides: dict) -> ml_collections.ConfigDict:
     return block
 
 
+def fusion_name(name: str) -> str:
+    """``name`` if it is a registered fusion variant a ':fusion=' argument may pick (not the probe); else a
+    ValueError listing them."""
+    from vtfusion_jax import models
+
+    valid = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
+    if name not in valid:
+        raise ValueError(f"unknown fusion {name!r}; valid: {valid}")
+    return name
+
+
 def optim(**overrides) -> ml_collections.ConfigDict:
     """AdamW + learning-rate schedule (vtfusion_jax/optim.py)."""
     return _block(

@@ -19,10 +19,8 @@ Transformer on MiniLM's WordPiece ids): a starting point to scale up, not a tune
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib, models
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
-
-FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 
 common = config_lib.sibling(__file__, "common")
 
@@ -30,8 +28,7 @@ common = config_lib.sibling(__file__, "common")
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "manifest=PATH[,fusion=NAME]" (default fusion cross)."""
     arg = parse_arg(arg, manifest="", fusion="cross", accel=False)
-    if arg.fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    common.fusion_name(arg.fusion)  # a ValueError listing the variants for any other name
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order

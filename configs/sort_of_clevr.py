@@ -19,11 +19,10 @@ only. The table: python scripts/report.py (from results/sort_of_clevr/, written 
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib, models
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 # Every registered variant that takes the fusion sizes set below (vtfusion_jax/models/registry.py; not the probe)
-FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 # Variant-only fields (they replace the shared ones). rn: g over all 10,000 ordered pairs of the 100 image tokens
 # would cost ~12x the cross fusion, so rn pairs the 25 cells of the 2x2-average-pooled 5x5 grid (token_pool=2, the
 # grid of Santoro et al.'s own CNN) with g 3 layers of width 64 (the paper: 4 x 256).
@@ -36,8 +35,7 @@ common = config_lib.sibling(__file__, "common")
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME" (default co_attention)."""
     arg = parse_arg(arg, fusion="co_attention", accel=False)
-    if arg.fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    common.fusion_name(arg.fusion)  # a ValueError listing the variants for any other name
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, dropout and data order

@@ -11,11 +11,10 @@ with manifest=PATH, a user dataset instead of Sort-of-CLEVR (JSON Lines rows {"i
 import ml_collections
 from ml_collections import config_dict
 
-from vtfusion_jax import config_lib, models
+from vtfusion_jax import config_lib
 from vtfusion_jax.config_lib import parse_arg
 
 # Every registered variant that takes the fusion sizes set below (vtfusion_jax/models/registry.py; not the probe)
-FUSIONS = tuple(n for n, info in models.FUSIONS.items() if issubclass(info.cls, models.FusionBase))
 
 
 common = config_lib.sibling(__file__, "common")
@@ -24,8 +23,7 @@ common = config_lib.sibling(__file__, "common")
 def get_config(arg=None):
     """Returns the locked config; ``arg`` is "fusion=NAME[,manifest=PATH]" (default cross, Sort-of-CLEVR)."""
     arg = parse_arg(arg, fusion="cross", manifest="", accel=False)
-    if arg.fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {arg.fusion!r}; valid: {FUSIONS}")
+    common.fusion_name(arg.fusion)  # a ValueError listing the variants for any other name
     c = ml_collections.ConfigDict()
     c.task = "retrieval"  # vqa | retrieval | caption (vtfusion_jax/tasks)
     c.seed = 0  # parameter init, hard-negative sampling and data order

@@ -33,9 +33,15 @@ from flax import serialization
 from vtfusion_jax import preflight
 from vtfusion_jax.data.tokenizer import Tokenizer
 
-__all__ = ["ExportedModel", "export_model", "predict"]
+__all__ = ["ExportError", "ExportedModel", "export_model", "predict"]
 
 MODEL, PARAMS, TOKENIZER, META = "model.jax", "params.msgpack", "tokenizer.json", "export.json"
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported (its task), or an artifact this machine cannot run (its platforms)."""
+
+
 FORMAT = 1  # export.json "format": bumped when the folder's layout or the function's signature changes
 
 
@@ -54,13 +60,13 @@ def export_model(config, workdir: str, out_dir: str, checkpoint="best", platform
       The export.json content.
 
     Raises:
-      NotImplementedError: a task other than "vqa" (retrieval ranks captions with two heads and captioning runs a
+      ExportError: a task other than "vqa" (retrieval ranks captions with two heads and captioning runs a
         beam search: neither is one fixed function of a batch).
     """
     from vtfusion_jax import train_lib  # exporting needs the model code; loading does not
 
     if config.task != "vqa":
-        raise NotImplementedError(f"export supports task 'vqa' (VQA / classification), not {config.task!r}")
+        raise ExportError(f"export supports task 'vqa' (VQA / classification), not {config.task!r}")
     task, params, step = train_lib.restore(config, workdir, checkpoint)
     params = jax.device_get(params)  # host arrays: the artifact runs on one device, not the training mesh
 
@@ -93,7 +99,7 @@ class ExportedModel:
     Raises:
       FileNotFoundError: ``directory`` lacks one of the four files.
       CorruptFileError: an unreadable export.json, or one of another format or task.
-      NotImplementedError: not exported for this machine's platform.
+      ExportError: not exported for this machine's platform.
     """
 
     def __init__(self, directory: str):
@@ -109,7 +115,7 @@ class ExportedModel:
         self.exported = jax.export.deserialize(bytearray((d / MODEL).read_bytes()))
         here = jax.export.default_export_platform()  # "cuda", not jax's "gpu": the names export uses
         if here not in self.exported.platforms:
-            raise NotImplementedError(f"{d / MODEL} was exported for {list(self.exported.platforms)}, this machine "
+            raise ExportError(f"{d / MODEL} was exported for {list(self.exported.platforms)}, this machine "
                                       f"runs {here}: export it again with --export_platforms=...,{here}")  # fmt: skip
         self.params = jax.device_put(serialization.msgpack_restore((d / PARAMS).read_bytes()))
         self.tokenizer = Tokenizer(str(d / TOKENIZER), max_len=int(self.meta["max_len"]))

@@ -327,7 +327,7 @@ def _plan(spec: dict, top: list[Row], layer: list[Row], hf_layer: str, final: st
 def _bert(cfg: Mapping[str, Any]) -> Plan:
     if cfg.get("position_embedding_type", "absolute") != "absolute":  # HF config.json, HF's default
         raise ValueError(f"BERT position_embedding_type={cfg['position_embedding_type']!r}: only 'absolute'")
-    types, eps = cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12)
+    types, eps = cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12)  # HF config.json, HF's defaults
     spec = _bert_spec(cfg, True, type_vocab_size=types, ln_epsilon=eps)
     top = [(f"{x}_embeddings/embedding", f"embeddings.{x}_embeddings.weight", COPY) for x in ("word", "position")]
     top += [("token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY)]

@@ -54,8 +54,7 @@ class CaptionDataTask(Task):
         self._index: dict[str, CaptionIndex] = {}
         path = epath.Path(workdir) / "vocab.json" if workdir else None
         max_len = config.dataset.max_len
-        has_tower = "text_encoder" in config.model  # captioning: a decoder, no text tower
-        text_init = has_tower and pretrained_init.init_source(config.model.text_encoder)
+        text_init = self.text_checkpoint()
         if text_init:  # a pretrained text tower reads its checkpoint's token ids
             self.tokenizer = pretrained.CheckpointTokenizer(text_init, max_len)
         elif path and path.exists():
@@ -63,6 +62,11 @@ class CaptionDataTask(Task):
         else:
             self.tokenizer = WordVocab.build(self.split_index(config.dataset.train_split).pair_text, max_len)
         self.model = self.build_model()
+
+    def text_checkpoint(self) -> str | None:
+        """The text tower's checkpoint, whose tokenizer the task then uses; None: a word vocabulary (captioning has a
+        decoder, no text tower)."""
+        return None
 
     def split_index(self, split: str) -> CaptionIndex:
         """The split's images and captions (read once per task)."""
@@ -106,6 +110,9 @@ class CaptionDataTask(Task):
 
 class RetrievalTask(CaptionDataTask):
     main_metric = "rerank_mean_R@1"
+
+    def text_checkpoint(self) -> str | None:
+        return pretrained_init.init_source(self.config.model.text_encoder)
 
     def build_model(self, sow_weights: bool = False):
         spec = self.config.model.to_dict()
