@@ -38,15 +38,16 @@ def get_config(arg=None):
     common.fusion_name(arg.fusion)  # a ValueError listing the variants for any other name
     c = ml_collections.ConfigDict()
     c.task = "vqa"  # vqa | retrieval | caption (vtfusion_jax/tasks)
-    c.seed = 0  # parameter init, dropout and data order
+    c.seed = 0  # parameter init, dropout, data order and the scenes (dataset.builder_kwargs.seed follows it)
     c.mesh_shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1 = the remaining devices
 
     c.dataset = ml_collections.ConfigDict()  # what to train on and how inputs are prepared
     c.dataset.name = "sort_of_clevr"  # TFDS builder generating the scenes (vtfusion_jax/data/sort_of_clevr.py)
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS folder; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
-        dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split (20 questions each)
+        dict(num_train=9800, num_validation=200, num_test=200)  # images per split (20 questions each)
     )
+    c.dataset.builder_kwargs.seed = c.get_ref("seed")  # scene generator seed = c.seed: a seed varies the data too
     c.dataset.train_split = "train"  # 196,000 questions
     c.dataset.val_split = "validation"  # model selection
     c.dataset.image_size = config_dict.placeholder(int)  # None keeps 75 px
