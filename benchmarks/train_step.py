@@ -122,6 +122,7 @@ def _from_train_config(c: dict) -> dict:
     """A training config (dataset / train sections instead of ``bench``) as a benchmark config."""
     d, t, model = c.get("dataset", {}), c.get("train", {}), c["model"]
     bench = dict(batch_size=t.get("global_batch_size", 32), image_size=d.get("image_size") or 64)
+    bench["images_per_batch"] = t.get("images_per_batch", 0)
     bench.update(text_len=d.get("max_len", 16), num_classes=13, warmup=3, steps=20, matmul_size=2048, peak_tflops=0.0)
     bench.update(compilation_cache_dir="")
     model["text_encoder"] = {"vocab_size": DEFAULT_VOCAB, **model["text_encoder"]}
@@ -149,14 +150,17 @@ def _set(cfg: dict, key: str, raw: str) -> None:
 
 def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
     """A host batch with the model's input shapes: uniform images, random token ids, random text lengths
-    (>= half the length; the rest is padding), random labels."""
+    (>= half the length; the rest is padding), random labels. ``bench.images_per_batch`` = K > 0: an image-grouped
+    batch (data/grouped.py) of K images, question b on image b % K."""
     b = cfg["bench"]
     n, s, length = int(b["batch_size"]), int(b["image_size"]), int(b["text_len"])
+    k = int(b["images_per_batch"])
     vocab = int(cfg["model"]["text_encoder"].get("vocab_size", DEFAULT_VOCAB))
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(1, length // 2), length + 1, size=n)
-    return {
-        "image": rng.uniform(size=(n, s, s, 3)).astype(np.float32),
+    grouped = {"image_index": (np.arange(n) % k).astype(np.int32)} if k > 0 else {}
+    return grouped | {
+        "image": rng.uniform(size=(k or n, s, s, 3)).astype(np.float32),
         "text_ids": rng.integers(1, vocab, size=(n, length)).astype(np.int32),
         "text_mask": np.arange(length)[None, :] < lengths[:, None],
         "label": rng.integers(0, int(b["num_classes"]), size=n).astype(np.int32),
@@ -164,14 +168,15 @@ def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
     }
 
 
-def model_and_optimizer(cfg: dict) -> tuple[VisionTextModel, optax.GradientTransformation, dict]:
-    """The model and optimiser of ``cfg`` and a one-row zero batch with its input shapes (for init and layouts)."""
+def model_and_optimizer(cfg: dict, **model_kw) -> tuple[VisionTextModel, optax.GradientTransformation, dict]:
+    """The model (``model_kw``: VisionTextModel fields) and optimiser of ``cfg`` and a one-row zero batch with its
+    input shapes (for init and layouts)."""
     b = cfg["bench"]
     s, length = int(b["image_size"]), int(b["text_len"])
     init = dict(image=jnp.zeros((1, s, s, 3)), text_ids=jnp.zeros((1, length), jnp.int32))
     init["text_mask"] = jnp.ones((1, length), bool)
     tx, _ = optim.make_optimizer(cfg["optim"], 10_000, optim.frozen_towers(cfg["model"]))
-    return VisionTextModel(cfg["model"], int(b["num_classes"])), tx, init
+    return VisionTextModel(cfg["model"], int(b["num_classes"]), **model_kw), tx, init
 
 
 def jit_step(model, tx, state_shardings, mesh, **kw) -> Callable:
@@ -194,13 +199,14 @@ def compile_timed(fn, args: Sequence, mesh, options: dict | None = None, rules=F
 class Bench:
     """The built benchmark: model, optimiser, sharded state, on-device batch and the jitted step."""
 
-    def __init__(self, cfg: dict, compiler_options: dict | None = None, state: TrainState | None = None):
+    def __init__(self, cfg: dict, compiler_options: dict | None = None, state: TrainState | None = None, **model_kw):
         """Builds everything for ``cfg``; ``compiler_options`` (XLA debug options, e.g.
         {"xla_backend_optimization_level": 0}) apply to the step it compiles; ``state`` (of a Bench whose config
-        differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation."""
+        differs only in switches that keep parameter shapes, e.g. attention_impl) skips initialisation;
+        ``model_kw``: VisionTextModel fields (e.g. per_image_fusion=False)."""
         self.cfg, self.compiler_options = cfg, compiler_options
         self.mesh = sharding.make_mesh(cfg["mesh_shape"])
-        self.model, self.tx, init_batch = model_and_optimizer(cfg)
+        self.model, self.tx, init_batch = model_and_optimizer(cfg, **model_kw)
         layout = (self.model, init_batch, self.tx, self.mesh)
         if state is None:  # the sharded initialisation training does
             state, self.state_shardings = create_train_state(*layout, int(cfg["seed"]))

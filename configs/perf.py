@@ -75,6 +75,7 @@ def _shared() -> dict:
         ),
         bench=dict(  # what the benchmark feeds and how it times
             batch_size=32,  # global batch (synthetic examples per step)
+            images_per_batch=0,  # > 0: image-grouped batches, this many images shared by the batch's questions
             image_size=64,  # image side in pixels
             text_len=16,  # text tokens per example (random lengths >= text_len / 2, padding masked)
             num_classes=13,  # head outputs (easy-VQA answers)

@@ -208,6 +208,19 @@ def test_weight_grad_smoke(tmp_path):
     assert all(len(t) == 2 for t in r["step_s_all"].values())
 
 
+@pytest.mark.slow  # the per-image paths' equality is checked in the default tier: test_fusion.py
+def test_per_image_smoke(tmp_path):
+    """The whole benchmark on the tiny config with 2 images for 8 questions (co-attention): both sides train the
+    same model (equal losses after the same steps), the gathered side has more work per step (XLA's FLOP count)."""
+    import per_image
+
+    extra = [*ONE_DEVICE, "bench.images_per_batch=2", "model.fusion.name=co_attention", "model.fusion.num_layers=2"]
+    r = per_image.main([f"--config={TINY}", "--rounds=2", "--pause=0", *map("--config.".__add__, extra)])
+    assert r["final_loss"]["gathered"] == pytest.approx(r["final_loss"]["per_image"], rel=1e-4)
+    assert r["questions_per_s"].keys() == {"gathered", "per_image"} and r["speedup"] > 0
+    assert r["xla_flops_per_step"]["gathered"] > r["xla_flops_per_step"]["per_image"]
+
+
 def test_alternate_rotates_the_order_and_returns_each_runners_times():
     """alternate: warm-up calls untimed, then every runner once per round, the order rotated by one each
     round (so no runner always follows the same one), and each runner's own returned times in round order."""

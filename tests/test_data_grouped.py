@@ -102,7 +102,7 @@ def test_model_gather_equals_repeated_images():
         width=32,
         image_encoder=dict(name="cnn", channels=(8, 16), strides=(2, 2)),
         text_encoder=dict(name="bert", vocab_size=50, depth=1, num_heads=4, mlp_dim=64, max_len=8),
-        fusion=dict(name="co_attention", num_layers=1, num_heads=4, mlp_dim=64),  # image tokens see the question
+        fusion=dict(name="co_attention", num_layers=2, num_heads=4, mlp_dim=64),  # layer 1 per image, then per question
         head=dict(name="classification", hidden_dim=16),
     )
     model = VisionTextModel(spec, 5)

@@ -273,3 +273,44 @@ def test_cross_pool_product_appends_text_times_image_summary():
     np.testing.assert_allclose(pooled_p[:, 2 * D :], pooled[:, :D] * pooled[:, D:], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pool_product"):
         _model("cross", pool_product=True)
+
+
+PER_IMAGE = [n for n in sorted(FUSIONS) if FUSIONS[n].per_image]
+
+
+def test_the_per_image_variants():
+    """The variants whose question-independent image work runs once per image (issue 30); the others gather first."""
+    assert PER_IMAGE == ["bottleneck", "co_attention", "cross", "gated_cross", "query"]
+
+
+@pytest.mark.parametrize(
+    "name,scan", [(n, False) for n in PER_IMAGE] + [pytest.param("co_attention", True, marks=pytest.mark.slow)]
+)
+def test_per_image_work_equals_gathering_the_images_first(name, scan):
+    """K = 3 images (one with 2 padded tokens) for 7 questions: outputs, and gradients w.r.t. the parameters and
+    the K images, equal those of the images repeated per question; with dropout drawn (and with a scan) the
+    stream-updating variants gather first (the same random draws: equal too)."""
+    index = jnp.asarray([2, 0, 0, 1, 2, 2, 1], jnp.int32)
+    lengths = np.array([[L], [3], [L], [4], [5], [L], [2]])
+    text, text_mask = _tokens(3, (7, L, D)), jnp.asarray(np.arange(L)[None, :] < lengths)
+    images, image_mask = _tokens(4, (3, N, D)), jnp.asarray(np.arange(N)[None, :] < np.array([[N], [7], [N]]))
+    fusion = get_fusion(dict(name=name, dropout_rate=0.1, **EXTRA.get(name, {})), dict(SIZE, scan_layers=scan))
+    params = _randomize(jax.jit(fusion.init)(jax.random.key(0), text, text_mask, images[index], image_mask[index]))
+
+    def run(p, imgs, grouped, deterministic=True):
+        args = (imgs, image_mask, dict(image_index=index)) if grouped else (imgs[index], image_mask[index], {})
+        rngs = {"dropout": jax.random.key(1)}
+        return fusion.apply(p, text, text_mask, *args[:2], deterministic=deterministic, rngs=rngs, **args[2])
+
+    def loss(p, imgs, grouped):
+        t, i, pooled = run(p, imgs, grouped)
+        return jnp.sum(jnp.where(text_mask[..., None], t, 0) ** 2) + jnp.sum(i[:, :7] ** 2) + jnp.sum(pooled**2)
+
+    @jax.jit
+    def both(p, imgs):  # (grouped, gathered) x (outputs, outputs with dropout drawn, gradients): one compile
+        grad = jax.grad(loss, argnums=(0, 1))
+        return [(run(p, imgs, g), run(p, imgs, g, False), grad(p, imgs, g)) for g in (True, False)]
+
+    grouped, gathered = both(params, images)
+    close = lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # noqa: E731
+    jax.tree.map(close, grouped, gathered)

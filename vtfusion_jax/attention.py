@@ -384,18 +384,21 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: jax.Array | None = None,
         kv_lengths: jax.Array | None = None,
+        kv_index: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
         """Attends from ``inputs_q`` [B, Lq, Dq] to ``inputs_kv`` [B, Lk, Dkv] (None: self-attention); ``mask``
         broadcasts to ``[B, H, Lq, Lk]``, True = may attend; ``kv_lengths`` [B]: keys from there on are padding;
-        ``deterministic`` disables dropout. Returns [B, Lq, Dq]."""
+        ``kv_index`` int [B]: ``inputs_kv`` holds K shared rows [K, Lk, Dkv] and query row b attends to row
+        ``kv_index[b]`` (keys / values projected once per shared row, then gathered: the same result as
+        ``inputs_kv[kv_index]``); ``deterministic`` disables dropout. Returns [B, Lq, Dq]."""
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         dq, h = inputs_q.shape[-1], self.num_heads
         hkv, dh = self.num_kv_heads or h, self.head_dim or dq // h
         proj = functools.partial(HeadsProjection, names=("embed", "heads", "kv"), dtype=self.dtype)
         proj = functools.partial(proj, param_dtype=self.param_dtype)
         q = proj((h, dh), name="query")(inputs_q)  # [B, Lq, H, Dh]
-        k, v = (proj((hkv, dh), name=n)(inputs_kv) for n in ("key", "value"))  # [B, Lk, Hkv, Dh]
+        k, v = (proj((hkv, dh), name=n)(inputs_kv) for n in ("key", "value"))  # [B or K, Lk, Hkv, Dh]
         if self.qk_layernorm:  # float32 LayerNorm over head_dim, as everywhere in this codebase
             init = lambda f: nn.with_logical_partitioning(f, ("kv",))  # noqa: E731
             norm = functools.partial(nn.LayerNorm, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -403,6 +406,8 @@ class MultiHeadAttention(nn.Module):
             norm = functools.partial(norm, scale_init=init(ones), bias_init=init(zeros))
             q = norm(name="query_norm")(q.astype(jnp.float32)).astype(self.dtype)
             k = norm(name="key_norm")(k.astype(jnp.float32)).astype(self.dtype)
+        if kv_index is not None:  # shared rows: project once per row, then one copy per query row
+            k, v = jnp.take(k, kv_index, axis=0), jnp.take(v, kv_index, axis=0)
         axes = ("batch", "length", "heads", "kv")
         q, k, v = (checkpoint_name(nn.with_logical_constraint(x, axes), "qkv_proj") for x in (q, k, v))
         dropout_fn = None

@@ -160,8 +160,9 @@ def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 class TransformerBlock(nn.Module):
     """Self-attention (+ optional cross-attention) + MLP, pre-LN (default) or post-LN (BERT).
 
-    carry: x [B, L, D]. aux: (mask, kv [B, Lk, Dkv] or None, kv_mask); mask / kv_mask: lengths [B] (``key_lengths``),
-    bool [B, L] / [B, L, L] (mask) or [B, Lk] (kv_mask), or None (``attend_to``).
+    carry: x [B, L, D]. aux: (mask, kv [B, Lk, Dkv] or None, kv_mask[, kv_index]); mask / kv_mask: lengths [B]
+    (``key_lengths``), bool [B, L] / [B, L, L] (mask) or [B, Lk] (kv_mask), or None (``attend_to``); kv_index int [B]:
+    kv holds shared rows [K, Lk, Dkv] (MultiHeadAttention's ``kv_index``).
     ``cross_attention=True``: self-attention, cross-attention to ``kv``, MLP (``cross_first``: cross before self).
     """
 
@@ -187,7 +188,7 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, aux: tuple, deterministic: bool) -> tuple[jax.Array, None]:
-        mask, kv, kv_mask = aux
+        mask, kv, kv_mask, kv_index = (*aux, None)[:4]
         kw = dict(implementation=self.attention_impl, sow_weights=self.sow_weights, dtype=self.dtype)
         x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
         self_attn = MultiHeadAttention(self.num_heads, **kw, name="self_attn")
@@ -198,7 +199,9 @@ class TransformerBlock(nn.Module):
 
         def do_cross(x):
             cross_attn = MultiHeadAttention(self.num_heads, **kw, name="cross_attn")
-            attend = lambda y: cross_attn(y, kv, **attend_to(kv_mask), deterministic=deterministic)  # noqa: E731
+            attend = lambda y: cross_attn(  # noqa: E731
+                y, kv, **attend_to(kv_mask), kv_index=kv_index, deterministic=deterministic
+            )
             return self._residual(x, attend, "cross_attn", deterministic)
 
         if self.cross_attention:

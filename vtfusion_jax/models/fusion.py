@@ -8,9 +8,13 @@ One interface for every variant::
 
 Inputs whose width differs from ``width`` are first projected by a Dense layer (``text_proj`` / ``image_proj``).
 Masks are True on real tokens and right-padded (real tokens first: text; image masks are all True), so attention
-gets them as lengths (``layers.key_lengths``: fused kernels skip the padding). "LN" is a float32 LayerNorm; blocks
-are pre-LN residual (x + f(LN(x))). Each variant is registered once (``@register_fusion``, models/registry.py:
-summary, paper, pooled width, attention maps); its class docstring gives the details and
+gets them as lengths (``layers.key_lengths``: fused kernels skip the padding). Image-grouped batches (several
+questions per image): a variant registered with ``per_image=True`` also takes ``image_index`` int [B]; ``image`` /
+``image_mask`` then hold K distinct images [K, N, ...] and question b looks at image ``image_index[b]``; the variant
+does its question-independent work once per image (the same result as ``image[image_index]``: tests/test_fusion.py)
+and returns per-question tokens. Other variants get the rows gathered first (models/vtfusion.py). "LN" is a float32
+LayerNorm; blocks are pre-LN residual (x + f(LN(x))). Each variant is registered once (``@register_fusion``,
+models/registry.py: summary, paper, pooled width, attention maps); its class docstring gives the details and
 ``flops_per_example(text_len, image_len)`` its forward matmul FLOPs (input projections excluded). The variant tables
 are generated from the registry by scripts/fusion_table.py.
 """
@@ -32,6 +36,11 @@ from vtfusion_jax.models.registry import FUSIONS, register_fusion  # noqa: F401 
 
 FusionOutput = tuple[jax.Array, jax.Array, jax.Array]
 _TOKEN_INIT = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))  # learned tokens [n, D]
+
+
+def rows(x: jax.Array, index: jax.Array | None) -> jax.Array:
+    """``x[index]`` along the batch axis: one row per question from one per image (None: ``x`` unchanged)."""
+    return x if index is None else jnp.take(x, index, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,11 @@ class FusionBase(nn.Module):
 
     def ln(self, name: str) -> Callable[[jax.Array], jax.Array]:
         return self.block_config().ln(name)
+
+    def grouped(self, image_index: jax.Array | None, deterministic: bool) -> bool:
+        """Whether a stream-updating variant runs its first layer per image: an image-grouped batch, unrolled layers
+        (a scan's carry keeps one shape) and no dropout drawn (per question, dropout masks differ per question)."""
+        return image_index is not None and not self.scan_layers and (deterministic or self.dropout_rate == 0)
 
     def mha(self, name: str) -> MultiHeadAttention:
         return self.block_config().mha(name)
@@ -197,6 +211,7 @@ class MergedFusion(FusionBase):
     paper="one-way half of ViLBERT / LXMERT; pool_product: Antol et al. 2015",
     pooled=lambda f: (1 if f.image_pool == "none" else 3 if f.pool_product else 2) * f.width,
     attention_maps={"text_to_image": "cross_attn"},
+    per_image=True,
 )
 class CrossFusion(FusionBase):
     """One-way cross-attention (the text-to-image half of ViLBERT/LXMERT; the "cross" model of the method).
@@ -210,12 +225,13 @@ class CrossFusion(FusionBase):
     pool_product: bool = False
 
     @nn.compact
-    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+    def __call__(self, text, text_mask, image, image_mask, deterministic=True, image_index=None) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
         kw = self.block_kwargs(cross_attention=True, cross_first=True)
         blocks = self.stack(layers.TransformerBlock, "blocks", **kw)
-        t = blocks(t, (layers.key_lengths(text_mask), kv, layers.key_lengths(image_mask)), deterministic)
+        kv_len = layers.key_lengths(rows(image_mask, image_index))
+        t = blocks(t, (layers.key_lengths(text_mask), kv, kv_len, image_index), deterministic)
         t = self.ln("final_ln")(t)
         pooled = layers.masked_mean(t, text_mask)
         if self.pool_product and self.image_pool == "none":
@@ -228,9 +244,10 @@ class CrossFusion(FusionBase):
         elif self.image_pool != "none":
             raise ValueError(f"cross fusion image_pool must be none | mean | max, got {self.image_pool!r}")
         if self.image_pool != "none":
+            summary = rows(summary, image_index)
             parts = [pooled, summary, pooled * summary] if self.pool_product else [pooled, summary]
             pooled = jnp.concatenate(parts, -1)
-        return t, i, pooled
+        return t, rows(i, image_index), pooled
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
         per_layer = self._attn(text_len, image_len) + self._attn(text_len, text_len) + self._mlp(text_len)
@@ -239,28 +256,33 @@ class CrossFusion(FusionBase):
 
 class CoAttentionBlock(nn.Module):
     """One co-attention layer (METER's order): self-attention per stream, then each stream cross-attends to the
-    other stream's post-self-attention tokens, then an MLP per stream. carry = (text, image)."""
+    other stream's post-self-attention tokens, then an MLP per stream. carry = (text, image, grouped): grouped =
+    (image_index [B], image lengths [K]) while image holds one row per image (the first layer of an image-grouped
+    batch: the image self-attention, its LNs and the text -> image keys / values run once per image), else None."""
 
     cfg: BlockConfig
 
     @nn.compact
     def __call__(self, carry, aux, deterministic: bool):
-        t, i = carry
+        t, i, grouped = carry
         text_len, image_len = aux  # [B] lengths
+        index, own_len = grouped or (None, image_len)
         c = self.cfg
         norm, mha = c.ln, c.mha
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
         y = norm("text_self_ln")(t)
         t = t + drop(mha("text_self_attn")(y, kv_lengths=text_len, deterministic=deterministic))
         y = norm("image_self_ln")(i)
-        i = i + drop(mha("image_self_attn")(y, kv_lengths=image_len, deterministic=deterministic))
+        i = i + drop(mha("image_self_attn")(y, kv_lengths=own_len, deterministic=deterministic))
         tq, iq = norm("text_cross_ln")(t), norm("image_cross_ln")(i)
-        t_new = t + drop(mha("text_to_image")(tq, iq, kv_lengths=image_len, deterministic=deterministic))
+        kw = dict(kv_lengths=image_len, kv_index=index, deterministic=deterministic)
+        t_new = t + drop(mha("text_to_image")(tq, iq, **kw))
+        i, iq = rows(i, index), rows(iq, index)  # from here on one row per question
         i_new = i + drop(mha("image_to_text")(iq, tq, kv_lengths=text_len, deterministic=deterministic))
         mlp = lambda x, s: layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name=f"{s}_mlp")(  # noqa: E731
             norm(f"{s}_mlp_ln")(x), deterministic
         )
-        return (t_new + drop(mlp(t_new, "text")), i_new + drop(mlp(i_new, "image"))), None
+        return (t_new + drop(mlp(t_new, "text")), i_new + drop(mlp(i_new, "image")), None), None
 
 
 @register_fusion(
@@ -269,6 +291,7 @@ class CoAttentionBlock(nn.Module):
     paper="ViLBERT (Lu et al. 2019), LXMERT (Tan & Bansal 2019), METER (Dou et al. 2022)",
     pooled=2,
     attention_maps={"text_to_image": "text_to_image", "image_to_text": "image_to_text"},
+    per_image=True,
 )
 class CoAttentionFusion(FusionBase):
     """Co-attention, two streams exchanging cross-attention both ways every layer (ViLBERT, LXMERT, METER).
@@ -277,10 +300,17 @@ class CoAttentionFusion(FusionBase):
     """
 
     @nn.compact
-    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+    def __call__(self, text, text_mask, image, image_mask, deterministic=True, image_index=None) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
+        grouped = None
+        if self.grouped(image_index, deterministic):
+            grouped = (image_index, layers.key_lengths(image_mask))
+        else:
+            i = rows(i, image_index)
+        image_mask = rows(image_mask, image_index)
         blocks = self.stack(CoAttentionBlock, "blocks", cfg=self.block_config())
-        t, i = blocks((t, i), (layers.key_lengths(text_mask), layers.key_lengths(image_mask)), deterministic)
+        aux = (layers.key_lengths(text_mask), layers.key_lengths(image_mask))
+        t, i, _ = blocks((t, i, grouped), aux, deterministic)
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
         return t, i, pooled
@@ -298,11 +328,12 @@ class GatedCrossBlock(nn.Module):
 
     @nn.compact
     def __call__(self, t, aux, deterministic: bool):
-        kv, kv_len = aux  # [B, N, D], [B] lengths
+        kv, kv_len, kv_index = aux  # [B or K, N, D], [B] lengths, None or int [B] (MultiHeadAttention kv_index)
         c = self.cfg
         init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
         gate = lambda name: jnp.tanh(self.param(name, init, (), jnp.float32)).astype(c.dtype)  # noqa: E731
-        attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, kv_lengths=kv_len, deterministic=deterministic)
+        kw = dict(kv_lengths=kv_len, kv_index=kv_index, deterministic=deterministic)
+        attn = c.mha("cross_attn")(c.ln("cross_ln")(t), kv, **kw)
         t = t + gate("attn_gate") * nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
         y = layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(c.ln("mlp_ln")(t), deterministic)
         t = t + gate("mlp_gate") * nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
@@ -316,6 +347,7 @@ class GatedCrossBlock(nn.Module):
     pooled=1,
     attention_maps={"text_to_image": "cross_attn"},
     has_gates=True,
+    per_image=True,
 )
 class GatedCrossFusion(FusionBase):
     """Tanh-gated cross-attention (Flamingo, Alayrac et al. 2022): text -> image, gates initialised to 0 so that at
@@ -323,37 +355,41 @@ class GatedCrossFusion(FusionBase):
     for the same reason). Image unchanged. pooled = masked_mean(text_out), P = D."""
 
     @nn.compact
-    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+    def __call__(self, text, text_mask, image, image_mask, deterministic=True, image_index=None) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         kv = self.ln("image_kv_ln")(i)
-        aux = (kv, layers.key_lengths(image_mask))
+        aux = (kv, layers.key_lengths(rows(image_mask, image_index)), image_index)
         t = self.stack(GatedCrossBlock, "blocks", cfg=self.block_config())(t, aux, deterministic)
-        return t, i, layers.masked_mean(t, text_mask)
+        return t, rows(i, image_index), layers.masked_mean(t, text_mask)
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
         return self.num_layers * (self._attn(text_len, image_len) + self._mlp(text_len))
 
 
 class BottleneckBlock(nn.Module):
-    """One MBT layer: [text; z] and [image; z] each through their own Transformer block; z_new = mean of the two."""
+    """One MBT layer: [text; z] and [image; z] each through their own Transformer block; z_new = mean of the two.
+    carry = (text, image, z, grouped): grouped = (image_index [B], image mask [K, N], z [K, n, D]) while image holds
+    one row per image (the first layer of an image-grouped batch: z is still the learned tokens, so the image stream
+    [image; z] depends on the image alone and runs once per image), else None."""
 
     cfg: BlockConfig
 
     @nn.compact
     def __call__(self, carry, aux, deterministic: bool):
-        t, i, z = carry
+        t, i, z, grouped = carry
         text_mask, image_mask = aux
+        index, own_mask, zi = grouped or (None, image_mask, z)
         c = self.cfg
-        n, lt, li = z.shape[1], t.shape[1], i.shape[1]
-        z_mask = jnp.ones((z.shape[0], n), dtype=bool)
+        lt, li = t.shape[1], i.shape[1]
 
-        def stream(name, x, mask):  # [x; z] through the stream's own block
+        def stream(name, x, mask, z):  # [x; z] through the stream's own block
             block = layers.TransformerBlock(**c.block_kwargs(), name=name)
-            return block(jnp.concatenate([x, z], 1), (jnp.concatenate([mask, z_mask], 1), None, None), deterministic)[0]
+            mask = jnp.concatenate([mask, jnp.ones(z.shape[:2], bool)], 1)
+            return block(jnp.concatenate([x, z], 1), (mask, None, None), deterministic)[0]
 
-        xt, xi = stream("text_block", t, text_mask), stream("image_block", i, image_mask)
+        xt, xi = stream("text_block", t, text_mask, z), rows(stream("image_block", i, own_mask, zi), index)
         z = (xt[:, lt:] + xi[:, li:]) / 2
-        return (xt[:, :lt], xi[:, :li], z), None
+        return (xt[:, :lt], xi[:, :li], z, None), None
 
 
 @register_fusion(
@@ -362,6 +398,7 @@ class BottleneckBlock(nn.Module):
     paper="MBT (Nagrani et al. 2021)",
     pooled=2,
     attention_maps={"text_stream": "text_block/self_attn", "image_stream": "image_block/self_attn"},
+    per_image=True,
 )
 class BottleneckFusion(FusionBase):
     """Attention bottlenecks (MBT, Nagrani et al. 2021): the modalities exchange information only through
@@ -371,11 +408,17 @@ class BottleneckFusion(FusionBase):
     num_bottleneck: int = 4
 
     @nn.compact
-    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+    def __call__(self, text, text_mask, image, image_mask, deterministic=True, image_index=None) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         z = self.learned_tokens("bottleneck", self.num_bottleneck, t.shape[0])  # [B, n, D]
+        grouped = None
+        if self.grouped(image_index, deterministic):
+            grouped = (image_index, image_mask, jnp.broadcast_to(z[:1], (i.shape[0], *z.shape[1:])))  # rows equal
+        else:
+            i = rows(i, image_index)
+        image_mask = rows(image_mask, image_index)
         blocks = self.stack(BottleneckBlock, "blocks", cfg=self.block_config())
-        t, i, _ = blocks((t, i, z), (text_mask, image_mask), deterministic)
+        t, i, _, _ = blocks((t, i, z, grouped), (text_mask, image_mask), deterministic)
         t, i = self.ln("text_final_ln")(t), self.ln("image_final_ln")(i)
         pooled = jnp.concatenate([layers.masked_mean(t, text_mask), layers.masked_mean(i, image_mask)], -1)
         return t, i, pooled
@@ -392,12 +435,13 @@ class QueryBlock(nn.Module):
 
     @nn.compact
     def __call__(self, q, aux, deterministic: bool):
-        image, image_len, text, text_len = aux  # lengths [B]
+        image, image_len, text, text_len, image_index = aux  # lengths [B]; image_index: MultiHeadAttention kv_index
         c = self.cfg
         drop = lambda x: nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # noqa: E731
         mha, norm = c.mha, lambda name, x: c.ln(name)(x)  # noqa: E731
         q = q + drop(mha("self_attn")(norm("self_ln", q), deterministic=deterministic))
-        q = q + drop(mha("image_attn")(norm("image_ln", q), image, kv_lengths=image_len, deterministic=deterministic))
+        kw = dict(kv_lengths=image_len, kv_index=image_index, deterministic=deterministic)
+        q = q + drop(mha("image_attn")(norm("image_ln", q), image, **kw))
         q = q + drop(mha("text_attn")(norm("text_ln", q), text, kv_lengths=text_len, deterministic=deterministic))
         q = q + drop(layers.MLP(c.mlp_dim, c.dropout_rate, c.dtype, name="mlp")(norm("mlp_ln", q), deterministic))
         return q, None
@@ -409,6 +453,7 @@ class QueryBlock(nn.Module):
     paper="Q-Former (BLIP-2, Li et al. 2023), Perceiver resampler (Jaegle et al. 2021)",
     pooled=1,
     attention_maps={"query_to_image": "image_attn", "text_to_query": "text_readout"},
+    per_image=True,
 )
 class QueryFusion(FusionBase):
     """Learned queries (Q-Former, BLIP-2, Li et al. 2023; Perceiver resampler, Jaegle et al. 2021 / Flamingo).
@@ -420,16 +465,17 @@ class QueryFusion(FusionBase):
     num_queries: int = 8
 
     @nn.compact
-    def __call__(self, text, text_mask, image, image_mask, deterministic: bool = True) -> FusionOutput:
+    def __call__(self, text, text_mask, image, image_mask, deterministic=True, image_index=None) -> FusionOutput:
         t, i = self.project(text, "text_proj"), self.project(image, "image_proj")
         q = self.learned_tokens("queries", self.num_queries, t.shape[0])  # [B, Q, D]
         t_kv, i_kv = self.ln("text_kv_ln")(t), self.ln("image_kv_ln")(i)
         blocks = self.stack(QueryBlock, "blocks", cfg=self.block_config())
-        q = blocks(q, (i_kv, layers.key_lengths(image_mask), t_kv, layers.key_lengths(text_mask)), deterministic)
+        image_len, text_len = layers.key_lengths(rows(image_mask, image_index)), layers.key_lengths(text_mask)
+        q = blocks(q, (i_kv, image_len, t_kv, text_len, image_index), deterministic)
         q = self.ln("query_final_ln")(q)
         t = t + self.mha("text_readout")(t_kv, q, deterministic=deterministic)
         t = self.ln("text_final_ln")(t)
-        return t, i, jnp.mean(q, axis=1)
+        return t, rows(i, image_index), jnp.mean(q, axis=1)
 
     def flops_per_example(self, text_len: int, image_len: int) -> int:
         nq = self.num_queries

@@ -33,6 +33,8 @@ class FusionInfo:
       pooled: width P of the pooled vector: int k (P = k * width), a function of the built module, or None (traced).
       attention_maps: role (ATTENTION_ROLES) -> path suffix of the attention module that sows it.
       has_gates: the variant has tanh gates ``attn_gate`` (viz.gate_values).
+      per_image: its ``__call__`` also takes ``image_index`` and does the question-independent image work once per
+        image of an image-grouped batch (models/fusion.py); other variants get the image rows gathered first.
     """
 
     name: str
@@ -42,6 +44,7 @@ class FusionInfo:
     pooled: int | Callable[[Any], int] | None = None
     attention_maps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     has_gates: bool = False
+    per_image: bool = False
 
     @property
     def attention_based(self) -> bool:
@@ -61,7 +64,7 @@ FUSIONS: dict[str, FusionInfo] = {}
 def register_fusion(name: str, *, summary: str, paper: str, **info: Any) -> Callable[[type], type]:
     """Class decorator (returning the class unchanged) registering a fusion variant: FusionInfo's ``name`` (the
     registry key), ``summary`` (what attends to what, one line), ``paper`` and ``**info`` (``pooled``,
-    ``attention_maps``, ``has_gates``)."""
+    ``attention_maps``, ``has_gates``, ``per_image``)."""
 
     def register(cls: type) -> type:
         if name in FUSIONS and FUSIONS[name].cls.__qualname__ != cls.__qualname__:

@@ -42,6 +42,7 @@ class VisionTextModel(nn.Module):
 
     model_config: Any
     num_classes: int
+    per_image_fusion: bool = True  # False: image rows gathered per question before any fusion (the reference path)
 
     def setup(self):
         cfg = as_dict(self.model_config)
@@ -52,24 +53,32 @@ class VisionTextModel(nn.Module):
         self.head = models.get_head(cfg["head"], shared, num_classes=self.num_classes)
         # Frozen encoders (spec freeze=True; optim.py never updates them) get no backward pass: stop_gradient at
         # their outputs lets XLA drop it (a frozen MiniLM then costs one forward).
+        self.grouped_fusion = self.per_image_fusion and models.fusion_info(cfg["fusion"]["name"]).per_image
         self.frozen = tuple(t for t in ("image_encoder", "text_encoder") if cfg[t].get("freeze", False))
 
     def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
         """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled).
 
         With ``batch["image_index"]`` (int [B]), ``batch["image"]`` holds K distinct images and question b looks at
-        image ``image_index[b]``: the same result as repeating the images per question, with K image-tower passes."""
+        image ``image_index[b]``: the same result as repeating the images per question, with K image-tower passes
+        (and, for a ``per_image`` fusion variant, its question-independent work once per image too)."""
         det = not train
-        image, image_mask = self.image_encoder(batch["image"], deterministic=det)  # [B, N, Di], [B, N]
-        if "image_index" in batch:  # image-grouped batch (data/grouped.py): K images encoded once for B questions
-            image = jnp.take(image, batch["image_index"], axis=0)  # [K, N, Di] -> [B, N, Di]
-            image_mask = jnp.take(image_mask, batch["image_index"], axis=0)
+        image, image_mask = self.image_encoder(batch["image"], deterministic=det)  # [B or K, N, Di], [B or K, N]
         text, text_mask = self.text_encoder(batch["text_ids"], batch["text_mask"], deterministic=det)  # [B, L, Dt]
         if "image_encoder" in self.frozen:
             image = jax.lax.stop_gradient(image)
         if "text_encoder" in self.frozen:
             text = jax.lax.stop_gradient(text)
-        text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det)
+        kw = {}
+        if "image_index" in batch:  # image-grouped batch (data/grouped.py): K images encoded once for B questions
+            index = batch["image_index"]
+            if self.grouped_fusion:
+                kw = dict(image_index=index)  # the fusion gathers the rows where its maths needs them
+            else:
+                image, image_mask = jnp.take(image, index, axis=0), jnp.take(image_mask, index, axis=0)
+        text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det, **kw)
+        if kw:
+            image_mask = jnp.take(image_mask, kw["image_index"], axis=0)
         return text, text_mask, image, image_mask, pooled
 
     def __call__(self, batch: Mapping[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
