@@ -70,6 +70,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
             time_limit_seconds=0,  # > 0: validate, save and stop after this much wall time (0 = no limit)
             early_stopping_patience=0,  # stop after this many evaluations without improvement (0 = off)
             eval_batch_size=256,  # validation / test batch size
+            eval_images_per_batch=0,  # VQA: > 0 = image-grouped validation / test batches, each image encoded once
             prefetch=2,  # batches prepared ahead on a background thread
             data_workers=0,  # grain worker processes (0 = threads)
             progress_bar=True,  # tqdm bar with loss and steps/s

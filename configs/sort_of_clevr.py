@@ -99,6 +99,8 @@ def get_config(arg=None):
     c.train = common.train(  # the loop (configs/common.py describes every field)
         global_batch_size=640,  # questions per micro-step (= 32 images x 20 questions)
         images_per_batch=32,  # image-grouped batches (data/grouped.py): each image encoded once per batch
+        eval_batch_size=640,  # validation / test batches: 32 images x 20 questions,
+        eval_images_per_batch=32,  # grouped by image as in training
         num_epochs=10.0,  # unused: num_steps > 0
         num_steps=900,  # the matched budget of the variant comparison (576,000 questions, ~2.9 epochs)
         log_every_steps=50,  # train metrics cadence

@@ -167,3 +167,26 @@ def test_plan_is_thread_safe():
     assert not errors
     for s in steps:
         np.testing.assert_array_equal(got[s], expected[s])
+
+
+def test_grouped_eval_scores_every_question_once_like_the_plain_eval():
+    """Image-grouped validation (train.eval_images_per_batch: each image encoded once) on 8 devices gives the same
+    summary and the same per-question predictions, in record order, as one image per question."""
+    from train_testutil import load_config
+
+    out = []
+    for k in (0, 8):
+        config = load_config("tiny", train__eval_images_per_batch=k, mesh_shape=(8, 1, 1))
+        task = tasks.make_task(config)
+        if k:  # K images per batch, each question pointing at its slot
+            batch = next(iter(task.eval_batches(config.dataset.val_split)))
+            assert batch["image"].shape[0] == k and batch["image_index"].shape == (config.train.eval_batch_size,)
+        params = jax.jit(task.model.init)(jax.random.key(0), task.init_batch())["params"]
+        out.append(task.predictions(params, config.dataset.val_split))
+    (plain, plain_rows), (grouped, grouped_rows) = out
+    assert plain["num_examples"] == grouped["num_examples"] == 256
+    np.testing.assert_array_equal(grouped_rows["index"], np.arange(256))
+    for key in ("label", "question_type", "pred", "top_ids"):
+        np.testing.assert_array_equal(grouped_rows[key], plain_rows[key])
+    np.testing.assert_allclose(grouped_rows["top_probs"], plain_rows["top_probs"], rtol=1e-4, atol=1e-6)
+    assert grouped["accuracy"] == plain["accuracy"] and grouped["per_type"] == plain["per_type"]

@@ -44,7 +44,8 @@ class GroupPlan:
         if counts.max() > global_batch_size:
             raise ValueError(
                 f"an image has {counts.max()} questions but a batch holds only {global_batch_size}: "
-                "raise train.global_batch_size or turn off train.images_per_batch"
+                "raise the batch size or turn off image grouping (train.global_batch_size / images_per_batch; "
+                "eval: train.eval_batch_size / eval_images_per_batch)"
             )
         self.seed, self.batch, self.images = int(seed), int(global_batch_size), int(images_per_batch)
         self.num_examples = len(ids)

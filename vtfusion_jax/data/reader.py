@@ -73,8 +73,9 @@ class BatchReader:
           rows: rows of each global batch this process reads (see `process_slice` / `local_rows`).
           image_size: output side; None keeps the stored size. Resizing is PIL bilinear.
           augment: random crops after edge padding of max(1, round(size / 16)) px. Never flips.
-          images_per_batch: K > 0: image-grouped training batches with K image slots (see data/grouped.py; the
-            split's records need an image: ``read_image_ids``); 0: one image per question.
+          images_per_batch: K > 0: image-grouped batches with K image slots (see data/grouped.py; the split's
+            records need an image: ``read_image_ids``), for training and for eval (eval batch i = batch i of the
+            plan's first epoch: every question once); 0: one image per question.
           image_rows: image slots of each grouped batch this process reads (default: all K).
           plan: the split's GroupPlan if already built (group_plan); built here otherwise.
         """
@@ -142,10 +143,16 @@ class BatchReader:
         if self.plan is None:
             idx = train_indices(self.seed, step, self.global_batch_size, self.num_examples)[self.rows]
             return self.load(idx, np.ones(len(idx), bool), self.images.offsets(step, self.global_batch_size, self.rows))
-        # image-grouped batch (data/grouped.py): this process's question rows and image slots
+        return self._grouped_batch(step)
+
+    def _grouped_batch(self, step: int, with_index: bool = False) -> dict:
+        """This process's question rows and image slots of the plan's batch ``step`` (data/grouped.py); with
+        ``with_index`` also "index": each row's record in the split (-1 on padding rows)."""
         image_records, question_records, image_index = self.plan.batch_at(step)
         q = question_records[self.rows]
         batch = self.load(np.maximum(q, 0), q >= 0, with_images=False)
+        if with_index:
+            batch["index"] = q.astype(np.int32)
         batch["image_index"] = image_index[self.rows]  # [b] slot in the global image axis
         recs = image_records[self.image_rows]  # [k]; -1 = an empty slot (zeros)
         size = self.images.out_size
@@ -157,11 +164,14 @@ class BatchReader:
         return batch
 
     def num_eval_batches(self) -> int:
-        """ceil(N / B): every process runs the same number of eval batches."""
-        return -(-self.num_examples // self.global_batch_size)
+        """ceil(N / B), image-grouped: the plan's first epoch; every process runs the same number of eval batches."""
+        return len(self.plan.epoch(0)) if self.plan else -(-self.num_examples // self.global_batch_size)
 
     def eval_batch(self, i: int) -> dict:
-        """This process's rows of eval batch `i`; positions past the split are padding (valid False, index -1)."""
+        """This process's rows of eval batch `i`; positions past the split are padding (valid False, index -1).
+        Image-grouped: batch i of the plan's first epoch (every question once, grouped by image)."""
+        if self.plan is not None:
+            return self._grouped_batch(i, with_index=True)
         pos = np.arange(i * self.global_batch_size, (i + 1) * self.global_batch_size)[self.rows]  # [b]
         valid = pos < self.num_examples
         batch = self.load(np.where(valid, pos, 0), valid)

@@ -106,6 +106,17 @@ class VqaTask(Task):
         plan = split == self.config.dataset.train_split and self.config.train.images_per_batch > 0
         return dict(super().data_kwargs(split), **({"plan": self.group_plan()} if plan else {}))
 
+    def eval_batches(self, split: str):
+        """Every question of ``split`` once, the last batch padded; ``train.eval_images_per_batch`` > 0: in
+        image-grouped batches (the split's own plan), each image encoded once."""
+        t = self.config.train
+        if t.eval_images_per_batch <= 0:
+            return super().eval_batches(split)
+        return pipeline.make_eval_iterator(
+            global_batch_size=t.eval_batch_size, images_per_batch=t.eval_images_per_batch,
+            **super().data_kwargs(split),  # never the training plan: the reader plans eval batches of this size
+        )  # fmt: skip
+
     def predictions(self, params, split: str) -> tuple[dict, dict]:
         """Runs the model over ``split``.
 
@@ -130,6 +141,8 @@ class VqaTask(Task):
         cat = {k: np.concatenate(v) for k, v in rows.items() if v}
         valid = cat.pop("valid").astype(bool)
         cat = {k: v[valid] for k, v in cat.items()}
+        order = np.argsort(cat["index"], kind="stable")  # record order (image-grouped batches come by image)
+        cat = {k: v[order] for k, v in cat.items()}
         per_type = lambda key, names: metrics_lib.per_type_accuracy(cat["pred"], cat["label"], cat[key], names)  # noqa: E731
         summary = {
             "accuracy": metrics_lib.accuracy(cat["pred"], cat["label"]),
@@ -152,12 +165,14 @@ class VqaTask(Task):
         d = self.config.dataset
         source = pipeline.get_data_source(d.name, split, data_dir=d.data_dir, builder_kwargs=d.builder_kwargs.to_dict())
         text_key, type_names = self.meta["text_key"], self.meta["type_names"]
+        decode = reader.RecordDecoder(source.dataset_info.features, [text_key])  # the question only, not the image
+        raw = source.data_source.__getitems__([int(i) for i in rows["index"]])
         with (epath.Path(out_dir) / "predictions.jsonl").open("w") as f:
             for i, (idx, label, pred) in enumerate(zip(rows["index"], rows["label"], rows["pred"], strict=True)):
                 top = zip(rows["top_ids"][i], rows["top_probs"][i], strict=True)
                 row = {
                     "index": int(idx),
-                    "question": reader._text(source[int(idx)][text_key]),
+                    "question": reader._text(decode(raw[i])[text_key]),
                     "answer": names[label] if label >= 0 else None,  # None: unseen in training
                     "prediction": names[pred],
                     "correct": bool(pred == label),
