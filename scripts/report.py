@@ -135,15 +135,38 @@ def main_job() -> str:
     ]
     rs = _group("easy_vqa")
     if rs:
-        worst, minutes = min(r["metrics"]["accuracy"] for r in rs), [(r["train_s"] + r["eval_s"]) / 60 for r in rs]
-        verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
-        peaks = [f"{p['flops_per_s'] / 1e9:.0f}" for r in rs if (p := r["summary"].get("matmul_peak"))]
-        peak = f"float32 matmul peak {' / '.join(peaks)} GFLOP/s" if peaks else "matmul peak not measured"
-        lines += ["", f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest "
-                  f"{100 * worst:.2f} % of {len(rs)}); train + eval <= 10 min: {verdict(max(minutes) <= 10)} "
-                  f"({statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max; {_provenance(rs)}, load "
-                  f"{_load(rs)}, {peak} (scripts/run.py --matmul_size))."]  # fmt: skip
+        lines += ["", main_job_targets(rs)]
     return "\n".join(lines)
+
+
+SLOW_HOST_GFLOPS = (120, 150)  # issue 30: the main job within 10 min on a 2-core host of this float32 matmul peak
+
+
+def main_job_targets(rs: list[dict]) -> str:
+    """The main job's targets: every seed >= 98 % and train + eval <= 10 min on a 2-core host whose float32 matmul
+    peak is 120-150 GFLOP/s, each run's time scaled by its own host's measured peak over that host's (a bound:
+    the memory-bound part of a step slows down less than the peak)."""
+    worst, minutes = min(r["metrics"]["accuracy"] for r in rs), [(r["train_s"] + r["eval_s"]) / 60 for r in rs]
+    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    peaks = [p["flops_per_s"] / 1e9 if (p := r["summary"].get("matmul_peak")) else None for r in rs]
+    text = (
+        f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest {100 * worst:.2f} % of "
+        f"{len(rs)}); train + eval here {statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max "
+        f"({_provenance(rs)}, load {_load(rs)}"
+    )
+    if None in peaks:
+        return (
+            text + ", float32 matmul peak not measured for every run): <= 10 min on a 120-150 GFLOP/s host: "
+            "**not measured**."
+        )
+    lo, hi = SLOW_HOST_GFLOPS
+    slow = [m * p / lo for m, p in zip(minutes, peaks, strict=True)]
+    fast = [m * p / hi for m, p in zip(minutes, peaks, strict=True)]
+    return text + (
+        f", float32 matmul peak {' / '.join(f'{p:.0f}' for p in peaks)} GFLOP/s, scripts/run.py --matmul_size). "
+        f"Scaled by peak to a 2-core host of {hi} / {lo} GFLOP/s: at most {max(fast):.1f} / {max(slow):.1f} min; "
+        f"<= 10 min at {hi}: {verdict(max(fast) <= 10)}, at {lo}: {verdict(max(slow) <= 10)}."
+    )
 
 
 SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")
@@ -183,22 +206,33 @@ def sort_of_clevr_runs() -> dict[str, list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def _qps(r: dict) -> float:
+    """Questions trained per second of the run's training wall time (compile and validation included)."""
+    return r["steps"] * r["config"]["train"]["global_batch_size"] / r["train_s"]
+
+
 def _soc_best(rs: dict[str, list[dict]]) -> str:
     return max(rs, key=lambda v: statistics.mean([r["best_val"] for r in rs[v]]))
+
+
+NO_SOC = (
+    "No trained-to-plateau run recorded yet (protocol: docs/results.md; the earlier 900-step runs, all variants at "
+    "54-72 % test: results/archive/sort_of_clevr_900_steps/)."
+)
 
 
 def sort_of_clevr() -> str:
     """README: the best Sort-of-CLEVR variant on validation, with its test numbers."""
     rs = sort_of_clevr_runs()
     if not rs:
-        return "No Sort-of-CLEVR runs recorded yet."
+        return NO_SOC
     best = _soc_best(rs)
     t = [r["metrics"]["per_type"] for r in rs[best]]
     return (
         f"Best of {len(rs)} fusion variants on validation: `{best}` ({len(rs[best])} seeds): test "
         f"{pct([r['metrics']['accuracy'] for r in rs[best]])} % overall, {pct([x['relational'] for x in t])} % "
         f"relational, {pct([x['non_relational'] for x in t])} % non-relational (target >= 97 / 99 %). Table: "
-        "[docs/results.md](docs/results.md#sort-of-clevr-every-fusion-variant-under-one-budget); each row "
+        "[docs/results.md](docs/results.md#sort-of-clevr-every-fusion-variant-trained-to-its-plateau); each row "
         "`python scripts/run.py --name=sort_of_clevr/VARIANT_seedK --config=configs/sort_of_clevr.py:fusion=VARIANT "
         "--seed=K`."
     )
@@ -335,36 +369,70 @@ def multiscale() -> str:
     return "\n\n".join(out) or "No multi-scale runs recorded yet."
 
 
+def _stop(r: dict) -> str:
+    """How a run ended: "plateau" (early stopping), "time limit", or the step budget."""
+    reason = r["summary"].get("train", {}).get("stop_reason", "num_steps")
+    return {"early_stopping": "plateau", "train.time_limit_seconds": "time limit"}.get(reason, "budget")
+
+
+def _curve(r: dict) -> str:
+    """A run's validation accuracy curve, "step: %" pairs (results/NAME/history.json)."""
+    path = os.path.join(RESULTS, r["name"], "history.json")
+    h = _read(path) if os.path.exists(path) else {}
+    return ", ".join(f"{v['step']}: {100 * v['accuracy']:.1f}" for v in h.get("validation", []))
+
+
+def sort_of_clevr_sweep() -> str:
+    """docs/results.md: the learning-rate sweep (short runs, validation only) and the rate chosen per variant."""
+    rows, chosen = [], {}
+    for r in runs("sort_of_clevr_sweep/*"):
+        variant, lr = re.match(r"(.+)_lr(.+)$", r["name"].split("/")[-1]).groups()
+        rows.append([f"`{variant}`", lr, f"{100 * r['best_val']:.2f}", str(r["steps"]), f"{r['train_s']:.0f}",
+                     _load([r]), r["provenance"]])  # fmt: skip
+        if r["best_val"] > chosen.get(variant, ("", -1.0))[1]:
+            chosen[variant] = (lr, r["best_val"])
+    if not rows:
+        return "No sweep run recorded yet."
+    head = "Variant | lr | best validation % | steps | train s | load | commit, CPU"
+    picks = ", ".join(f"`{v}` {lr}" for v, (lr, _) in chosen.items())
+    return "\n".join([table(head, rows, "lrrrrrl"), "", f"Chosen (best validation): {picks}."])
+
+
 def sort_of_clevr_table() -> str:
-    """docs/results.md: every Sort-of-CLEVR variant under one budget, mean ± std over seeds."""
+    """docs/results.md: every Sort-of-CLEVR variant trained to its plateau, mean ± std over seeds."""
     rs = sort_of_clevr_runs()
     if not rs:
-        return "No Sort-of-CLEVR runs recorded yet."
-    t0 = next(iter(rs.values()))[0]["config"]["train"]
+        return NO_SOC
     head = " | ".join(["Variant | Seeds | Overall | Relational | Non-rel.", *(s.capitalize() for s in SUBTYPES)])
     rows = []
     for v, group in rs.items():
+        steps = [
+            f"{r['steps'] or '?'} ({r['summary'].get('train', {}).get('best_step', '?')}, {_stop(r)})" for r in group
+        ]
+        qps = f"{statistics.mean(map(_qps, group)):.0f}" if all(r["steps"] for r in group) else "?"
         rows.append([
             f"`{v}`", ",".join(re.sub(r".*_seed", "", r["name"]) for r in group),
             pct([r["metrics"]["accuracy"] for r in group]),
             *(pct([r["metrics"]["per_type"][k] for r in group]) for k in ("relational", "non_relational", *SUBTYPES)),
-            pct([r["best_val"] for r in group]), f"{statistics.mean([r['train_s'] for r in group]):.0f}", _load(group),
-            _provenance(group),
+            pct([r["best_val"] for r in group]), f"{group[0]['config']['optim']['lr']:g}", " / ".join(steps),
+            f"{statistics.mean([r['train_s'] for r in group]):.0f}", qps, _load(group), _provenance(group),
         ])  # fmt: skip
     missing = [v for v in fusion_names() if v not in rs and v != "probe"]  # registered, no run yet: its command
     rows += [[f"`{v}`", "not run yet", *["—"] * (len(rows[0]) - 2)] for v in missing]
+    cols = "Best val. | lr | Steps (best, end) | Train s | q/s | Load | Commit, CPU"
     lines = [
-        f"Each row: `python scripts/run.py --name=sort_of_clevr/VARIANT_seedK "
-        f"--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K`; budget {t0['num_steps']} steps x "
-        f"{t0['global_batch_size']} questions. Test accuracy %, mean ± std over seeds; model selection on validation.",
+        "Each row: `python scripts/run.py --name=sort_of_clevr/VARIANT_seedK "
+        "--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K -- --config.optim.lr=LR` (a seed also draws its "
+        "own scenes). Test accuracy %, mean ± std over seeds, at the best validation checkpoint. Steps: steps run "
+        "(the best validation's step, how the run ended: plateau = early stopping, time limit, or the step budget). "
+        "q/s: questions trained per second of train.py's wall time (compile and validation included).",
         "",
-        table(head + " | Best val. | Train s | Load | Commit, CPU", rows, "ll" + "r" * (4 + len(SUBTYPES)) + "rrl"),
+        table(f"{head} | {cols}", rows, "ll" + "r" * (5 + len(SUBTYPES)) + "lrrrl"),
     ]
-    budgets = {
-        (r["config"]["train"]["num_steps"], r["config"]["train"]["global_batch_size"]) for g in rs.values() for r in g
-    }
-    if len(budgets) > 1:
-        lines += ["", f"**The rows do not share one budget**: {sorted(budgets)} (steps, batch)."]
+    unfinished = [r for g in rs.values() for r in g if _stop(r) != "plateau"]
+    if unfinished:
+        lines += ["", "Runs that ended before a plateau, with their validation curves (step: accuracy %):", ""]
+        lines += [f"- `{r['name']}` ({_stop(r)}): {_curve(r) or 'no curve recorded'}" for r in unfinished]
     lines += ["", f"Best on validation: `{_soc_best(rs)}`."]
     return "\n".join(lines)
 
@@ -432,6 +500,17 @@ def perf_weight_grad() -> str:
 def perf_fusions() -> str:
     """docs/performance.md: every fusion variant's train step at the shared size."""
     return _step_rows(_perf("cpu_fusion_"), fusion_names())
+
+
+def perf_per_image() -> str:
+    """docs/performance.md: image-grouped batches, the fusion's image work per question vs per image."""
+    rows = []
+    for name, r in _perf("cpu_per_image_").items():
+        q, fl = r["questions_per_s"], r["xla_flops_per_step"]
+        rows.append([f"`{name}`", f"{q['gathered']:.0f}", f"{q['per_image']:.0f}", f"**{r['speedup']:.2f}x**",
+                     f"{fl['gathered'] / 1e9:.1f} -> {fl['per_image'] / 1e9:.1f}", *_tail(r)])  # fmt: skip
+    head = "Config | questions/s, gathered | questions/s, per image | speedup | XLA GFLOP / step"
+    return table(head + " | load 1-min | commit, CPU | command", rows)
 
 
 def perf_switches() -> str:
@@ -503,10 +582,10 @@ def _by_name(*fns: Callable[[], str]) -> dict[str, Callable[[], str]]:
 
 SECTIONS: dict[str, dict[str, Callable[[], str]]] = {  # {file: {section name: the function that writes its body}}
     "README.md": _by_name(main_job, sort_of_clevr, tasks, input_pipeline, reliability),
-    "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_table),
+    "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_sweep, sort_of_clevr_table),
     "docs/datasets.md": _by_name(datasets_measured),
     "docs/performance.md": _by_name(
-        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_switches, perf_compile, perf_gpu
+        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_per_image, perf_switches, perf_compile, perf_gpu
     ),
 }
 

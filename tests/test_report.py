@@ -94,6 +94,21 @@ def test_main_job_rows_are_the_run_files_numbers(tmp_path, monkeypatch):
     old = next(ln for ln in text.splitlines() if ln.startswith("| easy_vqa_minilm"))
     assert "**83.60**" in old and "commit not recorded, CPU not recorded" in old
     assert "**not met** (lowest 97.00 %" in text
+    assert "<= 10 min on a 120-150 GFLOP/s host: **not measured**" in text  # no matmul peak recorded
+
+
+def test_main_job_time_is_scaled_to_the_slower_host_by_measured_peak(tmp_path, monkeypatch):
+    """Train + eval 110 s at a measured 300 GFLOP/s = 1.83 min here: 3.7 min at 150 GFLOP/s, 4.6 min at 120; the
+    verdict turns once the scaled time passes 10 min."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    for seed, peak in enumerate((300e9, 200e9)):
+        _summary(tmp_path / "easy_vqa" / f"seed{seed}", f"easy_vqa/seed{seed}", 0.99, 0.99,
+                 matmul_peak={"flops_per_s": peak})  # fmt: skip
+    text = report.main_job_targets(report._group("easy_vqa"))
+    assert "matmul peak 300 / 200 GFLOP/s" in text and "at most 3.7 / 4.6 min" in text
+    assert "at 150: **met**, at 120: **met**" in text
+    slow = report.main_job_targets([dict(r, train_s=550.0) for r in report._group("easy_vqa")])  # 9.3 min here
+    assert "at 150: **not met**, at 120: **not met**" in slow
 
 
 def test_sort_of_clevr_rows_in_registry_order_with_families(tmp_path, monkeypatch):
@@ -105,6 +120,7 @@ def test_sort_of_clevr_rows_in_registry_order_with_families(tmp_path, monkeypatc
         s["metrics"]["per_type"] = per_type
         (tmp_path / "sort_of_clevr" / f"{v}_seed0" / "summary.json").write_text(json.dumps(s))
         config = {"train": {"num_steps": 9, "global_batch_size": 8}, "dataset": {"builder_kwargs": {"num_test": 5}}}
+        config["optim"] = {"lr": 2.5e-4 if v == "rn" else 1e-3}
         (tmp_path / "sort_of_clevr" / f"{v}_seed0" / "config.json").write_text(json.dumps(config))
     rows = [ln for ln in report.sort_of_clevr_table().splitlines() if ln.startswith("| `")]
     names = [ln.split("`")[1] for ln in rows]
@@ -113,7 +129,31 @@ def test_sort_of_clevr_rows_in_registry_order_with_families(tmp_path, monkeypatc
     assert set(names) == set(report.fusion_names()) - {"probe"}  # every variant has a row, FiLM included
     cells = rows[names.index("rn")].split(" | ")
     assert cells[2:5] == ["60.00", "50.00", "100.00"]  # overall, relational, non-relational (subtype-weighted)
+    assert cells[12:14] == ["0.00025", "? (?, budget)"]  # lr; steps (best step, how it ended) not recorded
     assert "Best on validation: `rn`" in report.sort_of_clevr_table()
+
+
+def test_sort_of_clevr_runs_say_how_they_ended_and_unfinished_ones_show_their_curve(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    per_type = dict(zip(report.SUBTYPES, (1.0,) * 6, strict=True))
+    ends = {"cross": ("early_stopping", 3000, 5500), "rn": ("train.time_limit_seconds", 8000, 8000)}
+    for v, (reason, best, steps) in ends.items():
+        folder = tmp_path / "sort_of_clevr" / f"{v}_seed0"
+        train = {"best_val": 0.9, "best_step": best, "step": steps, "stop_reason": reason}
+        _summary(folder, f"sort_of_clevr/{v}_seed0", 0.9, 0.9, train=train)
+        s = json.load(open(folder / "summary.json"))
+        s["metrics"]["per_type"] = per_type
+        (folder / "summary.json").write_text(json.dumps(s))
+        config = {"train": {"global_batch_size": 640}, "optim": {"lr": 1e-3}, "dataset": {"builder_kwargs": {}}}
+        (folder / "config.json").write_text(json.dumps(config))
+        curve = {"validation": [{"step": 500, "accuracy": 0.5}, {"step": 1000, "accuracy": 0.75}], "train": []}
+        (folder / "history.json").write_text(json.dumps(curve))
+    text = report.sort_of_clevr_table()
+    rows = {ln.split("`")[1]: ln.split(" | ") for ln in text.splitlines() if ln.startswith("| `")}
+    assert rows["cross"][13] == "5500 (3000, plateau)" and rows["rn"][13] == "8000 (8000, time limit)"
+    assert rows["cross"][15] == f"{5500 * 640 / 100:.0f}"  # questions/s over train.py's wall time (100 s)
+    assert "- `sort_of_clevr/rn_seed0` (time limit): 500: 50.0, 1000: 75.0" in text
+    assert "sort_of_clevr/cross_seed0` (" not in text  # plateaued: no curve needed
 
 
 def test_check_detects_a_stale_section_and_rewrites_only_inside_markers(tmp_path, monkeypatch):
