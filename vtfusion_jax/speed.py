@@ -135,7 +135,8 @@ def host_info() -> dict:
 
 def provenance(command: str) -> dict:
     """What every run summary under results/ records (DESIGN convention 10): {"git_commit": HEAD or None outside a
-    checkout, "git_dirty": tracked files differ from HEAD, "command" (the exact command line), "time", "host"}."""
+    checkout, "git_dirty": tracked files outside results/ (earlier runs' outputs) differ from HEAD, "command" (the
+    exact command line), "time", "host"}."""
 
     def git(*args: str) -> str:
         try:
@@ -147,7 +148,9 @@ def provenance(command: str) -> dict:
     commit = git("rev-parse", "HEAD") or None
     return {
         "git_commit": commit,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
+        if commit
+        else None,
         "command": command,
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": host_info(),
