@@ -28,9 +28,9 @@ from vtfusion_jax.config_lib import parse_arg
 # rn at Santoro et al.'s RN sizes (their CLEVR-from-pixels model, as configs/clevr.py): 4 conv layers of 24 kernels,
 # stride 2 (75 px -> 5x5 = 25 objects, tagged with their coordinates), g 4 x 256 over all 625 ordered pairs, f 256,
 # 256, then the head's 50 % dropout and linear map; plain Adam (no weight decay, no clipping, no warmup). Deviations:
-# GroupNorm instead of batch norm, the shared BERT question tower instead of their 11-bit question code.
+# LayerNorm over channels instead of batch norm, the shared BERT question tower instead of their 11-bit code.
 RN_EXTRAS = dict(
-    image_encoder=dict(channels=(24, 24, 24, 24), strides=(2, 2, 2, 2)),
+    image_encoder=dict(channels=(24, 24, 24, 24), strides=(2, 2, 2, 2), norm="layer"),  # 16-channel groups misfit 24
     fusion=dict(g_layers=4, f_layers=2, mlp_dim=256, token_pool=1),
     head=dict(hidden_dim=0, dropout_rate=0.5, ln=False),
     optim=dict(warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0),
