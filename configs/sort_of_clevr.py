@@ -31,9 +31,9 @@ from vtfusion_jax.config_lib import parse_arg
 # LayerNorm over channels instead of batch norm, the shared BERT question tower instead of their 11-bit code.
 RN_EXTRAS = dict(
     image_encoder=dict(channels=(24, 24, 24, 24), strides=(2, 2, 2, 2), norm="layer"),  # 16-channel groups misfit 24
-    fusion=dict(g_layers=4, f_layers=2, mlp_dim=256, token_pool=1),
-    head=dict(hidden_dim=0, dropout_rate=0.5, ln=False),
-    optim=dict(warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0),
+    fusion=dict(g_layers=4, f_layers=2, mlp_dim=256, token_pool=1),  # g 4 x 256 over all pairs, f 256-256
+    head=dict(hidden_dim=0, dropout_rate=0.5, ln=False),  # f's 50 % dropout, then the linear map to the answers
+    optim=dict(warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0),  # plain Adam
 )
 
 
