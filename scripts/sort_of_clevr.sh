@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The Sort-of-CLEVR protocol of docs/results.md (issue 30), one results/ folder per run (scripts/run.py):
+#   scripts/sort_of_clevr.sh sweep VARIANT...        400-step runs at 3 constant rates (rn: 1e-4, 2.5e-4, 1e-3),
+#                                                    validation only -> results/sort_of_clevr_sweep/VARIANT_lrLR/
+#   scripts/sort_of_clevr.sh run VARIANT SEED...     trained to the plateau at the sweep's best rate, then the test
+#                                                    split once -> results/sort_of_clevr/VARIANT_seedSEED/
+# A finished run is skipped; workdirs go to $WORKDIRS (default runs/); NICE=N runs under nice -n N.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: scripts/sort_of_clevr.sh sweep VARIANT... | run VARIANT SEED...}; shift
+W=${WORKDIRS:-runs} PY=${PYTHON:-python}
+go() {  # NAME CONFIG_ARGS...: one scripts/run.py row unless results/NAME already holds one
+  [ -f "results/$1/summary.json" ] && { echo "skip $1 (done)"; return; }
+  rm -rf "$W/$1" && $PY scripts/run.py --name="$1" --workdir="$W/$1" --nice="${NICE:-0}" "${@:2}"
+}
+if [ "$mode" = sweep ]; then
+  for v in "$@"; do
+    rates="3e-4 1e-3 3e-3"; [ "$v" = rn ] && rates="1e-4 2.5e-4 1e-3"
+    for lr in $rates; do
+      go "sort_of_clevr_sweep/${v}_lr$lr" --config="configs/sort_of_clevr.py:fusion=$v" --split=validation \
+        --matmul_size=0 -- --config.optim.lr="$lr" --config.train.num_steps=400 \
+        --config.train.eval_every_steps=200 --config.train.checkpoint_every_steps=200
+    done
+  done
+elif [ "$mode" = run ]; then
+  v=${1:?VARIANT}; shift
+  lr=$($PY -c "import glob, json, re, sys; r = [(json.load(open(p))['train']['best_val'], re.search('_lr(.+)/summary', p)[1])
+    for p in glob.glob('results/sort_of_clevr_sweep/${v}_lr*/summary.json')]; print(max(r)[1] if r else sys.exit('no sweep of $v'))")
+  for s in "$@"; do
+    go "sort_of_clevr/${v}_seed$s" --config="configs/sort_of_clevr.py:fusion=$v" --seed="$s" -- --config.optim.lr="$lr"
+  done
+else
+  echo "unknown mode $mode (sweep | run)" >&2; exit 2
+fi
