@@ -44,7 +44,7 @@ def get_config(arg=None):
     else:
         c.dataset.name = "sort_of_clevr"  # generator of vtfusion_jax/data/sort_of_clevr.py (one caption per image)
         c.dataset.builder_kwargs = ml_collections.ConfigDict(  # generator options
-            # 9,800 training scenes: 50,000 learned slower (validation R@1 47.5 % vs 64.5 % at step 2,000 of a
+            # 9,800 training scenes: 50,000 learned slower (ITC mean R@1 47.5 % vs 64.5 % at step 2,000 of a
             # 4,000-step schedule; results/archive/sort_of_clevr_retrieval_{9800,50000}_scenes/)
             dict(num_train=9800, num_validation=200, num_test=200, seed=0)  # images per split
         )
@@ -108,7 +108,7 @@ def get_config(arg=None):
         global_batch_size=64,  # (image, caption) pairs per step = in-batch negatives
         # Trained to the plateau (issue 30): with 1,300 steps validation R@1 was still climbing (9 -> 32 -> 57 -> 65 %
         # at 325-step intervals) when the cosine schedule reached zero, so the schedule is ~3x longer and early
-        # stopping on validation may end the run sooner (results/archive/sort_of_clevr_retrieval_1300_steps/).
+        # stopping on validation may end the run sooner (that run: results/sort_of_clevr_retrieval/).
         num_steps=4000,  # ~26 epochs of 9,800 scenes (the cosine schedule's length)
         log_every_steps=100,  # train metrics cadence
         eval_every_steps=500,  # validation (the curve) and checkpoints
