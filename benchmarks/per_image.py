@@ -18,8 +18,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
@@ -34,23 +32,16 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "") -> dict:
         raise SystemExit("error: bench.images_per_batch must be > 0 (an image-grouped batch)")
     load_start = speed.loadavg()
     benches = {side: jax_bench.Bench(cfg, per_image_fusion=on) for side, on in SIDES.items()}  # same seed and state
-    times = jax_bench.alternate({s: b.step for s, b in benches.items()}, rounds, pause_s, int(cfg["bench"]["warmup"]))
-    med = {s: float(np.median(t)) for s, t in times.items()}
-    n = int(cfg["bench"]["batch_size"])
-    r = dict(jax_bench.record("per_image", command, cfg, load_start), rounds=rounds, pause_between_steps_s=pause_s)
-    r.update(step_s_median=med, step_s_min={s: float(min(t)) for s, t in times.items()}, step_s_all=times)
+    r = jax_bench.side_by_side("per_image", benches, cfg, rounds, pause_s, command, load_start)
+    med, n = r["step_s_median"], int(cfg["bench"]["batch_size"])
     r.update(questions_per_s={s: n / m for s, m in med.items()}, speedup=med["gathered"] / med["per_image"])
     r["xla_flops_per_step"] = {s: b.compile()["xla_flops_per_step"] for s, b in benches.items()}
-    return r | {"final_loss": {s: b.loss() for s, b in benches.items()}}
+    return r
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command line: the shared benchmark flags plus --rounds / --pause."""
-    p = jax_bench.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step of each side per round)")
-    p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    args, cfg, env, command = jax_bench.cli(p, argv, "per_image.py")
-    return speed.emit_result({**run(cfg, args.rounds, args.pause, command), **env}, args.out)
+    """Command line: the shared benchmark flags plus --rounds (default 10) / --pause."""
+    return jax_bench.comparison_main(__doc__, argv, "per_image.py", run, rounds=10)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,28 @@ def alternate(runners: dict[str, Callable[[], float]], rounds: int, pause_s: flo
     return times
 
 
+def side_by_side(
+    benchmark: str, benches: dict, cfg: dict, rounds: int, pause_s: float, command: str, load_start
+) -> dict:
+    """Times built Benches (side name -> Bench) alternately (``alternate``, after a warm-up); returns the fields
+    every comparison result has: provenance, rounds, each side's median / min / all step times and final loss."""
+    times = alternate({s: b.step for s, b in benches.items()}, rounds, pause_s, max(1, int(cfg["bench"]["warmup"])))
+    r = dict(record(benchmark, command, cfg, load_start), rounds=rounds, pause_between_steps_s=pause_s)
+    r.update(step_s_median={s: float(np.median(t)) for s, t in times.items()}, step_s_all=times)
+    r["step_s_min"] = {s: float(min(t)) for s, t in times.items()}
+    return r | {"final_loss": {s: b.loss() for s, b in benches.items()}}
+
+
+def comparison_main(doc: str | None, argv: Sequence[str] | None, script: str, run: Callable, rounds: int) -> dict:
+    """The command line of a side-by-side benchmark: the shared flags plus --rounds / --pause; prints (and with
+    --out writes) ``run(cfg, rounds, pause_s, command)`` with the host-memory / quiet-wait fields."""
+    p = parser(doc)
+    p.add_argument("--rounds", type=int, default=rounds, help="timed rounds (one step of each side per round)")
+    p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
+    args, cfg, env, command = cli(p, argv, script)
+    return speed.emit_result({**run(cfg, args.rounds, args.pause, command), **env}, args.out)
+
+
 def record(benchmark: str, command: str, cfg: dict, load_start) -> dict:
     """The fields every benchmark result starts with: provenance (commit, host, command), load and config."""
     prov = speed.provenance(command)

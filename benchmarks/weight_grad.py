@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from unittest import mock
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as jax_bench  # noqa: E402  (benchmarks/train_step.py)
 
@@ -39,23 +37,15 @@ def run(cfg: dict, rounds: int, pause_s: float, command: str = "") -> dict:
         with mock.patch.object(linear, "CPU_TRANSPOSED_WEIGHT_GRAD", side == "transposed"):
             benches[side] = jax_bench.Bench(cfg)  # same seed: the same initial state (each side donates its own)
             benches[side].compile()  # the switch is read while tracing
-    runners = {side: benches[side].step for side in SIDES}
-    times = jax_bench.alternate(runners, rounds, pause_s, warmup=max(1, int(cfg["bench"]["warmup"])))
-    med = {s: float(np.median(t)) for s, t in times.items()}
-    r = dict(jax_bench.record("weight_grad", command, cfg, load_start), rounds=rounds, pause_between_steps_s=pause_s)
-    r.update(step_s_median=med, step_s_min={s: float(min(t)) for s, t in times.items()}, step_s_all=times)
-    r["plain_over_transposed"] = med["plain"] / med["transposed"]
+    r = jax_bench.side_by_side("weight_grad", benches, cfg, rounds, pause_s, command, load_start)
+    r["plain_over_transposed"] = r["step_s_median"]["plain"] / r["step_s_median"]["transposed"]
     r["lhs_transposed_dots"] = {s: lhs_transposed_dots(b.compiled.as_text()) for s, b in benches.items()}
-    return r | {"final_loss": {s: b.loss() for s, b in benches.items()}}
+    return r
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command line: the shared benchmark flags plus --rounds / --pause."""
-    p = jax_bench.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=20, help="timed rounds (one step of each side per round)")
-    p.add_argument("--pause", type=float, default=0.05, help="seconds of idle between timed steps")
-    args, cfg, env, command = jax_bench.cli(p, argv, "weight_grad.py")
-    return speed.emit_result({**run(cfg, args.rounds, args.pause, command), **env}, args.out)
+    """Command line: the shared benchmark flags plus --rounds (default 20) / --pause."""
+    return jax_bench.comparison_main(__doc__, argv, "weight_grad.py", run, rounds=20)
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ def _soc_best(rs: dict[str, list[dict]]) -> str:
 
 
 NO_SOC = (
-    "No trained-to-plateau run recorded yet (protocol: docs/results.md; the earlier 900-step runs, all variants at "
-    "54-72 % test: results/archive/sort_of_clevr_900_steps/)."
+    "No trained-to-plateau run recorded yet (protocol: docs/results.md; the earlier 900-step runs: "
+    "results/archive/sort_of_clevr_900_steps/)."
 )
 
 
@@ -382,19 +382,28 @@ def _curve(r: dict) -> str:
     return ", ".join(f"{v['step']}: {100 * v['accuracy']:.1f}" for v in h.get("validation", []))
 
 
+def _sweep() -> list[tuple[str, str, dict]]:
+    """(variant, lr, run) of every results/sort_of_clevr_sweep/VARIANT_lrLR/ run."""
+    return [(*re.match(r"(.+)_lr(.+)$", r["name"].split("/")[-1]).groups(), r) for r in runs("sort_of_clevr_sweep/*")]
+
+
+def sweep_choice() -> dict[str, str]:
+    """{variant: its swept rate with the best validation accuracy} (ties: the lower rate); scripts/sort_of_clevr.sh
+    trains each plateau run at it."""
+    best: dict[str, tuple[float, float, str]] = {}
+    for v, lr, r in _sweep():
+        best[v] = max(best.get(v, (-1.0, 0.0, "")), (r["best_val"], -float(lr), lr))
+    return {v: lr for v, (_, _, lr) in best.items()}
+
+
 def sort_of_clevr_sweep() -> str:
     """docs/results.md: the learning-rate sweep (short runs, validation only) and the rate chosen per variant."""
-    rows, chosen = [], {}
-    for r in runs("sort_of_clevr_sweep/*"):
-        variant, lr = re.match(r"(.+)_lr(.+)$", r["name"].split("/")[-1]).groups()
-        rows.append([f"`{variant}`", lr, f"{100 * r['best_val']:.2f}", str(r["steps"]), f"{r['train_s']:.0f}",
-                     _load([r]), r["provenance"]])  # fmt: skip
-        if r["best_val"] > chosen.get(variant, ("", -1.0))[1]:
-            chosen[variant] = (lr, r["best_val"])
+    rows = [[f"`{v}`", lr, f"{100 * r['best_val']:.2f}", str(r["steps"]), f"{r['train_s']:.0f}", _load([r]),
+             r["provenance"]] for v, lr, r in _sweep()]  # fmt: skip
     if not rows:
         return "No sweep run recorded yet."
     head = "Variant | lr | best validation % | steps | train s | load | commit, CPU"
-    picks = ", ".join(f"`{v}` {lr}" for v, (lr, _) in chosen.items())
+    picks = ", ".join(f"`{v}` {lr}" for v, lr in sweep_choice().items())
     return "\n".join([table(head, rows, "lrrrrrl"), "", f"Chosen (best validation): {picks}."])
 
 

@@ -24,8 +24,8 @@ if [ "$mode" = sweep ]; then
   done
 elif [ "$mode" = run ]; then
   v=${1:?VARIANT}; shift
-  lr=$($PY -c "import glob, json, re, sys; r = [(json.load(open(p))['train']['best_val'], re.search('_lr(.+)/summary', p)[1])
-    for p in glob.glob('results/sort_of_clevr_sweep/${v}_lr*/summary.json')]; print(max(r)[1] if r else sys.exit('no sweep of $v'))")
+  lr=$($PY -c "import sys; sys.path.insert(0, 'scripts'); import report
+print(report.sweep_choice().get('$v') or sys.exit('no sweep of $v: scripts/sort_of_clevr.sh sweep $v'))")
   for s in "$@"; do
     go "sort_of_clevr/${v}_seed$s" --config="configs/sort_of_clevr.py:fusion=$v" --seed="$s" -- --config.optim.lr="$lr"
   done

@@ -187,3 +187,12 @@ def test_perf_tables_carry_each_results_numbers(tmp_path, monkeypatch):
     assert [(x[1], x[2], x[5]) for x in rows] == [("jax", "200", "1.00"), ("torch_eager", "500", "2.50x")]
     assert "commit not recorded, Zen" in rows[0][7]
     assert "faster than torch_eager (commit not recorded, Zen): **met** — 2.50x" in report.perf_targets()
+
+
+def test_sweep_choice_is_the_best_validation_rate_ties_to_the_lower(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    for v, lr, val in (("cross", "3e-4", 0.5), ("cross", "1e-3", 0.6), ("cross", "3e-3", 0.55), ("rn", "2.5e-4", 0.7),
+                       ("rn", "1e-4", 0.7), ("rn", "1e-3", 0.4)):  # fmt: skip
+        _summary(tmp_path / "sort_of_clevr_sweep" / f"{v}_lr{lr}", f"sort_of_clevr_sweep/{v}_lr{lr}", val, val)
+    assert report.sweep_choice() == {"cross": "1e-3", "rn": "1e-4"}
+    assert "Chosen (best validation): `cross` 1e-3, `rn` 1e-4." in report.sort_of_clevr_sweep()

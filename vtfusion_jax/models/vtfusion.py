@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vtfusion_jax import models
+from vtfusion_jax.models import fusion
 
 SHARED_KEYS = ("width", "dtype", "attention_impl", "scan_layers", "remat_policy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,9 +52,9 @@ class VisionTextModel(nn.Module):
         self.text_encoder = models.get_text_encoder(cfg["text_encoder"], shared)
         self.fusion = models.get_fusion(cfg["fusion"], shared)
         self.head = models.get_head(cfg["head"], shared, num_classes=self.num_classes)
+        self.grouped_fusion = self.per_image_fusion and models.fusion_info(cfg["fusion"]["name"]).per_image
         # Frozen encoders (spec freeze=True; optim.py never updates them) get no backward pass: stop_gradient at
         # their outputs lets XLA drop it (a frozen MiniLM then costs one forward).
-        self.grouped_fusion = self.per_image_fusion and models.fusion_info(cfg["fusion"]["name"]).per_image
         self.frozen = tuple(t for t in ("image_encoder", "text_encoder") if cfg[t].get("freeze", False))
 
     def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
@@ -69,16 +70,13 @@ class VisionTextModel(nn.Module):
             image = jax.lax.stop_gradient(image)
         if "text_encoder" in self.frozen:
             text = jax.lax.stop_gradient(text)
-        kw = {}
-        if "image_index" in batch:  # image-grouped batch (data/grouped.py): K images encoded once for B questions
-            index = batch["image_index"]
-            if self.grouped_fusion:
-                kw = dict(image_index=index)  # the fusion gathers the rows where its maths needs them
-            else:
-                image, image_mask = jnp.take(image, index, axis=0), jnp.take(image_mask, index, axis=0)
-        text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det, **kw)
-        if kw:
-            image_mask = jnp.take(image_mask, kw["image_index"], axis=0)
+        index = batch.get("image_index")  # image-grouped batch (data/grouped.py): K images for B questions
+        if self.grouped_fusion and index is not None:  # the fusion gathers the rows where its maths needs them
+            text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det, image_index=index)
+            image_mask = fusion.rows(image_mask, index)  # per question, as the tokens it returned
+        else:
+            image, image_mask = fusion.rows(image, index), fusion.rows(image_mask, index)
+            text, image, pooled = self.fusion(text, text_mask, image, image_mask, deterministic=det)
         return text, text_mask, image, image_mask, pooled
 
     def __call__(self, batch: Mapping[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
