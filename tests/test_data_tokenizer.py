@@ -119,3 +119,41 @@ def _cached(max_len):
     if max_len not in _TOKS:
         _TOKS[max_len] = Tokenizer(max_len=max_len)
     return _TOKS[max_len]
+
+
+def test_corpus_vocab_keeps_the_pieces(tmp_path):
+    """A vocabulary cut to a corpus tokenizes that corpus into the base's pieces (compared as strings: the ids
+    differ), holds nothing else but the special tokens, and maps other words to [UNK]."""
+    from vtfusion_jax.data.tokenizer import corpus_vocab
+
+    texts = ["What color is the rectangle?", "Is there not a teal triangle?", "unbelievably xylophonic ünïcode"]
+    lines = corpus_vocab(texts)
+    base = Tokenizer(max_len=32)
+    pieces = lambda t, text: [t._tok.id_to_token(i) for i in t.encode(text)]  # noqa: E731
+    expected = {p for text in texts for p in pieces(base, text)}
+    assert set(lines) == expected | {"[PAD]", "[UNK]"} and len(lines) == len(set(lines))
+    assert [base._tok.token_to_id(p) for p in lines] == sorted(base._tok.token_to_id(p) for p in lines)
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(lines) + "\n")
+    cut = Tokenizer(str(path), max_len=32)
+    assert cut.vocab_size == len(lines) < 100
+    for text in texts:
+        assert pieces(cut, text) == pieces(base, text)
+    assert pieces(cut, "a purple hexagon") == ["[CLS]", "a", "[UNK]", "[UNK]", "[SEP]"]
+
+
+def test_easy_vqa_vocab_file_is_the_corpus_vocab():
+    """configs/easy_vqa_vocab.txt is what ``python -m vtfusion_jax.data.easy_vqa`` writes, and every easy-VQA question
+    (train and test) gets MiniLM's pieces from it, never [UNK]."""
+    from vtfusion_jax.data import easy_vqa
+    from vtfusion_jax.data.tokenizer import corpus_vocab
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "easy_vqa_vocab.txt")
+    with open(path) as f:
+        assert f.read().splitlines() == corpus_vocab([q for q, _, _ in easy_vqa.read_questions("train")])
+    base, cut = Tokenizer(max_len=13), Tokenizer(path, max_len=13)
+    questions = sorted({q for split in ("train", "test") for q, _, _ in easy_vqa.read_questions(split)})
+    b, c = base(questions), cut(questions)
+    assert (c["text_mask"] == b["text_mask"]).all() and not (c["text_ids"] == cut.unk_id).any()
+    as_text = lambda t, ids: [t._tok.id_to_token(int(i)) for i in ids]  # noqa: E731
+    assert [as_text(cut, r) for r in c["text_ids"]] == [as_text(base, r) for r in b["text_ids"]]
