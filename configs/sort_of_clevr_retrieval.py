@@ -108,7 +108,7 @@ def get_config(arg=None):
         global_batch_size=64,  # (image, caption) pairs per step = in-batch negatives
         # Trained to the plateau (issue 30): with 1,300 steps validation R@1 was still climbing (9 -> 32 -> 57 -> 65 %
         # at 325-step intervals) when the cosine schedule reached zero, so the schedule is ~3x longer and early
-        # stopping on validation may end the run sooner (that run: results/sort_of_clevr_retrieval/).
+        # stopping on validation may end the run sooner (that run: results/archive/sort_of_clevr_retrieval_1300_steps).
         num_steps=4000,  # ~26 epochs of 9,800 scenes (the cosine schedule's length)
         log_every_steps=100,  # train metrics cadence
         eval_every_steps=500,  # validation (the curve) and checkpoints
