@@ -37,8 +37,6 @@ def get_config(arg=None):
             c.model.text_encoder.depth = 1
             c.train.focal_gamma = 0.0
             c.dataset.max_len = 16
-            c.dataset.tokenizer_path = None  # MiniLM's full vocabulary
-            c.model.image_encoder.channels = (32, 64, 128)
             c.train.eval_every_steps = c.train.checkpoint_every_steps = 150
     with c.unlocked():
         # () = the last stage only (the single-scale encoder, same parameter names); (-k..-1) = the last k stages.

@@ -109,10 +109,3 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
                 cache[image_id] = _png_bytes(os.path.join(split_dir, "images", f"{image_id}.png"))
             example = dict(question=question, answer=answer, question_type=question_type(answer), image_id=image_id)
             yield n, dict(example, image=cache[image_id])
-
-
-if __name__ == "__main__":  # python -m vtfusion_jax.data.easy_vqa > configs/easy_vqa_vocab.txt
-    from vtfusion_jax.data.tokenizer import corpus_vocab
-
-    # The package's train questions (our train + validation splits); the test split uses no other word.
-    print("\n".join(corpus_vocab([q for q, _, _ in read_questions("train")])))

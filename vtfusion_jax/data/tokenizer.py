@@ -51,18 +51,6 @@ def _from_vocab(vocab_file: str, lowercase: bool) -> tokenizers.Tokenizer:
     return tokenizers.BertWordPieceTokenizer(vocab_file, lowercase=lowercase)._tokenizer
 
 
-def corpus_vocab(texts: Sequence[str], base: str | None = None) -> list[str]:
-    """The lines of a vocab.txt: ``base``'s WordPiece vocabulary (None: MiniLM) cut to [PAD] [UNK] [CLS] [SEP] and the
-    pieces that ``texts`` tokenize into, in base id order. Loaded as ``Tokenizer(path)``, it gives every one of
-    ``texts`` the same pieces (greedy longest-match keeps its choices when only unchosen pieces are removed) and a
-    text model an embedding table of len() rows instead of the base's (30,522 for MiniLM); text with other words
-    gets [UNK]."""
-    tok = Tokenizer(base, max_len=1 << 16)
-    ids = {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id}
-    ids.update(i for enc in tok._tok.encode_batch([_valid_unicode(t) for t in texts]) for i in enc.ids)
-    return [tok._tok.id_to_token(i) for i in sorted(ids)]
-
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
