@@ -146,6 +146,7 @@ def _from_train_config(c: dict) -> dict:
     bench = dict(batch_size=t.get("global_batch_size", 32), image_size=d.get("image_size") or 64)
     bench["images_per_batch"] = t.get("images_per_batch", 0)
     bench.update(text_len=d.get("max_len", 16), num_classes=13, warmup=3, steps=20, matmul_size=2048, peak_tflops=0.0)
+    bench["distinct_texts"] = 0  # > 0: the batch's questions repeat that many distinct texts (model.text_dedup)
     bench.update(compilation_cache_dir="")
     model["text_encoder"] = {"vocab_size": DEFAULT_VOCAB, **model["text_encoder"]}
     mesh = c.get("mesh_shape", (-1, 1, 1))
@@ -173,17 +174,19 @@ def _set(cfg: dict, key: str, raw: str) -> None:
 def synthetic_batch(cfg: dict, seed: int = 0) -> dict:
     """A host batch with the model's input shapes: uniform images, random token ids, random text lengths
     (>= half the length; the rest is padding), random labels. ``bench.images_per_batch`` = K > 0: an image-grouped
-    batch (data/grouped.py) of K images, question b on image b % K."""
+    batch (data/grouped.py) of K images, question b on image b % K. ``bench.distinct_texts`` = T > 0: T random texts,
+    repeated (question b asks text b % T, so all T occur once the batch holds T)."""
     b = cfg["bench"]
     n, s, length = int(b["batch_size"]), int(b["image_size"]), int(b["text_len"])
     k = int(b["images_per_batch"])
     vocab = int(cfg["model"]["text_encoder"].get("vocab_size", DEFAULT_VOCAB))
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(max(1, length // 2), length + 1, size=n)
+    t = int(b.get("distinct_texts", 0)) or n
+    lengths = rng.integers(max(1, length // 2), length + 1, size=t)[np.arange(n) % t]
     grouped = {"image_index": (np.arange(n) % k).astype(np.int32)} if k > 0 else {}
     return grouped | {
         "image": rng.uniform(size=(k or n, s, s, 3)).astype(np.float32),
-        "text_ids": rng.integers(1, vocab, size=(n, length)).astype(np.int32),
+        "text_ids": rng.integers(1, vocab, size=(t, length)).astype(np.int32)[np.arange(n) % t],
         "text_mask": np.arange(length)[None, :] < lengths[:, None],
         "label": rng.integers(0, int(b["num_classes"]), size=n).astype(np.int32),
         "valid": np.ones(n, bool),

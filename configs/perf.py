@@ -32,6 +32,7 @@ def _shared() -> dict:
             attention_impl="auto",  # auto (GPU: cudnn, TPU: pallas, else xla) | xla | cudnn | pallas | reference
             scan_layers=False,  # nn.scan over layers (faster compiles; unrolled is a little faster to run on CPU)
             remat_policy="none",  # rematerialisation: none | minimal | full
+            text_dedup=0,  # > 0: the text encoder once per distinct question, at most this many a batch
             image_encoder=dict(  # image tower
                 name="vit",  # Vision Transformer
                 depth=4,  # Transformer layers
@@ -76,6 +77,7 @@ def _shared() -> dict:
         bench=dict(  # what the benchmark feeds and how it times
             batch_size=32,  # global batch (synthetic examples per step)
             images_per_batch=0,  # > 0: image-grouped batches, this many images shared by the batch's questions
+            distinct_texts=0,  # > 0: the questions repeat this many distinct texts (model.text_dedup)
             image_size=64,  # image side in pixels
             text_len=16,  # text tokens per example (random lengths >= text_len / 2, padding masked)
             num_classes=13,  # head outputs (easy-VQA answers)

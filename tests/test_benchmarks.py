@@ -221,6 +221,21 @@ def test_per_image_smoke(tmp_path):
     assert r["xla_flops_per_step"]["gathered"] > r["xla_flops_per_step"]["per_image"]
 
 
+@pytest.mark.slow  # the dedup path's equality is checked in the default tier: test_models.py
+def test_text_dedup_smoke():
+    """The whole benchmark on the tiny config, 8 questions repeating 3 texts: both sides train the same model (equal
+    losses after the same steps), and the synthetic batch holds exactly 3 distinct (ids, mask) rows."""
+    import text_dedup
+
+    extra = [*ONE_DEVICE, "bench.distinct_texts=3", "model.text_dedup=4"]
+    r = text_dedup.main([f"--config={TINY}", "--rounds=2", "--pause=0", *map("--config.".__add__, extra)])
+    assert r["final_loss"]["plain"] == pytest.approx(r["final_loss"]["dedup"], rel=1e-4)
+    assert r["questions_per_s"].keys() == {"plain", "dedup"} and r["speedup"] > 0
+    batch = bench_lib.synthetic_batch(r["config"])
+    rows = np.concatenate([batch["text_ids"], batch["text_mask"]], axis=1)
+    assert len(np.unique(rows, axis=0)) == 3 and len(rows) == r["config"]["bench"]["batch_size"]
+
+
 def test_alternate_rotates_the_order_and_returns_each_runners_times():
     """alternate: warm-up calls untimed, then every runner once per round, the order rotated by one each
     round (so no runner always follows the same one), and each runner's own returned times in round order."""

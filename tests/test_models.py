@@ -1,6 +1,7 @@
 """VisionTextModel: components chosen by config name, composed end to end."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -210,3 +211,55 @@ def test_the_cpu_weight_grad_switch_keeps_the_gradients(monkeypatch):
     np.testing.assert_allclose(jax.jit(jax.grad(loss))(p), plain, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="forward-mode"):  # the price of the switch: why it is opt-in
         jax.jvp(loss, (p,), (_tangent(p),))
+
+
+def _repeated_text_batch(distinct: int, n: int = 8, seed: int = 2):
+    """A padded batch of n questions drawn from ``distinct`` different (ids, mask) rows: two rows share their ids but
+    not their mask, so the distinct rows are the (ids, mask) pairs."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 64, size=(distinct, 5))
+    lengths = rng.integers(2, 6, size=distinct)
+    ids[1], lengths[1] = ids[0], (lengths[0] - 1 if lengths[0] > 2 else 5)
+    pick = np.concatenate([np.arange(distinct), rng.integers(0, distinct, size=n - distinct)])[rng.permutation(n)]
+    return dict(
+        image=jnp.asarray(rng.normal(size=(n, 16, 16, 3)), jnp.float32),
+        text_ids=jnp.asarray(ids[pick], jnp.int32),
+        text_mask=jnp.asarray(np.arange(5)[None] < lengths[pick][:, None]),
+        label=jnp.asarray(rng.integers(0, 2, size=n), jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("distinct", [3, pytest.param(6, marks=pytest.mark.slow)])
+def test_text_dedup_equals_one_text_encoder_pass_per_question(distinct, monkeypatch):
+    """model.text_dedup = 4: logits, gradients w.r.t. every parameter and a jvp equal the plain model's with 3
+    distinct questions in 8 (the branch that encodes 4 rows runs) and with 6 (> 4: nn.cond takes the plain path)."""
+    from vtfusion_jax.models import vtfusion
+
+    taken = []
+    real_cond = vtfusion.nn.cond
+    def cond(pred, *args):  # records the branch when it is known (eager calls), then branches as before
+        if not isinstance(pred, jax.core.Tracer):
+            taken.append(bool(pred))
+        return real_cond(pred, *args)
+
+    monkeypatch.setattr(vtfusion.nn, "cond", cond)
+    batch = _repeated_text_batch(distinct)
+    cfg = dict(CFG, fusion=dict(name="cross", num_layers=1, num_heads=4, mlp_dim=64))
+    plain, dedup = VisionTextModel(cfg, 2), VisionTextModel(dict(cfg, text_dedup=4), 2)
+    params = layers.unbox(jax.jit(plain.init)(jax.random.key(0), batch))
+
+    def loss(model, p):
+        logits = model.apply(p, batch)["logits"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])), logits
+
+    z = dedup.apply(params, batch)["logits"]  # eager: the predicate is concrete
+    assert taken == [distinct <= 4]
+    grad = lambda m: jax.jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))(params)  # noqa: E731
+    ((_, z0), g0), ((_, z1), g1) = grad(plain), grad(dedup)
+    np.testing.assert_allclose(z1, z0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, z0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    t = jax.tree.map(lambda x: jnp.full_like(x, 1e-2), params)
+    d0, d1 = (jax.jit(jax.jvp, static_argnums=0)(lambda p, m=m: loss(m, p)[0], (params,), (t,))[1] for m in (plain, dedup))
+    np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,12 @@
     text_ids [B, L] ─────► text encoder ───► (text tokens [B, L, Dt], text mask [B, L]) ──┘
 
 The model config (ConfigDict or dict): ``width, dtype, attention_impl, scan_layers, remat_policy`` (shared by every
-component with the field) and ``image_encoder = {name, ...fields}``, ``text_encoder``, ``fusion``, ``head``.
+component with the field), ``image_encoder = {name, ...fields}``, ``text_encoder``, ``fusion``, ``head`` and
+optionally ``text_dedup`` = U > 0: the text encoder runs once per distinct (text_ids, text_mask) row of a batch, on
+at most U rows, and each question gathers its row: the same result (and gradients) as once per question, at U / B of
+the cost when questions repeat (easy-VQA has 107 distinct questions, ~95 in a 256-question batch). A batch with more
+than U distinct rows runs the plain path (``nn.cond``); so do training with dropout drawn in the text tower and
+capturing intermediates (attention maps).
 """
 
 from __future__ import annotations
@@ -56,6 +61,31 @@ class VisionTextModel(nn.Module):
         # Frozen encoders (spec freeze=True; optim.py never updates them) get no backward pass: stop_gradient at
         # their outputs lets XLA drop it (a frozen MiniLM then costs one forward).
         self.frozen = tuple(t for t in ("image_encoder", "text_encoder") if cfg[t].get("freeze", False))
+        self.text_dedup = int(cfg.get("text_dedup", 0))
+        self.text_dropout = float(cfg["text_encoder"].get("dropout_rate", 0.0))
+
+    def encode_text(self, ids: jax.Array, mask: jax.Array, det: bool) -> tuple[jax.Array, jax.Array]:
+        """The text encoder on [B, L] ids / mask; with ``text_dedup`` = U once per distinct row (module docstring)."""
+        u = self.text_dedup
+        drawn = not det and self.text_dropout > 0  # one dropout mask per question
+        if u <= 0 or u >= ids.shape[0] or drawn or self.is_mutable_collection("intermediates"):  # sown: per question
+            return self.text_encoder(ids, mask, deterministic=det)
+        key = jnp.concatenate([ids, mask.astype(ids.dtype)], axis=1)  # [B, L + 1 ... 2L]: ids and mask
+        rows, inverse = jnp.unique(key, axis=0, size=u, return_inverse=True)  # [U, 2L], [B]
+        inverse = inverse.reshape(-1)
+        count = jnp.max(inverse) + 1  # distinct rows (when <= U)
+        rows = jnp.where((jnp.arange(u) < count)[:, None], rows, rows[0])  # unused slots: a real row, not all-padding
+        length = ids.shape[1]
+
+        def distinct(mdl, rows, inverse):
+            text, text_mask = mdl.text_encoder(rows[:, :length], rows[:, length:].astype(bool), deterministic=det)
+            return fusion.rows(text, inverse), fusion.rows(text_mask, inverse)
+
+        def every(mdl, rows, inverse):
+            del rows, inverse
+            return mdl.text_encoder(ids, mask, deterministic=det)
+
+        return nn.cond(count <= u, distinct, every, self, rows, inverse)
 
     def encode(self, batch: Mapping[str, jax.Array], train: bool = False):
         """Runs both encoders and the fusion. Returns (text [B,L,D], text_mask, image [B,N,D], image_mask, pooled).
@@ -65,7 +95,7 @@ class VisionTextModel(nn.Module):
         (and, for a ``per_image`` fusion variant, its question-independent work once per image too)."""
         det = not train
         image, image_mask = self.image_encoder(batch["image"], deterministic=det)  # [B or K, N, Di], [B or K, N]
-        text, text_mask = self.text_encoder(batch["text_ids"], batch["text_mask"], deterministic=det)  # [B, L, Dt]
+        text, text_mask = self.encode_text(batch["text_ids"], batch["text_mask"], det)  # [B, L, Dt], [B, L]
         if "image_encoder" in self.frozen:
             image = jax.lax.stop_gradient(image)
         if "text_encoder" in self.frozen:
