@@ -522,6 +522,15 @@ def perf_per_image() -> str:
     return table(head + " | load 1-min | commit, CPU | command", rows)
 
 
+def perf_text_dedup() -> str:
+    """docs/performance.md: repeated questions, the text encoder once per question vs once per distinct text."""
+    rows = [[f"`{name}`", str(r["config"]["bench"]["distinct_texts"]), str(r["config"]["bench"]["batch_size"]),
+             *(f"{r['questions_per_s'][s]:.0f}" for s in ("plain", "dedup")), f"**{r['speedup']:.2f}x**", *_tail(r)]
+            for name, r in _perf("cpu_text_dedup_").items()]  # fmt: skip
+    head = "Config | distinct texts | questions | questions/s, plain | questions/s, text_dedup | speedup"
+    return table(head + " | load 1-min | commit, CPU | command", rows)
+
+
 def perf_switches() -> str:
     """docs/performance.md: the speed switches on the co_attention model, beside its baseline row."""
     base = _perf("cpu_fusion_").get("co_attention")
@@ -594,7 +603,7 @@ SECTIONS: dict[str, dict[str, Callable[[], str]]] = {  # {file: {section name: t
     "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_sweep, sort_of_clevr_table),
     "docs/datasets.md": _by_name(datasets_measured),
     "docs/performance.md": _by_name(
-        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_per_image, perf_switches, perf_compile, perf_gpu
+        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_per_image, perf_text_dedup, perf_switches, perf_compile, perf_gpu
     ),
 }
 
