@@ -330,10 +330,10 @@ def reliability() -> str:
 def task_tables() -> str:
     """docs/results.md: retrieval and captioning rows (every results/*/ run of those tasks)."""
     out = []
-    for r in [r for r in runs("*") if r["summary"].get("task") in ("retrieval", "caption")]:
+    for r in [r for r in runs("*") if r["config"].get("task") in ("retrieval", "caption")]:
         m, tail = r["metrics"], [r["steps"], f"{r['train_s']:.0f} + {r['eval_s']:.0f}", _load([r]), r["provenance"]]
         tail.append(f"`{r['command']}`")
-        if r["summary"]["task"] == "retrieval":
+        if r["config"]["task"] == "retrieval":
             rk = [" / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10)) for p in RETRIEVAL]
             head = "Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i"
             out.append(table(head + TASK_TAIL, [[r["name"], m["num_images"], *rk, *tail]], "lrllllrrrll"))

@@ -196,3 +196,22 @@ def test_sweep_choice_is_the_best_validation_rate_ties_to_the_lower(tmp_path, mo
         _summary(tmp_path / "sort_of_clevr_sweep" / f"{v}_lr{lr}", f"sort_of_clevr_sweep/{v}_lr{lr}", val, val)
     assert report.sweep_choice() == {"cross": "1e-3", "rn": "1e-4"}
     assert "Chosen (best validation): `cross` 1e-3, `rn` 1e-4." in report.sort_of_clevr_sweep()
+
+
+def test_task_tables_take_the_task_from_the_runs_config(tmp_path, monkeypatch):
+    """A retrieval run as scripts/run.py writes it (the task is in config.json, not in summary.json) gets its row in
+    docs/results.md with the summary's R@1 / 5 / 10; a VQA run gets none."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    _summary(tmp_path / "easy_vqa", "easy_vqa", 0.99, 0.99)
+    folder = tmp_path / "sort_of_clevr_retrieval"
+    _summary(folder, "sort_of_clevr_retrieval", 0.0, 0.0)
+    s = json.loads((folder / "summary.json").read_text())
+    recall = {f"{p}_R@{k}": 0.5 + 0.01 * i + 0.1 * (k > 1) for i, p in enumerate(report.RETRIEVAL) for k in (1, 5, 10)}
+    s["metrics"] = dict(recall, num_images=200)
+    (folder / "summary.json").write_text(json.dumps(s))
+    config = {"task": "retrieval", "train": {"num_steps": 9, "global_batch_size": 8}}
+    (folder / "config.json").write_text(json.dumps(config))
+    text = report.task_tables()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| sort_of_clevr_retrieval")]
+    assert len(rows) == 1 and "| 200 | 50.0 / 60.0 / 60.0 | 51.0 / 61.0 / 61.0 | 52.0" in rows[0], text
+    assert "easy_vqa" not in text
