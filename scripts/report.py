@@ -337,6 +337,8 @@ def task_tables() -> str:
             rk = [" / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10)) for p in RETRIEVAL]
             head = "Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i"
             out.append(table(head + TASK_TAIL, [[r["name"], m["num_images"], *rk, *tail]], "lrllllrrrll"))
+            out[-1] += (f"\n\n`{r['name']}` ({_stop(r)}), validation mean R@1 % with ITM re-ranking (the selection "
+                        f"metric) by step: {_curve(r, 'rerank_mean_R@1') or 'no curve recorded'}.")
         else:
             kv = f"{m['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in m else "not measured"
             cap = [f"{m[f'{d}_bleu4']:.3f} / {m[f'{d}_cider_d']:.2f} / {100 * m[f'{d}_exact_match']:.1f}"
@@ -375,11 +377,11 @@ def _stop(r: dict) -> str:
     return {"early_stopping": "plateau", "train.time_limit_seconds": "time limit"}.get(reason, "budget")
 
 
-def _curve(r: dict) -> str:
-    """A run's validation accuracy curve, "step: %" pairs (results/NAME/history.json)."""
+def _curve(r: dict, key: str = "accuracy") -> str:
+    """A run's validation curve of ``key``, "step: %" pairs (results/NAME/history.json)."""
     path = os.path.join(RESULTS, r["name"], "history.json")
     h = _read(path) if os.path.exists(path) else {}
-    return ", ".join(f"{v['step']}: {100 * v['accuracy']:.1f}" for v in h.get("validation", []))
+    return ", ".join(f"{v['step']}: {100 * v[key]:.1f}" for v in h.get("validation", []) if key in v)
 
 
 def _sweep() -> list[tuple[str, str, dict]]:
