@@ -234,8 +234,9 @@ _QUIET = []
 def _quiet_abandoned_reads() -> None:
     """A failed Orbax read leaves TensorStore reads in flight; when they finish they find the event loop closed
     ("Event loop is closed" from another thread) and their coroutines, collected later, complain ("Exception ignored
-    in <coroutine _read_array_index_and_device_put>", "never awaited"): from then on those reports are dropped (any
-    other goes to the hooks as before)."""
+    in <coroutine _read_array_index_and_device_put>", "never awaited"), or their tasks' unretrieved exceptions reach
+    asyncio's logger ("Task exception was never retrieved" + a traceback): from then on those reports are dropped
+    (any other goes to the hooks and handlers as before)."""
     if _QUIET:
         return
     _QUIET.append(True)
@@ -247,6 +248,7 @@ def _quiet_abandoned_reads() -> None:
     sys.excepthook = lambda kind, value, tb: noise(value) or excepthook(kind, value, tb)
     sys.unraisablehook = lambda u: noise(u.exc_value, u.object) or unraisablehook(u)
     warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never awaited")
+    logging.getLogger("asyncio").addFilter(lambda r: "_read_array_index_and_device_put" not in r.getMessage())
 
 
 def digest(tree: Any) -> dict[str, int]:
