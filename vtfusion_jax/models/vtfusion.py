@@ -70,10 +70,10 @@ class VisionTextModel(nn.Module):
         drawn = not det and self.text_dropout > 0  # one dropout mask per question
         if u <= 0 or u >= ids.shape[0] or drawn or self.is_mutable_collection("intermediates"):  # sown: per question
             return self.text_encoder(ids, mask, deterministic=det)
-        key = jnp.concatenate([ids, mask.astype(ids.dtype)], axis=1)  # [B, L + 1 ... 2L]: ids and mask
+        key = jnp.concatenate([ids, mask.astype(ids.dtype)], axis=1)  # [B, 2L]: a question is its ids and mask
         rows, inverse = jnp.unique(key, axis=0, size=u, return_inverse=True)  # [U, 2L], [B]
         inverse = inverse.reshape(-1)
-        count = jnp.max(inverse) + 1  # distinct rows (when <= U)
+        count = jnp.max(inverse) + 1  # distinct rows (the inverse indexes all of them, even beyond U)
         rows = jnp.where((jnp.arange(u) < count)[:, None], rows, rows[0])  # unused slots: a real row, not all-padding
         length = ids.shape[1]
 
