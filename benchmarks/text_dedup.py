@@ -5,8 +5,8 @@
     python benchmarks/text_dedup.py --config=configs/perf.py:preset=tiny --config.bench.distinct_texts=4 --rounds=2
 
 Times the library's train step on one synthetic batch whose questions repeat ``bench.distinct_texts`` texts (easy-VQA
-has 107 distinct questions, ~95 in a 256-question batch; Sort-of-CLEVR 36) with ``model.text_dedup`` = 0 (``plain``)
-and as configured (``dedup``), from the same state, alternately. JSON: median / min step per side, questions/s per
+has 107 distinct questions in all, Sort-of-CLEVR 36) with ``model.text_dedup`` = 0 (``plain``) and as configured
+(``dedup``), from the same initial state, alternately. JSON: median / min step per side, questions/s per
 side, their ratio and both final losses (equal: tests/test_models.py checks logits, gradients and a jvp).
 """
 

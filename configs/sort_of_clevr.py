@@ -35,8 +35,9 @@ RN_EXTRAS = dict(
     fusion=dict(g_layers=4, f_layers=2, mlp_dim=256, token_pool=1),  # g 4 x 256 over all pairs, f 256-256
     head=dict(hidden_dim=0, dropout_rate=0.5, ln=False),  # f's 50 % dropout, then the linear map to the answers
     optim=dict(warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0),  # plain Adam
-    # g over 625 pairs costs ~1 GFLOP a question (~160 q/s here at either batch size): 640-question steps would give
-    # 2 h of training only ~1,800 updates; validation every 128,000 questions (~14 min) keeps 5 within the 2 h limit
+    # g over 625 pairs costs ~1 GFLOP a question (136 / 159 q/s at 640 / 64 here: benchmarks/train_step.py with
+    # bench.batch_size, images_per_batch=0): 640-question steps would give 2 h only ~1,800 updates; validation every
+    # 128,000 questions (~14 min) keeps 5 within the 2 h limit
     train=dict(global_batch_size=64, images_per_batch=0, eval_every_steps=2000, checkpoint_every_steps=2000),  # theirs
 )
 

@@ -337,8 +337,10 @@ def task_tables() -> str:
             rk = [" / ".join(f"{100 * m[f'{p}_R@{k}']:.1f}" for k in (1, 5, 10)) for p in RETRIEVAL]
             head = "Retrieval run | images | ITC i2t R@1/5/10 | ITC t2i | ITM re-ranked i2t | re-ranked t2i"
             out.append(table(head + TASK_TAIL, [[r["name"], m["num_images"], *rk, *tail]], "lrllllrrrll"))
-            out[-1] += (f"\n\n`{r['name']}` ({_stop(r)}), validation mean R@1 % with ITM re-ranking (the selection "
-                        f"metric) by step: {_curve(r, 'rerank_mean_R@1') or 'no curve recorded'}.")
+            out[-1] += (
+                f"\n\n`{r['name']}` ({_stop(r)}), validation mean R@1 % with ITM re-ranking (the selection "
+                f"metric) by step: {_curve(r, 'rerank_mean_R@1') or 'no curve recorded'}."
+            )
         else:
             kv = f"{m['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in m else "not measured"
             cap = [f"{m[f'{d}_bleu4']:.3f} / {m[f'{d}_cider_d']:.2f} / {100 * m[f'{d}_exact_match']:.1f}"
@@ -605,7 +607,15 @@ SECTIONS: dict[str, dict[str, Callable[[], str]]] = {  # {file: {section name: t
     "docs/results.md": _by_name(task_tables, multiscale, sort_of_clevr_sweep, sort_of_clevr_table),
     "docs/datasets.md": _by_name(datasets_measured),
     "docs/performance.md": _by_name(
-        perf_targets, perf_peer, perf_weight_grad, perf_fusions, perf_per_image, perf_text_dedup, perf_switches, perf_compile, perf_gpu
+        perf_targets,
+        perf_peer,
+        perf_weight_grad,
+        perf_fusions,
+        perf_per_image,
+        perf_text_dedup,
+        perf_switches,
+        perf_compile,
+        perf_gpu,
     ),
 }
 

@@ -237,6 +237,7 @@ def test_text_dedup_equals_one_text_encoder_pass_per_question(distinct, monkeypa
 
     taken = []
     real_cond = vtfusion.nn.cond
+
     def cond(pred, *args):  # records the branch when it is known (eager calls), then branches as before
         if not isinstance(pred, jax.core.Tracer):
             taken.append(bool(pred))
@@ -261,5 +262,21 @@ def test_text_dedup_equals_one_text_encoder_pass_per_question(distinct, monkeypa
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     t = jax.tree.map(lambda x: jnp.full_like(x, 1e-2), params)
-    d0, d1 = (jax.jit(jax.jvp, static_argnums=0)(lambda p, m=m: loss(m, p)[0], (params,), (t,))[1] for m in (plain, dedup))
+    jvp = jax.jit(jax.jvp, static_argnums=0)
+    d0, d1 = (jvp(lambda p, m=m: loss(m, p)[0], (params,), (t,))[1] for m in (plain, dedup))
     np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-6)
+
+
+def test_text_dedup_keeps_one_dropout_mask_per_question():
+    """With dropout in the text tower, a training step draws a mask per question: text_dedup must not share one
+    between repeated questions, so with the same dropout key the logits equal the plain model's."""
+    batch = _repeated_text_batch(3)
+    cfg = dict(CFG, fusion=dict(name="cross", num_layers=1, num_heads=4, mlp_dim=64))
+    cfg["text_encoder"] = dict(cfg["text_encoder"], dropout_rate=0.5)
+    plain, dedup = VisionTextModel(cfg, 2), VisionTextModel(dict(cfg, text_dedup=4), 2)
+    params = layers.unbox(jax.jit(plain.init)(jax.random.key(0), batch))
+    drop = {"dropout": jax.random.key(1)}
+    step = lambda m: jax.jit(functools.partial(m.apply, train=True, rngs=drop))(params, batch)["logits"]  # noqa: E731
+    z0, z1 = step(plain), step(dedup)
+    np.testing.assert_allclose(z1, z0, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(z0, plain.apply(params, batch)["logits"], atol=1e-4)  # the dropout did act

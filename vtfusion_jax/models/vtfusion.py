@@ -7,9 +7,9 @@
 The model config (ConfigDict or dict): ``width, dtype, attention_impl, scan_layers, remat_policy`` (shared by every
 component with the field), ``image_encoder = {name, ...fields}``, ``text_encoder``, ``fusion``, ``head`` and
 optionally ``text_dedup`` = U > 0: the text encoder runs once per distinct (text_ids, text_mask) row of a batch, on
-at most U rows, and each question gathers its row: the same result (and gradients) as once per question, at U / B of
-the cost when questions repeat (easy-VQA has 107 distinct questions, ~95 in a 256-question batch). A batch with more
-than U distinct rows runs the plain path (``nn.cond``); so do training with dropout drawn in the text tower and
+at most U rows, and each question gathers its row: the same result (and gradients) as once per question, with the
+text tower's cost set by U instead of B when questions repeat (Sort-of-CLEVR has 36 distinct questions). A batch with
+more than U distinct rows runs the plain path (``nn.cond``); so do training with dropout drawn in the text tower and
 capturing intermediates (attention maps).
 """
 
@@ -61,13 +61,12 @@ class VisionTextModel(nn.Module):
         # Frozen encoders (spec freeze=True; optim.py never updates them) get no backward pass: stop_gradient at
         # their outputs lets XLA drop it (a frozen MiniLM then costs one forward).
         self.frozen = tuple(t for t in ("image_encoder", "text_encoder") if cfg[t].get("freeze", False))
-        self.text_dedup = int(cfg.get("text_dedup", 0))
-        self.text_dropout = float(cfg["text_encoder"].get("dropout_rate", 0.0))
+        self.text_dedup = int(cfg.get("text_dedup", 0))  # optional key: absent = off
 
     def encode_text(self, ids: jax.Array, mask: jax.Array, det: bool) -> tuple[jax.Array, jax.Array]:
         """The text encoder on [B, L] ids / mask; with ``text_dedup`` = U once per distinct row (module docstring)."""
         u = self.text_dedup
-        drawn = not det and self.text_dropout > 0  # one dropout mask per question
+        drawn = not det and getattr(self.text_encoder, "dropout_rate", 0) > 0  # one mask per question (GRU: none)
         if u <= 0 or u >= ids.shape[0] or drawn or self.is_mutable_collection("intermediates"):  # sown: per question
             return self.text_encoder(ids, mask, deterministic=det)
         key = jnp.concatenate([ids, mask.astype(ids.dtype)], axis=1)  # [B, 2L]: a question is its ids and mask
