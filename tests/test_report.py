@@ -156,6 +156,42 @@ def test_sort_of_clevr_runs_say_how_they_ended_and_unfinished_ones_show_their_cu
     assert "sort_of_clevr/cross_seed0` (" not in text  # plateaued: no curve needed
 
 
+def test_sort_of_clevr_targets_judge_test_means_and_show_the_curves_of_misses(tmp_path, monkeypatch):
+    """rn vs 90 % relational; the attention variant best on validation (not concat or rn, even when better) vs
+    97 / 99 %; concat's relational gap to it; each miss lists its runs' validation relational curves."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    runs = {  # variant: per seed (best_val, relational, non-relational)
+        "rn": [(0.99, 0.92, 1.0), (0.99, 0.90, 1.0)],  # mean 91 %: met; best on validation, but not attention
+        "cross": [(0.95, 0.80, 1.0)], "merged": [(0.90, 0.99, 1.0)],  # cross is best on validation: 80 %, a miss
+        "concat": [(0.70, 0.65, 0.99)],  # 15 points under cross: the gap is shown
+    }  # fmt: skip
+    for v, seeds in runs.items():
+        for k, (val, rel, nonrel) in enumerate(seeds):
+            folder = tmp_path / "sort_of_clevr" / f"{v}_seed{k}"
+            _summary(folder, f"sort_of_clevr/{v}_seed{k}", 0.5, val, train={"best_val": val})
+            s = json.load(open(folder / "summary.json"))
+            s["metrics"]["per_type"] = {**dict.fromkeys(report.SUBTYPES, 0.5), "relational": rel,
+                                        "non_relational": nonrel}  # fmt: skip
+            (folder / "summary.json").write_text(json.dumps(s))
+            config = {"train": {"global_batch_size": 64}, "optim": {"lr": 1e-3}, "dataset": {"builder_kwargs": {}}}
+            (folder / "config.json").write_text(json.dumps(config))
+            curve = [{"step": 500, "accuracy_relational": rel / 2}, {"step": 1000, "accuracy_relational": rel}]
+            (folder / "history.json").write_text(json.dumps({"validation": curve, "train": []}))
+    lines = report.sort_of_clevr_table().splitlines()
+    t = lines[lines.index("Targets (issue 30, test means):") :]
+    assert t[1] == "- `rn` >= 90 % relational: **met** (91.00 %)"
+    assert t[2].startswith("- the best attention variant on validation") and t[2].endswith(
+        "**not met** (`cross`: 80.00 / 100.00 %)"
+    )
+    assert t[3] == "  - `sort_of_clevr/cross_seed0` validation relational %: 500: 40.0, 1000: 80.0"
+    assert t[4] == "- `concat` >= 10 points under it on relational: **met** (65.00 %)" and len(t) == 5
+    summary = tmp_path / "sort_of_clevr" / "concat_seed0" / "summary.json"  # concat 9 points under cross: a miss
+    summary.write_text(summary.read_text().replace('"relational": 0.65', '"relational": 0.71'))
+    t = report.sort_of_clevr_table().splitlines()
+    assert "- `concat` >= 10 points under it on relational: **not met** (71.00 %)" in t
+    assert "  - `sort_of_clevr/concat_seed0` validation relational %: 500: 32.5, 1000: 65.0" in t
+
+
 def test_check_detects_a_stale_section_and_rewrites_only_inside_markers(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "x.md"
