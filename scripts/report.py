@@ -435,10 +435,11 @@ def sort_of_clevr_table() -> str:
     cols = "Best val. | lr | Steps (best, end) | Train s | q/s | Load | Commit, CPU"
     lines = [
         "Each row: `python scripts/run.py --name=sort_of_clevr/VARIANT_seedK "
-        "--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K -- --config.optim.lr=LR` (a seed also draws its "
-        "own scenes). Test accuracy %, mean ± std over seeds, at the best validation checkpoint. Steps: steps run "
-        "(the best validation's step, how the run ended: plateau = early stopping, time limit, or the step budget). "
-        "q/s: questions trained per second of train.py's wall time (compile and validation included).",
+        "--config=configs/sort_of_clevr.py:fusion=VARIANT --seed=K -- --config.optim.lr=LR` (`rn`: without the "
+        "rate; a seed also draws its own scenes). Test accuracy %, mean ± std over seeds, at the best validation "
+        "checkpoint. Steps: steps run (the best validation's step, how the run ended: plateau = early stopping, time "
+        "limit, or the step budget). q/s: questions trained per second of train.py's wall time (compile and "
+        "validation included).",
         "",
         table(f"{head} | {cols}", rows, "ll" + "r" * (5 + len(SUBTYPES)) + "lrrrl"),
     ]
