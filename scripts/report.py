@@ -391,13 +391,34 @@ def _sweep() -> list[tuple[str, str, dict]]:
     return [(*re.match(r"(.+)_lr(.+)$", r["name"].split("/")[-1]).groups(), r) for r in runs("sort_of_clevr_sweep/*")]
 
 
+SWEEP_RATES = ("3e-4", "1e-3", "3e-3")  # the constant rates scripts/sort_of_clevr.sh sweep tries per variant (not rn)
+
+
 def sweep_choice() -> dict[str, str]:
-    """{variant: its swept rate with the best validation accuracy} (ties: the lower rate); scripts/sort_of_clevr.sh
-    trains each plateau run at it."""
+    """{variant: its swept rate with the best validation accuracy} (ties: the lower rate) for each variant swept at
+    every SWEEP_RATES rate; scripts/sort_of_clevr.sh trains each plateau run at it."""
     best: dict[str, tuple[float, float, str]] = {}
+    done: dict[str, set[str]] = {}
     for v, lr, r in _sweep():
         best[v] = max(best.get(v, (-1.0, 0.0, "")), (r["best_val"], -float(lr), lr))
-    return {v: lr for v, (_, _, lr) in best.items()}
+        done.setdefault(v, set()).add(lr)
+    return {v: lr for v, (_, _, lr) in best.items() if done[v] >= set(SWEEP_RATES)}
+
+
+def sort_of_clevr_plan() -> list[tuple[str, int]]:
+    """The plateau runs issue 30's protocol asks for, in order: seed 0 of every variant, then seeds 1 and 2 of rn,
+    concat and the two attention variants best on seed-0 validation (listed once every attention variant has its
+    seed-0 run). scripts/sort_of_clevr.sh all runs those without a summary yet."""
+    from vtfusion_jax.models import fusion_info
+
+    names = [v for v in fusion_names() if v != "probe"]
+    plan = [(v, 0) for v in names]
+    seed0 = {v: g[0]["best_val"] for v, g in sort_of_clevr_runs().items() if g[0]["name"].endswith("_seed0")}
+    attention = [v for v in names if fusion_info(v).attention_based]
+    if all(v in seed0 for v in attention):
+        best = sorted(attention, key=lambda v: -seed0[v])[:2]
+        plan += [(v, s) for v in ("rn", "concat", *best) for s in (1, 2)]
+    return plan
 
 
 def sort_of_clevr_sweep() -> str:

@@ -226,12 +226,14 @@ def test_perf_tables_carry_each_results_numbers(tmp_path, monkeypatch):
 
 
 def test_sweep_choice_is_the_best_validation_rate_ties_to_the_lower(tmp_path, monkeypatch):
+    """The best rate of a complete sweep, ties to the lower rate; a variant missing a rate has no choice yet."""
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
-    for v, lr, val in (("cross", "3e-4", 0.5), ("cross", "1e-3", 0.6), ("cross", "3e-3", 0.55), ("rn", "2.5e-4", 0.7),
-                       ("rn", "1e-4", 0.7), ("rn", "1e-3", 0.4)):  # fmt: skip
+    for v, lr, val in (("cross", "3e-4", 0.5), ("cross", "1e-3", 0.6), ("cross", "3e-3", 0.55), ("concat", "3e-4", 0.7),
+                       ("concat", "1e-3", 0.7), ("concat", "3e-3", 0.4), ("merged", "3e-4", 0.9),
+                       ("merged", "1e-3", 0.1)):  # fmt: skip
         _summary(tmp_path / "sort_of_clevr_sweep" / f"{v}_lr{lr}", f"sort_of_clevr_sweep/{v}_lr{lr}", val, val)
-    assert report.sweep_choice() == {"cross": "1e-3", "rn": "1e-4"}
-    assert "Chosen (best validation): `cross` 1e-3, `rn` 1e-4." in report.sort_of_clevr_sweep()
+    assert report.sweep_choice() == {"concat": "3e-4", "cross": "1e-3"}
+    assert "Chosen (best validation): `concat` 3e-4, `cross` 1e-3." in report.sort_of_clevr_sweep()
 
 
 def test_task_tables_take_the_task_from_the_runs_config(tmp_path, monkeypatch):
@@ -251,3 +253,59 @@ def test_task_tables_take_the_task_from_the_runs_config(tmp_path, monkeypatch):
     rows = [ln for ln in text.splitlines() if ln.startswith("| sort_of_clevr_retrieval")]
     assert len(rows) == 1 and "| 200 | 50.0 / 60.0 / 60.0 | 51.0 / 61.0 / 61.0 | 52.0" in rows[0], text
     assert "easy_vqa" not in text
+
+
+FAKE_RUNNER = """#!/usr/bin/env bash
+# scripts/run.py --name=N ...: record N, then write results/N/ as a finished run with a made-up validation score
+if [ "$1" = scripts/run.py ]; then
+  name=$(printf '%s\\n' "$@" | sed -n 's/^--name=//p')
+  echo "$name" >> runs.log && sleep 0.2
+  exec {python} - "$name" <<'PY'
+import json, os, sys, zlib
+name = sys.argv[1]
+os.makedirs(os.path.join("results", name))
+val = zlib.crc32(name.encode()) % 1000 / 1000
+metrics = {{"accuracy": val, "per_type": {{"relational": val, "non_relational": val}}}}
+summary = {{"name": name, "command": "x", "split": "test", "metrics": metrics, "train": {{"best_val": val}}}}
+json.dump({{**summary, "train_seconds": 1, "eval_seconds": 1}}, open(f"results/{{name}}/summary.json", "w"))
+config = {{"optim": {{"lr": 1e-3}}, "dataset": {{"builder_kwargs": {{}}}}}}
+json.dump(config, open(f"results/{{name}}/config.json", "w"))
+PY
+fi
+exec {python} "$@"
+"""
+
+
+@pytest.mark.slow
+def test_protocol_script_runs_every_planned_run_once_across_two_shells(tmp_path):
+    """scripts/sort_of_clevr.sh all, started in two shells at once over a fake scripts/run.py: each sweep (3 rates x
+    every variant but rn) and plateau run happens exactly once, seed 0 of every variant first, then seeds 1-2 of rn,
+    concat and the two attention variants best on seed-0 validation; no lock is left behind."""
+    import shutil
+    import subprocess
+    import sys
+    import zlib
+
+    for d in ("scripts", "configs"):
+        shutil.copytree(os.path.join(REPO, d), tmp_path / d)
+    (tmp_path / "fake_python").write_text(FAKE_RUNNER.format(python=sys.executable))
+    os.chmod(tmp_path / "fake_python", 0o755)
+    env = {**os.environ, "PYTHON": str(tmp_path / "fake_python"), "WORKDIRS": str(tmp_path / "w")}
+    cmd = ["bash", "scripts/sort_of_clevr.sh", "all"]
+    shells = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]  # fmt: skip
+    for p in shells:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    ran = (tmp_path / "runs.log").read_text().split()
+    names = [v for v in report.fusion_names() if v != "probe"]
+    from vtfusion_jax.models import fusion_info
+
+    score = lambda v: zlib.crc32(f"sort_of_clevr/{v}_seed0".encode())  # noqa: E731  (the fake's made-up score)
+    best = sorted((v for v in names if fusion_info(v).attention_based), key=lambda v: -(score(v) % 1000))[:2]
+    sweeps = {f"sort_of_clevr_sweep/{v}_lr{lr}" for v in names if v != "rn" for lr in report.SWEEP_RATES}
+    extra = {f"sort_of_clevr/{v}_seed{s}" for v in ("rn", "concat", *best) for s in (1, 2)}
+    assert sorted(ran) == sorted(sweeps | {f"sort_of_clevr/{v}_seed0" for v in names} | extra)  # each once
+    plateau = [n for n in ran if n.startswith("sort_of_clevr/")]
+    assert all(n.endswith("_seed0") for n in plateau[: len(names)]) and set(plateau[len(names) :]) == extra
+    assert not list((tmp_path / "w").rglob("*.lock"))
