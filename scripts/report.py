@@ -339,7 +339,7 @@ def task_tables() -> str:
             out.append(table(head + TASK_TAIL, [[r["name"], m["num_images"], *rk, *tail]], "lrllllrrrll"))
             out[-1] += (
                 f"\n\n`{r['name']}` ({_stop(r)}), validation mean R@1 % with ITM re-ranking (the selection "
-                f"metric) by step: {_curve(r, 'rerank_mean_R@1') or 'no curve recorded'}."
+                f"metric) by step: {_curve(r, 'rerank_mean_R@1') or 'no curve recorded'}.\n\n{retrieval_targets(m)}"
             )
         else:
             kv = f"{m['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in m else "not measured"
@@ -352,6 +352,22 @@ def task_tables() -> str:
 
 
 RETRIEVAL = ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i")
+
+
+def retrieval_targets(m: dict) -> str:
+    """Issue 30's retrieval targets on a run's test metrics: re-ranked R@1 >= 90 % both ways, and re-ranking above
+    ITC alone both ways."""
+    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    r1 = {p: 100 * m[f"{p}_R@1"] for p in RETRIEVAL}
+    got = " / ".join(f"{r1[p]:.1f}" for p in RETRIEVAL)
+    return (
+        f"Targets: R@1 >= 90 % both ways with re-ranking: {verdict(min(r1['rerank_i2t'], r1['rerank_t2i']) >= 90)}; "
+        f"re-ranking above ITC alone both ways: "
+        f"{verdict(r1['rerank_i2t'] > r1['itc_i2t'] and r1['rerank_t2i'] > r1['itc_t2i'])} (R@1 % ITC i2t / t2i, "
+        f"re-ranked i2t / t2i: {got})."
+    )
+
+
 TASK_TAIL = " | steps | train + eval s | load | commit, CPU | command"
 
 

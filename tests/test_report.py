@@ -253,6 +253,17 @@ def test_task_tables_take_the_task_from_the_runs_config(tmp_path, monkeypatch):
     rows = [ln for ln in text.splitlines() if ln.startswith("| sort_of_clevr_retrieval")]
     assert len(rows) == 1 and "| 200 | 50.0 / 60.0 / 60.0 | 51.0 / 61.0 / 61.0 | 52.0" in rows[0], text
     assert "easy_vqa" not in text
+    assert "90 % both ways with re-ranking: **not met**; re-ranking above ITC alone both ways: **met** (" in text
+    cases = (  # ITC i2t / t2i, re-ranked i2t / t2i, verdicts: both >= 90 %, re-ranking above ITC both ways
+        ((0.95, 0.9), (0.96, 0.91), ("met", "met")),
+        ((0.95, 0.92), (0.96, 0.92), ("met", "not met")),  # a tie is not "above"
+        ((0.9, 0.8), (0.91, 0.89), ("not met", "met")),
+    )
+    for itc, rerank, verdicts in cases:
+        m = dict(zip([f"{p}_R@1" for p in report.RETRIEVAL], (*itc, *rerank), strict=True))
+        got = report.retrieval_targets(m)
+        assert got.startswith(f"Targets: R@1 >= 90 % both ways with re-ranking: **{verdicts[0]}**; re-ranking above "
+                              f"ITC alone both ways: **{verdicts[1]}** (R@1 % ITC"), got  # fmt: skip
 
 
 FAKE_RUNNER = """#!/usr/bin/env bash
