@@ -185,6 +185,11 @@ def test_sort_of_clevr_targets_judge_test_means_and_show_the_curves_of_misses(tm
     )
     assert t[3] == "  - `sort_of_clevr/cross_seed0` validation relational %: 500: 40.0, 1000: 80.0"
     assert t[4] == "- `concat` >= 10 points under it on relational: **met** (65.00 %)" and len(t) == 5
+    t = report.sort_of_clevr_targets({"cross": report.sort_of_clevr_runs()["cross"]}).splitlines()
+    assert t[1] == "- `rn` >= 90 % relational: **not run yet**" and t[2].endswith(
+        "**not met** (`cross`: 80.00 / 100.00 %)"
+    )
+    assert t[-1] == "- `concat` >= 10 points under it on relational: **not run yet**"
     summary = tmp_path / "sort_of_clevr" / "concat_seed0" / "summary.json"  # concat 9 points under cross: a miss
     summary.write_text(summary.read_text().replace('"relational": 0.65', '"relational": 0.71'))
     t = report.sort_of_clevr_table().splitlines()
