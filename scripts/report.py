@@ -229,7 +229,9 @@ def sort_of_clevr() -> str:
     best = _soc_best(rs)
     t = [r["metrics"]["per_type"] for r in rs[best]]
     return (
-        f"Best of {len(rs)} fusion variants on validation: `{best}` ({len(rs[best])} seeds): test "
+        f"Best on validation of the {len(rs)} of {len(set(fusion_names()) - {'probe'})} fusion variants trained so "
+        f"far: `{best}` "
+        f"({len(rs[best])} seed{'s' * (len(rs[best]) > 1)}): test "
         f"{pct([r['metrics']['accuracy'] for r in rs[best]])} % overall, {pct([x['relational'] for x in t])} % "
         f"relational, {pct([x['non_relational'] for x in t])} % non-relational (target >= 97 / 99 %). Table: "
         "[docs/results.md](docs/results.md#sort-of-clevr-every-fusion-variant-trained-to-its-plateau); each row "
