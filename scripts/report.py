@@ -139,6 +139,11 @@ def main_job() -> str:
     return "\n".join(lines)
 
 
+def verdict(ok: bool) -> str:
+    """A target's verdict as the tables print it."""
+    return "**met**" if ok else "**not met**"
+
+
 SLOW_HOST_GFLOPS = (120, 150)  # issue 30: the main job within 10 min on a 2-core host of this float32 matmul peak
 
 
@@ -147,7 +152,6 @@ def main_job_targets(rs: list[dict]) -> str:
     peak is 120-150 GFLOP/s, each run's time scaled by its own host's measured peak over that host's (a bound:
     the memory-bound part of a step slows down less than the peak)."""
     worst, minutes = min(r["metrics"]["accuracy"] for r in rs), [(r["train_s"] + r["eval_s"]) / 60 for r in rs]
-    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
     peaks = [p["flops_per_s"] / 1e9 if (p := r["summary"].get("matmul_peak")) else None for r in rs]
     text = (
         f"Targets: every seed >= 98.0 % test accuracy: {verdict(worst >= 0.98)} (lowest {100 * worst:.2f} % of "
@@ -359,7 +363,6 @@ RETRIEVAL = ("itc_i2t", "itc_t2i", "rerank_i2t", "rerank_t2i")
 def retrieval_targets(m: dict) -> str:
     """Issue 30's retrieval targets on a run's test metrics: re-ranked R@1 >= 90 % both ways, and re-ranking above
     ITC alone both ways."""
-    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
     r1 = {p: 100 * m[f"{p}_R@1"] for p in RETRIEVAL}
     got = " / ".join(f"{r1[p]:.1f}" for p in RETRIEVAL)
     return (
@@ -516,7 +519,7 @@ def sort_of_clevr_targets(rs: dict[str, list[dict]]) -> str:
         if not all(v in rs for v in needs):
             lines.append(f"- {text}: **not run yet**")
             continue
-        lines.append(f"- {text}: {'**met**' if met() else '**not met**'} ({measured()})")
+        lines.append(f"- {text}: {verdict(met())} ({measured()})")
         if not met():
             lines += [
                 f"  - `{r['name']}` validation relational %: {_curve(r, 'accuracy_relational')}" for r in rs[needs[0]]
